@@ -1,0 +1,136 @@
+"""The `lorasweep` command: run a study, see its status."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from lorasweep.errors import StudyError
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except StudyError as exc:
+        print(f"lorasweep: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("lorasweep: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorasweep", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run (or resume) a study")
+    run.add_argument("study", help="a study file, or a built-in study name such as 'quickstart'")
+    run.add_argument("--out", type=Path, help="study folder (default: lorasweep-studies/NAME)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                     help="override a study field, e.g. --set train.steps=200 (repeatable)")
+    run.add_argument("--retry-failed", action="store_true", help="run failed trials again")
+    run.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    run.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    run.set_defaults(handler=_run)
+
+    status = commands.add_parser("status", help="progress and best LRs of a study folder")
+    status.add_argument("folder", type=Path)
+    status.set_defaults(handler=_status)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Imported here so `lorasweep --help` answers without loading torch.
+    import datasets
+    import torch
+    import transformers
+
+    from lorasweep.config import load_study, resolve_study_path
+    from lorasweep.study.runner import run_study
+
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    study = load_study(resolve_study_path(args.study), args.overrides)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise StudyError(f"--threads {args.threads}: must be at least 1")
+        torch.set_num_threads(args.threads)
+    if args.device != "cpu" and not _device_available(args.device):
+        raise StudyError(f"--device {args.device}: not available on this machine; allowed: cpu"
+                         + (", cuda" if torch.cuda.is_available() else ""))
+    folder = args.out or Path("lorasweep-studies") / study.name
+    started = time.perf_counter()
+    summary = run_study(study, folder, retry_failed=args.retry_failed, device=args.device)
+    elapsed = time.perf_counter() - started
+    print(f"trained {summary.trained} trials in {elapsed:.0f} s; results in {folder}/trials.csv")
+    _print_status(folder)
+    return 1 if summary.failed else 0
+
+
+def _device_available(name: str) -> bool:
+    import torch
+
+    try:
+        torch.empty(1, device=name)
+    except (RuntimeError, AssertionError):
+        return False
+    return True
+
+
+def _status(args: argparse.Namespace) -> int:
+    _print_status(args.folder)
+    return 0
+
+
+def _print_status(folder: Path) -> None:
+    from lorasweep.results import cell_label, trial_rows
+    from lorasweep.study.folder import load_folder_study
+    from lorasweep.study.store import JOURNAL_NAME, Store
+
+    study = load_folder_study(folder)
+    if not (folder / JOURNAL_NAME).exists():
+        raise StudyError(f"{folder}: the study has not started (no {JOURNAL_NAME})")
+    maximize = study.task.kind == "classification"
+    metric = "accuracy" if maximize else "eval_loss"
+    rows = trial_rows(Store(folder, study.name, maximize=maximize), metric)
+    counts = Counter(row["status"] for row in rows)
+    print(f"study {study.name}: {len(rows)} trials: "
+          + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    sign = 1 if maximize else -1
+    best: dict[str, dict] = {}
+    lrs: dict[str, list] = defaultdict(list)
+    for row in rows:
+        label = cell_label(row)
+        lrs[label].append(row["lr"])
+        if row["status"] == "complete" and row["metric"] is not None and (
+                label not in best or sign * row["metric"] > sign * best[label]["metric"]):
+            best[label] = row
+    for label in sorted(lrs):
+        if label in best:
+            row = best[label]
+            edge = " (edge of grid)" if row["lr"] in (min(lrs[label]), max(lrs[label])) else ""
+            print(f"  {label:40s} best lr {row['lr']:.3g}{edge}  {metric} {row['metric']:.4f}")
+        else:
+            print(f"  {label:40s} no complete trial yet")
+    for row in rows:
+        if row["status"] == "running":
+            print(f"  running: trial {row['trial']} lr {row['lr']:.3g}")
+
+
+def entry() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,309 @@
+"""The study file: its schema, YAML loading, command-line overrides, and one-line errors.
+
+A study file names a model, a task, a training recipe and a search space. Everything a user can
+get wrong is checked here, before any model is loaded, so a typo costs a second, not a sweep.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorasweep.errors import StudyError
+
+BUILTIN_STUDIES_DIR = Path(__file__).parent / "studies"
+
+METHOD_NAMES = ("lora", "rslora", "loraplus", "full")
+INIT_NAMES = ("kaiming", "gaussian", "mua_a", "mua_b")
+TARGET_PRESETS = ("attention", "mlp", "all-linear")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """Where the base model comes from.
+
+    `source` is a packaged name (`minilm`, `smollm2`), a local folder, a Hugging Face hub id, or
+    `tiny:bert` / `tiny:llama` (random weights from a small config, for tests).
+    """
+
+    source: str = Field(min_length=1)
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class TaskSpec(_Strict):
+    """The data and what is measured on it.
+
+    `dataset` is `builtin:shakespeare-genre`, a hub dataset id, or a local file/folder; or give
+    `train_file` (and optionally `test_file`) as JSON, JSONL, CSV or text files.
+    """
+
+    kind: Literal["classification", "causal_lm"]
+    dataset: str | None = None
+    dataset_config: str | None = None
+    train_file: str | None = None
+    test_file: str | None = None
+    train_split: str = "train"
+    test_split: str | None = "test"
+    text_field: str = "text"
+    label_field: str = "label"
+    prompt_field: str | None = None
+    response_field: str | None = None
+    loss_on: Literal["response", "all"] = "all"
+    validation_size: Annotated[float, Field(gt=0)] = 0.1
+    max_train_examples: Annotated[int, Field(gt=0)] | None = None
+    max_eval_examples: Annotated[int, Field(gt=0)] | None = 1000
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskSpec:
+        if (self.dataset is None) == (self.train_file is None):
+            raise ValueError("give exactly one of task.dataset or task.train_file")
+        if self.test_file is not None and self.train_file is None:
+            raise ValueError("task.test_file goes with task.train_file")
+        if self.loss_on == "response" and self.response_field is None:
+            raise ValueError("task.loss_on: 'response' needs task.response_field")
+        if (self.prompt_field is None) != (self.response_field is None):
+            raise ValueError("give both task.prompt_field and task.response_field, or neither")
+        if self.validation_size >= 1 and self.validation_size != int(self.validation_size):
+            raise ValueError("task.validation_size: a fraction below 1 or a whole number")
+        return self
+
+
+class TrainSpec(_Strict):
+    """The training recipe shared by every trial of the study."""
+
+    steps: Annotated[int, Field(gt=0)] | None = None
+    epochs: Annotated[float, Field(gt=0)] | None = None
+    batch_size: Annotated[int, Field(gt=0)] = 16
+    seq_len: Annotated[int, Field(ge=8)] = 64
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
+    adam_beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    adam_beta2: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    adam_eps: Annotated[float, Field(ge=0)] = 1e-8
+    eval_every: Annotated[int, Field(ge=0)] = 0
+    eval_batch_size: Annotated[int, Field(gt=0)] = 64
+    divergence_factor: Annotated[float, Field(gt=1)] = 4.0
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainSpec:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of train.steps or train.epochs")
+        return self
+
+
+class LRRange(_Strict):
+    """A log-spaced grid: `per_decade` points per factor of ten from `low` to `high` inclusive."""
+
+    low: Annotated[float, Field(gt=0)]
+    high: Annotated[float, Field(gt=0)]
+    per_decade: Annotated[float, Field(gt=0, le=20)] = 4
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LRRange:
+        if self.high < self.low:
+            raise ValueError(f"lr.high ({self.high}) is below lr.low ({self.low})")
+        return self
+
+    def values(self) -> list[float]:
+        decades = math.log10(self.high / self.low)
+        count = round(decades * self.per_decade) + 1
+        if count == 1:
+            return [self.low]
+        step = decades / (count - 1)
+        return [float(f"{self.low * 10 ** (i * step):.6g}") for i in range(count)]
+
+
+LRGrid = Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] | LRRange
+
+
+def lr_values(grid: LRGrid) -> list[float]:
+    """The learning rates of a grid, sorted, without repeats."""
+    raw = grid.values() if isinstance(grid, LRRange) else grid
+    return sorted(set(raw))
+
+
+class MethodEntry(_Strict):
+    """A method in the search space, optionally with its own LR grid (full FT wants lower LRs)."""
+
+    name: Literal[METHOD_NAMES]  # type: ignore[valid-type]
+    lr: LRGrid | None = None
+
+
+class SearchSpec(_Strict):
+    """The axes swept: every combination of these (and each LR and seed) is one trial."""
+
+    methods: Annotated[list[MethodEntry], Field(min_length=1)]
+    ranks: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [8]
+    lora_alpha: Annotated[list[float | str], Field(min_length=1)] = ["2r"]
+    inits: Annotated[list[Literal[INIT_NAMES]], Field(min_length=1)] = ["kaiming"]  # type: ignore[valid-type]
+    target_modules: Annotated[list[str], Field(min_length=1)] | str = "all-linear"
+    lr: LRGrid | None = None
+    seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = [0]
+    loraplus_ratio: Annotated[float, Field(gt=0)] = 16.0
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _names_to_entries(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("lora_alpha", mode="before")
+    @classmethod
+    def _alpha_list(cls, value: Any) -> Any:
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            parse_lora_alpha(v)
+        return values
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, str) and value not in TARGET_PRESETS:
+            raise ValueError(
+                f"'{value}' is not a preset; allowed: {', '.join(TARGET_PRESETS)}, "
+                "or a list of module names"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _every_method_has_lrs(self) -> SearchSpec:
+        for entry in self.methods:
+            if entry.lr is None and self.lr is None:
+                raise ValueError(f"method '{entry.name}' has no learning rates: set search.lr")
+        names = [entry.name for entry in self.methods]
+        if len(set(names)) != len(names):
+            raise ValueError("a method is listed twice in search.methods")
+        return self
+
+    def lrs_for(self, entry: MethodEntry) -> list[float]:
+        return lr_values(entry.lr if entry.lr is not None else self.lr)
+
+
+class Study(_Strict):
+    """A whole study file."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: Annotated[int, Field(ge=0)] = 0
+    model: ModelSpec
+    task: TaskSpec
+    train: TrainSpec
+    search: SearchSpec
+
+
+def parse_lora_alpha(value: float | str) -> tuple[str, float]:
+    """`16` means a constant lora_alpha; `"2r"` means lora_alpha = 2 x rank.
+
+    Returns ("constant", 16.0) or ("per_rank", 2.0).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"lora_alpha {value!r}: a number (constant) or 'Nr' (N x rank)")
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise ValueError(f"lora_alpha {value}: must be positive")
+        return ("constant", float(value))
+    text = str(value).strip()
+    if text.endswith("r"):
+        factor = text[:-1] or "1"
+        try:
+            number = float(factor)
+        except ValueError:
+            number = -1.0
+        if number > 0:
+            return ("per_rank", number)
+    raise ValueError(f"lora_alpha '{value}': a number (constant) or 'Nr' (N x rank), e.g. '2r'")
+
+
+def alpha_value(spec: float | str, rank: int) -> float:
+    """The lora_alpha that a spec gives at a rank."""
+    mode, number = parse_lora_alpha(spec)
+    return number * rank if mode == "per_rank" else number
+
+
+def resolve_study_path(study: str) -> Path:
+    """A path to a study file, or the name of a built-in study (e.g. `quickstart`)."""
+    path = Path(study)
+    if path.exists():
+        return path
+    builtin = BUILTIN_STUDIES_DIR / f"{study}.yaml"
+    if builtin.exists():
+        return builtin
+    names = sorted(p.stem for p in BUILTIN_STUDIES_DIR.glob("*.yaml"))
+    raise StudyError(f"{study}: no such study file; built-in studies: {', '.join(names)}")
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML) to a nested dict in place."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise StudyError(f"--set {assignment}: expected FIELD=VALUE, e.g. train.steps=200")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise StudyError(f"--set {assignment}: '{part}' is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise StudyError(f"--set {assignment}: value is not valid YAML ({exc.problem})") from exc
+
+
+def load_study(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Study:
+    """Read, override and validate a study file; every problem becomes one StudyError line."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise StudyError(f"{path}: cannot read ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise StudyError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    if not isinstance(raw, dict):
+        raise StudyError(f"{path}: a study file is a YAML mapping with model, task, train, search")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate_study(raw, str(path))
+
+
+def validate_study(raw: dict[str, Any], where: str) -> Study:
+    try:
+        return Study.model_validate(raw)
+    except ValidationError as exc:
+        raise StudyError(f"{where}: {describe_validation_error(exc)}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """The first problem of a pydantic error as `field.path: what is wrong (got X)`."""
+    error = exc.errors()[0]
+    location = ".".join(
+        str(part)
+        for part in error["loc"]
+        if not str(part).startswith(("function-", "list[", "constrained-"))
+        and str(part) not in {"LRRange", "float", "str", "int"}
+    )
+    message = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    shown = "" if error["type"] in {"missing", "value_error"} or isinstance(got, dict) else (
+        f" (got {got!r})"
+    )
+    more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
+    return f"{location or 'study'}: {message}{shown}{more}"
+
+
+def dump_study(study: Study) -> str:
+    """The resolved study as YAML, every default written out."""
+    return yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,8 @@
+"""The one error type a user sees: bad input, printed as one line with exit code 2."""
+
+
+class StudyError(Exception):
+    """A study file, a data file, a model or a command-line value that cannot be used.
+
+    The message names the field or file and what is allowed; the CLI prints it alone on one line.
+    """

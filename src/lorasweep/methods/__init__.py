@@ -1,0 +1,21 @@
+"""The registry of methods: a cell's method name resolves to its strategy object here."""
+
+from __future__ import annotations
+
+from lorasweep.methods.base import Attached, Method
+from lorasweep.methods.full import FullFineTuning
+from lorasweep.methods.lora import LoRA, LoRAPlus
+
+METHODS: dict[str, Method] = {
+    "lora": LoRA(),
+    "rslora": LoRA(rank_scaling="sqrt"),
+    "loraplus": LoRAPlus(),
+    "full": FullFineTuning(),
+}
+
+
+def get_method(name: str) -> Method:
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "Attached", "Method", "get_method"]

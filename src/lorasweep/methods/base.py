@@ -1,0 +1,82 @@
+"""What every method does: put trainable weights for K trials on a model, and group them for AdamW.
+
+A method is a small strategy object resolved from the cell by the registry, so adding a variant
+is one module and one registry line, never an `if method == ...` chain in the trainer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorasweep.methods.stacked import StackedLinear
+from lorasweep.methods.targets import head_module_names, replace_module
+from lorasweep.space import Cell
+
+NamedParams = list[tuple[str, nn.Parameter]]
+
+
+@dataclass
+class Attached:
+    """The trainable weights of each of the K trials, and the scale s that multiplies BA."""
+
+    trial_params: list[NamedParams]
+    effective_scale: float | None = None
+
+    @property
+    def trainable_count(self) -> int:
+        """Trainable parameters of one trial."""
+        return sum(p.numel() for _, p in self.trial_params[0])
+
+
+class Method(ABC):
+    """A parametrization family: how it adapts a model and how its parameters meet the optimizer."""
+
+    fusable: bool = True
+
+    @abstractmethod
+    def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator) -> Attached:
+        """Modify `model` in place for K trials; everything not returned stays frozen."""
+
+    def param_groups(self, params: NamedParams, lr: float, cell: Cell,
+                     weight_decay: float) -> list[dict]:
+        """AdamW groups for one trial: weight decay on matrices only, as the HF Trainer does."""
+        return decay_groups(params, lr, weight_decay)
+
+
+def decay_groups(params: NamedParams, lr: float, weight_decay: float) -> list[dict]:
+    matrices = [p for _, p in params if p.ndim >= 2]
+    vectors = [p for _, p in params if p.ndim < 2]
+    return [group for group in (
+        {"params": matrices, "lr": lr, "weight_decay": weight_decay},
+        {"params": vectors, "lr": lr, "weight_decay": 0.0},
+    ) if group["params"]]
+
+
+def stack_head(model: nn.Module, k: int, generator: torch.Generator) -> list[NamedParams]:
+    """Give each trial its own trainable task head, freshly initialized from the trial seed.
+
+    The head is trained under every method (LoRA and full fine-tuning alike), and drawn from the
+    seed rather than from whatever the model loader left there, so runs are reproducible.
+    """
+    per_trial: list[NamedParams] = [[] for _ in range(k)]
+    for head_name in head_module_names(model):
+        head = model.get_submodule(head_name)
+        linears = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)]
+        for name, linear in linears:
+            std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
+            with torch.no_grad():
+                linear.weight.normal_(0.0, std, generator=generator)
+                if linear.bias is not None:
+                    linear.bias.zero_()
+            full_name = f"{head_name}.{name}" if name else head_name
+            stacked = StackedLinear(linear, k)
+            replace_module(model, full_name, stacked)
+            for i in range(k):
+                per_trial[i].append((f"{full_name}.weight", stacked.weight[i]))
+                if stacked.bias is not None:
+                    per_trial[i].append((f"{full_name}.bias", stacked.bias[i]))
+    return per_trial

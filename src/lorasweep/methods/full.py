@@ -1,0 +1,23 @@
+"""Full fine-tuning: every weight trains. One trial per model copy, so it never fuses."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorasweep.methods.base import Attached, Method, stack_head
+from lorasweep.space import Cell
+
+
+class FullFineTuning(Method):
+    fusable = False
+
+    def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator) -> Attached:
+        if k != 1:
+            raise ValueError("full fine-tuning trains one trial per model copy (k must be 1)")
+        head = stack_head(model, 1, generator)[0]
+        in_head = {id(p) for _, p in head}
+        body = [(n, p) for n, p in model.named_parameters() if id(p) not in in_head]
+        for _, param in body + head:
+            param.requires_grad_(True)
+        return Attached(trial_params=[body + head])

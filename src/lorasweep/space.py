@@ -1,0 +1,128 @@
+"""The search space expanded: cells (everything but LR and seed), trials, and fused groups."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from itertools import groupby, product
+from typing import Any
+
+from lorasweep.config import Study, alpha_value, parse_lora_alpha
+
+
+@dataclass(frozen=True)
+class Cell:
+    """What is held fixed while the LR varies: the thing whose optimal LR we want."""
+
+    method: str
+    rank: int | None = None
+    lora_alpha: str | None = None  # the spec as written: "16" (constant) or "2r" (per rank)
+    init: str | None = None
+    target_modules: str | None = None  # a preset name or a comma-joined list of module names
+    loraplus_ratio: float | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.method != "full"
+
+    @property
+    def alpha(self) -> float | None:
+        """The numeric lora_alpha at this cell's rank."""
+        if self.lora_alpha is None or self.rank is None:
+            return None
+        return alpha_value(_alpha_spec(self.lora_alpha), self.rank)
+
+    @property
+    def alpha_mode(self) -> str | None:
+        if self.lora_alpha is None:
+            return None
+        return parse_lora_alpha(_alpha_spec(self.lora_alpha))[0]
+
+    @property
+    def key(self) -> str:
+        if not self.is_adapter:
+            return self.method
+        parts = [self.method, f"r={self.rank}", f"alpha={self.lora_alpha}", self.init,
+                 self.target_modules]
+        if self.loraplus_ratio is not None:
+            parts.append(f"ratio={self.loraplus_ratio:g}")
+        return "|".join(str(p) for p in parts)
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One training run: a cell, a learning rate and a seed. `grid_id` numbers it in the study."""
+
+    grid_id: int
+    cell: Cell
+    lr: float
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.cell.key}|lr={self.lr:.6g}|seed={self.seed}"
+
+    @property
+    def group_key(self) -> str:
+        """Trials with the same group key share base, init and data order: they can be fused."""
+        return f"{self.cell.key}|seed={self.seed}"
+
+    def to_attrs(self) -> dict[str, Any]:
+        """Flat, JSON-friendly fields for the store."""
+        return {"grid_id": self.grid_id, "trial_key": self.key, "group_key": self.group_key,
+                "lr": self.lr, "seed": self.seed, **asdict(self.cell)}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> TrialSpec:
+        cell_fields = {name: attrs.get(name) for name in Cell.__dataclass_fields__}
+        return cls(grid_id=int(attrs["grid_id"]), cell=Cell(**cell_fields), lr=float(attrs["lr"]),
+                   seed=int(attrs["seed"]))
+
+
+def _alpha_spec(text: str) -> float | str:
+    return text if text.endswith("r") else float(text)
+
+
+def _alpha_text(value: float | str) -> str:
+    return value if isinstance(value, str) else f"{value:g}"
+
+
+def _target_text(targets: list[str] | str) -> str:
+    return targets if isinstance(targets, str) else ",".join(targets)
+
+
+def cells_of(study: Study) -> list[tuple[Cell, list[float]]]:
+    """Every cell of the study with its LR grid, in a stable order."""
+    search = study.search
+    out: list[tuple[Cell, list[float]]] = []
+    for entry in search.methods:
+        lrs = search.lrs_for(entry)
+        if entry.name == "full":
+            out.append((Cell(method="full"), lrs))
+            continue
+        ratio = search.loraplus_ratio if entry.name == "loraplus" else None
+        for rank, alpha, init in product(search.ranks, search.lora_alpha, search.inits):
+            cell = Cell(method=entry.name, rank=rank, lora_alpha=_alpha_text(alpha), init=init,
+                        target_modules=_target_text(search.target_modules), loraplus_ratio=ratio)
+            out.append((cell, lrs))
+    return out
+
+
+def expand_trials(study: Study) -> list[TrialSpec]:
+    """All trials of the study: cells x seeds x LRs, numbered in a stable order."""
+    trials: list[TrialSpec] = []
+    for cell, lrs in cells_of(study):
+        for seed in study.search.seeds:
+            for lr in lrs:
+                trials.append(TrialSpec(grid_id=len(trials), cell=cell, lr=lr, seed=seed))
+    return trials
+
+
+def group_trials(trials: list[TrialSpec], max_group: int) -> list[list[TrialSpec]]:
+    """Split trials into fusable groups of at most `max_group` (full fine-tuning: one each)."""
+    groups: list[list[TrialSpec]] = []
+    ordered = sorted(trials, key=lambda t: (t.group_key, t.grid_id))
+    for _, members in groupby(ordered, key=lambda t: t.group_key):
+        members = list(members)
+        size = max_group if members[0].cell.is_adapter else 1
+        groups.extend(members[i:i + size] for i in range(0, len(members), size))
+    return sorted(groups, key=lambda g: g[0].grid_id)

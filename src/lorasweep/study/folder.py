@@ -1,0 +1,108 @@
+"""The study folder: the resolved study file, the environment it ran in, and its guard.
+
+A folder belongs to one model, task and recipe. Re-running it resumes; widening the search
+(more LRs, ranks or seeds) adds trials; changing what the existing trials mean is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import yaml
+
+from lorasweep.config import Study, dump_study, validate_study
+from lorasweep.errors import StudyError
+
+STUDY_FILE = "study.yaml"
+ENVIRONMENT_FILE = "environment.json"
+RUNS_FILE = "runs.jsonl"
+PACKAGES = ("lorasweep", "torch", "transformers", "peft", "optuna", "datasets", "accelerate",
+            "numpy", "pydantic")
+# Sections whose change would make the recorded trials mean something else.
+FIXED_SECTIONS = ("seed", "model", "task", "train")
+
+
+def prepare_folder(folder: Path, study: Study) -> None:
+    """Create or reopen a study folder; refuse one that holds a different study."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise StudyError(f"--out {folder}: cannot write there ({exc.strerror})") from None
+    existing = folder / STUDY_FILE
+    if existing.exists():
+        _check_same_study(existing, study)
+    existing.write_text(dump_study(study))
+    environment = describe_environment()
+    (folder / ENVIRONMENT_FILE).write_text(json.dumps(environment, indent=2) + "\n")
+    with open(folder / RUNS_FILE, "a") as runs:
+        runs.write(json.dumps(environment) + "\n")
+
+
+def load_folder_study(folder: Path) -> Study:
+    path = folder / STUDY_FILE
+    if not path.exists():
+        raise StudyError(f"{folder}: not a study folder (no {STUDY_FILE})")
+    return validate_study(yaml.safe_load(path.read_text()), str(path))
+
+
+def _check_same_study(path: Path, study: Study) -> None:
+    old = yaml.safe_load(path.read_text())
+    new = study.model_dump(mode="json")
+    for section in FIXED_SECTIONS:
+        before, after = old.get(section), new.get(section)
+        if before != after:
+            detail = _first_difference(section, before, after)
+            raise StudyError(f"{path.parent}: holds a study with a different {detail}; "
+                             "use another --out, or only change the search section")
+
+
+def _first_difference(prefix: str, before: object, after: object) -> str:
+    if isinstance(before, dict) and isinstance(after, dict):
+        for key in sorted(set(before) | set(after)):
+            if before.get(key) != after.get(key):
+                return _first_difference(f"{prefix}.{key}", before.get(key), after.get(key))
+    return f"{prefix} ({before!r} there, {after!r} now)"
+
+
+def describe_environment() -> dict:
+    """Package versions, git commit and machine facts, recorded with every run of a study."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "packages": versions,
+        "git": git_state(),
+        "command": sys.argv,
+    }
+
+
+def git_state() -> dict | None:
+    """The commit of the lorasweep source, and whether it had uncommitted changes."""
+    source = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"),
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return None

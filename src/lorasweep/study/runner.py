@@ -1,0 +1,120 @@
+"""`lorasweep run`: load once, then claim groups of trials from the store and train them.
+
+Everything that can be wrong with the input (study file, data, model, target modules) is checked
+before the store is touched, so a bad run never disturbs what a study already recorded.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lorasweep.config import Study
+from lorasweep.methods.targets import resolve_targets
+from lorasweep.models import load_model, load_tokenizer
+from lorasweep.results import write_outputs
+from lorasweep.space import TrialSpec, expand_trials
+from lorasweep.study.folder import prepare_folder
+from lorasweep.study.store import LEASE_SECONDS, Store
+from lorasweep.tasks import Task, build_task, num_labels
+from lorasweep.train import train_group
+
+DEFAULT_MAX_GROUP = 1  # K = 1 until the fused engine's grouping lands (see issue 3)
+
+
+@dataclass
+class Workbench:
+    """What every group of a study shares, loaded once per process."""
+
+    task: Task
+    base: nn.Module
+
+
+def load_workbench(study: Study) -> Workbench:
+    tokenizer = load_tokenizer(study.model)
+    task = build_task(study, tokenizer)
+    base = load_model(study.model, study.task.kind, num_labels(task), tokenizer)
+    for cell in {t.cell for t in expand_trials(study)}:
+        if cell.is_adapter:
+            resolve_targets(base, cell.target_modules)
+    return Workbench(task=task, base=base)
+
+
+@dataclass
+class RunSummary:
+    folder: Path
+    trained: int
+    failed: int
+
+
+def run_study(study: Study, folder: Path, max_group: int = DEFAULT_MAX_GROUP,
+              retry_failed: bool = False, device: str = "cpu") -> RunSummary:
+    """Run every missing trial of the study in `folder`, then write trials.csv and the plot."""
+    bench = load_workbench(study)
+    prepare_folder(folder, study)
+    store = Store(folder, study.name, maximize=bench.task.greater_is_better)
+    grid = expand_trials(study)
+    store.sync(grid, retry_failed=retry_failed)
+    todo = len([s for s, _, _ in store.latest_by_key().values() if s == "waiting"])
+    trained = failed = 0
+    overall = tqdm(total=todo, desc=f"study {study.name}", unit="trial", disable=None)
+    try:
+        while claimed := store.claim_group(max_group):
+            ids = [trial_id for trial_id, _ in claimed]
+            specs = [spec for _, spec in claimed]
+            failed += _train_claimed(store, bench, study, ids, specs, torch.device(device))
+            trained += len(specs)
+            overall.update(len(specs))
+            write_outputs(folder, store, bench.task.metric_name)
+    finally:
+        overall.close()
+        write_outputs(folder, store, bench.task.metric_name)
+    return RunSummary(folder=folder, trained=trained, failed=failed)
+
+
+def _train_claimed(store: Store, bench: Workbench, study: Study, ids: list[int],
+                   specs: list[TrialSpec], device: torch.device) -> int:
+    """Train one claimed group and record it; returns how many of its trials failed."""
+    with _heartbeat(store, ids):
+        try:
+            results = train_group(bench.base, bench.task, study.train, specs, device)
+        except KeyboardInterrupt:
+            for trial_id in ids:
+                store.record_failure(trial_id, "interrupted by the user", status="interrupted")
+            raise
+        except Exception as exc:  # a crash fails these trials; the study goes on
+            message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            tqdm.write(f"trials {[s.grid_id for s in specs]} failed: {message}")
+            tqdm.write(traceback.format_exc(limit=-3))
+            for trial_id in ids:
+                store.record_failure(trial_id, message)
+            return len(ids)
+    for trial_id, result in zip(ids, results, strict=True):
+        store.record(trial_id, result, bench.task.metric_name)
+    return 0
+
+
+@contextmanager
+def _heartbeat(store: Store, ids: list[int]):
+    """Renew the lease of the claimed trials while they train."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(LEASE_SECONDS / 6):
+            for trial_id in ids:
+                store.heartbeat(trial_id)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

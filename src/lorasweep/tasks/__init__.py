@@ -1,0 +1,25 @@
+"""Tasks: one module per kind; `build_task` turns a study's task section into tokenized splits."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+from lorasweep.config import Study
+from lorasweep.tasks.base import Split, Task
+from lorasweep.tasks.causal_lm import build_causal_lm
+from lorasweep.tasks.classification import ClassificationTask, build_classification
+from lorasweep.tasks.data import load_splits
+
+BUILDERS = {"classification": build_classification, "causal_lm": build_causal_lm}
+
+
+def build_task(study: Study, tokenizer: PreTrainedTokenizerBase) -> Task:
+    raw = load_splits(study.task, study.seed)
+    return BUILDERS[study.task.kind](study.task, raw, tokenizer, study.train.seq_len)
+
+
+def num_labels(task: Task) -> int | None:
+    return len(task.label_names) if isinstance(task, ClassificationTask) else None
+
+
+__all__ = ["Split", "Task", "build_task", "num_labels"]

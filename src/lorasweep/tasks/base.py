@@ -1,0 +1,79 @@
+"""What a task gives the trainer: tokenized splits, a loss per trial, and an evaluation per trial.
+
+Batches reach the model as K copies of the same examples laid end to end (see methods/stacked.py),
+so losses and metrics come back as one value per trial.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Split:
+    """Tokenized examples padded to the study's sequence length."""
+
+    input_ids: torch.Tensor  # (N, T)
+    attention_mask: torch.Tensor  # (N, T)
+    labels: torch.Tensor  # (N,) class ids, or (N, T) token targets with -100 where ignored
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batch(self, index: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+        """Rows `index`, trimmed to their longest sequence, inputs repeated for K trials."""
+        length = int(self.attention_mask[index].sum(1).max())
+        ids = self.input_ids[index, :length]
+        mask = self.attention_mask[index, :length]
+        labels = self.labels[index]
+        if labels.ndim == 2:
+            labels = labels[:, :length]
+        return {"input_ids": ids.repeat(k, 1), "attention_mask": mask.repeat(k, 1),
+                "labels": labels}
+
+
+class Task(ABC):
+    """A task kind: classification or causal LM."""
+
+    metric_name: str
+    greater_is_better: bool
+
+    def __init__(self, train: Split, validation: Split, test: Split | None) -> None:
+        self.train = train
+        self.validation = validation
+        self.test = test
+
+    @abstractmethod
+    def trial_losses(self, logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+        """Mean training loss of each trial, shape (K,)."""
+
+    @abstractmethod
+    def summarize(self, loss_sum: torch.Tensor, count: int, correct: torch.Tensor) -> list[dict]:
+        """Per-trial metrics from summed eval loss, the number of scored items and hits."""
+
+    @abstractmethod
+    def eval_terms(self, logits: torch.Tensor, labels: torch.Tensor, k: int
+                   ) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """Summed loss (K,), items scored, correct predictions (K,) for one eval batch."""
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: Split, k: int, batch_size: int,
+                 device: torch.device) -> list[dict]:
+        """Metrics of each of the K trials on a split: eval_loss and the task's metric."""
+        loss_sum = torch.zeros(k, dtype=torch.float64)
+        correct = torch.zeros(k, dtype=torch.float64)
+        count = 0
+        for start in range(0, len(split), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(split)))
+            batch = {n: t.to(device) for n, t in split.batch(index, k).items()}
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+            batch_loss, batch_count, batch_correct = self.eval_terms(logits, batch["labels"], k)
+            loss_sum += batch_loss.double().cpu()
+            correct += batch_correct.double().cpu()
+            count += batch_count
+        return self.summarize(loss_sum, count, correct)

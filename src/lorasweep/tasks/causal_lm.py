@@ -1,0 +1,74 @@
+"""Causal language modelling: next-token loss on all tokens or on response tokens only."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from lorasweep.config import TaskSpec
+from lorasweep.tasks.base import Split, Task
+from lorasweep.tasks.data import RawSplits, Records, require_field
+
+IGNORE = -100
+
+
+class CausalLMTask(Task):
+    metric_name = "eval_loss"
+    greater_is_better = False
+
+    def _token_losses(self, logits: torch.Tensor, labels: torch.Tensor, k: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token loss per trial (K,) and the mask of scored positions (b, T-1)."""
+        targets = labels[:, 1:]
+        flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+        per_token = F.cross_entropy(flat, targets.repeat(k, 1).reshape(-1),
+                                    ignore_index=IGNORE, reduction="none")
+        return per_token.view(k, -1).sum(1), targets != IGNORE
+
+    def trial_losses(self, logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+        total, mask = self._token_losses(logits, labels, k)
+        return total / mask.sum().clamp(min=1)
+
+    def eval_terms(self, logits: torch.Tensor, labels: torch.Tensor, k: int
+                   ) -> tuple[torch.Tensor, int, torch.Tensor]:
+        total, mask = self._token_losses(logits, labels, k)
+        return total, int(mask.sum()), torch.zeros(k)
+
+    def summarize(self, loss_sum: torch.Tensor, count: int, correct: torch.Tensor) -> list[dict]:
+        out = []
+        for loss in loss_sum:
+            mean = float(loss) / max(count, 1)
+            out.append({"eval_loss": mean, "perplexity": math.exp(min(mean, 50.0))})
+        return out
+
+
+def build_causal_lm(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,
+                    seq_len: int) -> CausalLMTask:
+    paired = spec.prompt_field is not None and spec.response_field is not None
+    fields = [spec.prompt_field, spec.response_field] if paired else [spec.text_field]
+    for field in fields:
+        require_field(raw.train, field, "task.prompt_field/response_field" if paired
+                      else "task.text_field")
+
+    def tokenize(records: Records) -> Split:
+        records = [r for r in records if any(str(r[f]).strip() for f in fields)]
+        if paired:
+            prompts = [str(r[spec.prompt_field]) for r in records]
+            texts = [p + str(r[spec.response_field]) for p, r in zip(prompts, records, strict=True)]
+        else:
+            texts = [str(r[spec.text_field]) for r in records]
+        enc = tokenizer(texts, truncation=True, max_length=seq_len, padding="max_length",
+                        return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, IGNORE)
+        if paired and spec.loss_on == "response":
+            prompt_lens = [len(tokenizer(p, add_special_tokens=True)["input_ids"])
+                           for p in prompts]
+            for row, n in enumerate(prompt_lens):
+                labels[row, :n] = IGNORE
+        return Split(enc["input_ids"], enc["attention_mask"], labels)
+
+    test = None if raw.test is None else tokenize(raw.test)
+    return CausalLMTask(tokenize(raw.train), tokenize(raw.validation), test)

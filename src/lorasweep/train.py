@@ -1,0 +1,173 @@
+"""Train one group: K trials over one frozen base, in one batched forward and backward per step.
+
+Trials of a group share the base weights, the starting adapter weights and the data order (they
+share a cell and a seed) and differ only in LR. Each trial has its own parameters, optimizer
+state, gradient clipping and divergence check, so a trial trains exactly as it would alone, and a
+trial that diverges stops without touching the others. K = 1 is a single ordinary run.
+
+Dropout stays off (the model is kept in eval mode): runs are then deterministic and a fused group
+reproduces its trials run one by one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lorasweep.config import TrainSpec
+from lorasweep.methods import get_method
+from lorasweep.optim import build_optimizer, build_schedule, total_steps
+from lorasweep.space import TrialSpec
+from lorasweep.tasks import Task
+
+DIVERGENCE_WINDOW = 10
+
+
+@dataclass
+class TrialResult:
+    """What one trial produced. `metrics` are on the validation split; `test` never chooses."""
+
+    status: str  # "complete" or "diverged"
+    steps: int
+    seconds: float
+    train_loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    loss_curve: list[float] = field(default_factory=list)
+    eval_curve: list[dict] = field(default_factory=list)
+    trainable_params: int = 0
+    effective_scale: float | None = None
+    reason: str | None = None
+
+
+def batch_order(train_size: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """Example indices of each step: a fresh seeded permutation every epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    per_epoch = max(1, train_size // batch_size)
+    order = torch.randperm(train_size, generator=generator)
+    position = 0
+    for _ in range(steps):
+        if position == per_epoch:
+            order, position = torch.randperm(train_size, generator=generator), 0
+        yield order[position * batch_size:(position + 1) * batch_size]
+        position += 1
+
+
+class DivergenceWatch:
+    """Stops a trial whose loss is not finite or whose recent mean is far above its start."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.first: float | None = None
+        self.recent: deque[float] = deque(maxlen=DIVERGENCE_WINDOW)
+
+    def check(self, loss: float) -> str | None:
+        if not math.isfinite(loss):
+            return f"loss became {loss}"
+        if self.first is None:
+            self.first = loss
+        self.recent.append(loss)
+        mean = sum(self.recent) / len(self.recent)
+        if mean > self.factor * self.first:
+            return f"mean loss {mean:.4g} over {len(self.recent)} steps > {self.factor:g} x start"
+        return None
+
+
+def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[TrialSpec],
+                device: torch.device, progress: Callable[[int], None] | None = None
+                ) -> list[TrialResult]:
+    """Train `trials` (one cell, one seed, several LRs) together; one result per trial."""
+    k = len(trials)
+    cell, seed = trials[0].cell, trials[0].seed
+    assert all(t.group_key == trials[0].group_key for t in trials), "a group shares cell and seed"
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    model = copy.deepcopy(base)
+    method = get_method(cell.method)
+    attached = method.attach(model, cell, k, torch.Generator().manual_seed(seed))
+    model.to(device)
+    optimizer = build_optimizer(method, attached, trials, recipe)
+    steps = total_steps(recipe, len(task.train))
+    schedule = build_schedule(optimizer, recipe, steps)
+
+    watches = [DivergenceWatch(recipe.divergence_factor) for _ in trials]
+    stopped: list[tuple[int, str] | None] = [None] * k
+    curves: list[list[float]] = [[] for _ in trials]
+    eval_curves: list[list[dict]] = [[] for _ in trials]
+    step = 0
+    bar = tqdm(total=steps, desc=_describe(trials), leave=False, disable=None)
+    for step, index in enumerate(batch_order(len(task.train), recipe.batch_size, steps, seed), 1):
+        batch = {n: t.to(device) for n, t in task.train.batch(index, k).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses = task.trial_losses(logits, batch["labels"], k)
+        active = torch.tensor([s is None for s in stopped], device=losses.device)
+        torch.where(active, losses, torch.zeros_like(losses)).sum().backward()
+        for i, value in enumerate(losses.detach().cpu().tolist()):
+            if stopped[i] is not None:
+                continue
+            curves[i].append(value)
+            reason = watches[i].check(value)
+            if reason is not None:
+                stopped[i] = (step, reason)
+        for i, params in enumerate(attached.trial_params):
+            tensors = [p for _, p in params]
+            if stopped[i] is not None:
+                for p in tensors:
+                    p.grad = None
+            elif recipe.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(tensors, recipe.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        if progress is not None:
+            progress(step)
+        if all(s is not None for s in stopped):
+            break
+        if recipe.eval_every and step % recipe.eval_every == 0 and step < steps:
+            for i, metrics in enumerate(_evaluate(model, task, task.validation, k, recipe, device)):
+                if stopped[i] is None:
+                    eval_curves[i].append({"step": step, **metrics})
+    bar.close()
+
+    final = _evaluate(model, task, task.validation, k, recipe, device)
+    test = (_evaluate(model, task, task.test, k, recipe, device) if task.test is not None
+            else [{} for _ in trials])
+    seconds = (time.perf_counter() - started) / k
+    results = []
+    for i in range(k):
+        done = stopped[i]
+        common = dict(seconds=seconds, loss_curve=curves[i], eval_curve=eval_curves[i],
+                      trainable_params=attached.trainable_count,
+                      effective_scale=attached.effective_scale)
+        if done is not None:
+            results.append(TrialResult(status="diverged", steps=done[0], reason=done[1],
+                                       train_loss=curves[i][-1], **common))
+        else:
+            eval_curves[i].append({"step": step, **final[i]})
+            results.append(TrialResult(status="complete", steps=step, metrics=final[i],
+                                       test=test[i], train_loss=_tail_mean(curves[i]), **common))
+    return results
+
+
+def _evaluate(model: nn.Module, task: Task, split, k: int, recipe: TrainSpec,
+              device: torch.device) -> list[dict]:
+    return task.evaluate(model, split, k, recipe.eval_batch_size, device)
+
+
+def _tail_mean(values: list[float]) -> float:
+    tail = values[-DIVERGENCE_WINDOW:]
+    return sum(tail) / len(tail)
+
+
+def _describe(trials: list[TrialSpec]) -> str:
+    lrs = ",".join(f"{t.lr:.2g}" for t in trials)
+    return f"{trials[0].cell.method} seed={trials[0].seed} lr={lrs}"

@@ -1,0 +1,122 @@
+"""Bad study files get one line naming the field, exit code 2, and no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorasweep.cli import main
+from lorasweep.config import LRRange, load_study, resolve_study_path
+from lorasweep.errors import StudyError
+from lorasweep.space import expand_trials, group_trials
+
+from .conftest import tiny_study
+
+BAD_STUDIES = [
+    # (what to change, a word the error must contain)
+    ({"train": {"steps": -5}}, "train.steps"),
+    ({"train": {"steps": 10, "epochs": 1}}, "train.steps or train.epochs"),
+    ({"train": {"warmup_ratio": 1.5}}, "train.warmup_ratio"),
+    ({"train": {"schedule": "exponential"}}, "train.schedule"),
+    ({"train": {"batch_size": "sixteen"}}, "train.batch_size"),
+    ({"train": {"stepz": 10}}, "train.stepz"),
+    ({"search": {"methods": ["lora", "qlora"]}}, "search.methods"),
+    ({"search": {"methods": []}}, "search.methods"),
+    ({"search": {"ranks": [0]}}, "search.ranks"),
+    ({"search": {"lora_alpha": ["2x"]}}, "lora_alpha"),
+    ({"search": {"lora_alpha": [-1]}}, "lora_alpha"),
+    ({"search": {"inits": ["xavier"]}}, "search.inits"),
+    ({"search": {"target_modules": "everything"}}, "target_modules"),
+    ({"search": {"lr": {"low": 1e-2, "high": 1e-4}}}, "search.lr"),
+    ({"search": {"lr": [0.0]}}, "search.lr"),
+    ({"search": {"lr": None}}, "has no learning rates"),
+    ({"search": {"seeds": [-1]}}, "search.seeds"),
+    ({"task": {"kind": "regression"}}, "task.kind"),
+    ({"task": {"dataset": "builtin:shakespeare-genre"}}, "exactly one of task.dataset"),
+    ({"task": {"validation_size": 0}}, "task.validation_size"),
+    ({"model": {"source": ""}}, "model.source"),
+    ({"name": "has spaces"}, "name"),
+]
+
+
+@pytest.mark.parametrize(("change", "expected"), BAD_STUDIES)
+def test_bad_study_is_one_line_exit_2(tmp_path: Path, data_files, capsys, change, expected):
+    study = tiny_study(data_files)
+    for section, value in change.items():
+        study[section] = {**study[section], **value} if isinstance(value, dict) else value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(study))
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert expected in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists(), "nothing is created for a bad study"
+
+
+@pytest.mark.parametrize("text", ["model: [unclosed", "- a list\n- not a mapping", ""])
+def test_unreadable_yaml(tmp_path: Path, capsys, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err
+
+
+def test_missing_file_and_bad_override(tmp_path: Path, study_file, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "built-in studies: quickstart" in capsys.readouterr().err
+    assert main(["run", str(study_file()), "--set", "train.steps"]) == 2
+    assert "FIELD=VALUE" in capsys.readouterr().err
+    assert main(["run", str(study_file()), "--set", "train.steps=0"]) == 2
+    assert "train.steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"task": {"train_file": "/nonexistent/train.jsonl"}}, "task.train_file"),
+    ({"task": {"text_field": "body"}}, "task.text_field"),
+    ({"search": {"target_modules": ["nonexistent_proj"]}}, "search.target_modules"),
+    ({"model": {"source": "/nonexistent/model"}}, "model.source"),
+])
+def test_bad_data_or_model_fails_before_the_store(tmp_path: Path, study_file, capsys, change,
+                                                  expected):
+    out = tmp_path / "out"
+    assert main(["run", str(study_file(**change)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert not (out / "optuna.journal").exists()
+
+
+def test_overrides_and_grid(study_file):
+    study = load_study(study_file(), ["train.steps=7", "search.ranks=[2, 8]",
+                                      "search.lora_alpha=[16, '1r']"])
+    assert study.train.steps == 7
+    trials = expand_trials(study)
+    # lora: 2 ranks x 2 alpha modes x 2 LRs, full: 2 LRs
+    assert len(trials) == 10
+    assert [t.grid_id for t in trials] == list(range(10))
+    assert {t.cell.alpha for t in trials if t.cell.rank == 8} == {16.0, 8.0}
+    groups = group_trials(trials, max_group=8)
+    assert all(len({t.group_key for t in g}) == 1 for g in groups)
+    assert all(len(g) == 1 for g in groups if g[0].cell.method == "full")
+
+
+def test_lr_range_points_per_decade():
+    assert LRRange(low=1e-5, high=1e-3, per_decade=2).values() == [1e-5, 3.16228e-05, 1e-4,
+                                                                   3.16228e-4, 1e-3]
+    assert len(LRRange(low=2e-6, high=2e-3, per_decade=4).values()) == 13
+
+
+def test_builtin_quickstart_is_valid():
+    study = load_study(resolve_study_path("quickstart"))
+    lrs = {t.cell.method: [] for t in expand_trials(study)}
+    for t in expand_trials(study):
+        lrs[t.cell.method].append(t.lr)
+    assert set(lrs) == {"lora", "full"} and all(len(v) >= 6 for v in lrs.values())
+
+
+def test_study_error_is_an_exception_with_one_line():
+    with pytest.raises(StudyError):
+        resolve_study_path("no-such-study")

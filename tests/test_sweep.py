@@ -1,0 +1,129 @@
+"""End to end on a tiny model: a sweep, determinism, divergence, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from lorasweep.cli import main
+from lorasweep.study.store import Store
+
+HERE = Path(__file__).resolve().parent
+
+
+def read_rows(folder: Path) -> list[dict]:
+    with open(folder / "trials.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_tiny_sweep_writes_every_output(tmp_path: Path, study_file, capsys):
+    out = tmp_path / "study"
+    assert main(["run", str(study_file()), "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert len(rows) == 4
+    assert {r["status"] for r in rows} == {"complete"}
+    assert {r["method"] for r in rows} == {"lora", "full"}
+    for row in rows:
+        assert 0.0 <= float(row["metric"]) <= 1.0
+        assert float(row["eval_loss"]) > 0 and row["test_metric"] != ""
+        assert int(row["steps"]) == 12 and int(row["attempts"]) == 1
+    lora = next(r for r in rows if r["method"] == "lora")
+    full = next(r for r in rows if r["method"] == "full")
+    assert int(lora["trainable_params"]) < int(full["trainable_params"])
+    assert float(lora["effective_scale"]) == 2.0
+    for name in ("study.yaml", "environment.json", "runs.jsonl", "optuna.journal",
+                 "metric_vs_lr.png"):
+        assert (out / name).exists(), name
+    assert (out / "metric_vs_lr.png").read_bytes()[:4] == b"\x89PNG"
+    assert "best lr" in capsys.readouterr().out
+    # Running again finds nothing to do and changes nothing.
+    assert main(["run", str(study_file()), "--out", str(out)]) == 0
+    assert read_rows(out) == rows
+
+
+def test_same_study_twice_gives_same_numbers(tmp_path: Path, study_file):
+    path = study_file(search={"methods": ["lora", "rslora", "loraplus"], "lr": [3e-3]})
+    for name in ("a", "b"):
+        assert main(["run", str(path), "--out", str(tmp_path / name)]) == 0
+    keep = ("trial", "method", "lr", "status", "train_loss", "eval_loss", "metric", "test_metric")
+    first = [{k: r[k] for k in keep} for r in read_rows(tmp_path / "a")]
+    second = [{k: r[k] for k in keep} for r in read_rows(tmp_path / "b")]
+    assert first == second
+
+
+def test_diverging_trial_is_a_result(tmp_path: Path, study_file):
+    out = tmp_path / "study"
+    path = study_file(search={"methods": ["lora"], "lr": [1e-3, 1e3]},
+                      train={"grad_clip": None, "warmup_ratio": 0.0})
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    rows = {float(r["lr"]): r for r in read_rows(out)}
+    assert rows[1e3]["status"] == "diverged" and rows[1e3]["reason"]
+    assert int(rows[1e3]["steps"]) < 12 and rows[1e3]["metric"] == ""
+    assert rows[1e-3]["status"] == "complete"
+
+
+def test_widening_the_grid_adds_trials_and_changing_the_recipe_is_refused(
+        tmp_path: Path, study_file, capsys):
+    out = tmp_path / "study"
+    assert main(["run", str(study_file(search={"methods": ["lora"], "lr": [1e-3]})),
+                 "--out", str(out)]) == 0
+    assert main(["run", str(study_file(search={"methods": ["lora"], "lr": [1e-3, 1e-2]})),
+                 "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert len(rows) == 2 and all(r["attempts"] == "1" for r in rows)
+    assert main(["run", str(study_file()), "--out", str(out), "--set", "train.steps=13"]) == 2
+    err = capsys.readouterr().err
+    assert "train.steps" in err and len(err.strip().splitlines()) == 1
+    assert len(read_rows(out)) == 2
+
+
+def test_resume_after_sigkill(tmp_path: Path, study_file):
+    """Kill the run mid-study; the rerun loses no trial and runs none twice."""
+    out = tmp_path / "study"
+    path = study_file(search={"methods": ["lora"], "lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]},
+                      train={"steps": 30})
+    command = [sys.executable, "-m", "lorasweep.cli", "run", str(path), "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    store = None
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if (out / "optuna.journal").exists():
+            store = store or Store(out, "tiny", maximize=True)
+            statuses = Counter(s for s, _, _ in store.latest_by_key().values())
+            if statuses["complete"] >= 2 and statuses["running"] == 1:
+                break
+        time.sleep(0.2)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = {key: status for key, (status, _, _) in store.latest_by_key().items()}
+    assert Counter(before.values())["running"] == 1
+
+    assert subprocess.run(command, env=env, capture_output=True).returncode == 0
+    rows = read_rows(out)
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"complete"}
+    store = Store(out, "tiny", maximize=True)
+    complete = Counter(t.user_attrs["trial_key"] for t in store.trials()
+                       if t.state.name == "COMPLETE")
+    assert sorted(complete.values()) == [1] * 6, "every trial completes exactly once"
+    killed = [r for r in rows if r["attempts"] == "2"]
+    assert len(killed) == 1, "the trial cut off mid-run ran again, from scratch"
+    finished_before = {k for k, s in before.items() if s == "complete"}
+    assert all(r["attempts"] == "1" for r in rows
+               if any(k.endswith(f"lr={float(r['lr']):.6g}|seed=0") for k in finished_before))
+
+
+@pytest.mark.parametrize("threads", ["0"])
+def test_bad_threads(study_file, threads, capsys):
+    assert main(["run", str(study_file()), "--threads", threads]) == 2
+    assert "--threads" in capsys.readouterr().err
