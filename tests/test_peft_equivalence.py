@@ -27,7 +27,7 @@ STEPS = 5
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((ours - ref).norm() / ref.norm().clamp(min=1e-30))
+    return float((ours - ref).detach().norm() / ref.detach().norm().clamp(min=1e-30))
 
 
 def build_pair(source: str, kind: str, method: str):

@@ -127,3 +127,56 @@ def test_resume_after_sigkill(tmp_path: Path, study_file):
 def test_bad_threads(study_file, threads, capsys):
     assert main(["run", str(study_file()), "--threads", threads]) == 2
     assert "--threads" in capsys.readouterr().err
+
+
+def test_causal_lm_sweep_on_response_tokens(tmp_path: Path):
+    """A decoder trained on prompt/response pairs, loss on the response only."""
+    from .conftest import write_jsonl
+
+    records = [{"question": f"What is {i} plus {i}? ", "answer": f"It is {2 * i}."}
+               for i in range(80)]
+    data = write_jsonl(tmp_path / "qa.jsonl", records)
+    study = {
+        "name": "tiny-lm", "model": {"source": "tiny:llama"},
+        "task": {"kind": "causal_lm", "train_file": str(data), "prompt_field": "question",
+                 "response_field": "answer", "loss_on": "response", "validation_size": 16},
+        "train": {"steps": 6, "batch_size": 4, "seq_len": 24},
+        "search": {"methods": ["lora", "full"], "lr": [1e-3], "ranks": [2]},
+    }
+    path = tmp_path / "lm.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(study))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert [r["status"] for r in rows] == ["complete", "complete"]
+    for row in rows:  # the metric of a causal LM is its validation loss, lower is better
+        assert float(row["metric"]) == float(row["eval_loss"]) > 0
+        assert row["test_metric"] == ""  # no test file was given
+
+
+def test_response_mask_covers_only_the_answer():
+    from lorasweep.config import ModelSpec, TaskSpec
+    from lorasweep.models import load_tokenizer
+    from lorasweep.tasks.causal_lm import IGNORE, build_causal_lm
+    from lorasweep.tasks.data import RawSplits
+
+    tokenizer = load_tokenizer(ModelSpec(source="smollm2"))
+    spec = TaskSpec(kind="causal_lm", train_file="x.jsonl", prompt_field="q",
+                    response_field="a", loss_on="response")
+    records = [{"q": "Question: two plus two?\nAnswer:", "a": " four"}]
+    task = build_causal_lm(spec, RawSplits(records, records, None), tokenizer, seq_len=32)
+    labels = task.train.labels[0]
+    scored = labels[labels != IGNORE]
+    assert tokenizer.decode(scored).strip() == "four"
+
+
+def test_builtin_task_learns_above_chance_with_minilm(tmp_path: Path):
+    """The shipped task and model: a short LoRA run on MiniLM is clearly above chance (1/3)."""
+    out = tmp_path / "qs"
+    assert main(["run", "quickstart", "--out", str(out), "--set", "train.steps=40",
+                 "--set", "search.methods=[{name: lora, lr: [3.0e-3]}]"]) == 0
+    (row,) = read_rows(out)
+    assert row["status"] == "complete"
+    assert float(row["metric"]) > 0.42, row

@@ -26,7 +26,7 @@ from lorasweep.config import TrainSpec
 from lorasweep.methods import get_method
 from lorasweep.optim import build_optimizer, build_schedule, total_steps
 from lorasweep.space import TrialSpec
-from lorasweep.tasks import Task
+from lorasweep.tasks import Split, Task
 
 DIVERGENCE_WINDOW = 10
 
@@ -98,6 +98,9 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
     steps = total_steps(recipe, len(task.train))
     schedule = build_schedule(optimizer, recipe, steps)
 
+    def evaluate(split: Split) -> list[dict]:
+        return task.evaluate(model, split, k, recipe.eval_batch_size, device)
+
     watches = [DivergenceWatch(recipe.divergence_factor) for _ in trials]
     stopped: list[tuple[int, str] | None] = [None] * k
     curves: list[list[float]] = [[] for _ in trials]
@@ -111,19 +114,12 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
         active = torch.tensor([s is None for s in stopped], device=losses.device)
         torch.where(active, losses, torch.zeros_like(losses)).sum().backward()
         for i, value in enumerate(losses.detach().cpu().tolist()):
-            if stopped[i] is not None:
-                continue
-            curves[i].append(value)
-            reason = watches[i].check(value)
-            if reason is not None:
-                stopped[i] = (step, reason)
+            if stopped[i] is None:
+                curves[i].append(value)
+                reason = watches[i].check(value)
+                stopped[i] = None if reason is None else (step, reason)
         for i, params in enumerate(attached.trial_params):
-            tensors = [p for _, p in params]
-            if stopped[i] is not None:
-                for p in tensors:
-                    p.grad = None
-            elif recipe.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(tensors, recipe.grad_clip)
+            _clip_or_drop([p for _, p in params], recipe.grad_clip, stopped[i] is not None)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -133,24 +129,24 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
         if all(s is not None for s in stopped):
             break
         if recipe.eval_every and step % recipe.eval_every == 0 and step < steps:
-            for i, metrics in enumerate(_evaluate(model, task, task.validation, k, recipe, device)):
+            for i, metrics in enumerate(evaluate(task.validation)):
                 if stopped[i] is None:
                     eval_curves[i].append({"step": step, **metrics})
     bar.close()
 
-    final = _evaluate(model, task, task.validation, k, recipe, device)
-    test = (_evaluate(model, task, task.test, k, recipe, device) if task.test is not None
-            else [{} for _ in trials])
+    final = evaluate(task.validation)
+    test = evaluate(task.test) if task.test is not None else [{} for _ in trials]
     seconds = (time.perf_counter() - started) / k
     results = []
     for i in range(k):
-        done = stopped[i]
+        if stopped[i] is None and not math.isfinite(final[i]["eval_loss"]):
+            stopped[i] = (step, "validation loss is not finite")
         common = dict(seconds=seconds, loss_curve=curves[i], eval_curve=eval_curves[i],
                       trainable_params=attached.trainable_count,
                       effective_scale=attached.effective_scale)
-        if done is not None:
-            results.append(TrialResult(status="diverged", steps=done[0], reason=done[1],
-                                       train_loss=curves[i][-1], **common))
+        if stopped[i] is not None:
+            results.append(TrialResult(status="diverged", steps=stopped[i][0],
+                                       reason=stopped[i][1], train_loss=curves[i][-1], **common))
         else:
             eval_curves[i].append({"step": step, **final[i]})
             results.append(TrialResult(status="complete", steps=step, metrics=final[i],
@@ -158,9 +154,13 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
     return results
 
 
-def _evaluate(model: nn.Module, task: Task, split, k: int, recipe: TrainSpec,
-              device: torch.device) -> list[dict]:
-    return task.evaluate(model, split, k, recipe.eval_batch_size, device)
+def _clip_or_drop(params: list[nn.Parameter], max_norm: float | None, stopped: bool) -> None:
+    """Clip a trial's gradient on its own norm; a stopped trial takes no more steps."""
+    if stopped:
+        for param in params:
+            param.grad = None
+    elif max_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def _tail_mean(values: list[float]) -> float:
