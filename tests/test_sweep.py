@@ -180,3 +180,16 @@ def test_builtin_task_learns_above_chance_with_minilm(tmp_path: Path):
     (row,) = read_rows(out)
     assert row["status"] == "complete"
     assert float(row["metric"]) > 0.42, row
+
+
+def test_fused_groups_record_what_single_trials_record(tmp_path: Path, study_file):
+    path = study_file(search={"methods": ["lora", "loraplus", "full"], "lr": [1e-3, 3e-3, 1e-2]})
+    for name, k in (("fused", "8"), ("alone", "1")):
+        assert main(["run", str(path), "--out", str(tmp_path / name), "--max-group", k]) == 0
+    fused, alone = read_rows(tmp_path / "fused"), read_rows(tmp_path / "alone")
+    assert len(fused) == len(alone) == 9
+    for a, b in zip(fused, alone, strict=True):
+        assert (a["trial"], a["status"], a["metric"]) == (b["trial"], b["status"], b["metric"])
+        for column in ("train_loss", "eval_loss", "test_metric"):
+            # The base matmul over K*b rows may round differently from b rows: ulps, no more.
+            assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-6), column

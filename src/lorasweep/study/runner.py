@@ -26,7 +26,10 @@ from lorasweep.study.store import LEASE_SECONDS, Store
 from lorasweep.tasks import Task, build_task, num_labels
 from lorasweep.train import train_group
 
-DEFAULT_MAX_GROUP = 1  # K = 1 until the fused engine's grouping lands (see issue 3)
+# Trials per fused group. Each adds its own activations, so memory grows about linearly in K;
+# on a compute-bound CPU fusing saves little time (benchmarks/README.md), on a GPU it fills the
+# device. --max-group lowers it where memory is tight.
+DEFAULT_MAX_GROUP = 8
 
 
 @dataclass

@@ -36,6 +36,16 @@ class Split:
                 "labels": labels}
 
 
+def per_trial(values: torch.Tensor, k: int, reduce: str = "sum") -> torch.Tensor:
+    """Reduce each trial's block of a (K*...) tensor to one number, shape (K,).
+
+    Each block is reduced on its own, so a trial's numbers do not depend on the size of its group
+    (a reduction over a (K, n) view may sum in a different order for different K).
+    """
+    blocks = values.reshape(k, -1).unbind(0)
+    return torch.stack([block.mean() if reduce == "mean" else block.sum() for block in blocks])
+
+
 class Task(ABC):
     """A task kind: classification or causal LM."""
 

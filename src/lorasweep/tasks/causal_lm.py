@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from lorasweep.config import TaskSpec
-from lorasweep.tasks.base import Split, Task
+from lorasweep.tasks.base import Split, Task, per_trial
 from lorasweep.tasks.data import RawSplits, Records, require_field
 
 IGNORE = -100
@@ -26,7 +26,7 @@ class CausalLMTask(Task):
         flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
         per_token = F.cross_entropy(flat, targets.repeat(k, 1).reshape(-1),
                                     ignore_index=IGNORE, reduction="none")
-        return per_token.view(k, -1).sum(1), targets != IGNORE
+        return per_trial(per_token, k), targets != IGNORE
 
     def trial_losses(self, logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
         total, mask = self._token_losses(logits, labels, k)

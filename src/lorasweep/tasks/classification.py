@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lorasweep.config import TaskSpec
 from lorasweep.errors import StudyError
-from lorasweep.tasks.base import Split, Task
+from lorasweep.tasks.base import Split, Task, per_trial
 from lorasweep.tasks.data import RawSplits, Records, require_field
 
 
@@ -23,13 +23,13 @@ class ClassificationTask(Task):
 
     def trial_losses(self, logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
         per_item = F.cross_entropy(logits.float(), labels.repeat(k), reduction="none")
-        return per_item.view(k, -1).mean(1)
+        return per_trial(per_item, k, "mean")
 
     def eval_terms(self, logits: torch.Tensor, labels: torch.Tensor, k: int
                    ) -> tuple[torch.Tensor, int, torch.Tensor]:
-        per_item = F.cross_entropy(logits.float(), labels.repeat(k), reduction="none").view(k, -1)
-        hits = (logits.argmax(-1) == labels.repeat(k)).view(k, -1)
-        return per_item.sum(1), labels.shape[0], hits.sum(1)
+        per_item = F.cross_entropy(logits.float(), labels.repeat(k), reduction="none")
+        hits = (logits.argmax(-1) == labels.repeat(k)).float()
+        return per_trial(per_item, k), labels.shape[0], per_trial(hits, k)
 
     def summarize(self, loss_sum: torch.Tensor, count: int, correct: torch.Tensor) -> list[dict]:
         return [{"eval_loss": float(loss) / count, "accuracy": float(hits) / count}
