@@ -12,6 +12,7 @@ from lorasweep.config import METHOD_NAMES, ModelSpec, TrainSpec
 from lorasweep.errors import StudyError
 from lorasweep.methods import METHODS, get_method
 from lorasweep.methods.lora import initial_factors
+from lorasweep.methods.stacked import StackedDoRALinear
 from lorasweep.methods.targets import resolve_targets
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.space import Cell, TrialSpec
@@ -35,9 +36,13 @@ def test_registry_matches_the_schema():
     ("gaussian", 1 / 16, 0.0),                  # N(0, 1/r^2)
     ("mua_a", 1 / math.sqrt(512), 0.0),         # N(0, 1/n)
     ("mua_b", 0.0, 1 / math.sqrt(16)),          # A = 0, B ~ N(0, 1/r)
+    ("init_ab", 1 / math.sqrt(3 * 512), 1 / math.sqrt(3 * 16)),  # both kaiming-uniform
 ])
 def test_init_distributions(init, a_std, b_std):
-    a, b = initial_factors(init, 16, 512, 1024, torch.Generator().manual_seed(0))
+    factors = initial_factors(init, 16, torch.zeros(1024, 512), 2.0,
+                              torch.Generator().manual_seed(0))
+    a, b = factors.a, factors.b
+    assert factors.subtract == (init == "init_ab")
     assert a.shape == (16, 512) and b.shape == (1024, 16)
     assert float(a.std()) == pytest.approx(a_std, rel=0.05, abs=1e-12)
     assert float(b.std()) == pytest.approx(b_std, rel=0.05, abs=1e-12)
@@ -107,7 +112,8 @@ def test_fused_group_equals_trials_run_one_by_one(method):
     base = tiny("tiny:bert")
     task = toy_task()
     recipe = TrainSpec(steps=8, batch_size=8, grad_clip=1.0, warmup_ratio=0.25)
-    cell = Cell(method=method, rank=4, lora_alpha="8", init="kaiming",
+    init = {"pissa": "pissa", "milora": "milora", "olora": "olora", "init_ab": "init_ab"}
+    cell = Cell(method=method, rank=4, lora_alpha="8", init=init.get(method, "kaiming"),
                 target_modules="all-linear", loraplus_ratio=4.0 if method == "loraplus" else None)
     trials = [TrialSpec(grid_id=i, cell=cell, lr=lr, seed=0)
               for i, lr in enumerate([1e-4, 1e-3, 1e-2, 3e-2])]
@@ -133,3 +139,79 @@ def test_diverging_trial_leaves_its_group_untouched():
     assert together[0].status == "complete"
     assert torch.allclose(torch.tensor(together[0].loss_curve), torch.tensor(alone.loss_curve),
                           rtol=1e-5, atol=0)
+
+
+def low_rank_weight(n_out: int = 48, n_in: int = 32) -> torch.Tensor:
+    """A weight whose top and bottom 4 singular values stand apart, so subspaces are unambiguous."""
+    generator = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(n_out, n_in, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(n_in, n_in, generator=generator))
+    singular = torch.cat([torch.tensor([10.0, 8.0, 6.0, 4.0]), torch.linspace(1.0, 0.3, n_in - 8),
+                          torch.tensor([0.1, 0.08, 0.06, 0.04])])
+    return u @ torch.diag(singular) @ v.t()
+
+
+@pytest.mark.parametrize("init", ["pissa", "milora", "olora", "init_ab", "pissa_niter_4"])
+def test_residual_inits_leave_the_model_unchanged(init):
+    weight, scale, rank = low_rank_weight(), 2.0, 4
+    factors = initial_factors(init, rank, weight, scale, torch.Generator().manual_seed(0))
+    assert factors.subtract
+    residual = weight - scale * factors.b @ factors.a
+    assert torch.allclose(residual + scale * factors.b @ factors.a, weight, atol=1e-5)
+    assert float((scale * factors.b @ factors.a).norm()) > 0.1
+
+
+@pytest.mark.parametrize(("init", "expected"), [("milora", slice(28, 32)),
+                                                ("pissa", slice(0, 4))])
+def test_svd_inits_span_their_singular_subspace(init, expected):
+    """MiLoRA (not in PEFT) by its definition: A and B span the bottom singular subspace."""
+    weight, scale, rank = low_rank_weight(), 2.0, 4
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    factors = initial_factors(init, rank, weight, scale, torch.Generator())
+    part = scale * factors.b @ factors.a
+    want = u[:, expected] @ torch.diag(s[expected]) @ vh[expected]
+    assert torch.allclose(part, want, atol=1e-4)
+    # B's columns lie in the chosen left singular subspace, A's rows in the right one
+    left, right = u[:, expected], vh[expected].t()
+    assert torch.allclose(left @ (left.t() @ factors.b), factors.b, atol=1e-4)
+    assert torch.allclose(right @ (right.t() @ factors.a.t()), factors.a.t(), atol=1e-4)
+
+
+def test_fast_pissa_approximates_exact_pissa():
+    weight = low_rank_weight()
+    exact = initial_factors("pissa", 4, weight, 2.0, torch.Generator())
+    torch.manual_seed(0)
+    fast = initial_factors("pissa_niter_4", 4, weight, 2.0, torch.Generator())
+    assert torch.allclose(fast.b @ fast.a, exact.b @ exact.a, atol=1e-3)
+
+
+def test_random_ab_without_subtraction_changes_the_model():
+    """The control: random A and B with no residual shift the pretrained function; Init[AB] not."""
+    base = tiny("tiny:bert")
+    ids = torch.randint(1000, 3000, (2, 8), generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for init in ("kaiming", "init_ab", "random_ab"):
+        model = copy.deepcopy(base)
+        cell = Cell(method="lora", rank=4, lora_alpha="8", init=init, target_modules="all-linear")
+        get_method("lora").attach(model, cell, 1, torch.Generator().manual_seed(0))
+        outputs[init] = model.bert(input_ids=ids).last_hidden_state
+    assert torch.allclose(outputs["init_ab"], outputs["kaiming"], atol=1e-4)
+    assert not torch.allclose(outputs["random_ab"], outputs["kaiming"], atol=1e-2)
+
+
+def test_dora_zero_norm_rows_are_guarded():
+    linear = torch.nn.Linear(8, 4)
+    with torch.no_grad():
+        linear.weight[1] = 0.0
+    layer = StackedDoRALinear(linear, rank=2, k=1, scale=1.0)
+    layer.set_init(torch.randn(2, 8), torch.zeros(4, 2))
+    out = layer(torch.randn(3, 8))
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, linear(torch.randn(3, 8)) * 0 + out)  # finite, well defined
+    assert float(layer.magnitude[0][1]) == pytest.approx(StackedDoRALinear.NORM_EPS)
+
+
+@pytest.mark.parametrize("method", ["dora", "pissa", "milora", "olora", "init_ab"])
+def test_fused_groups_of_every_variant(method):
+    """Variants that change the base weight or add a magnitude fuse like plain LoRA."""
+    test_fused_group_equals_trials_run_one_by_one(method)

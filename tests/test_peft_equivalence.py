@@ -1,8 +1,10 @@
-"""LoRA, rsLoRA and LoRA+ match Hugging Face PEFT: outputs, gradients and 5 AdamW steps.
+"""Every native method PEFT also has matches it: init, outputs, gradients and 5 AdamW steps.
 
-Both sides start from the same weights (ours are copied into PEFT's model, with B made non-zero so
-the adapters matter from the first output), see the same batches, and are compared by relative
-error ||ours - peft|| / ||peft|| below 1e-6, on a BERT-style encoder and a Llama-style decoder.
+LoRA, rsLoRA, LoRA+, DoRA, PiSSA and OLoRA. Where the init is deterministic (PiSSA, OLoRA) ours
+must equal PEFT's, base residual included; then both sides start from the same weights (ours are
+copied into PEFT's model, with a zero B made non-zero so the adapters matter from the first
+output), see the same batches, and are compared by relative error ||ours - peft|| / ||peft||
+below 1e-6, on a BERT-style encoder and a Llama-style decoder.
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ from lorasweep.space import Cell, TrialSpec
 
 TOL = 1e-6
 STEPS = 5
+# our method -> (PEFT LoraConfig arguments, whether the init is deterministic)
+PEFT_FORMS = {
+    "lora": ({}, False),
+    "rslora": ({"use_rslora": True}, False),
+    "loraplus": ({}, False),
+    "dora": ({"use_dora": True}, False),
+    "pissa": ({"init_lora_weights": "pissa"}, True),
+    "olora": ({"init_lora_weights": "olora"}, True),
+}
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -34,17 +45,14 @@ def build_pair(source: str, kind: str, method: str):
     tokenizer = load_tokenizer(ModelSpec(source=source))
     base = load_model(ModelSpec(source=source), kind, 3 if kind == "classification" else None,
                       tokenizer)
-    cell = Cell(method=method, rank=4, lora_alpha="8", init="kaiming",
+    init = {"pissa": "pissa", "olora": "olora"}.get(method, "kaiming")
+    cell = Cell(method=method, rank=4, lora_alpha="8", init=init,
                 target_modules="all-linear", loraplus_ratio=16.0 if method == "loraplus" else None)
     ours = copy.deepcopy(base)
     attached = get_method(method).attach(ours, cell, 1, torch.Generator().manual_seed(0))
-    with torch.no_grad():  # non-zero B, so outputs and A's gradients depend on the adapters
-        for name, param in attached.trial_params[0]:
-            if name.endswith("lora_B"):
-                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    targets = resolve_targets(base, "all-linear")
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
-                        use_rslora=method == "rslora",
+    extra, deterministic = PEFT_FORMS[method]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=resolve_targets(base, "all-linear"),
+                        lora_dropout=0.0, **extra,
                         task_type="SEQ_CLS" if kind == "classification" else "CAUSAL_LM")
     ref = get_peft_model(copy.deepcopy(base), config)
     ours_params = dict(attached.trial_params[0])
@@ -54,10 +62,25 @@ def build_pair(source: str, kind: str, method: str):
             continue
         key = (name.removeprefix("base_model.model.").replace(".lora_A.default.weight", ".lora_A")
                .replace(".lora_B.default.weight", ".lora_B")
+               .replace(".lora_magnitude_vector.default.weight", ".lora_magnitude")
                .replace(".modules_to_save.default", ""))
         ref_params[key] = param
     assert set(ref_params) == set(ours_params), set(ref_params) ^ set(ours_params)
-    with torch.no_grad():
+    if deterministic:  # the init itself, and the residual base it leaves, are PEFT's
+        for key, param in ours_params.items():
+            if ".lora_" in key:
+                assert rel_err(param, ref_params[key]) < TOL, key
+        ref_bases = {n.removeprefix("base_model.model.").replace(".base_layer", ""): p
+                     for n, p in ref.named_parameters() if ".base_layer.weight" in n}
+        our_bases = {n.replace(".base.weight", ".weight"): p
+                     for n, p in ours.named_parameters() if n.endswith(".base.weight")}
+        assert set(ref_bases) == set(our_bases)
+        for key, param in our_bases.items():
+            assert rel_err(param, ref_bases[key]) < TOL, key
+    with torch.no_grad():  # a zero B becomes non-zero, so outputs depend on the adapters
+        for name, param in attached.trial_params[0]:
+            if name.endswith("lora_B") and not param.any():
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
         for key, param in ref_params.items():
             param.copy_(ours_params[key])
     return ours.eval(), ref.eval(), cell, attached, ours_params, ref_params
@@ -81,7 +104,7 @@ ARCHS = [("tiny:bert", "classification"), ("tiny:llama", "causal_lm")]
 
 
 @pytest.mark.parametrize(("source", "kind"), ARCHS)
-@pytest.mark.parametrize("method", ["lora", "rslora", "loraplus"])
+@pytest.mark.parametrize("method", list(PEFT_FORMS))
 def test_matches_peft(source, kind, method):
     ours, ref, cell, attached, ours_params, ref_params = build_pair(source, kind, method)
     lr, weight_decay = 2e-3, 0.01

@@ -86,11 +86,15 @@ def test_widening_the_grid_adds_trials_and_changing_the_recipe_is_refused(
 
 
 def test_resume_after_sigkill(tmp_path: Path, study_file):
-    """Kill the run mid-study; the rerun loses no trial and runs none twice."""
+    """Kill the run mid-study; the rerun loses no trial and runs none twice.
+
+    Trials train in fused groups of 2, so the kill cuts off a whole group, which must run again.
+    """
     out = tmp_path / "study"
     path = study_file(search={"methods": ["lora"], "lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]},
                       train={"steps": 30})
-    command = [sys.executable, "-m", "lorasweep.cli", "run", str(path), "--out", str(out)]
+    command = [sys.executable, "-m", "lorasweep.cli", "run", str(path), "--out", str(out),
+               "--max-group", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -100,14 +104,14 @@ def test_resume_after_sigkill(tmp_path: Path, study_file):
         if (out / "optuna.journal").exists():
             store = store or Store(out, "tiny", maximize=True)
             statuses = Counter(s for s, _, _ in store.latest_by_key().values())
-            if statuses["complete"] >= 2 and statuses["running"] == 1:
+            if statuses["complete"] >= 2 and statuses["running"] == 2:
                 break
         time.sleep(0.2)
     assert process.poll() is None, "the run ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
     before = {key: status for key, (status, _, _) in store.latest_by_key().items()}
-    assert Counter(before.values())["running"] == 1
+    assert Counter(before.values())["running"] == 2
 
     assert subprocess.run(command, env=env, capture_output=True).returncode == 0
     rows = read_rows(out)
@@ -117,7 +121,7 @@ def test_resume_after_sigkill(tmp_path: Path, study_file):
                        if t.state.name == "COMPLETE")
     assert sorted(complete.values()) == [1] * 6, "every trial completes exactly once"
     killed = [r for r in rows if r["attempts"] == "2"]
-    assert len(killed) == 1, "the trial cut off mid-run ran again, from scratch"
+    assert len(killed) == 2, "the group cut off mid-run ran again, from scratch"
     finished_before = {k for k, s in before.items() if s == "complete"}
     assert all(r["attempts"] == "1" for r in rows
                if any(k.endswith(f"lr={float(r['lr']):.6g}|seed=0") for k in finished_before))

@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     run.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     run.add_argument("--max-group", type=int, default=None, metavar="K",
-                     help="most trials trained together over one base copy (default: 8)")
+                     help="most trials trained together over one base copy "
+                          "(default: 1 on cpu, 8 on a GPU)")
     run.set_defaults(handler=_run)
 
     status = commands.add_parser("status", help="progress and best LRs of a study folder")
@@ -56,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
     import transformers
 
     from lorasweep.config import load_study, resolve_study_path
-    from lorasweep.study.runner import DEFAULT_MAX_GROUP, run_study
+    from lorasweep.study.runner import default_max_group, run_study
 
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
@@ -74,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
         raise StudyError(f"--max-group {args.max_group}: must be at least 1")
     folder = args.out or Path("lorasweep-studies") / study.name
     started = time.perf_counter()
-    summary = run_study(study, folder, max_group=args.max_group or DEFAULT_MAX_GROUP,
+    summary = run_study(study, folder, max_group=args.max_group or default_max_group(args.device),
                         retry_failed=args.retry_failed, device=args.device)
     elapsed = time.perf_counter() - started
     print(f"trained {summary.trained} trials in {elapsed:.0f} s; results in {folder}/trials.csv")

@@ -17,8 +17,17 @@ from lorasweep.errors import StudyError
 
 BUILTIN_STUDIES_DIR = Path(__file__).parent / "studies"
 
-METHOD_NAMES = ("lora", "rslora", "loraplus", "full")
-INIT_NAMES = ("kaiming", "gaussian", "mua_a", "mua_b")
+METHOD_NAMES = ("lora", "rslora", "loraplus", "dora", "pissa", "milora", "olora", "init_ab",
+                "random_ab", "full")
+# Random inits with B A = 0 at the start, and inits that start from the weight's own factors (or
+# random A and B) with s B A subtracted from the base so the model is unchanged at step 0 (random_ab
+# is the control that skips the subtraction). pissa_niter_K is PiSSA by K-iteration randomized SVD.
+INIT_NAMES = ("kaiming", "gaussian", "mua_a", "mua_b", "pissa", "milora", "olora", "init_ab",
+              "random_ab")
+INIT_PATTERN = "^(" + "|".join(INIT_NAMES) + r"|pissa_niter_\d+)$"
+# Methods that are LoRA with a particular init: their cells take this init, not search.inits.
+METHOD_INITS = {"pissa": "pissa", "milora": "milora", "olora": "olora", "init_ab": "init_ab",
+                "random_ab": "random_ab"}
 TARGET_PRESETS = ("attention", "mlp", "all-linear")
 
 
@@ -132,11 +141,28 @@ def lr_values(grid: LRGrid) -> list[float]:
     return sorted(set(raw))
 
 
+InitName = Annotated[str, Field(pattern=INIT_PATTERN)]
+
+
 class MethodEntry(_Strict):
-    """A method in the search space, optionally with its own LR grid (full FT wants lower LRs)."""
+    """A method in the search space, optionally with its own LR grid (full FT wants lower LRs)
+    and its own init (e.g. `{name: pissa, init: pissa_niter_4}`)."""
 
     name: Literal[METHOD_NAMES]  # type: ignore[valid-type]
     lr: LRGrid | None = None
+    init: InitName | None = None
+
+    @model_validator(mode="after")
+    def _init_fits(self) -> MethodEntry:
+        if self.init is not None and self.name == "full":
+            raise ValueError("full fine-tuning has no adapter init")
+        return self
+
+    def inits(self, default: list[str]) -> list[str]:
+        """The inits this method's cells take."""
+        if self.init is not None:
+            return [self.init]
+        return [METHOD_INITS[self.name]] if self.name in METHOD_INITS else default
 
 
 class SearchSpec(_Strict):
@@ -145,7 +171,7 @@ class SearchSpec(_Strict):
     methods: Annotated[list[MethodEntry], Field(min_length=1)]
     ranks: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [8]
     lora_alpha: Annotated[list[float | str], Field(min_length=1)] = ["2r"]
-    inits: Annotated[list[Literal[INIT_NAMES]], Field(min_length=1)] = ["kaiming"]  # type: ignore[valid-type]
+    inits: Annotated[list[InitName], Field(min_length=1)] = ["kaiming"]
     target_modules: Annotated[list[str], Field(min_length=1)] | str = "all-linear"
     lr: LRGrid | None = None
     seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = [0]

@@ -100,7 +100,8 @@ def cells_of(study: Study) -> list[tuple[Cell, list[float]]]:
             out.append((Cell(method="full"), lrs))
             continue
         ratio = search.loraplus_ratio if entry.name == "loraplus" else None
-        for rank, alpha, init in product(search.ranks, search.lora_alpha, search.inits):
+        for rank, alpha, init in product(search.ranks, search.lora_alpha,
+                                         entry.inits(search.inits)):
             cell = Cell(method=entry.name, rank=rank, lora_alpha=_alpha_text(alpha), init=init,
                         target_modules=_target_text(search.target_modules), loraplus_ratio=ratio)
             out.append((cell, lrs))

@@ -1,40 +1,85 @@
-"""LoRA and the variants that differ only in scale (rsLoRA), init (gaussian, muA) or LR (LoRA+).
+"""LoRA and the variants that differ in scale (rsLoRA), init (gaussian, muA, PiSSA, MiLoRA, OLoRA,
+Init[AB]) or LR (LoRA+).
 
-y = W x + s * B A x, with s = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)). The inits follow
-Hugging Face PEFT (kaiming-uniform A with a = sqrt(5); gaussian A ~ N(0, 1/r^2)) and the muA paper
-(Init[A]: A ~ N(0, 1/n), B = 0; Init[B]: A = 0, B ~ N(0, 1/r)).
+y = W_res x + s * B A x, with s = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)). Random inits
+follow Hugging Face PEFT (kaiming-uniform A with a = sqrt(5); gaussian A ~ N(0, 1/r^2)) and the
+muA paper (Init[A]: A ~ N(0, 1/n), B = 0; Init[B]: A = 0, B ~ N(0, 1/r)). Inits built from W
+(PiSSA: top-r SVD; MiLoRA: bottom-r SVD; OLoRA: QR) or random in both factors (Init[AB]) set
+W_res = W - s B A so the model is unchanged at step 0; `random_ab` skips that subtraction, the
+control showing that random A and B alone destroy the pretrained function.
+
+Trials of a group share their seed, hence their init, hence W_res: the group's copy of the base
+carries it, and no per-trial correction is needed.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lorasweep.methods.base import Attached, Method, NamedParams, decay_groups, stack_head
-from lorasweep.methods.stacked import StackedLoRALinear
+from lorasweep.methods.stacked import StackedDoRALinear, StackedLoRALinear
 from lorasweep.methods.targets import replace_module, resolve_targets
 from lorasweep.space import Cell
 
 
-def initial_factors(init: str, rank: int, n_in: int, n_out: int,
-                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Starting (A, B) for one layer: A is (r, n_in), B is (n_out, r)."""
-    a = torch.zeros(rank, n_in)
-    b = torch.zeros(n_out, rank)
-    if init == "kaiming":
-        # PEFT's default: kaiming_uniform_(a=sqrt(5)), i.e. U(+-1/sqrt(n_in)).
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-    elif init == "gaussian":
-        a.normal_(0.0, 1.0 / rank, generator=generator)
-    elif init == "mua_a":
-        a.normal_(0.0, 1.0 / math.sqrt(n_in), generator=generator)
-    elif init == "mua_b":
-        b.normal_(0.0, 1.0 / math.sqrt(rank), generator=generator)
+@dataclass
+class Factors:
+    """Starting A (r, n_in) and B (n_out, r), and whether s B A is taken out of the base weight."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    subtract: bool = False
+
+
+def _kaiming(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """PEFT's default A: kaiming_uniform_(a=sqrt(5)), i.e. U(+-1/sqrt(cols))."""
+    out = torch.empty(rows, cols)
+    nn.init.kaiming_uniform_(out, a=math.sqrt(5), generator=generator)
+    return out
+
+
+def _svd_factors(weight: torch.Tensor, rank: int, scale: float, init: str) -> Factors:
+    """PiSSA (top-r) or MiLoRA (bottom-r) singular triplets, split as PEFT does for PiSSA:
+    A = sqrt(S/s) V^T, B = U sqrt(S/s), so that s B A is the rank-r part of W."""
+    if init.startswith("pissa_niter_"):
+        u, s, v = torch.svd_lowrank(weight, rank, niter=int(init.removeprefix("pissa_niter_")))
+        vh = v.t()
     else:
-        raise ValueError(f"unknown init '{init}'")
-    return a, b
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        keep = slice(0, rank) if init == "pissa" else slice(s.shape[0] - rank, s.shape[0])
+        u, s, vh = u[:, keep], s[keep], vh[keep]
+    root = torch.sqrt(s / scale)
+    return Factors(a=torch.diag(root) @ vh, b=u @ torch.diag(root), subtract=True)
+
+
+def initial_factors(init: str, rank: int, weight: torch.Tensor, scale: float,
+                    generator: torch.Generator) -> Factors:
+    """The starting factors of one layer with weight W (n_out, n_in)."""
+    n_out, n_in = weight.shape
+    zeros_a, zeros_b = torch.zeros(rank, n_in), torch.zeros(n_out, rank)
+    if init == "kaiming":
+        return Factors(_kaiming(rank, n_in, generator), zeros_b)
+    if init == "gaussian":
+        return Factors(zeros_a.normal_(0.0, 1.0 / rank, generator=generator), zeros_b)
+    if init == "mua_a":
+        return Factors(zeros_a.normal_(0.0, 1.0 / math.sqrt(n_in), generator=generator), zeros_b)
+    if init == "mua_b":
+        return Factors(zeros_a, zeros_b.normal_(0.0, 1.0 / math.sqrt(rank), generator=generator))
+    if init in ("init_ab", "random_ab"):
+        a = _kaiming(rank, n_in, generator)
+        return Factors(a, _kaiming(n_out, rank, generator), subtract=init == "init_ab")
+    if init == "olora":
+        q, r = torch.linalg.qr(weight.float())
+        return Factors(a=r[:rank].contiguous(), b=q[:, :rank].contiguous(), subtract=True)
+    if init in ("pissa", "milora") or init.startswith("pissa_niter_"):
+        if rank > min(n_out, n_in):
+            raise ValueError(f"rank {rank} exceeds the layer's size {n_out}x{n_in}")
+        return _svd_factors(weight.float(), rank, scale, init)
+    raise ValueError(f"unknown init '{init}'")
 
 
 class LoRA(Method):
@@ -48,6 +93,8 @@ class LoRA(Method):
         divisor = math.sqrt(cell.rank) if self.rank_scaling == "sqrt" else cell.rank
         return cell.alpha / divisor
 
+    layer_class: type[StackedLoRALinear] = StackedLoRALinear
+
     def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator) -> Attached:
         assert cell.rank is not None and cell.init is not None and cell.target_modules
         for param in model.parameters():
@@ -56,13 +103,15 @@ class LoRA(Method):
         scale = self.scale(cell)
         for name in resolve_targets(model, cell.target_modules):
             base = model.get_submodule(name)
-            layer = StackedLoRALinear(base, cell.rank, k, scale)
-            layer.set_init(*initial_factors(cell.init, cell.rank, base.in_features,
-                                            base.out_features, generator))
+            factors = initial_factors(cell.init, cell.rank, base.weight.detach(), scale, generator)
+            if factors.subtract:
+                with torch.no_grad():
+                    base.weight -= (scale * factors.b @ factors.a).to(base.weight.dtype)
+            layer = self.layer_class(base, cell.rank, k, scale)
+            layer.set_init(factors.a, factors.b)
             replace_module(model, name, layer)
             for i in range(k):
-                per_trial[i] += [(f"{name}.lora_A", layer.lora_A[i]),
-                                 (f"{name}.lora_B", layer.lora_B[i])]
+                per_trial[i] += layer.trial_params(name, i)
         return Attached(trial_params=per_trial, effective_scale=scale)
 
 
@@ -76,3 +125,9 @@ class LoRAPlus(LoRA):
         slow = [(n, p) for n, p in params if not (n.endswith("lora_B") or p.ndim < 2)]
         return (decay_groups(slow, lr, weight_decay)
                 + decay_groups(fast, lr * cell.loraplus_ratio, weight_decay))
+
+
+class DoRA(LoRA):
+    """Weight-decomposed LoRA: a trainable magnitude per output row over the LoRA direction."""
+
+    layer_class = StackedDoRALinear

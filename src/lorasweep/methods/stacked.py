@@ -41,12 +41,58 @@ class StackedLoRALinear(nn.Module):
                 pa.copy_(a)
                 pb.copy_(b)
 
+    def trial_params(self, name: str, i: int) -> list[tuple[str, nn.Parameter]]:
+        """Trial i's trainable weights, named after the module."""
+        return [(f"{name}.lora_A", self.lora_A[i]), (f"{name}.lora_B", self.lora_B[i])]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         delta = torch.cat([F.linear(F.linear(xk.to(a.dtype), a), b) * self.scale
                            for xk, a, b in zip(split_trials(x, self.k), self.lora_A, self.lora_B,
                                                strict=True)])
         return result + delta.to(result.dtype)
+
+
+class StackedDoRALinear(StackedLoRALinear):
+    """DoRA: y = (m / ||W + s B A||_row) * (W + s B A) x + bias, the norm detached from the graph
+    (as the DoRA paper and PEFT do), one magnitude vector m per trial.
+
+    Written as PEFT writes it: base(x) + (m/norm - 1) * W x + (m/norm) * s * B A x. A weight row
+    whose norm is zero would divide by zero; norms are clamped at NORM_EPS instead, which changes
+    nothing for any row with a norm above it.
+    """
+
+    NORM_EPS = 1e-12
+
+    def __init__(self, base: nn.Linear, rank: int, k: int, scale: float) -> None:
+        super().__init__(base, rank, k, scale)
+        self.magnitude = nn.ParameterList(
+            nn.Parameter(torch.zeros(base.out_features)) for _ in range(k))
+
+    def weight_norm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        weight = self.base.weight + self.scale * (b @ a).detach()
+        return torch.linalg.norm(weight, dim=1).clamp(min=self.NORM_EPS).detach()
+
+    def set_init(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        super().set_init(a, b)
+        with torch.no_grad():
+            norm = self.weight_norm(a, b)
+            for magnitude in self.magnitude:
+                magnitude.copy_(norm)
+
+    def trial_params(self, name: str, i: int) -> list[tuple[str, nn.Parameter]]:
+        return [*super().trial_params(name, i), (f"{name}.lora_magnitude", self.magnitude[i])]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        plain = result if self.base.bias is None else result - self.base.bias
+        deltas = []
+        for xk, wk, a, b, m in zip(split_trials(x, self.k), split_trials(plain, self.k),
+                                   self.lora_A, self.lora_B, self.magnitude, strict=True):
+            ratio = m / self.weight_norm(a, b)
+            lora = F.linear(F.linear(xk.to(a.dtype), a), b)
+            deltas.append((ratio - 1) * wk + ratio * lora * self.scale)
+        return result + torch.cat(deltas).to(result.dtype)
 
 
 class StackedLinear(nn.Module):

@@ -26,10 +26,15 @@ from lorasweep.study.store import LEASE_SECONDS, Store
 from lorasweep.tasks import Task, build_task, num_labels
 from lorasweep.train import train_group
 
-# Trials per fused group. Each adds its own activations, so memory grows about linearly in K;
-# on a compute-bound CPU fusing saves little time (benchmarks/README.md), on a GPU it fills the
-# device. --max-group lowers it where memory is tight.
-DEFAULT_MAX_GROUP = 8
+
+def default_max_group(device: str) -> int:
+    """Trials per fused group when the user does not say.
+
+    Each trial in a group adds its own activations, so memory grows about linearly in K. On a
+    CPU the work is compute-bound and fusing measured no faster (benchmarks/README.md), so the CPU
+    default is 1; on a GPU a group fills the device that one small trial leaves idle.
+    """
+    return 1 if device == "cpu" else 8
 
 
 @dataclass
@@ -57,7 +62,7 @@ class RunSummary:
     failed: int
 
 
-def run_study(study: Study, folder: Path, max_group: int = DEFAULT_MAX_GROUP,
+def run_study(study: Study, folder: Path, max_group: int = 1,
               retry_failed: bool = False, device: str = "cpu") -> RunSummary:
     """Run every missing trial of the study in `folder`, then write trials.csv and the plot."""
     bench = load_workbench(study)
