@@ -215,3 +215,38 @@ def test_dora_zero_norm_rows_are_guarded():
 def test_fused_groups_of_every_variant(method):
     """Variants that change the base weight or add a magnitude fuse like plain LoRA."""
     test_fused_group_equals_trials_run_one_by_one(method)
+
+
+def test_peft_pass_through_trains_any_peft_config(tmp_path, study_file):
+    from lorasweep.cli import main
+
+    from .test_sweep import read_rows
+
+    methods = [{"name": "peft", "label": "lora-gaussian",
+                "peft": {"init_lora_weights": "gaussian"}},
+               {"name": "peft", "label": "randlora", "peft_config": "RandLoraConfig",
+                "peft": {"r": 8}},
+               {"name": "lora", "init": "gaussian"}]
+    out = tmp_path / "out"
+    assert main(["run", str(study_file(search={"methods": methods, "lr": [1e-2]})),
+                 "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in read_rows(out)}
+    assert set(rows) == {"lora-gaussian", "randlora", "lora"}
+    assert all(r["status"] == "complete" for r in rows.values())
+    # PEFT's gaussian LoRA has the native one's trainable parameters (adapters + head) and scale
+    assert rows["lora-gaussian"]["trainable_params"] == rows["lora"]["trainable_params"]
+    assert rows["lora-gaussian"]["effective_scale"] == rows["lora"]["effective_scale"]
+
+
+@pytest.mark.parametrize(("entry", "expected"), [
+    ({"name": "peft", "peft": {"rr": 4}}, "rejects these arguments"),
+    ({"name": "peft", "peft_config": "NoSuchConfig", "peft": {}}, "not a PEFT config class"),
+    ({"name": "lora", "peft": {"r": 4}}, "go with (and only with) method name 'peft'"),
+    ({"name": "peft"}, "go with (and only with) method name 'peft'"),
+])
+def test_peft_pass_through_bad_arguments(study_file, capsys, entry, expected):
+    from lorasweep.cli import main
+
+    assert main(["run", str(study_file(search={"methods": [entry], "lr": [1e-3]}))]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "search.methods" in err and len(err.strip().splitlines()) == 1

@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
                           "(default: 1 on cpu, 8 on a GPU)")
     run.set_defaults(handler=_run)
 
+    export = commands.add_parser("export", help="write a trial's adapter as a PEFT folder")
+    export.add_argument("folder", type=Path, help="the study folder")
+    export.add_argument("--trial", type=int, required=True, help="the trial number (trials.csv)")
+    export.add_argument("out", type=Path, help="the adapter folder to write")
+    export.set_defaults(handler=_export)
+
     status = commands.add_parser("status", help="progress and best LRs of a study folder")
     status.add_argument("folder", type=Path)
     status.set_defaults(handler=_status)
@@ -91,6 +97,14 @@ def _device_available(name: str) -> bool:
     except (RuntimeError, AssertionError):
         return False
     return True
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lorasweep.export import export_trial
+
+    out = export_trial(args.folder, args.trial, args.out)
+    print(f"wrote a PEFT adapter to {out}; load it with PeftModel.from_pretrained(base, '{out}')")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from lorasweep.errors import StudyError
 BUILTIN_STUDIES_DIR = Path(__file__).parent / "studies"
 
 METHOD_NAMES = ("lora", "rslora", "loraplus", "dora", "pissa", "milora", "olora", "init_ab",
-                "random_ab", "full")
+                "random_ab", "full", "peft")
 # Random inits with B A = 0 at the start, and inits that start from the weight's own factors (or
 # random A and B) with s B A subtracted from the base so the model is unchanged at step 0 (random_ab
 # is the control that skips the subtraction). pissa_niter_K is PiSSA by K-iteration randomized SVD.
@@ -151,12 +151,25 @@ class MethodEntry(_Strict):
     name: Literal[METHOD_NAMES]  # type: ignore[valid-type]
     lr: LRGrid | None = None
     init: InitName | None = None
+    # For `peft`: the PEFT config class and its keyword arguments, trained as PEFT trains them
+    # (unfused); r, lora_alpha and target_modules come from the search axes unless given here.
+    peft: dict[str, Any] | None = None
+    peft_config: str = "LoraConfig"
+    label: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.+-]+$")
 
     @model_validator(mode="after")
-    def _init_fits(self) -> MethodEntry:
-        if self.init is not None and self.name == "full":
-            raise ValueError("full fine-tuning has no adapter init")
+    def _fits(self) -> MethodEntry:
+        if self.init is not None and self.name in ("full", "peft"):
+            raise ValueError(f"{self.name}: give no init (peft: put it in its arguments)")
+        if (self.peft is not None) != (self.name == "peft"):
+            raise ValueError("'peft:' arguments go with (and only with) method name 'peft'")
+        if self.peft is not None:
+            check_peft_arguments(self.peft_config, self.peft)
         return self
+
+    @property
+    def display_name(self) -> str:
+        return self.label or self.name
 
     def inits(self, default: list[str]) -> list[str]:
         """The inits this method's cells take."""
@@ -207,9 +220,10 @@ class SearchSpec(_Strict):
         for entry in self.methods:
             if entry.lr is None and self.lr is None:
                 raise ValueError(f"method '{entry.name}' has no learning rates: set search.lr")
-        names = [entry.name for entry in self.methods]
+        names = [entry.display_name for entry in self.methods]
         if len(set(names)) != len(names):
-            raise ValueError("a method is listed twice in search.methods")
+            raise ValueError("a method is listed twice in search.methods (give each peft entry "
+                             "its own label)")
         return self
 
     def lrs_for(self, entry: MethodEntry) -> list[float]:
@@ -333,3 +347,17 @@ def describe_validation_error(exc: ValidationError) -> str:
 def dump_study(study: Study) -> str:
     """The resolved study as YAML, every default written out."""
     return yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False)
+
+
+def check_peft_arguments(class_name: str, arguments: dict[str, Any]) -> None:
+    """Build the PEFT config once so an unknown class or argument is caught at load time."""
+    import peft
+
+    config_class = getattr(peft, class_name, None)
+    if not (isinstance(config_class, type) and issubclass(config_class, peft.PeftConfig)):
+        raise ValueError(f"peft_config '{class_name}' is not a PEFT config class (e.g. LoraConfig)")
+    try:
+        config_class(**arguments)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"peft: {class_name} rejects these arguments: "
+                         f"{str(exc).splitlines()[0]}") from None

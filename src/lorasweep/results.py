@@ -30,7 +30,7 @@ def trial_rows(store: Store, metric_name: str) -> list[dict]:
         attrs = trial.user_attrs
         cell = spec.cell
         rows.append({
-            "trial": spec.grid_id, "method": cell.method, "rank": cell.rank,
+            "trial": spec.grid_id, "method": cell.label, "rank": cell.rank,
             "lora_alpha": cell.alpha, "alpha_mode": cell.alpha_mode, "init": cell.init,
             "target_modules": cell.target_modules, "lr": spec.lr, "seed": spec.seed,
             "status": status, "train_loss": attrs.get("train_loss"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from itertools import groupby, product
 from typing import Any
@@ -19,10 +20,21 @@ class Cell:
     init: str | None = None
     target_modules: str | None = None  # a preset name or a comma-joined list of module names
     loraplus_ratio: float | None = None
+    peft: str | None = None  # for method `peft`: JSON of {"config", "label", "arguments"}
+
+    @property
+    def label(self) -> str:
+        """The method as a person named it (a peft entry's label)."""
+        return json.loads(self.peft)["label"] if self.peft else self.method
 
     @property
     def is_adapter(self) -> bool:
         return self.method != "full"
+
+    @property
+    def fusable(self) -> bool:
+        """Whether trials of this cell can train K at a time over one base copy."""
+        return self.method not in ("full", "peft")
 
     @property
     def alpha(self) -> float | None:
@@ -45,6 +57,8 @@ class Cell:
                  self.target_modules]
         if self.loraplus_ratio is not None:
             parts.append(f"ratio={self.loraplus_ratio:g}")
+        if self.peft is not None:
+            parts.append(self.peft)
         return "|".join(str(p) for p in parts)
 
 
@@ -100,10 +114,14 @@ def cells_of(study: Study) -> list[tuple[Cell, list[float]]]:
             out.append((Cell(method="full"), lrs))
             continue
         ratio = search.loraplus_ratio if entry.name == "loraplus" else None
-        for rank, alpha, init in product(search.ranks, search.lora_alpha,
-                                         entry.inits(search.inits)):
+        peft = None if entry.peft is None else json.dumps(
+            {"config": entry.peft_config, "label": entry.display_name, "arguments": entry.peft},
+            sort_keys=True)
+        inits = ["peft"] if peft else entry.inits(search.inits)
+        for rank, alpha, init in product(search.ranks, search.lora_alpha, inits):
             cell = Cell(method=entry.name, rank=rank, lora_alpha=_alpha_text(alpha), init=init,
-                        target_modules=_target_text(search.target_modules), loraplus_ratio=ratio)
+                        target_modules=_target_text(search.target_modules), loraplus_ratio=ratio,
+                        peft=peft)
             out.append((cell, lrs))
     return out
 
@@ -124,6 +142,6 @@ def group_trials(trials: list[TrialSpec], max_group: int) -> list[list[TrialSpec
     ordered = sorted(trials, key=lambda t: (t.group_key, t.grid_id))
     for _, members in groupby(ordered, key=lambda t: t.group_key):
         members = list(members)
-        size = max_group if members[0].cell.is_adapter else 1
+        size = max_group if members[0].cell.fusable else 1
         groups.extend(members[i:i + size] for i in range(0, len(members), size))
     return sorted(groups, key=lambda g: g[0].grid_id)

@@ -46,6 +46,7 @@ class TrialResult:
     trainable_params: int = 0
     effective_scale: float | None = None
     reason: str | None = None
+    weights: dict[str, torch.Tensor] | None = None  # trained adapter and head, for export
 
 
 def batch_order(train_size: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
@@ -149,8 +150,11 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
                                        reason=stopped[i][1], train_loss=curves[i][-1], **common))
         else:
             eval_curves[i].append({"step": step, **final[i]})
+            weights = ({name: p.detach().cpu().clone() for name, p in attached.trial_params[i]}
+                       if cell.is_adapter else None)
             results.append(TrialResult(status="complete", steps=step, metrics=final[i],
-                                       test=test[i], train_loss=_tail_mean(curves[i]), **common))
+                                       test=test[i], train_loss=_tail_mean(curves[i]),
+                                       weights=weights, **common))
     return results
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from lorasweep.methods.base import Attached, Method
 from lorasweep.methods.full import FullFineTuning
 from lorasweep.methods.lora import DoRA, LoRA, LoRAPlus
+from lorasweep.methods.peft_passthrough import PeftPassThrough
 
 METHODS: dict[str, Method] = {
     "lora": LoRA(),
@@ -18,6 +19,7 @@ METHODS: dict[str, Method] = {
     "init_ab": LoRA(),
     "random_ab": LoRA(),
     "full": FullFineTuning(),
+    "peft": PeftPassThrough(),
 }
 
 

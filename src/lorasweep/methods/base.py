@@ -56,6 +56,22 @@ def decay_groups(params: NamedParams, lr: float, weight_decay: float) -> list[di
     ) if group["params"]]
 
 
+def init_head(model: nn.Module, generator: torch.Generator) -> list[tuple[str, nn.Linear]]:
+    """Draw the task head's linear layers from the trial seed (N(0, initializer_range), zero
+    bias, as transformers does), rather than keep whatever the model loader left there."""
+    std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
+    linears = []
+    for head_name in head_module_names(model):
+        for name, module in model.get_submodule(head_name).named_modules():
+            if isinstance(module, nn.Linear):
+                with torch.no_grad():
+                    module.weight.normal_(0.0, std, generator=generator)
+                    if module.bias is not None:
+                        module.bias.zero_()
+                linears.append((f"{head_name}.{name}" if name else head_name, module))
+    return linears
+
+
 def stack_head(model: nn.Module, k: int, generator: torch.Generator) -> list[NamedParams]:
     """Give each trial its own trainable task head, freshly initialized from the trial seed.
 
@@ -63,20 +79,11 @@ def stack_head(model: nn.Module, k: int, generator: torch.Generator) -> list[Nam
     seed rather than from whatever the model loader left there, so runs are reproducible.
     """
     per_trial: list[NamedParams] = [[] for _ in range(k)]
-    for head_name in head_module_names(model):
-        head = model.get_submodule(head_name)
-        linears = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)]
-        for name, linear in linears:
-            std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
-            with torch.no_grad():
-                linear.weight.normal_(0.0, std, generator=generator)
-                if linear.bias is not None:
-                    linear.bias.zero_()
-            full_name = f"{head_name}.{name}" if name else head_name
-            stacked = StackedLinear(linear, k)
-            replace_module(model, full_name, stacked)
-            for i in range(k):
-                per_trial[i].append((f"{full_name}.weight", stacked.weight[i]))
-                if stacked.bias is not None:
-                    per_trial[i].append((f"{full_name}.bias", stacked.bias[i]))
+    for full_name, linear in init_head(model, generator):
+        stacked = StackedLinear(linear, k)
+        replace_module(model, full_name, stacked)
+        for i in range(k):
+            per_trial[i].append((f"{full_name}.weight", stacked.weight[i]))
+            if stacked.bias is not None:
+                per_trial[i].append((f"{full_name}.bias", stacked.bias[i]))
     return per_trial

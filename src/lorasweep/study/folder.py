@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from lorasweep.config import Study, dump_study, validate_study
 from lorasweep.errors import StudyError
 
 STUDY_FILE = "study.yaml"
+WEIGHTS_DIR = "adapters"
 ENVIRONMENT_FILE = "environment.json"
 RUNS_FILE = "runs.jsonl"
 PACKAGES = ("lorasweep", "torch", "transformers", "peft", "optuna", "datasets", "accelerate",
@@ -106,3 +108,16 @@ def git_state() -> dict | None:
                 "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def weights_path(folder: Path, grid_id: int) -> Path:
+    return folder / WEIGHTS_DIR / f"trial-{grid_id}.safetensors"
+
+
+def save_weights(folder: Path, grid_id: int, weights: dict[str, torch.Tensor]) -> None:
+    """A finished trial's trained adapter and head, written atomically for `lorasweep export`."""
+    path = weights_path(folder, grid_id)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({name: t.contiguous() for name, t in weights.items()}, str(tmp))
+    tmp.replace(path)

@@ -21,7 +21,7 @@ from lorasweep.methods.targets import resolve_targets
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.results import write_outputs
 from lorasweep.space import TrialSpec, expand_trials
-from lorasweep.study.folder import prepare_folder
+from lorasweep.study.folder import prepare_folder, save_weights
 from lorasweep.study.store import LEASE_SECONDS, Store
 from lorasweep.tasks import Task, build_task, num_labels
 from lorasweep.train import train_group
@@ -77,7 +77,8 @@ def run_study(study: Study, folder: Path, max_group: int = 1,
         while claimed := store.claim_group(max_group):
             ids = [trial_id for trial_id, _ in claimed]
             specs = [spec for _, spec in claimed]
-            failed += _train_claimed(store, bench, study, ids, specs, torch.device(device))
+            failed += _train_claimed(store, bench, study, folder, ids, specs,
+                                     torch.device(device))
             trained += len(specs)
             overall.update(len(specs))
             write_outputs(folder, store, bench.task.metric_name)
@@ -87,7 +88,7 @@ def run_study(study: Study, folder: Path, max_group: int = 1,
     return RunSummary(folder=folder, trained=trained, failed=failed)
 
 
-def _train_claimed(store: Store, bench: Workbench, study: Study, ids: list[int],
+def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, ids: list[int],
                    specs: list[TrialSpec], device: torch.device) -> int:
     """Train one claimed group and record it; returns how many of its trials failed."""
     with _heartbeat(store, ids):
@@ -104,7 +105,9 @@ def _train_claimed(store: Store, bench: Workbench, study: Study, ids: list[int],
             for trial_id in ids:
                 store.record_failure(trial_id, message)
             return len(ids)
-    for trial_id, result in zip(ids, results, strict=True):
+    for trial_id, spec, result in zip(ids, specs, results, strict=True):
+        if result.weights is not None:
+            save_weights(folder, spec.grid_id, result.weights)
         store.record(trial_id, result, bench.task.metric_name)
     return 0
 

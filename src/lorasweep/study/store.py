@@ -103,7 +103,7 @@ class Store:
                 continue
             group_key = spec.group_key
             claimed.append((trial._trial_id, spec))
-            if len(claimed) == max_group or not spec.cell.is_adapter:
+            if len(claimed) == max_group or not spec.cell.fusable:
                 break
         return claimed
 
@@ -126,7 +126,7 @@ class Store:
         """Store a finished trial: COMPLETE with its metric, or PRUNED when it diverged."""
         attrs = asdict(result)
         for name, value in attrs.items():
-            if name not in ("metrics", "test"):
+            if name not in ("metrics", "test", "weights"):
                 self.storage.set_trial_user_attr(trial_id, name, _jsonable(value))
         for prefix, values in (("val_", result.metrics), ("test_", result.test)):
             for name, value in values.items():

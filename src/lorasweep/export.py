@@ -1,0 +1,109 @@
+"""`lorasweep export`: a trained trial as a PEFT adapter folder that `PeftModel` loads.
+
+The adapter is assembled in a real PEFT model (so its file layout is PEFT's own) from the trial's
+saved weights. Methods that change the base weight (PiSSA, MiLoRA, OLoRA, Init[AB]) export as
+plain LoRA over the original W through PEFT's conversion identity: with W_res = W - s B0 A0,
+W_res + s B A = W + s [B, -B0] [A; A0], a rank-2r adapter with the same scale s.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+
+from lorasweep.errors import StudyError
+from lorasweep.methods import get_method
+from lorasweep.methods.stacked import StackedLoRALinear
+from lorasweep.methods.targets import resolve_targets
+from lorasweep.models import load_model, load_tokenizer
+from lorasweep.space import Cell, TrialSpec
+from lorasweep.study.folder import load_folder_study, weights_path
+from lorasweep.study.store import Store
+from lorasweep.tasks import build_task, num_labels
+
+RESIDUAL_INITS = ("pissa", "milora", "olora", "init_ab")
+
+
+def find_trial(folder: Path, grid_id: int, maximize: bool, name: str) -> TrialSpec:
+    for status, trial, _ in Store(folder, name, maximize=maximize).latest_by_key().values():
+        spec = TrialSpec.from_attrs(trial.user_attrs)
+        if spec.grid_id == grid_id:
+            if status != "complete":
+                raise StudyError(f"--trial {grid_id}: the trial is {status}, not complete")
+            return spec
+    raise StudyError(f"--trial {grid_id}: no such trial in {folder}")
+
+
+def is_residual(cell: Cell) -> bool:
+    return cell.init in RESIDUAL_INITS or str(cell.init).startswith("pissa_niter_")
+
+
+def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
+    """Write the PEFT adapter of trial `grid_id` of the study in `folder` to `out`."""
+    study = load_folder_study(folder)
+    maximize = study.task.kind == "classification"
+    spec = find_trial(folder, grid_id, maximize, study.name)
+    cell = spec.cell
+    if not cell.is_adapter:
+        raise StudyError(f"--trial {grid_id}: full fine-tuning has no adapter to export")
+    if cell.method == "peft":
+        raise StudyError(f"--trial {grid_id}: exporting a peft pass-through trial is not "
+                         "supported yet")
+    if cell.method == "dora" and is_residual(cell):
+        raise StudyError(f"--trial {grid_id}: DoRA over a {cell.init} residual has no PEFT form")
+    path = weights_path(folder, grid_id)
+    if not path.exists():
+        raise StudyError(f"--trial {grid_id}: its weights are missing ({path})")
+    trained = load_file(str(path))
+
+    tokenizer = load_tokenizer(study.model)
+    labels = num_labels(build_task(study, tokenizer)) if maximize else None
+    base = load_model(study.model, study.task.kind, labels, tokenizer)
+    start = _initial_layers(base, spec)
+    targets = resolve_targets(base, cell.target_modules)
+    residual = is_residual(cell)
+    rank = cell.rank * (2 if residual else 1)
+    assert cell.alpha is not None and cell.rank is not None
+    # Keep the scale s: lora_alpha / r (or / sqrt(r) for rsLoRA) at the doubled rank.
+    alpha = cell.alpha * (1 if not residual else math.sqrt(2) if cell.method == "rslora" else 2)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+                        use_rslora=cell.method == "rslora", use_dora=cell.method == "dora",
+                        task_type="SEQ_CLS" if maximize else "CAUSAL_LM")
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if param.requires_grad:
+                param.copy_(_peft_value(name, trained, start, residual))
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def _initial_layers(base: torch.nn.Module, spec: TrialSpec) -> dict[str, StackedLoRALinear]:
+    """The trial's adapted layers at step 0 (their A0, B0), re-derived from its cell and seed."""
+    model = copy.deepcopy(base)
+    torch.manual_seed(spec.seed)  # what train_group does before attaching (randomized SVD)
+    get_method(spec.cell.method).attach(model, spec.cell, 1,
+                                        torch.Generator().manual_seed(spec.seed))
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, StackedLoRALinear)}
+
+
+def _peft_value(peft_name: str, trained: dict[str, torch.Tensor],
+                start: dict[str, StackedLoRALinear], residual: bool) -> torch.Tensor:
+    name = peft_name.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
+    for part, ours in ((".lora_A.default.weight", ".lora_A"), (".lora_B.default.weight", ".lora_B"),
+                       (".lora_magnitude_vector.default.weight", ".lora_magnitude")):
+        if part in name:
+            module = name.split(part)[0]
+            value = trained[module + ours]
+            if residual and ours == ".lora_A":
+                value = torch.cat([value, start[module].lora_A[0].detach()], dim=0)
+            if residual and ours == ".lora_B":
+                value = torch.cat([value, -start[module].lora_B[0].detach()], dim=1)
+            return value
+    return trained[name]
