@@ -50,25 +50,35 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("out", type=Path, help="the adapter folder to write")
     export.set_defaults(handler=_export)
 
+    report = commands.add_parser("report", help="write optima.csv, report.md and report.html")
+    report.add_argument("folder", type=Path)
+    report.set_defaults(handler=_report)
+
     status = commands.add_parser("status", help="progress and best LRs of a study folder")
     status.add_argument("folder", type=Path)
     status.set_defaults(handler=_status)
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
-    # Imported here so `lorasweep --help` answers without loading torch.
+def _quiet_libraries() -> None:
+    """Keep the libraries' load reports and progress bars out of lorasweep's own output."""
     import datasets
-    import torch
     import transformers
-
-    from lorasweep.config import load_study, resolve_study_path
-    from lorasweep.study.runner import default_max_group, run_study
 
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Imported here so `lorasweep --help` answers without loading torch.
+    import torch
+
+    from lorasweep.config import load_study, resolve_study_path
+    from lorasweep.study.runner import default_max_group, run_study
+
+    _quiet_libraries()
     study = load_study(resolve_study_path(args.study), args.overrides)
     if args.threads is not None:
         if args.threads < 1:
@@ -102,9 +112,35 @@ def _device_available(name: str) -> bool:
 def _export(args: argparse.Namespace) -> int:
     from lorasweep.export import export_trial
 
+    _quiet_libraries()
     out = export_trial(args.folder, args.trial, args.out)
     print(f"wrote a PEFT adapter to {out}; load it with PeftModel.from_pretrained(base, '{out}')")
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lorasweep.report import write_report
+    from lorasweep.results import write_trials_csv
+
+    study, store, metric, maximize = _open_folder(args.folder)
+    rows = write_trials_csv(args.folder, store, metric)
+    for path in write_report(args.folder, rows, metric, maximize, study.name):
+        print(f"wrote {path}")
+    return 0
+
+
+def _open_folder(folder: Path):
+    """A study folder's study, store, metric name and direction, without loading any model."""
+    from lorasweep.study.folder import load_folder_study
+    from lorasweep.study.store import JOURNAL_NAME, Store
+    from lorasweep.tasks import TASK_CLASSES
+
+    study = load_folder_study(folder)
+    if not (folder / JOURNAL_NAME).exists():
+        raise StudyError(f"{folder}: the study has not started (no {JOURNAL_NAME})")
+    task_class = TASK_CLASSES[study.task.kind]
+    maximize = task_class.greater_is_better
+    return study, Store(folder, study.name, maximize=maximize), task_class.metric_name, maximize
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -113,16 +149,12 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _print_status(folder: Path) -> None:
-    from lorasweep.results import cell_label, trial_rows
-    from lorasweep.study.folder import load_folder_study
-    from lorasweep.study.store import JOURNAL_NAME, Store
+    from lorasweep.analysis.compare import cell_name
+    from lorasweep.analysis.optima import CELL_FIELDS
+    from lorasweep.results import trial_rows
 
-    study = load_folder_study(folder)
-    if not (folder / JOURNAL_NAME).exists():
-        raise StudyError(f"{folder}: the study has not started (no {JOURNAL_NAME})")
-    maximize = study.task.kind == "classification"
-    metric = "accuracy" if maximize else "eval_loss"
-    rows = trial_rows(Store(folder, study.name, maximize=maximize), metric)
+    study, store, metric, maximize = _open_folder(folder)
+    rows = trial_rows(store, metric)
     counts = Counter(row["status"] for row in rows)
     print(f"study {study.name}: {len(rows)} trials: "
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
@@ -130,7 +162,7 @@ def _print_status(folder: Path) -> None:
     best: dict[str, dict] = {}
     lrs: dict[str, list] = defaultdict(list)
     for row in rows:
-        label = cell_label(row)
+        label = cell_name({f: row.get(f) for f in CELL_FIELDS})
         lrs[label].append(row["lr"])
         if row["status"] == "complete" and row["metric"] is not None and (
                 label not in best or sign * row["metric"] > sign * best[label]["metric"]):

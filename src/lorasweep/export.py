@@ -24,7 +24,7 @@ from lorasweep.models import load_model, load_tokenizer
 from lorasweep.space import Cell, TrialSpec
 from lorasweep.study.folder import load_folder_study, weights_path
 from lorasweep.study.store import Store
-from lorasweep.tasks import build_task, num_labels
+from lorasweep.tasks import TASK_CLASSES, build_task, num_labels
 
 RESIDUAL_INITS = ("pissa", "milora", "olora", "init_ab")
 
@@ -46,7 +46,7 @@ def is_residual(cell: Cell) -> bool:
 def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     """Write the PEFT adapter of trial `grid_id` of the study in `folder` to `out`."""
     study = load_folder_study(folder)
-    maximize = study.task.kind == "classification"
+    maximize = TASK_CLASSES[study.task.kind].greater_is_better
     spec = find_trial(folder, grid_id, maximize, study.name)
     cell = spec.cell
     if not cell.is_adapter:
@@ -62,7 +62,8 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     trained = load_file(str(path))
 
     tokenizer = load_tokenizer(study.model)
-    labels = num_labels(build_task(study, tokenizer)) if maximize else None
+    classify = study.task.kind == "classification"
+    labels = num_labels(build_task(study, tokenizer)) if classify else None
     base = load_model(study.model, study.task.kind, labels, tokenizer)
     start = _initial_layers(base, spec)
     targets = resolve_targets(base, cell.target_modules)
@@ -73,7 +74,7 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     alpha = cell.alpha * (1 if not residual else math.sqrt(2) if cell.method == "rslora" else 2)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
                         use_rslora=cell.method == "rslora", use_dora=cell.method == "dora",
-                        task_type="SEQ_CLS" if maximize else "CAUSAL_LM")
+                        task_type="SEQ_CLS" if classify else "CAUSAL_LM")
     peft_model = get_peft_model(copy.deepcopy(base), config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from lorasweep.config import Study
 from lorasweep.methods.targets import resolve_targets
 from lorasweep.models import load_model, load_tokenizer
-from lorasweep.results import write_outputs
+from lorasweep.report import write_report
+from lorasweep.results import write_trials_csv
 from lorasweep.space import TrialSpec, expand_trials
 from lorasweep.study.folder import prepare_folder, save_weights
 from lorasweep.study.store import LEASE_SECONDS, Store
@@ -81,10 +82,11 @@ def run_study(study: Study, folder: Path, max_group: int = 1,
                                      torch.device(device))
             trained += len(specs)
             overall.update(len(specs))
-            write_outputs(folder, store, bench.task.metric_name)
+            write_trials_csv(folder, store, bench.task.metric_name)
     finally:
         overall.close()
-        write_outputs(folder, store, bench.task.metric_name)
+        rows = write_trials_csv(folder, store, bench.task.metric_name)
+    write_report(folder, rows, bench.task.metric_name, bench.task.greater_is_better, study.name)
     return RunSummary(folder=folder, trained=trained, failed=failed)
 
 

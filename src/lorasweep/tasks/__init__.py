@@ -6,11 +6,14 @@ from transformers import PreTrainedTokenizerBase
 
 from lorasweep.config import Study
 from lorasweep.tasks.base import Split, Task
-from lorasweep.tasks.causal_lm import build_causal_lm
+from lorasweep.tasks.causal_lm import CausalLMTask, build_causal_lm
 from lorasweep.tasks.classification import ClassificationTask, build_classification
 from lorasweep.tasks.data import load_splits
 
 BUILDERS = {"classification": build_classification, "causal_lm": build_causal_lm}
+# The task class of each kind: its metric_name and greater_is_better, without loading any data.
+TASK_CLASSES: dict[str, type[Task]] = {"classification": ClassificationTask,
+                                       "causal_lm": CausalLMTask}
 
 
 def build_task(study: Study, tokenizer: PreTrainedTokenizerBase) -> Task:
@@ -22,4 +25,4 @@ def num_labels(task: Task) -> int | None:
     return len(task.label_names) if isinstance(task, ClassificationTask) else None
 
 
-__all__ = ["Split", "Task", "build_task", "num_labels"]
+__all__ = ["TASK_CLASSES", "Split", "Task", "build_task", "num_labels"]

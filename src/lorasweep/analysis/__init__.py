@@ -1,0 +1,1 @@
+"""From finished trials to answers: optima per cell, and how they scale with rank."""

@@ -1,0 +1,114 @@
+"""The optimal LR of each cell, refined between grid points, with an interval from the seeds.
+
+A cell's curve is its validation metric against LR, averaged over seeds. The best grid LR is
+refined by a parabola in log10(LR) through the best point and its two neighbours (when the best
+point is interior and the parabola opens the right way). The interval comes from a bootstrap over
+seeds: resample whole seeds (each seed's curve over the grid), redo the refinement, take the
+2.5th and 97.5th percentiles. A best LR at the end of the grid is flagged, with the LRs to add.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+CELL_FIELDS = ("method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules")
+BOOTSTRAP_SAMPLES = 1000
+
+
+@dataclass
+class Optimum:
+    """One cell's optimum; lr_star_low/high are None where one seed gives no interval."""
+
+    cell: dict
+    lr_best: float
+    lr_star: float
+    lr_star_low: float | None
+    lr_star_high: float | None
+    peak: float
+    peak_std: float | None
+    n_seeds: int
+    edge: str  # "low"/"high": the best LR is the grid's smallest/largest; "flat": no LR is better
+    suggest: list[float]  # LRs to add when the optimum sits at an edge
+    n_lrs: int
+    diverged: int
+
+    def as_row(self) -> dict:
+        return {**self.cell, "lr_best": self.lr_best, "lr_star": self.lr_star,
+                "lr_star_low": self.lr_star_low, "lr_star_high": self.lr_star_high,
+                "peak": self.peak, "peak_std": self.peak_std, "n_seeds": self.n_seeds,
+                "edge": self.edge, "suggest": " ".join(f"{lr:.3g}" for lr in self.suggest),
+                "n_lrs": self.n_lrs, "diverged": self.diverged}
+
+
+def refine(lrs: np.ndarray, values: np.ndarray, maximize: bool) -> tuple[int, float]:
+    """Index of the best grid point and the parabola-refined LR (the grid LR when it cannot be
+    refined). `values` may hold NaN for LRs without a finished trial."""
+    sign = 1.0 if maximize else -1.0
+    scored = np.where(np.isnan(values), -np.inf, sign * values)
+    best = int(np.argmax(scored))
+    if best == 0 or best == len(lrs) - 1 or not np.isfinite(scored[best - 1:best + 2]).all():
+        return best, float(lrs[best])
+    x = np.log10(lrs[best - 1:best + 2])
+    curvature, slope, _ = np.polyfit(x, scored[best - 1:best + 2], 2)
+    if curvature >= 0:  # flat or opening the wrong way: no interior maximum to refine to
+        return best, float(lrs[best])
+    vertex = float(np.clip(-slope / (2 * curvature), x[0], x[2]))
+    return best, 10 ** vertex
+
+
+def cell_optimum(cell: dict, by_seed: dict[int, dict[float, float]], diverged: int,
+                 maximize: bool, rng: np.random.Generator) -> Optimum:
+    """The optimum of one cell from {seed: {lr: metric}} of its complete trials."""
+    lrs = np.array(sorted({lr for curve in by_seed.values() for lr in curve}))
+    seeds = sorted(by_seed)
+    table = np.array([[by_seed[s].get(lr, np.nan) for lr in lrs] for s in seeds])
+    with np.errstate(all="ignore"):
+        mean = np.nanmean(table, axis=0)
+    best, lr_star = refine(lrs, mean, maximize)
+    at_best = table[:, best][~np.isnan(table[:, best])]
+    low = high = None
+    if len(seeds) > 1:
+        stars = []
+        for _ in range(BOOTSTRAP_SAMPLES):
+            sample = table[rng.integers(0, len(seeds), len(seeds))]
+            with np.errstate(all="ignore"):
+                stars.append(refine(lrs, np.nanmean(sample, axis=0), maximize)[1])
+        low, high = (float(v) for v in np.percentile(np.log10(stars), [2.5, 97.5]))
+        low, high = 10 ** low, 10 ** high
+    edge, suggest = "", []
+    finite = mean[~np.isnan(mean)]
+    if len(finite) > 1 and np.ptp(finite) == 0:
+        edge = "flat"
+    elif len(lrs) > 1 and best in (0, len(lrs) - 1):
+        ratio = lrs[1] / lrs[0] if best == 0 else lrs[-1] / lrs[-2]
+        edge = "low" if best == 0 else "high"
+        step = 1 / ratio if best == 0 else ratio
+        suggest = [float(f"{lrs[best] * step ** i:.3g}") for i in (1, 2)]
+    return Optimum(cell=cell, lr_best=float(lrs[best]), lr_star=lr_star, lr_star_low=low,
+                   lr_star_high=high, peak=float(at_best.mean()),
+                   peak_std=float(at_best.std(ddof=1)) if len(at_best) > 1 else None,
+                   n_seeds=len(at_best), edge=edge, suggest=suggest, n_lrs=len(lrs),
+                   diverged=diverged)
+
+
+def find_optima(rows: list[dict], maximize: bool, seed: int = 0) -> list[Optimum]:
+    """Optima of every cell with a complete trial, from trials.csv-style rows."""
+    curves: dict[tuple, dict[int, dict[float, float]]] = defaultdict(lambda: defaultdict(dict))
+    diverged: dict[tuple, int] = defaultdict(int)
+    for row in rows:
+        key = tuple(row.get(field) for field in CELL_FIELDS)
+        if row["status"] == "diverged":  # part of the grid, but never an optimum
+            diverged[key] += 1
+            curves[key][int(row["seed"])][float(row["lr"])] = math.nan
+        metric = row.get("metric")
+        if row["status"] == "complete" and metric is not None and math.isfinite(float(metric)):
+            curves[key][int(row["seed"])][float(row["lr"])] = float(metric)
+    rng = np.random.default_rng(seed)
+    return [cell_optimum(dict(zip(CELL_FIELDS, key, strict=True)), curves[key], diverged[key],
+                         maximize, rng)
+            for key in sorted(curves, key=lambda k: tuple(str(v) for v in k))
+            if any(not math.isnan(v) for curve in curves[key].values() for v in curve.values())]

@@ -1,0 +1,114 @@
+"""The report's figures: metric against LR per rank, lr_star against rank, peaks with intervals."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from lorasweep.analysis.compare import Peak, cell_name
+from lorasweep.analysis.optima import CELL_FIELDS
+from lorasweep.analysis.scaling import RankFit
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def metric_vs_lr(rows: list[dict], metric_name: str, path: Path) -> Path:
+    """One panel per rank (full fine-tuning, rank-less, appears in every panel, dashed): the mean
+    over seeds as a line, the seeds' range as a band, diverged trials as x on the axis."""
+    curves: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    diverged: dict[str, list[float]] = defaultdict(list)
+    rank_of: dict[str, object] = {}
+    for row in rows:
+        name = cell_name({f: row.get(f) for f in CELL_FIELDS})
+        rank_of[name] = row.get("rank")
+        if row["status"] == "complete" and row.get("metric") is not None:
+            curves[name][float(row["lr"])].append(float(row["metric"]))
+        elif row["status"] == "diverged":
+            diverged[name].append(float(row["lr"]))
+    ranks = sorted({r for r in rank_of.values() if r not in (None, "")}, key=int) or [None]
+    fig, axes = plt.subplots(1, len(ranks), figsize=(5.2 * len(ranks), 4.2), squeeze=False,
+                             sharey=True)
+    colors = dict(zip(sorted(rank_of), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10,
+                      strict=False))
+    for ax, rank in zip(axes[0], ranks, strict=True):
+        for name in sorted(rank_of):
+            if rank_of[name] not in (None, "") and rank_of[name] != rank:
+                continue
+            style = "--" if rank_of[name] in (None, "") else "-"
+            points = sorted(curves[name].items())
+            if points:
+                lrs = [lr for lr, _ in points]
+                ax.plot(lrs, [np.mean(v) for _, v in points], style, marker="o",
+                        color=colors[name], label=name)
+                ax.fill_between(lrs, [min(v) for _, v in points], [max(v) for _, v in points],
+                                color=colors[name], alpha=0.15, linewidth=0)
+            if diverged[name]:
+                ax.scatter(diverged[name], [0.02] * len(diverged[name]), marker="x",
+                           color=colors[name], transform=ax.get_xaxis_transform(),
+                           label=f"{name} diverged")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title(f"rank {rank}" if rank is not None else "")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(f"validation {metric_name}")
+    return _save(fig, path)
+
+
+def lr_star_vs_rank(fits: list[RankFit], optima_rows: list[dict], path: Path) -> Path:
+    """Optimal LR against rank on log-log axes, the fitted slope solid, muA's dashed."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for fit in fits:
+        members = [o for o in optima_rows if o["method"] == fit.method
+                   and o["alpha_mode"] == fit.alpha_mode and o["init"] == fit.init
+                   and o["rank"] not in (None, "")]
+        members.sort(key=lambda o: int(o["rank"]))
+        ranks = np.array([int(o["rank"]) for o in members])
+        stars = np.array([o["lr_star"] for o in members])
+        low = np.array([o["lr_star_low"] or s for o, s in zip(members, stars, strict=True)])
+        high = np.array([o["lr_star_high"] or s for o, s in zip(members, stars, strict=True)])
+        label = f"{fit.method} {fit.alpha_mode} {fit.init}"
+        bars = ax.errorbar(ranks, stars, yerr=[stars - low, high - stars], fmt="o", capsize=3,
+                           label=f"{label}: beta {fit.beta:+.2f}")
+        color = bars[0].get_color()
+        line = 10 ** (fit.intercept + fit.beta * np.log10(ranks))
+        ax.plot(ranks, line, "-", color=color, alpha=0.7)
+        if fit.predicted is not None:
+            center = float(np.log10(ranks).mean())
+            anchor = fit.intercept + fit.beta * center
+            predicted = 10 ** (anchor + fit.predicted * (np.log10(ranks) - center))
+            ax.plot(ranks, predicted, "--", color=color, alpha=0.7,
+                    label=f"{label}: muA {fit.predicted:+.2f}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("optimal learning rate")
+    ax.grid(True, which="both", alpha=0.3)
+    if fits:
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def peaks_plot(peaks: list[Peak], metric_name: str, path: Path) -> Path:
+    """Each cell's peak (at its own best LR) with its interval over seeds."""
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(peaks) + 1.5))
+    y = np.arange(len(peaks))
+    means = np.array([p.mean for p in peaks])
+    low = np.array([p.low if p.low is not None else p.mean for p in peaks])
+    high = np.array([p.high if p.high is not None else p.mean for p in peaks])
+    ax.errorbar(means, y, xerr=[means - low, high - means], fmt="o", capsize=3)
+    ax.set_yticks(y, [p.name for p in peaks], fontsize=8)
+    ax.set_xlabel(f"validation {metric_name} at each cell's tuned LR")
+    ax.grid(True, axis="x", alpha=0.3)
+    return _save(fig, path)

@@ -1,0 +1,132 @@
+"""Optima and rank scaling recovered from synthetic trial tables with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from lorasweep.analysis.optima import find_optima
+from lorasweep.analysis.scaling import fit_rank_scaling, predicted_beta
+
+GRID = [10 ** (-4 + i / 4) for i in range(13)]  # 1e-4 .. 1e-1, four points per decade
+
+
+def rows_for(lr_true: float, seeds=(0,), noise: float = 0.0, rank: int = 8, method="lora",
+             alpha_mode="per_rank", grid=GRID, maximize=True, diverge_above=None):
+    rng = np.random.default_rng(rank)
+    rows = []
+    for seed in seeds:
+        offset = rng.normal(0, noise)
+        for lr in grid:
+            quality = 0.9 - 0.1 * (math.log10(lr) - math.log10(lr_true)) ** 2 + offset
+            status = "diverged" if diverge_above and lr > diverge_above else "complete"
+            rows.append({"method": method, "rank": rank, "lora_alpha": 2.0 * rank,
+                         "alpha_mode": alpha_mode, "init": "kaiming",
+                         "target_modules": "all-linear", "lr": lr, "seed": seed,
+                         "status": status,
+                         "metric": None if status == "diverged" else
+                         (quality if maximize else 2 - quality)})
+    return rows
+
+
+@pytest.mark.parametrize("maximize", [True, False])
+def test_parabola_recovers_an_optimum_between_grid_points(maximize):
+    (optimum,) = find_optima(rows_for(3.3e-3, maximize=maximize), maximize=maximize)
+    assert optimum.lr_star == pytest.approx(3.3e-3, rel=1e-6)
+    assert optimum.lr_best == pytest.approx(10 ** -2.5)  # the grid point nearest 3.3e-3
+    assert optimum.edge == "" and optimum.suggest == []
+    assert optimum.n_seeds == 1 and optimum.lr_star_low is None and optimum.peak_std is None
+
+
+def test_bootstrap_interval_over_seeds_covers_the_truth():
+    rows = rows_for(2e-3, seeds=range(5), noise=0.01)
+    for row in rows:  # seed-dependent jitter in the position of the peak
+        row["metric"] += 0.002 * ((row["seed"] % 3) - 1) * math.log10(row["lr"])
+    (optimum,) = find_optima(rows, maximize=True)
+    assert optimum.n_seeds == 5 and optimum.peak_std > 0
+    assert optimum.lr_star_low <= 2e-3 <= optimum.lr_star_high
+    assert optimum.lr_star_low < optimum.lr_star < optimum.lr_star_high
+    assert optimum.lr_star_high / optimum.lr_star_low < 10 ** 0.5
+
+
+def test_edge_of_grid_is_flagged_with_lrs_to_add():
+    (high,) = find_optima(rows_for(1.0), maximize=True)
+    assert high.edge == "high" and high.lr_best == pytest.approx(0.1)
+    assert high.suggest == pytest.approx([0.178, 0.316], rel=1e-2)
+    (low,) = find_optima(rows_for(1e-6), maximize=True)
+    assert low.edge == "low" and low.suggest[0] < 1e-4
+
+
+def test_diverged_trials_bound_the_grid_and_are_counted():
+    rows = rows_for(1.0, diverge_above=0.02)
+    (optimum,) = find_optima(rows, maximize=True)
+    assert optimum.diverged == 3 and optimum.n_lrs == 13
+    # the best finished LR is not the grid's edge: larger LRs were tried and diverged
+    assert optimum.edge == "" and optimum.lr_best == pytest.approx(10 ** -1.75)
+
+
+def test_missing_trials_and_cells_without_results():
+    rows = [r for r in rows_for(3e-3) if r["lr"] != GRID[6]]
+    rows += [{**rows_for(3e-3, rank=4)[0], "status": "failed", "metric": None}]
+    optima = find_optima(rows, maximize=True)
+    assert len(optima) == 1 and optima[0].n_lrs == 12
+
+
+@pytest.mark.parametrize(("beta", "mode"), [(-0.5, "per_rank"), (0.0, "constant")])
+def test_rank_scaling_fit_recovers_the_exponent(beta, mode):
+    rows = []
+    for rank in (4, 8, 16, 32, 64):
+        rows += rows_for(1e-2 * rank ** beta, seeds=range(2), rank=rank, alpha_mode=mode)
+    (fit,) = fit_rank_scaling(find_optima(rows, maximize=True))
+    assert fit.ranks == [4, 8, 16, 32, 64]
+    assert fit.beta == pytest.approx(beta, abs=1e-6)
+    assert fit.predicted == beta  # what muA predicts for kaiming LoRA in this alpha mode
+    assert fit.beta_low <= beta <= fit.beta_high
+
+
+def test_muA_table():
+    assert predicted_beta("lora", "per_rank", "kaiming") == -0.5
+    assert predicted_beta("lora", "constant", "mua_a") == 0.0
+    assert predicted_beta("rslora", "constant", "kaiming") == -0.25
+    assert predicted_beta("rslora", "per_rank", "gaussian") == -0.75
+    assert predicted_beta("lora", "per_rank", "mua_b") == 0.0
+    assert predicted_beta("pissa", "per_rank", "pissa") is None
+    assert predicted_beta("full", None, None) is None
+
+
+def test_report_from_a_finished_sweep(tmp_path, study_file):
+    import csv
+
+    from lorasweep.cli import main
+
+    out = tmp_path / "study"
+    path = study_file(search={"methods": ["lora", "full"], "ranks": [2, 4, 8],
+                              "lr": [1e-3, 3e-3, 1e-2], "seeds": [0, 1]},
+                      train={"steps": 6})
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    for name in ("optima.csv", "report.md", "report.html", "metric_vs_lr.png", "peaks.png",
+                 "lr_star_vs_rank.png"):
+        assert (out / name).exists(), name
+    with open(out / "optima.csv") as handle:
+        optima = list(csv.DictReader(handle))
+    assert len(optima) == 4  # lora at three ranks, and full
+    for column in ("method", "rank", "lora_alpha", "init", "lr_best", "lr_star", "lr_star_low",
+                   "lr_star_high", "peak", "peak_std", "n_seeds", "edge"):
+        assert column in optima[0]
+    assert all(row["n_seeds"] == "2" for row in optima)
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "Optimal LR against rank" in html
+    assert "At one shared learning rate" in (out / "report.md").read_text()
+    # the report command rebuilds it from the folder alone
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0 and (out / "report.html").exists()
+
+
+def test_a_flat_curve_has_no_optimum():
+    rows = rows_for(3e-3)
+    for row in rows:
+        row["metric"] = 1 / 3
+    (optimum,) = find_optima(rows, maximize=True)
+    assert optimum.edge == "flat" and optimum.suggest == []
