@@ -90,7 +90,8 @@ def test_muA_table():
     assert predicted_beta("lora", "per_rank", "kaiming") == -0.5
     assert predicted_beta("lora", "constant", "mua_a") == 0.0
     assert predicted_beta("rslora", "constant", "kaiming") == -0.25
-    assert predicted_beta("rslora", "per_rank", "gaussian") == -0.75
+    assert predicted_beta("rslora", "per_rank", "kaiming") == -0.75
+    assert predicted_beta("lora", "per_rank", "gaussian") is None  # A's scale depends on r
     assert predicted_beta("lora", "per_rank", "mua_b") == 0.0
     assert predicted_beta("pissa", "per_rank", "pissa") is None
     assert predicted_beta("full", None, None) is None
@@ -130,3 +131,20 @@ def test_a_flat_curve_has_no_optimum():
         row["metric"] = 1 / 3
     (optimum,) = find_optima(rows, maximize=True)
     assert optimum.edge == "flat" and optimum.suggest == []
+
+
+def test_an_lr_where_one_seed_diverged_is_never_the_optimum():
+    rows = rows_for(1e-2, seeds=(0, 1))
+    for row in rows:
+        if row["lr"] == pytest.approx(1e-2) and row["seed"] == 1:
+            row["status"], row["metric"] = "diverged", None
+    (optimum,) = find_optima(rows, maximize=True)
+    assert optimum.lr_best != pytest.approx(1e-2) and optimum.diverged == 1
+
+
+def test_cell_names_tell_alpha_modes_apart():
+    from lorasweep.analysis.compare import cell_name
+
+    base = {"method": "lora", "rank": 8, "init": "kaiming"}
+    assert cell_name({**base, "lora_alpha": 16.0, "alpha_mode": "per_rank"}) == "lora r=8 a=2r"
+    assert cell_name({**base, "lora_alpha": 16.0, "alpha_mode": "constant"}) == "lora r=8 a=16"

@@ -10,7 +10,7 @@ import yaml
 from lorasweep.cli import main
 from lorasweep.config import LRRange, load_study, resolve_study_path
 from lorasweep.errors import StudyError
-from lorasweep.space import expand_trials, group_trials
+from lorasweep.space import expand_trials
 
 from .conftest import tiny_study
 
@@ -33,6 +33,11 @@ BAD_STUDIES = [
     ({"search": {"lr": [0.0]}}, "search.lr"),
     ({"search": {"lr": None}}, "has no learning rates"),
     ({"search": {"seeds": [-1]}}, "search.seeds"),
+    ({"search": {"seeds": [0, 0]}}, "listed twice"),
+    ({"search": {"ranks": [8, 8]}}, "listed twice"),
+    ({"search": {"lora_alpha": [16, 16.0]}}, "listed twice"),
+    ({"search": {"methods": ["lora", "lora"]}}, "listed twice"),
+    ({"search": {"methods": [{"name": "lora", "label": "x"}]}}, "a label names a peft entry"),
     ({"task": {"kind": "regression"}}, "task.kind"),
     ({"task": {"dataset": "builtin:shakespeare-genre"}}, "exactly one of task.dataset"),
     ({"task": {"validation_size": 0}}, "task.validation_size"),
@@ -98,9 +103,6 @@ def test_overrides_and_grid(study_file):
     assert len(trials) == 10
     assert [t.grid_id for t in trials] == list(range(10))
     assert {t.cell.alpha for t in trials if t.cell.rank == 8} == {16.0, 8.0}
-    groups = group_trials(trials, max_group=8)
-    assert all(len({t.group_key for t in g}) == 1 for g in groups)
-    assert all(len(g) == 1 for g in groups if g[0].cell.method == "full")
 
 
 def test_lr_range_points_per_decade():

@@ -247,10 +247,12 @@ def test_peft_pass_through_trains_any_peft_config(tmp_path, study_file):
     ({"name": "peft", "peft_config": "NoSuchConfig", "peft": {}}, "not a PEFT config class"),
     ({"name": "lora", "peft": {"r": 4}}, "go with (and only with) method name 'peft'"),
     ({"name": "peft"}, "go with (and only with) method name 'peft'"),
+    ({"name": "peft", "peft": {"target_modules": ["nope"]}}, "cannot be built"),
 ])
-def test_peft_pass_through_bad_arguments(study_file, capsys, entry, expected):
+def test_peft_pass_through_bad_arguments(tmp_path, study_file, capsys, entry, expected):
     from lorasweep.cli import main
 
-    assert main(["run", str(study_file(search={"methods": [entry], "lr": [1e-3]}))]) == 2
+    assert main(["run", str(study_file(search={"methods": [entry], "lr": [1e-3]})),
+                 "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert expected in err and "search.methods" in err and len(err.strip().splitlines()) == 1

@@ -75,14 +75,19 @@ def test_widening_the_grid_adds_trials_and_changing_the_recipe_is_refused(
     out = tmp_path / "study"
     assert main(["run", str(study_file(search={"methods": ["lora"], "lr": [1e-3]})),
                  "--out", str(out)]) == 0
-    assert main(["run", str(study_file(search={"methods": ["lora"], "lr": [1e-3, 1e-2]})),
+    first = read_rows(out)
+    assert main(["run", str(study_file(search={"methods": ["lora"], "lr": [1e-4, 1e-3, 1e-2]})),
                  "--out", str(out)]) == 0
     rows = read_rows(out)
-    assert len(rows) == 2 and all(r["attempts"] == "1" for r in rows)
+    assert len(rows) == 3 and all(r["attempts"] == "1" for r in rows)
+    # recorded trials keep their numbers; new ones are numbered after them
+    assert [r for r in rows if r["trial"] == "0"] == first
+    assert sorted(r["trial"] for r in rows) == ["0", "1", "2"]
+    assert {r["trial"] for r in rows if r["lr"] in ("0.0001", "0.01")} == {"1", "2"}
     assert main(["run", str(study_file()), "--out", str(out), "--set", "train.steps=13"]) == 2
     err = capsys.readouterr().err
     assert "train.steps" in err and len(err.strip().splitlines()) == 1
-    assert len(read_rows(out)) == 2
+    assert len(read_rows(out)) == 3
 
 
 def test_resume_after_sigkill(tmp_path: Path, study_file):

@@ -140,7 +140,8 @@ def _open_folder(folder: Path):
         raise StudyError(f"{folder}: the study has not started (no {JOURNAL_NAME})")
     task_class = TASK_CLASSES[study.task.kind]
     maximize = task_class.greater_is_better
-    return study, Store(folder, study.name, maximize=maximize), task_class.metric_name, maximize
+    store = Store(folder, study.name, maximize=maximize, create=False)
+    return study, store, task_class.metric_name, maximize
 
 
 def _status(args: argparse.Namespace) -> int:

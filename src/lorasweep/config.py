@@ -163,6 +163,8 @@ class MethodEntry(_Strict):
             raise ValueError(f"{self.name}: give no init (peft: put it in its arguments)")
         if (self.peft is not None) != (self.name == "peft"):
             raise ValueError("'peft:' arguments go with (and only with) method name 'peft'")
+        if self.label is not None and self.name != "peft":
+            raise ValueError("a label names a peft entry; other methods go by their names")
         if self.peft is not None:
             check_peft_arguments(self.peft_config, self.peft)
         return self
@@ -215,8 +217,18 @@ class SearchSpec(_Strict):
             )
         return value
 
+    @field_validator("ranks", "seeds", "inits")
+    @classmethod
+    def _no_repeats(cls, value: list) -> list:
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value}: a value is listed twice")
+        return value
+
     @model_validator(mode="after")
     def _every_method_has_lrs(self) -> SearchSpec:
+        alphas = [parse_lora_alpha(a) for a in self.lora_alpha]
+        if len(set(alphas)) != len(alphas):
+            raise ValueError(f"search.lora_alpha {self.lora_alpha}: a value is listed twice")
         for entry in self.methods:
             if entry.lr is None and self.lr is None:
                 raise ValueError(f"method '{entry.name}' has no learning rates: set search.lr")
@@ -308,6 +320,8 @@ def load_study(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Study
         raw = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise StudyError(f"{path}: cannot read ({exc.strerror})") from exc
+    except UnicodeDecodeError:
+        raise StudyError(f"{path}: not a text file (a study file is UTF-8 YAML)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -30,7 +30,8 @@ RESIDUAL_INITS = ("pissa", "milora", "olora", "init_ab")
 
 
 def find_trial(folder: Path, grid_id: int, maximize: bool, name: str) -> TrialSpec:
-    for status, trial, _ in Store(folder, name, maximize=maximize).latest_by_key().values():
+    store = Store(folder, name, maximize=maximize, create=False)
+    for status, trial, _ in store.latest_by_key().values():
         spec = TrialSpec.from_attrs(trial.user_attrs)
         if spec.grid_id == grid_id:
             if status != "complete":

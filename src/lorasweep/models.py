@@ -47,7 +47,11 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     except (OSError, ValueError) as exc:
         raise StudyError(_load_error(spec, exc)) from None
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise StudyError(f"model.source: the tokenizer of '{spec.source}' has neither a pad "
+                             "nor an eos token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # batches are trimmed and masked on the right
     return tokenizer
 
 

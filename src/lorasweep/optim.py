@@ -37,4 +37,5 @@ def total_steps(recipe: TrainSpec, train_size: int) -> int:
     if recipe.steps is not None:
         return recipe.steps
     assert recipe.epochs is not None
-    return max(1, math.ceil(recipe.epochs * train_size / recipe.batch_size))
+    # batch_order drops each epoch's last partial batch, so an epoch is this many steps
+    return max(1, round(recipe.epochs * max(1, train_size // recipe.batch_size)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from lorasweep.files import atomic_path
 from lorasweep.space import TrialSpec
 from lorasweep.study.store import Store
 
@@ -37,10 +38,8 @@ def trial_rows(store: Store, metric_name: str) -> list[dict]:
 
 def write_trials_csv(folder: Path, store: Store, metric_name: str) -> list[dict]:
     rows = trial_rows(store, metric_name)
-    tmp = folder / f".{TRIALS_CSV}.tmp"
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(folder / TRIALS_CSV) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
-    tmp.replace(folder / TRIALS_CSV)
     return rows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from itertools import groupby, product
+from itertools import product
 from typing import Any
 
 from lorasweep.config import Study, alpha_value, parse_lora_alpha
@@ -118,7 +118,9 @@ def cells_of(study: Study) -> list[tuple[Cell, list[float]]]:
             {"config": entry.peft_config, "label": entry.display_name, "arguments": entry.peft},
             sort_keys=True)
         inits = ["peft"] if peft else entry.inits(search.inits)
-        for rank, alpha, init in product(search.ranks, search.lora_alpha, inits):
+        # A peft entry that fixes r itself trains at that rank only.
+        ranks = [entry.peft["r"]] if entry.peft and "r" in entry.peft else search.ranks
+        for rank, alpha, init in product(ranks, search.lora_alpha, inits):
             cell = Cell(method=entry.name, rank=rank, lora_alpha=_alpha_text(alpha), init=init,
                         target_modules=_target_text(search.target_modules), loraplus_ratio=ratio,
                         peft=peft)
@@ -134,14 +136,3 @@ def expand_trials(study: Study) -> list[TrialSpec]:
             for lr in lrs:
                 trials.append(TrialSpec(grid_id=len(trials), cell=cell, lr=lr, seed=seed))
     return trials
-
-
-def group_trials(trials: list[TrialSpec], max_group: int) -> list[list[TrialSpec]]:
-    """Split trials into fusable groups of at most `max_group` (full fine-tuning: one each)."""
-    groups: list[list[TrialSpec]] = []
-    ordered = sorted(trials, key=lambda t: (t.group_key, t.grid_id))
-    for _, members in groupby(ordered, key=lambda t: t.group_key):
-        members = list(members)
-        size = max_group if members[0].cell.fusable else 1
-        groups.extend(members[i:i + size] for i in range(0, len(members), size))
-    return sorted(groups, key=lambda g: g[0].grid_id)

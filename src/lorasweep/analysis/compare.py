@@ -24,7 +24,11 @@ def cell_name(cell: dict) -> str:
     if cell.get("rank") in (None, ""):
         return str(cell["method"])
     alpha = cell.get("lora_alpha")
-    alpha_text = f" a={float(alpha):g}" if alpha not in (None, "") else ""
+    alpha_text = ""
+    if alpha not in (None, ""):
+        per_rank = cell.get("alpha_mode") == "per_rank"
+        alpha_text = (f" a={float(alpha) / int(cell['rank']):g}r" if per_rank
+                      else f" a={float(alpha):g}")
     init = cell.get("init")
     init_text = f" {init}" if init not in (None, "", "kaiming", cell["method"]) else ""
     return f"{cell['method']} r={cell['rank']}{alpha_text}{init_text}"

@@ -60,27 +60,35 @@ def refine(lrs: np.ndarray, values: np.ndarray, maximize: bool) -> tuple[int, fl
     return best, 10 ** vertex
 
 
+def _mean_curve(table: np.ndarray) -> np.ndarray:
+    """Mean over seeds (rows) per LR, skipping missing trials; NaN where an LR has none or a
+    diverged seed (stored as inf), so such an LR is never the best."""
+    with np.errstate(all="ignore"):
+        mean = np.nanmean(table, axis=0)
+    return np.where(np.isinf(mean), np.nan, mean)
+
+
 def cell_optimum(cell: dict, by_seed: dict[int, dict[float, float]], diverged: int,
                  maximize: bool, rng: np.random.Generator) -> Optimum:
     """The optimum of one cell from {seed: {lr: metric}} of its complete trials."""
     lrs = np.array(sorted({lr for curve in by_seed.values() for lr in curve}))
     seeds = sorted(by_seed)
     table = np.array([[by_seed[s].get(lr, np.nan) for lr in lrs] for s in seeds])
-    with np.errstate(all="ignore"):
-        mean = np.nanmean(table, axis=0)
+    # A diverged trial is recorded as -inf/+inf (the worst score): an LR where any seed diverged
+    # averages to the worst and cannot be an optimum; a missing trial (NaN) is just skipped.
+    mean = _mean_curve(table)
     best, lr_star = refine(lrs, mean, maximize)
-    at_best = table[:, best][~np.isnan(table[:, best])]
+    at_best = table[:, best][np.isfinite(table[:, best])]
     low = high = None
     if len(seeds) > 1:
         stars = []
         for _ in range(BOOTSTRAP_SAMPLES):
             sample = table[rng.integers(0, len(seeds), len(seeds))]
-            with np.errstate(all="ignore"):
-                stars.append(refine(lrs, np.nanmean(sample, axis=0), maximize)[1])
+            stars.append(refine(lrs, _mean_curve(sample), maximize)[1])
         low, high = (float(v) for v in np.percentile(np.log10(stars), [2.5, 97.5]))
         low, high = 10 ** low, 10 ** high
     edge, suggest = "", []
-    finite = mean[~np.isnan(mean)]
+    finite = mean[np.isfinite(mean)]
     if len(finite) > 1 and np.ptp(finite) == 0:
         edge = "flat"
     elif len(lrs) > 1 and best in (0, len(lrs) - 1):
@@ -103,7 +111,7 @@ def find_optima(rows: list[dict], maximize: bool, seed: int = 0) -> list[Optimum
         key = tuple(row.get(field) for field in CELL_FIELDS)
         if row["status"] == "diverged":  # part of the grid, but never an optimum
             diverged[key] += 1
-            curves[key][int(row["seed"])][float(row["lr"])] = math.nan
+            curves[key][int(row["seed"])][float(row["lr"])] = math.inf
         metric = row.get("metric")
         if row["status"] == "complete" and metric is not None and math.isfinite(float(metric)):
             curves[key][int(row["seed"])][float(row["lr"])] = float(metric)
@@ -111,4 +119,4 @@ def find_optima(rows: list[dict], maximize: bool, seed: int = 0) -> list[Optimum
     return [cell_optimum(dict(zip(CELL_FIELDS, key, strict=True)), curves[key], diverged[key],
                          maximize, rng)
             for key in sorted(curves, key=lambda k: tuple(str(v) for v in k))
-            if any(not math.isnan(v) for curve in curves[key].values() for v in curve.values())]
+            if any(math.isfinite(v) for curve in curves[key].values() for v in curve.values())]

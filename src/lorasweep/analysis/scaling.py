@@ -21,7 +21,8 @@ from scipy import stats
 
 from lorasweep.analysis.optima import Optimum
 
-A_INITS = ("kaiming", "gaussian", "mua_a")
+# Inits with B = 0 and A drawn at a rank-independent scale (gaussian's N(0, 1/r^2) is not).
+A_INITS = ("kaiming", "mua_a")
 
 
 def predicted_beta(method: str, alpha_mode: str | None, init: str | None) -> float | None:

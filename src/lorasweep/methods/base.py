@@ -35,8 +35,6 @@ class Attached:
 class Method(ABC):
     """A parametrization family: how it adapts a model and how its parameters meet the optimizer."""
 
-    fusable: bool = True
-
     @abstractmethod
     def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator) -> Attached:
         """Modify `model` in place for K trials; everything not returned stays frozen."""

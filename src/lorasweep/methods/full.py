@@ -10,8 +10,6 @@ from lorasweep.space import Cell
 
 
 class FullFineTuning(Method):
-    fusable = False
-
     def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator) -> Attached:
         if k != 1:
             raise ValueError("full fine-tuning trains one trial per model copy (k must be 1)")

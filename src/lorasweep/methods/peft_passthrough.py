@@ -22,8 +22,6 @@ from lorasweep.space import Cell
 
 
 class PeftPassThrough(Method):
-    fusable = False
-
     def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator) -> Attached:
         if k != 1:
             raise ValueError("peft pass-through trains one trial per model copy (k must be 1)")

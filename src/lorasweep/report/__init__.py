@@ -21,6 +21,7 @@ from lorasweep.analysis.compare import (
 )
 from lorasweep.analysis.optima import find_optima
 from lorasweep.analysis.scaling import fit_rank_scaling
+from lorasweep.files import atomic_path, write_text
 from lorasweep.report.plots import lr_star_vs_rank, metric_vs_lr, peaks_plot
 
 OPTIMA_CSV = "optima.csv"
@@ -120,7 +121,7 @@ def write_report(folder: Path, rows: list[dict], metric_name: str, maximize: boo
                  title: str) -> list[Path]:
     """Write optima.csv, the figures, report.md and report.html into the study folder."""
     tables, parts = build_tables(rows, metric_name, maximize)
-    with open(folder / OPTIMA_CSV, "w", newline="") as handle:
+    with atomic_path(folder / OPTIMA_CSV) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=OPTIMA_COLUMNS)
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in row.items()}
@@ -134,8 +135,8 @@ def write_report(folder: Path, rows: list[dict], metric_name: str, maximize: boo
         figures.append(("Optimal LR against rank",
                         lr_star_vs_rank(parts["fits"], parts["optima_rows"],
                                         folder / "lr_star_vs_rank.png")))
-    (folder / "report.md").write_text(_markdown(title, tables, figures))
-    (folder / "report.html").write_text(_html(title, tables, figures))
+    write_text(folder / "report.md", _markdown(title, tables, figures))
+    write_text(folder / "report.html", _html(title, tables, figures))
     return [folder / OPTIMA_CSV, folder / "report.md", folder / "report.html"]
 
 

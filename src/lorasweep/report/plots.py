@@ -14,11 +14,13 @@ import numpy as np
 from lorasweep.analysis.compare import Peak, cell_name
 from lorasweep.analysis.optima import CELL_FIELDS
 from lorasweep.analysis.scaling import RankFit
+from lorasweep.files import atomic_path
 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from lorasweep.config import Study, dump_study, validate_study
 from lorasweep.errors import StudyError
+from lorasweep.files import atomic_path, write_text
 
 STUDY_FILE = "study.yaml"
 WEIGHTS_DIR = "adapters"
@@ -28,7 +29,7 @@ RUNS_FILE = "runs.jsonl"
 PACKAGES = ("lorasweep", "torch", "transformers", "peft", "optuna", "datasets", "accelerate",
             "numpy", "pydantic")
 # Sections whose change would make the recorded trials mean something else.
-FIXED_SECTIONS = ("seed", "model", "task", "train")
+FIXED_SECTIONS = ("name", "seed", "model", "task", "train")
 
 
 def prepare_folder(folder: Path, study: Study) -> None:
@@ -43,9 +44,9 @@ def prepare_folder(folder: Path, study: Study) -> None:
     existing = folder / STUDY_FILE
     if existing.exists():
         _check_same_study(existing, study)
-    existing.write_text(dump_study(study))
+    write_text(existing, dump_study(study))
     environment = describe_environment()
-    (folder / ENVIRONMENT_FILE).write_text(json.dumps(environment, indent=2) + "\n")
+    write_text(folder / ENVIRONMENT_FILE, json.dumps(environment, indent=2) + "\n")
     with open(folder / RUNS_FILE, "a") as runs:
         runs.write(json.dumps(environment) + "\n")
 
@@ -118,6 +119,5 @@ def save_weights(folder: Path, grid_id: int, weights: dict[str, torch.Tensor]) -
     """A finished trial's trained adapter and head, written atomically for `lorasweep export`."""
     path = weights_path(folder, grid_id)
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({name: t.contiguous() for name, t in weights.items()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({name: t.contiguous() for name, t in weights.items()}, str(tmp))

@@ -6,6 +6,7 @@ before the store is touched, so a bad run never disturbs what a study already re
 
 from __future__ import annotations
 
+import copy
 import threading
 import traceback
 from contextlib import contextmanager
@@ -17,6 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorasweep.config import Study
+from lorasweep.errors import StudyError
+from lorasweep.methods import get_method
 from lorasweep.methods.targets import resolve_targets
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.report import write_report
@@ -53,6 +56,12 @@ def load_workbench(study: Study) -> Workbench:
     for cell in {t.cell for t in expand_trials(study)}:
         if cell.is_adapter:
             resolve_targets(base, cell.target_modules)
+        if cell.method == "peft":  # PEFT checks its configuration only when it builds the model
+            try:
+                get_method("peft").attach(copy.deepcopy(base), cell, 1, torch.Generator())
+            except (TypeError, ValueError, KeyError) as exc:
+                raise StudyError(f"search.methods: peft entry '{cell.label}' cannot be built: "
+                                 f"{str(exc).splitlines()[0]}") from None
     return Workbench(task=task, base=base)
 
 
@@ -75,7 +84,7 @@ def run_study(study: Study, folder: Path, max_group: int = 1,
     trained = failed = 0
     overall = tqdm(total=todo, desc=f"study {study.name}", unit="trial", disable=None)
     try:
-        while claimed := store.claim_group(max_group):
+        while claimed := _next_group(store, grid, max_group, retry_failed):
             ids = [trial_id for trial_id, _ in claimed]
             specs = [spec for _, spec in claimed]
             failed += _train_claimed(store, bench, study, folder, ids, specs,
@@ -90,24 +99,36 @@ def run_study(study: Study, folder: Path, max_group: int = 1,
     return RunSummary(folder=folder, trained=trained, failed=failed)
 
 
+def _next_group(store: Store, grid: list[TrialSpec], max_group: int,
+                retry_failed: bool) -> list[tuple[int, TrialSpec]]:
+    """The next group to train; when none is waiting, requeue runs whose worker died."""
+    claimed = store.claim_group(max_group)
+    if not claimed and store.sync(grid, retry_failed=retry_failed):
+        claimed = store.claim_group(max_group)
+    return claimed
+
+
 def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, ids: list[int],
                    specs: list[TrialSpec], device: torch.device) -> int:
     """Train one claimed group and record it; returns how many of its trials failed."""
-    with _heartbeat(store, ids):
-        try:
+    try:
+        with _heartbeat(store, ids):
             results = train_group(bench.base, bench.task, study.train, specs, device)
-        except KeyboardInterrupt:
-            for trial_id in ids:
-                store.record_failure(trial_id, "interrupted by the user", status="interrupted")
-            raise
-        except Exception as exc:  # a crash fails these trials; the study goes on
-            message = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            tqdm.write(f"trials {[s.grid_id for s in specs]} failed: {message}")
-            tqdm.write(traceback.format_exc(limit=-3))
-            for trial_id in ids:
-                store.record_failure(trial_id, message)
-            return len(ids)
+    except KeyboardInterrupt:
+        for trial_id in ids:
+            store.record_failure(trial_id, "interrupted by the user", status="interrupted")
+        raise
+    except Exception as exc:  # a crash fails these trials; the study goes on
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        tqdm.write(f"trials {[s.grid_id for s in specs]} failed: {message}")
+        tqdm.write(traceback.format_exc(limit=-3))
+        for trial_id in ids:
+            store.record_failure(trial_id, message)
+        return len(ids)
     for trial_id, spec, result in zip(ids, specs, results, strict=True):
+        if not store.still_ours(trial_id):  # declared dead and requeued: the rerun records it
+            tqdm.write(f"trial {spec.grid_id}: its lease was taken over; result not recorded")
+            continue
         if result.weights is not None:
             save_weights(folder, spec.grid_id, result.weights)
         store.record(trial_id, result, bench.task.metric_name)
@@ -121,8 +142,11 @@ def _heartbeat(store: Store, ids: list[int]):
 
     def beat() -> None:
         while not stop.wait(LEASE_SECONDS / 6):
-            for trial_id in ids:
-                store.heartbeat(trial_id)
+            try:
+                for trial_id in ids:
+                    store.heartbeat(trial_id)
+            except Exception as exc:  # a storage hiccup must not end the lease for good
+                tqdm.write(f"heartbeat failed, will retry: {type(exc).__name__}: {exc}")
 
     thread = threading.Thread(target=beat, daemon=True)
     thread.start()

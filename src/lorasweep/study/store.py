@@ -9,11 +9,12 @@ A RUNNING trial whose worker died is marked interrupted and enqueued again, to r
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import socket
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import optuna
@@ -21,10 +22,12 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from lorasweep.errors import StudyError
 from lorasweep.space import TrialSpec
 from lorasweep.train import TrialResult
 
 JOURNAL_NAME = "optuna.journal"
+LOCK_NAME = ".sync.lock"
 LEASE_SECONDS = 180.0  # a running trial whose heartbeat is older than this is presumed dead
 LR_BOUNDS = (1e-12, 1e3)  # the Optuna distribution the LR param is recorded under
 
@@ -50,31 +53,57 @@ def is_stale(trial: FrozenTrial, now: float) -> bool:
     host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
     if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
         return True
-    return now - float(trial.user_attrs.get("heartbeat", 0.0)) > LEASE_SECONDS
+    started = trial.datetime_start.timestamp() if trial.datetime_start else now
+    return now - float(trial.user_attrs.get("heartbeat", started)) > LEASE_SECONDS
 
 
 class Store:
     """One study's trials in Optuna, keyed by the trial key of the grid."""
 
-    def __init__(self, study_dir: Path, study_name: str, maximize: bool) -> None:
+    def __init__(self, study_dir: Path, study_name: str, maximize: bool,
+                 create: bool = True) -> None:
+        """Open (or, with `create`, create) the study's store; reading never writes."""
+        self.folder = study_dir
         journal = study_dir / JOURNAL_NAME
         self.storage = JournalStorage(JournalFileBackend(str(journal)))
-        self.study = optuna.create_study(
-            storage=self.storage, study_name=study_name, load_if_exists=True,
-            direction="maximize" if maximize else "minimize")
+        if create:
+            self.study = optuna.create_study(
+                storage=self.storage, study_name=study_name, load_if_exists=True,
+                direction="maximize" if maximize else "minimize")
+        else:
+            try:
+                self.study = optuna.load_study(storage=self.storage, study_name=study_name)
+            except KeyError:
+                raise StudyError(f"{study_dir}: no study '{study_name}' in its journal") from None
         self.study_id = self.study._study_id
 
     def trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
         return self.storage.get_all_trials(self.study_id, deepcopy=False, states=states)
 
     def sync(self, grid: list[TrialSpec], retry_failed: bool = False) -> int:
-        """Enqueue grid trials not done, queued or running; requeue dead runs. Returns a count."""
+        """Enqueue grid trials not done, queued or running; requeue dead runs. Returns a count.
+
+        A trial keeps the number it was first given; trials new to the store are numbered after
+        the largest number it holds, so widening a grid never renumbers recorded trials. A lock
+        file serializes processes that sync the same folder at once.
+        """
+        with open(self.folder / LOCK_NAME, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._sync(grid, retry_failed)
+
+    def _sync(self, grid: list[TrialSpec], retry_failed: bool) -> int:
         now = time.time()
         by_key: dict[str, list[FrozenTrial]] = {}
+        numbers: dict[str, int] = {}
         for trial in self.trials():
-            by_key.setdefault(str(trial.user_attrs.get("trial_key")), []).append(trial)
+            key = str(trial.user_attrs.get("trial_key"))
+            by_key.setdefault(key, []).append(trial)
+            numbers[key] = int(trial.user_attrs["grid_id"])
+        next_number = max(numbers.values(), default=-1) + 1
         enqueued = 0
         for spec in grid:
+            if spec.key not in numbers:
+                numbers[spec.key], next_number = next_number, next_number + 1
             statuses = set()
             for trial in by_key.get(spec.key, []):
                 status = self._status(trial)
@@ -87,7 +116,8 @@ class Store:
                 continue
             if "failed" in statuses and not retry_failed:
                 continue
-            self.study.enqueue_trial({"lr": spec.lr}, user_attrs=spec.to_attrs())
+            numbered = replace(spec, grid_id=numbers[spec.key])
+            self.study.enqueue_trial({"lr": spec.lr}, user_attrs=numbered.to_attrs())
             enqueued += 1
         return enqueued
 
@@ -121,6 +151,11 @@ class Store:
 
     def heartbeat(self, trial_id: int) -> None:
         self.storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
+
+    def still_ours(self, trial_id: int) -> bool:
+        """False when another process declared this trial dead and closed it meanwhile."""
+        trial = self.storage.get_trial(trial_id)
+        return trial.state == TrialState.RUNNING and trial.user_attrs.get("worker") == worker_id()
 
     def record(self, trial_id: int, result: TrialResult, metric_name: str) -> None:
         """Store a finished trial: COMPLETE with its metric, or PRUNED when it diverged."""

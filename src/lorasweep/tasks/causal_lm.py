@@ -50,7 +50,7 @@ def build_causal_lm(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokeniz
     paired = spec.prompt_field is not None and spec.response_field is not None
     fields = [spec.prompt_field, spec.response_field] if paired else [spec.text_field]
     for field in fields:
-        require_field(raw.train, field, "task.prompt_field/response_field" if paired
+        require_field(raw, field, "task.prompt_field/response_field" if paired
                       else "task.text_field")
 
     def tokenize(records: Records) -> Split:

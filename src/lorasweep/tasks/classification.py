@@ -40,7 +40,7 @@ def build_classification(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTo
                          seq_len: int) -> ClassificationTask:
     for field, setting in ((spec.text_field, "task.text_field"),
                            (spec.label_field, "task.label_field")):
-        require_field(raw.train, field, setting)
+        require_field(raw, field, setting)
     label_names = sorted({str(r[spec.label_field]) for r in raw.train})
     if len(label_names) < 2:
         raise StudyError(f"task.label_field: '{spec.label_field}' has one class; need at least 2")

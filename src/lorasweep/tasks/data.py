@@ -37,6 +37,8 @@ def load_splits(task: TaskSpec, seed: int) -> RawSplits:
     order = np.random.default_rng(seed).permutation(len(train))
     size = task.validation_size
     n_val = int(size) if size >= 1 else max(1, round(len(train) * size))
+    if task.max_eval_examples is not None:  # held-out examples beyond the cap go to training
+        n_val = min(n_val, task.max_eval_examples)
     if n_val >= len(train):
         raise StudyError(f"task.validation_size: {size} leaves no training examples "
                          f"(the training data has {len(train)})")
@@ -45,10 +47,8 @@ def load_splits(task: TaskSpec, seed: int) -> RawSplits:
     rest = [train[i] for i in order[n_val:]]
     if task.max_train_examples is not None:
         rest = rest[:task.max_train_examples]
-    cap = task.max_eval_examples
-    if cap is not None:
-        validation = validation[:cap]
-        test = None if test is None else test[:cap]
+    if task.max_eval_examples is not None and test is not None:
+        test = test[:task.max_eval_examples]
     return RawSplits(train=rest, validation=validation, test=test)
 
 
@@ -106,8 +106,14 @@ def _first_line(exc: Exception) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
-def require_field(records: Records, field: str, setting: str) -> None:
-    """A clear error when the data lacks a column the study names."""
-    if records and field not in records[0]:
-        raise StudyError(f"{setting}: the data has no field '{field}'; fields: "
-                         f"{', '.join(records[0])}")
+def require_field(raw: RawSplits, field: str, setting: str) -> None:
+    """A clear error when any split lacks a column the study names, or a record leaves it empty."""
+    for split, records in (("training", raw.train), ("validation", raw.validation),
+                           ("test", raw.test or [])):
+        if records and field not in records[0]:
+            raise StudyError(f"{setting}: the {split} data has no field '{field}'; fields: "
+                             f"{', '.join(records[0])}")
+        for number, record in enumerate(records):
+            if record.get(field) is None:
+                raise StudyError(f"{setting}: record {number} of the {split} data has no "
+                                 f"'{field}'")
