@@ -256,3 +256,22 @@ def test_peft_pass_through_bad_arguments(tmp_path, study_file, capsys, entry, ex
                  "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert expected in err and "search.methods" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("label", "arguments"), [
+    ("eva", {"init_lora_weights": "eva", "eva_config": {"rho": 1.0}}),
+    ("corda", {"init_lora_weights": "corda", "corda_config": {"corda_method": "kpm"}}),
+    ("lora-ga", {"init_lora_weights": "lora_ga", "lora_ga_config": {}}),
+])
+def test_peft_data_driven_inits_see_training_batches(tmp_path, study_file, label, arguments):
+    """EVA, CorDA and LoRA-GA get training batches through PEFT's own calls, then train."""
+    from lorasweep.cli import main
+
+    from .test_sweep import read_rows
+
+    methods = [{"name": "peft", "label": label, "peft": arguments}]
+    out = tmp_path / "out"
+    assert main(["run", str(study_file(search={"methods": methods, "lr": [1e-3]},
+                                       train={"steps": 4})), "--out", str(out)]) == 0
+    (row,) = read_rows(out)
+    assert row["method"] == label and row["status"] == "complete", row

@@ -363,15 +363,32 @@ def dump_study(study: Study) -> str:
     return yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False)
 
 
-def check_peft_arguments(class_name: str, arguments: dict[str, Any]) -> None:
-    """Build the PEFT config once so an unknown class or argument is caught at load time."""
+# PEFT configs nested in another, which a study file gives as mappings.
+NESTED_PEFT_CONFIGS = {"eva_config": "EvaConfig", "corda_config": "CordaConfig",
+                       "lora_ga_config": "LoraGAConfig", "loftq_config": "LoftQConfig"}
+
+
+def build_peft_config(class_name: str, arguments: dict[str, Any]) -> Any:
+    """The PEFT config object a study's `peft_config` and `peft:` arguments describe."""
     import peft
 
     config_class = getattr(peft, class_name, None)
     if not (isinstance(config_class, type) and issubclass(config_class, peft.PeftConfig)):
         raise ValueError(f"peft_config '{class_name}' is not a PEFT config class (e.g. LoraConfig)")
+    from peft.tuners.lora import config as lora_configs  # where CorDA's config lives
+
+    built = {name: getattr(lora_configs, NESTED_PEFT_CONFIGS[name])(**value)
+             if name in NESTED_PEFT_CONFIGS and isinstance(value, dict) else value
+             for name, value in arguments.items()}
+    return config_class(**built)
+
+
+def check_peft_arguments(class_name: str, arguments: dict[str, Any]) -> None:
+    """Build the PEFT config once so an unknown class or argument is caught at load time."""
     try:
-        config_class(**arguments)
+        build_peft_config(class_name, arguments)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"peft: {class_name} rejects these arguments: "
-                         f"{str(exc).splitlines()[0]}") from None
+        message = str(exc).splitlines()[0]
+        if message.startswith("peft_config"):
+            raise
+        raise ValueError(f"peft: {class_name} rejects these arguments: {message}") from None

@@ -29,6 +29,7 @@ from lorasweep.space import TrialSpec
 from lorasweep.tasks import Split, Task
 
 DIVERGENCE_WINDOW = 10
+CALIBRATION_BATCHES = 8
 
 
 @dataclass
@@ -93,7 +94,13 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
     torch.manual_seed(seed)
     model = copy.deepcopy(base)
     method = get_method(cell.method)
-    attached = method.attach(model, cell, k, torch.Generator().manual_seed(seed))
+
+    def calibration() -> list[dict[str, torch.Tensor]]:
+        """The trial's first training batches, for inits that look at data (on the CPU)."""
+        order = batch_order(len(task.train), recipe.batch_size, CALIBRATION_BATCHES, seed)
+        return [task.train.batch(index, 1) for index in order]
+
+    attached = method.attach(model, cell, k, torch.Generator().manual_seed(seed), calibration)
     model.to(device)
     optimizer = build_optimizer(method, attached, trials, recipe)
     steps = total_steps(recipe, len(task.train))

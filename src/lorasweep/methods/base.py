@@ -7,6 +7,7 @@ is one module and one registry line, never an `if method == ...` chain in the tr
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from lorasweep.methods.targets import head_module_names, replace_module
 from lorasweep.space import Cell
 
 NamedParams = list[tuple[str, nn.Parameter]]
+Batches = Callable[[], list[dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -36,8 +38,13 @@ class Method(ABC):
     """A parametrization family: how it adapts a model and how its parameters meet the optimizer."""
 
     @abstractmethod
-    def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator) -> Attached:
-        """Modify `model` in place for K trials; everything not returned stays frozen."""
+    def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator,
+               batches: Batches | None = None) -> Attached:
+        """Modify `model` in place for K trials; everything not returned stays frozen.
+
+        `batches` gives a few training batches, for inits that look at data before training
+        (EVA, CorDA, LoRA-GA through PEFT); the other methods ignore it.
+        """
 
     def param_groups(self, params: NamedParams, lr: float, cell: Cell,
                      weight_decay: float) -> list[dict]:

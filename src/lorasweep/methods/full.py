@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorasweep.methods.base import Attached, Method, stack_head
+from lorasweep.methods.base import Attached, Batches, Method, stack_head
 from lorasweep.space import Cell
 
 
 class FullFineTuning(Method):
-    def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator) -> Attached:
+    def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator,
+               batches: Batches | None = None) -> Attached:
         if k != 1:
             raise ValueError("full fine-tuning trains one trial per model copy (k must be 1)")
         head = stack_head(model, 1, generator)[0]

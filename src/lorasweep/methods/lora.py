@@ -20,7 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorasweep.methods.base import Attached, Method, NamedParams, decay_groups, stack_head
+from lorasweep.methods.base import (
+    Attached,
+    Batches,
+    Method,
+    NamedParams,
+    decay_groups,
+    stack_head,
+)
 from lorasweep.methods.stacked import StackedDoRALinear, StackedLoRALinear
 from lorasweep.methods.targets import replace_module, resolve_targets
 from lorasweep.space import Cell
@@ -95,7 +102,8 @@ class LoRA(Method):
 
     layer_class: type[StackedLoRALinear] = StackedLoRALinear
 
-    def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator) -> Attached:
+    def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator,
+               batches: Batches | None = None) -> Attached:
         assert cell.rank is not None and cell.init is not None and cell.target_modules
         for param in model.parameters():
             param.requires_grad_(False)

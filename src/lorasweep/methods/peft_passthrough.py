@@ -2,9 +2,11 @@
 
 The cell's rank, lora_alpha and target modules fill r, lora_alpha and target_modules unless the
 study's arguments name them. PEFT replaces layers in the model in place, so the trainer drives
-the model it already holds. One trial per model copy: these trials never fuse. Inits that need a
-data pass before training (EVA, CorDA, LoRA-GA) are not run here: PEFT asks for them through its
-own preprocessing calls, which this pass-through does not make.
+the model it already holds. One trial per model copy: these trials never fuse. Inits that look at
+data first get a few training batches through PEFT's own calls: `preprocess_corda` (CorDA) and
+`preprocess_loraga` (LoRA-GA) before the adapters are built, `initialize_lora_eva_weights` (EVA)
+after. Nested PEFT configs (eva_config, corda_config, lora_ga_config, loftq_config) may be given
+as mappings in the study file.
 """
 
 from __future__ import annotations
@@ -14,15 +16,21 @@ import json
 
 import peft
 import torch
+from peft.tuners.lora.corda import preprocess_corda
+from peft.tuners.lora.loraga import preprocess_loraga
 from torch import nn
 
-from lorasweep.methods.base import Attached, Method, init_head
+from lorasweep.config import build_peft_config
+from lorasweep.methods.base import Attached, Batches, Method, init_head
 from lorasweep.methods.targets import head_module_names, resolve_targets
 from lorasweep.space import Cell
 
+DATA_INITS = ("eva", "corda", "lora_ga")  # PEFT inits that look at training batches first
+
 
 class PeftPassThrough(Method):
-    def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator) -> Attached:
+    def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator,
+               batches: Batches | None = None) -> Attached:
         if k != 1:
             raise ValueError("peft pass-through trains one trial per model copy (k must be 1)")
         assert cell.peft is not None and cell.target_modules is not None
@@ -33,11 +41,49 @@ class PeftPassThrough(Method):
                     "modules_to_save": head_module_names(model) or None}
         accepted = {f.name for f in dataclasses.fields(config_class)}
         arguments = {name: value for name, value in defaults.items() if name in accepted}
-        config = config_class(**{**arguments, **spec["arguments"]})
+        config = build_peft_config(spec["config"], {**arguments, **spec["arguments"]})
         init_head(model, generator)
+        init = getattr(config, "init_lora_weights", None)
+        if init in DATA_INITS and batches is None:
+            raise ValueError(f"init_lora_weights '{init}' needs training batches")
+        if init == "corda":
+            # CorDA's covariance hook takes one sequence at a time (it squeezes a batch of one)
+            preprocess_corda(model, config, run_model=lambda: _run(
+                model, [row for b in batches() for row in _single_rows(b)], backward=False))
+        elif init == "lora_ga":
+            preprocess_loraga(
+                model, config, train_step=lambda: _run(model, batches(), backward=True))
         peft_model = peft.get_peft_model(model, config)
+        if init == "eva":
+            inputs = [{k: v for k, v in b.items() if k != "labels"} for b in batches()]
+            peft.initialize_lora_eva_weights(peft_model, dataloader=inputs,
+                                             show_progress_bar=False)
         params = [(name.removeprefix("base_model.model."), p)
                   for name, p in peft_model.named_parameters() if p.requires_grad]
         scales = [scale["default"] for module in model.modules()
                   if isinstance(scale := getattr(module, "scaling", None), dict) and scale]
         return Attached(trial_params=[params], effective_scale=scales[0] if scales else None)
+
+
+def needs_data(cell: Cell) -> bool:
+    """Whether this peft cell's init looks at training batches before training."""
+    return json.loads(cell.peft or "{}").get("arguments", {}).get("init_lora_weights") in DATA_INITS
+
+
+def _single_rows(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """A batch as batches of one sequence each, without their padding."""
+    rows = []
+    for i, length in enumerate(batch["attention_mask"].sum(1).tolist()):
+        rows.append({name: t[i:i + 1, :length] if t.ndim == 2 else t[i:i + 1]
+                     for name, t in batch.items()})
+    return rows
+
+
+def _run(model: nn.Module, batches: list[dict[str, torch.Tensor]], backward: bool) -> None:
+    """Forward (and backward, for gradient-based inits) over calibration batches, with the
+    model's own loss (transformers computes it from `labels`)."""
+    with torch.set_grad_enabled(backward):
+        for batch in batches:
+            loss = model(**batch).loss
+            if backward:
+                loss.backward()

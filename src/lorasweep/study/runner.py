@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from lorasweep.config import Study
 from lorasweep.errors import StudyError
 from lorasweep.methods import get_method
+from lorasweep.methods.peft_passthrough import needs_data
 from lorasweep.methods.targets import resolve_targets
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.report import write_report
@@ -56,7 +57,9 @@ def load_workbench(study: Study) -> Workbench:
     for cell in {t.cell for t in expand_trials(study)}:
         if cell.is_adapter:
             resolve_targets(base, cell.target_modules)
-        if cell.method == "peft":  # PEFT checks its configuration only when it builds the model
+        if cell.method == "peft" and not needs_data(cell):
+            # PEFT checks its configuration against the model only when it builds it (inits that
+            # need data are built at training time: a dry run would cost a calibration pass)
             try:
                 get_method("peft").attach(copy.deepcopy(base), cell, 1, torch.Generator())
             except (TypeError, ValueError, KeyError) as exc:
