@@ -275,3 +275,25 @@ def test_peft_data_driven_inits_see_training_batches(tmp_path, study_file, label
                                        train={"steps": 4})), "--out", str(out)]) == 0
     (row,) = read_rows(out)
     assert row["method"] == label and row["status"] == "complete", row
+
+
+def test_fused_causal_lm_group_equals_trials_run_one_by_one():
+    from lorasweep.tasks.causal_lm import CausalLMTask
+
+    base = tiny("tiny:llama", "causal_lm")
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 3000, (32, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[::3, 9:] = 0  # some padded rows, whose positions are not scored
+    split = Split(ids, mask, ids.masked_fill(mask == 0, -100))
+    task = CausalLMTask(split, split, None)
+    recipe = TrainSpec(steps=6, batch_size=8)
+    cell = Cell(method="lora", rank=4, lora_alpha="8", init="kaiming", target_modules="all-linear")
+    trials = [TrialSpec(grid_id=i, cell=cell, lr=lr, seed=0) for i, lr in enumerate([1e-3, 1e-2])]
+    fused = train_group(base, task, recipe, trials, torch.device("cpu"))
+    for trial, together in zip(trials, fused, strict=True):
+        (alone,) = train_group(base, task, recipe, [trial], torch.device("cpu"))
+        assert torch.allclose(torch.tensor(together.loss_curve), torch.tensor(alone.loss_curve),
+                              rtol=1e-5, atol=0)
+        assert together.metrics["eval_loss"] == pytest.approx(alone.metrics["eval_loss"],
+                                                              rel=1e-5)
