@@ -77,7 +77,7 @@ class RunSummary:
 
 def run_study(study: Study, folder: Path, max_group: int = 1,
               retry_failed: bool = False, device: str = "cpu") -> RunSummary:
-    """Run every missing trial of the study in `folder`, then write trials.csv and the plot."""
+    """Run every missing trial of the study in `folder`, then write trials.csv and the report."""
     bench = load_workbench(study)
     prepare_folder(folder, study)
     store = Store(folder, study.name, maximize=bench.task.greater_is_better)
@@ -87,7 +87,7 @@ def run_study(study: Study, folder: Path, max_group: int = 1,
     trained = failed = 0
     overall = tqdm(total=todo, desc=f"study {study.name}", unit="trial", disable=None)
     try:
-        while claimed := _next_group(store, grid, max_group, retry_failed):
+        while claimed := _next_group(store, grid, max_group):
             ids = [trial_id for trial_id, _ in claimed]
             specs = [spec for _, spec in claimed]
             failed += _train_claimed(store, bench, study, folder, ids, specs,
@@ -102,11 +102,12 @@ def run_study(study: Study, folder: Path, max_group: int = 1,
     return RunSummary(folder=folder, trained=trained, failed=failed)
 
 
-def _next_group(store: Store, grid: list[TrialSpec], max_group: int,
-                retry_failed: bool) -> list[tuple[int, TrialSpec]]:
-    """The next group to train; when none is waiting, requeue runs whose worker died."""
+def _next_group(store: Store, grid: list[TrialSpec], max_group: int
+                ) -> list[tuple[int, TrialSpec]]:
+    """The next group to train; when none is waiting, requeue runs whose worker died (failed
+    trials are retried only once, at the start, with --retry-failed)."""
     claimed = store.claim_group(max_group)
-    if not claimed and store.sync(grid, retry_failed=retry_failed):
+    if not claimed and store.sync(grid):
         claimed = store.claim_group(max_group)
     return claimed
 
