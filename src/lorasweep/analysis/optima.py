@@ -103,6 +103,12 @@ def cell_optimum(cell: dict, by_seed: dict[int, dict[float, float]], diverged: i
                    diverged=diverged)
 
 
+def _cell_order(key: tuple) -> tuple:
+    """Cells by method, then rank as a number, then the rest."""
+    return tuple((0, float(v), "") if isinstance(v, int | float) else (1, 0.0, str(v))
+                 for v in key)
+
+
 def find_optima(rows: list[dict], maximize: bool, seed: int = 0) -> list[Optimum]:
     """Optima of every cell with a complete trial, from trials.csv-style rows."""
     curves: dict[tuple, dict[int, dict[float, float]]] = defaultdict(lambda: defaultdict(dict))
@@ -118,5 +124,5 @@ def find_optima(rows: list[dict], maximize: bool, seed: int = 0) -> list[Optimum
     rng = np.random.default_rng(seed)
     return [cell_optimum(dict(zip(CELL_FIELDS, key, strict=True)), curves[key], diverged[key],
                          maximize, rng)
-            for key in sorted(curves, key=lambda k: tuple(str(v) for v in k))
+            for key in sorted(curves, key=_cell_order)
             if any(math.isfinite(v) for curve in curves[key].values() for v in curve.values())]

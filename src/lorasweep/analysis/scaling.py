@@ -36,7 +36,7 @@ def predicted_beta(method: str, alpha_mode: str | None, init: str | None) -> flo
     # effective alpha ~ r^-gamma
     gamma = {("per_rank", False): 0.0, ("constant", False): 1.0,
              ("per_rank", True): -0.5, ("constant", True): 0.5}[(alpha_mode, method == "rslora")]
-    return -(1 - gamma) / 2
+    return -(1 - gamma) / 2 + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
 @dataclass
