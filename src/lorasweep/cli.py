@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 from lorasweep.errors import StudyError
@@ -151,7 +151,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _print_status(folder: Path) -> None:
     from lorasweep.analysis.compare import cell_name
-    from lorasweep.analysis.optima import CELL_FIELDS
+    from lorasweep.analysis.optima import find_optima
     from lorasweep.results import trial_rows
 
     study, store, metric, maximize = _open_folder(folder)
@@ -159,22 +159,11 @@ def _print_status(folder: Path) -> None:
     counts = Counter(row["status"] for row in rows)
     print(f"study {study.name}: {len(rows)} trials: "
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    sign = 1 if maximize else -1
-    best: dict[str, dict] = {}
-    lrs: dict[str, list] = defaultdict(list)
-    for row in rows:
-        label = cell_name({f: row.get(f) for f in CELL_FIELDS})
-        lrs[label].append(row["lr"])
-        if row["status"] == "complete" and row["metric"] is not None and (
-                label not in best or sign * row["metric"] > sign * best[label]["metric"]):
-            best[label] = row
-    for label in sorted(lrs):
-        if label in best:
-            row = best[label]
-            edge = " (edge of grid)" if row["lr"] in (min(lrs[label]), max(lrs[label])) else ""
-            print(f"  {label:40s} best lr {row['lr']:.3g}{edge}  {metric} {row['metric']:.4f}")
-        else:
-            print(f"  {label:40s} no complete trial yet")
+    for optimum in find_optima(rows, maximize):
+        edge = f" ({optimum.edge} edge of the grid)" if optimum.edge else ""
+        print(f"  {cell_name(optimum.cell):32s} best lr {optimum.lr_best:.3g}"
+              f" (refined {optimum.lr_star:.3g}){edge}  {metric} {optimum.peak:.4f}"
+              f" over {optimum.n_seeds} seed{'s' if optimum.n_seeds > 1 else ''}")
     for row in rows:
         if row["status"] == "running":
             print(f"  running: trial {row['trial']} lr {row['lr']:.3g}")
