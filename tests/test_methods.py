@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from lorasweep.config import METHOD_NAMES, ModelSpec, TrainSpec
+from lorasweep.config import METHOD_INITS, METHOD_NAMES, ModelSpec, TrainSpec
 from lorasweep.errors import StudyError
 from lorasweep.methods import METHODS, get_method
-from lorasweep.methods.lora import initial_factors
+from lorasweep.methods.lora import initial_factors, subtracts_from_base
 from lorasweep.methods.stacked import StackedDoRALinear
 from lorasweep.methods.targets import resolve_targets
 from lorasweep.models import load_model, load_tokenizer
@@ -42,7 +42,7 @@ def test_init_distributions(init, a_std, b_std):
     factors = initial_factors(init, 16, torch.zeros(1024, 512), 2.0,
                               torch.Generator().manual_seed(0))
     a, b = factors.a, factors.b
-    assert factors.subtract == (init == "init_ab")
+    assert subtracts_from_base(init) == (init == "init_ab")
     assert a.shape == (16, 512) and b.shape == (1024, 16)
     assert float(a.std()) == pytest.approx(a_std, rel=0.05, abs=1e-12)
     assert float(b.std()) == pytest.approx(b_std, rel=0.05, abs=1e-12)
@@ -112,8 +112,7 @@ def test_fused_group_equals_trials_run_one_by_one(method):
     base = tiny("tiny:bert")
     task = toy_task()
     recipe = TrainSpec(steps=8, batch_size=8, grad_clip=1.0, warmup_ratio=0.25)
-    init = {"pissa": "pissa", "milora": "milora", "olora": "olora", "init_ab": "init_ab"}
-    cell = Cell(method=method, rank=4, lora_alpha="8", init=init.get(method, "kaiming"),
+    cell = Cell(method=method, rank=4, lora_alpha="8", init=METHOD_INITS.get(method, "kaiming"),
                 target_modules="all-linear", loraplus_ratio=4.0 if method == "loraplus" else None)
     trials = [TrialSpec(grid_id=i, cell=cell, lr=lr, seed=0)
               for i, lr in enumerate([1e-4, 1e-3, 1e-2, 3e-2])]
@@ -155,7 +154,7 @@ def low_rank_weight(n_out: int = 48, n_in: int = 32) -> torch.Tensor:
 def test_residual_inits_leave_the_model_unchanged(init):
     weight, scale, rank = low_rank_weight(), 2.0, 4
     factors = initial_factors(init, rank, weight, scale, torch.Generator().manual_seed(0))
-    assert factors.subtract
+    assert subtracts_from_base(init)
     residual = weight - scale * factors.b @ factors.a
     assert torch.allclose(residual + scale * factors.b @ factors.a, weight, atol=1e-5)
     assert float((scale * factors.b @ factors.a).norm()) > 0.1

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from peft.optimizers import create_loraplus_optimizer
 
-from lorasweep.config import ModelSpec, TrainSpec
+from lorasweep.config import METHOD_INITS, ModelSpec, TrainSpec
 from lorasweep.methods import get_method
 from lorasweep.methods.targets import resolve_targets
 from lorasweep.models import load_model, load_tokenizer
@@ -45,7 +45,7 @@ def build_pair(source: str, kind: str, method: str):
     tokenizer = load_tokenizer(ModelSpec(source=source))
     base = load_model(ModelSpec(source=source), kind, 3 if kind == "classification" else None,
                       tokenizer)
-    init = {"pissa": "pissa", "olora": "olora"}.get(method, "kaiming")
+    init = METHOD_INITS.get(method, "kaiming")
     cell = Cell(method=method, rank=4, lora_alpha="8", init=init,
                 target_modules="all-linear", loraplus_ratio=16.0 if method == "loraplus" else None)
     ours = copy.deepcopy(base)

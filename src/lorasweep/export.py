@@ -18,15 +18,14 @@ from safetensors.torch import load_file
 
 from lorasweep.errors import StudyError
 from lorasweep.methods import get_method
+from lorasweep.methods.lora import subtracts_from_base
 from lorasweep.methods.stacked import StackedLoRALinear
 from lorasweep.methods.targets import resolve_targets
 from lorasweep.models import load_model, load_tokenizer
-from lorasweep.space import Cell, TrialSpec
+from lorasweep.space import TrialSpec
 from lorasweep.study.folder import load_folder_study, weights_path
 from lorasweep.study.store import Store
 from lorasweep.tasks import TASK_CLASSES, build_task, num_labels
-
-RESIDUAL_INITS = ("pissa", "milora", "olora", "init_ab")
 
 
 def find_trial(folder: Path, grid_id: int, maximize: bool, name: str) -> TrialSpec:
@@ -40,10 +39,6 @@ def find_trial(folder: Path, grid_id: int, maximize: bool, name: str) -> TrialSp
     raise StudyError(f"--trial {grid_id}: no such trial in {folder}")
 
 
-def is_residual(cell: Cell) -> bool:
-    return cell.init in RESIDUAL_INITS or str(cell.init).startswith("pissa_niter_")
-
-
 def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     """Write the PEFT adapter of trial `grid_id` of the study in `folder` to `out`."""
     study = load_folder_study(folder)
@@ -55,7 +50,8 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     if cell.method == "peft":
         raise StudyError(f"--trial {grid_id}: exporting a peft pass-through trial is not "
                          "supported yet")
-    if cell.method == "dora" and is_residual(cell):
+    residual = subtracts_from_base(str(cell.init))
+    if cell.method == "dora" and residual:
         raise StudyError(f"--trial {grid_id}: DoRA over a {cell.init} residual has no PEFT form")
     path = weights_path(folder, grid_id)
     if not path.exists():
@@ -68,7 +64,6 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     base = load_model(study.model, study.task.kind, labels, tokenizer)
     start = _initial_layers(base, spec)
     targets = resolve_targets(base, cell.target_modules)
-    residual = is_residual(cell)
     rank = cell.rank * (2 if residual else 1)
     assert cell.alpha is not None and cell.rank is not None
     # Keep the scale s: lora_alpha / r (or / sqrt(r) for rsLoRA) at the doubled rank.

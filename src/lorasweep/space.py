@@ -1,4 +1,4 @@
-"""The search space expanded: cells (everything but LR and seed), trials, and fused groups."""
+"""The search space expanded: cells (everything but LR and seed) and trials (cell, LR, seed)."""
 
 from __future__ import annotations
 

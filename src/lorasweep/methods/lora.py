@@ -35,11 +35,18 @@ from lorasweep.space import Cell
 
 @dataclass
 class Factors:
-    """Starting A (r, n_in) and B (n_out, r), and whether s B A is taken out of the base weight."""
+    """Starting A (r, n_in) and B (n_out, r) of one layer."""
 
     a: torch.Tensor
     b: torch.Tensor
-    subtract: bool = False
+
+
+RESIDUAL_INITS = ("pissa", "milora", "olora", "init_ab")
+
+
+def subtracts_from_base(init: str) -> bool:
+    """Whether an init takes s B0 A0 out of the base weight (so W_res differs from W)."""
+    return init in RESIDUAL_INITS or init.startswith("pissa_niter_")
 
 
 def _kaiming(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
@@ -60,7 +67,7 @@ def _svd_factors(weight: torch.Tensor, rank: int, scale: float, init: str) -> Fa
         keep = slice(0, rank) if init == "pissa" else slice(s.shape[0] - rank, s.shape[0])
         u, s, vh = u[:, keep], s[keep], vh[keep]
     root = torch.sqrt(s / scale)
-    return Factors(a=torch.diag(root) @ vh, b=u @ torch.diag(root), subtract=True)
+    return Factors(a=torch.diag(root) @ vh, b=u @ torch.diag(root))
 
 
 def initial_factors(init: str, rank: int, weight: torch.Tensor, scale: float,
@@ -78,10 +85,10 @@ def initial_factors(init: str, rank: int, weight: torch.Tensor, scale: float,
         return Factors(zeros_a, zeros_b.normal_(0.0, 1.0 / math.sqrt(rank), generator=generator))
     if init in ("init_ab", "random_ab"):
         a = _kaiming(rank, n_in, generator)
-        return Factors(a, _kaiming(n_out, rank, generator), subtract=init == "init_ab")
+        return Factors(a, _kaiming(n_out, rank, generator))
     if init == "olora":
         q, r = torch.linalg.qr(weight.float())
-        return Factors(a=r[:rank].contiguous(), b=q[:, :rank].contiguous(), subtract=True)
+        return Factors(a=r[:rank].contiguous(), b=q[:, :rank].contiguous())
     if init in ("pissa", "milora") or init.startswith("pissa_niter_"):
         if rank > min(n_out, n_in):
             raise ValueError(f"rank {rank} exceeds the layer's size {n_out}x{n_in}")
@@ -112,7 +119,7 @@ class LoRA(Method):
         for name in resolve_targets(model, cell.target_modules):
             base = model.get_submodule(name)
             factors = initial_factors(cell.init, cell.rank, base.weight.detach(), scale, generator)
-            if factors.subtract:
+            if subtracts_from_base(cell.init):
                 with torch.no_grad():
                     base.weight -= (scale * factors.b @ factors.a).to(base.weight.dtype)
             layer = self.layer_class(base, cell.rank, k, scale)
