@@ -76,7 +76,10 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
         for name, param in peft_model.named_parameters():
             if param.requires_grad:
                 param.copy_(_peft_value(name, trained, start, residual))
-    peft_model.save_pretrained(str(out))
+    try:
+        peft_model.save_pretrained(str(out))
+    except OSError as exc:
+        raise StudyError(f"{out}: cannot write the adapter there ({exc.strerror})") from None
     return out
 
 
