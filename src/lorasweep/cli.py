@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from lorasweep.errors import StudyError
+from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS, STORAGE_ENV
 
 EXIT_BAD_INPUT = 2
 
@@ -37,12 +38,25 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                      help="override a study field, e.g. --set train.steps=200 (repeatable)")
     run.add_argument("--retry-failed", action="store_true", help="run failed trials again")
-    run.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    run.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
-    run.add_argument("--max-group", type=int, default=None, metavar="K",
-                     help="most trials trained together over one base copy "
-                          "(default: 1 on cpu, 8 on a GPU)")
+    run.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="worker processes on this machine sharing the study (default: 1)")
+    run.add_argument("--lease-seconds", type=float, metavar="S",
+                     help="a running trial whose worker has been silent this long is run again "
+                          "(default: 180; kept in the study)")
+    run.add_argument("--max-attempts", type=int, metavar="N",
+                     help="runs of one trial lost to dead workers before it is marked failed "
+                          "(default: 3; kept in the study)")
+    _add_worker_options(run)
     run.set_defaults(handler=_run)
+
+    worker = commands.add_parser(
+        "worker", help="join a running study and train its trials until none is left")
+    worker.add_argument("folder", type=Path, nargs="?",
+                        help="the study folder (with --storage/--study: where this worker "
+                             "writes its adapters; default lorasweep-studies/NAME)")
+    worker.add_argument("--study", help="the study's name in the --storage database")
+    _add_worker_options(worker)
+    worker.set_defaults(handler=_worker)
 
     export = commands.add_parser("export", help="write a trial's adapter as a PEFT folder")
     export.add_argument("folder", type=Path, help="the study folder")
@@ -60,6 +74,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_worker_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", default=os.environ.get(STORAGE_ENV), metavar="URL",
+                        help="a database shared by workers on many machines, e.g. "
+                             "postgresql://USER@HOST/DB (default: the folder's journal file, "
+                             f"or ${STORAGE_ENV})")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device: cpu, cuda (with --workers: one GPU per worker) or "
+                             "cuda:N (default: cpu)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads per process (default: the cores shared out)")
+    parser.add_argument("--max-group", type=int, default=None, metavar="K",
+                        help="most trials trained together over one base copy "
+                             "(default: 1 on cpu, 8 on a GPU)")
+    parser.add_argument("--patience", type=float, default=DEFAULT_PATIENCE_SECONDS, metavar="S",
+                        help="how long to wait for an unreachable storage before giving up "
+                             f"(default: {DEFAULT_PATIENCE_SECONDS:.0f})")
+
+
 def _quiet_libraries() -> None:
     """Keep the libraries' load reports and progress bars out of lorasweep's own output."""
     import datasets
@@ -72,14 +104,43 @@ def _quiet_libraries() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # Imported here so `lorasweep --help` answers without loading torch.
-    import torch
-
     from lorasweep.config import load_study, resolve_study_path
-    from lorasweep.study.runner import default_max_group, run_study
+    from lorasweep.study.runner import run_study
 
     _quiet_libraries()
     study = load_study(resolve_study_path(args.study), args.overrides)
+    options = _work_options(args)
+    for flag, value, least in (("--workers", args.workers, 1), ("--max-attempts",
+                               args.max_attempts, 1), ("--lease-seconds", args.lease_seconds, 1)):
+        if value is not None and value < least:
+            raise StudyError(f"{flag} {value:g}: must be at least {least}")
+    folder = args.out or Path("lorasweep-studies") / study.name
+    started = time.perf_counter()
+    summary = run_study(study, folder, options, retry_failed=args.retry_failed,
+                        storage_url=args.storage, workers=args.workers, threads=args.threads,
+                        lease_seconds=args.lease_seconds, max_attempts=args.max_attempts)
+    elapsed = time.perf_counter() - started
+    print(f"trained {summary.trained} trials in {elapsed:.0f} s; results in {folder}/trials.csv")
+    _print_status(folder)
+    return 1 if summary.failed else 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from lorasweep.study.runner import run_worker
+
+    _quiet_libraries()
+    summary = run_worker(_work_options(args), folder=args.folder, storage_url=args.storage,
+                         study_name=args.study)
+    print(f"worker done: trained {summary.trained} trials ({summary.failed} failed)")
+    return 1 if summary.failed else 0
+
+
+def _work_options(args: argparse.Namespace):
+    """Check the device, thread and group options shared by `run` and `worker`."""
+    import torch
+
+    from lorasweep.study.runner import WorkOptions, default_max_group
+
     if args.threads is not None:
         if args.threads < 1:
             raise StudyError(f"--threads {args.threads}: must be at least 1")
@@ -89,14 +150,10 @@ def _run(args: argparse.Namespace) -> int:
                          + (", cuda" if torch.cuda.is_available() else ""))
     if args.max_group is not None and args.max_group < 1:
         raise StudyError(f"--max-group {args.max_group}: must be at least 1")
-    folder = args.out or Path("lorasweep-studies") / study.name
-    started = time.perf_counter()
-    summary = run_study(study, folder, max_group=args.max_group or default_max_group(args.device),
-                        retry_failed=args.retry_failed, device=args.device)
-    elapsed = time.perf_counter() - started
-    print(f"trained {summary.trained} trials in {elapsed:.0f} s; results in {folder}/trials.csv")
-    _print_status(folder)
-    return 1 if summary.failed else 0
+    if args.patience < 0:
+        raise StudyError(f"--patience {args.patience:g}: must be at least 0")
+    return WorkOptions(device=args.device, max_group=args.max_group
+                       or default_max_group(args.device), patience=args.patience)
 
 
 def _device_available(name: str) -> bool:
@@ -121,27 +178,16 @@ def _export(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from lorasweep.report import write_report
     from lorasweep.results import write_trials_csv
-
-    study, store, metric, maximize = _open_folder(args.folder)
-    rows = write_trials_csv(args.folder, store, metric)
-    for path in write_report(args.folder, rows, metric, maximize, study.name):
-        print(f"wrote {path}")
-    return 0
-
-
-def _open_folder(folder: Path):
-    """A study folder's study, store, metric name and direction, without loading any model."""
-    from lorasweep.study.folder import load_folder_study
-    from lorasweep.study.store import JOURNAL_NAME, Store
+    from lorasweep.study.folder import open_folder_store
     from lorasweep.tasks import TASK_CLASSES
 
-    study = load_folder_study(folder)
-    if not (folder / JOURNAL_NAME).exists():
-        raise StudyError(f"{folder}: the study has not started (no {JOURNAL_NAME})")
+    study, store = open_folder_store(args.folder)
     task_class = TASK_CLASSES[study.task.kind]
-    maximize = task_class.greater_is_better
-    store = Store(folder, study.name, maximize=maximize, create=False)
-    return study, store, task_class.metric_name, maximize
+    rows = write_trials_csv(args.folder, store, task_class.metric_name)
+    for path in write_report(args.folder, rows, task_class.metric_name,
+                             task_class.greater_is_better, study.name):
+        print(f"wrote {path}")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -153,20 +199,48 @@ def _print_status(folder: Path) -> None:
     from lorasweep.analysis.compare import cell_name
     from lorasweep.analysis.optima import find_optima
     from lorasweep.results import trial_rows
+    from lorasweep.study.folder import open_folder_store
+    from lorasweep.tasks import TASK_CLASSES
 
-    study, store, metric, maximize = _open_folder(folder)
+    study, store = open_folder_store(folder)
+    task_class = TASK_CLASSES[study.task.kind]
+    metric = task_class.metric_name
     rows = trial_rows(store, metric)
     counts = Counter(row["status"] for row in rows)
     print(f"study {study.name}: {len(rows)} trials: "
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    for optimum in find_optima(rows, maximize):
+    for optimum in find_optima(rows, task_class.greater_is_better):
         edge = f" ({optimum.edge} edge of the grid)" if optimum.edge else ""
         print(f"  {cell_name(optimum.cell):32s} best lr {optimum.lr_best:.3g}"
               f" (refined {optimum.lr_star:.3g}){edge}  {metric} {optimum.peak:.4f}"
               f" over {optimum.n_seeds} seed{'s' if optimum.n_seeds > 1 else ''}")
+    _print_workers(rows, store)
+
+
+def _print_workers(rows: list[dict], store) -> None:
+    """Per worker: trials finished and the leases it holds; stale leases are flagged."""
+    done: dict[str, Counter] = {}
     for row in rows:
-        if row["status"] == "running":
-            print(f"  running: trial {row['trial']} lr {row['lr']:.3g}")
+        if row["worker"] and row["status"] in ("complete", "diverged", "failed"):
+            done.setdefault(row["worker"], Counter())[row["status"]] += 1
+    leases = store.leases()
+    workers = sorted(set(done) | {lease.worker for lease in leases})
+    if not workers:
+        return
+    print("workers:")
+    for worker in workers:
+        finished = ", ".join(f"{n} {s}" for s, n in sorted(done.get(worker, {}).items()))
+        print(f"  {worker}: {finished or 'nothing finished yet'}")
+        for lease in (lease for lease in leases if lease.worker == worker):
+            if lease.process_gone:
+                state = "STALE: its process has ended; the next worker reruns it"
+            elif lease.lease_left <= 0:
+                state = (f"STALE: silent for {lease.heartbeat_age:.0f} s, lease expired "
+                         f"{-lease.lease_left:.0f} s ago; the next worker reruns it")
+            else:
+                state = (f"heartbeat {lease.heartbeat_age:.0f} s ago, lease "
+                         f"{lease.lease_left:.0f} s left")
+            print(f"    running trial {lease.grid_id}: {state}")
 
 
 def entry() -> None:

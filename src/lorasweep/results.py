@@ -12,7 +12,7 @@ from lorasweep.study.store import Store
 TRIALS_CSV = "trials.csv"
 COLUMNS = ("trial", "method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules",
            "lr", "seed", "status", "train_loss", "eval_loss", "metric", "test_metric", "steps",
-           "seconds", "trainable_params", "effective_scale", "attempts", "reason")
+           "seconds", "trainable_params", "effective_scale", "attempts", "worker", "reason")
 
 
 def trial_rows(store: Store, metric_name: str) -> list[dict]:
@@ -31,7 +31,7 @@ def trial_rows(store: Store, metric_name: str) -> list[dict]:
             "test_metric": attrs.get(f"test_{metric_name}"), "steps": attrs.get("steps"),
             "seconds": attrs.get("seconds"), "trainable_params": attrs.get("trainable_params"),
             "effective_scale": attrs.get("effective_scale"), "attempts": attempts,
-            "reason": attrs.get("reason"),
+            "worker": attrs.get("worker"), "reason": attrs.get("reason"),
         })
     return sorted(rows, key=lambda r: r["trial"])
 

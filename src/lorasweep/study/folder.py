@@ -7,6 +7,7 @@ A folder belongs to one model, task and recipe. Re-running it resumes; widening 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -21,8 +22,13 @@ from safetensors.torch import save_file
 from lorasweep.config import Study, dump_study, validate_study
 from lorasweep.errors import StudyError
 from lorasweep.files import atomic_path, write_text
+from lorasweep.study.defaults import STORAGE_ENV
+from lorasweep.study.storage import JOURNAL_NAME, public_url
+from lorasweep.study.store import Store
+from lorasweep.tasks import TASK_CLASSES
 
 STUDY_FILE = "study.yaml"
+STORAGE_FILE = "storage.json"  # where the records live, when not in the folder's journal
 WEIGHTS_DIR = "adapters"
 ENVIRONMENT_FILE = "environment.json"
 RUNS_FILE = "runs.jsonl"
@@ -32,7 +38,7 @@ PACKAGES = ("lorasweep", "torch", "transformers", "peft", "optuna", "datasets", 
 FIXED_SECTIONS = ("name", "seed", "model", "task", "train")
 
 
-def prepare_folder(folder: Path, study: Study) -> None:
+def prepare_folder(folder: Path, study: Study, storage_url: str | None = None) -> None:
     """Create or reopen a study folder; refuse one that holds a different study."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -44,11 +50,50 @@ def prepare_folder(folder: Path, study: Study) -> None:
     existing = folder / STUDY_FILE
     if existing.exists():
         _check_same_study(existing, study)
+    _check_same_storage(folder, storage_url)
     write_text(existing, dump_study(study))
+    if storage_url is not None:
+        write_text(folder / STORAGE_FILE,
+                   json.dumps({"storage": public_url(storage_url)}, indent=2) + "\n")
     environment = describe_environment()
     write_text(folder / ENVIRONMENT_FILE, json.dumps(environment, indent=2) + "\n")
     with open(folder / RUNS_FILE, "a") as runs:
         runs.write(json.dumps(environment) + "\n")
+
+
+def storage_of(folder: Path) -> str | None:
+    """The database URL a folder's study lives in (None: the folder's journal file).
+
+    The folder keeps the URL without its password; $LORASWEEP_STORAGE, when set, gives the full
+    URL (or the client finds the password in PGPASSWORD or ~/.pgpass).
+    """
+    path = folder / STORAGE_FILE
+    if not path.exists():
+        return None
+    return os.environ.get(STORAGE_ENV) or json.loads(path.read_text())["storage"]
+
+
+def _check_same_storage(folder: Path, storage_url: str | None) -> None:
+    """A folder's records live in one place: its journal file or one database."""
+    if storage_url is None:
+        return
+    recorded = storage_of(folder)
+    if recorded is not None and public_url(storage_url) != public_url(recorded):
+        raise StudyError(f"--storage {public_url(storage_url)}: the folder {folder} belongs to "
+                         f"the study in {public_url(recorded)}; use another --out")
+    if recorded is None and (folder / JOURNAL_NAME).exists():
+        raise StudyError(f"--storage {public_url(storage_url)}: the folder {folder} already "
+                         "holds a study in its journal file; use another --out")
+
+
+def open_folder_store(folder: Path, create: bool = False) -> tuple[Study, Store]:
+    """A study folder's study and store, wherever its records live; reading never writes."""
+    study = load_folder_study(folder)
+    url = storage_of(folder)
+    if url is None and not (folder / JOURNAL_NAME).exists():
+        raise StudyError(f"{folder}: the study has not started (no {JOURNAL_NAME})")
+    maximize = TASK_CLASSES[study.task.kind].greater_is_better
+    return study, Store(folder, study.name, maximize=maximize, create=create, storage_url=url)
 
 
 def load_folder_study(folder: Path) -> Study:
@@ -59,7 +104,8 @@ def load_folder_study(folder: Path) -> Study:
 
 
 def _check_same_study(path: Path, study: Study) -> None:
-    old = yaml.safe_load(path.read_text())
+    # validated first, so a field added to the schema since (with its default) is no change
+    old = validate_study(yaml.safe_load(path.read_text()), str(path)).model_dump(mode="json")
     new = study.model_dump(mode="json")
     for section in FIXED_SECTIONS:
         before, after = old.get(section), new.get(section)

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorasweep.config import Study
+from lorasweep.config import Study, dump_study, validate_study
 from lorasweep.errors import StudyError
 from lorasweep.methods import get_method
 from lorasweep.methods.peft_passthrough import needs_data
@@ -26,10 +28,15 @@ from lorasweep.models import load_model, load_tokenizer
 from lorasweep.report import write_report
 from lorasweep.results import write_trials_csv
 from lorasweep.space import TrialSpec, expand_trials
-from lorasweep.study.folder import prepare_folder, save_weights
-from lorasweep.study.store import LEASE_SECONDS, Store
-from lorasweep.tasks import Task, build_task, num_labels
+from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS
+from lorasweep.study.folder import load_folder_study, prepare_folder, save_weights, storage_of
+from lorasweep.study.local_workers import run_local_workers
+from lorasweep.study.storage import public_url
+from lorasweep.study.store import Store
+from lorasweep.tasks import TASK_CLASSES, Task, build_task, num_labels
 from lorasweep.train import train_group
+
+POLL_SECONDS = 5.0  # how often an idle worker looks for trials that others left behind
 
 
 def default_max_group(device: str) -> int:
@@ -75,41 +82,108 @@ class RunSummary:
     failed: int
 
 
-def run_study(study: Study, folder: Path, max_group: int = 1,
-              retry_failed: bool = False, device: str = "cpu") -> RunSummary:
-    """Run every missing trial of the study in `folder`, then write trials.csv and the report."""
+@dataclass(frozen=True)
+class WorkOptions:
+    """How one worker trains: its device, its group size, its patience with the storage."""
+
+    device: str = "cpu"
+    max_group: int = 1
+    patience: float = DEFAULT_PATIENCE_SECONDS
+
+
+def open_study_store(study: Study, folder: Path, storage_url: str | None,
+                     patience: float = DEFAULT_PATIENCE_SECONDS) -> Store:
+    """Prepare the folder and open (creating once) the study's store."""
+    prepare_folder(folder, study, storage_url)
+    maximize = TASK_CLASSES[study.task.kind].greater_is_better
+    return Store(folder, study.name, maximize=maximize, storage_url=storage_url or
+                 storage_of(folder), patience=patience)
+
+
+def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
+              retry_failed: bool = False, storage_url: str | None = None,
+              workers: int = 1, threads: int | None = None,
+              lease_seconds: float | None = None, max_attempts: int | None = None) -> RunSummary:
+    """Run every missing trial of the study in `folder`, then write trials.csv and the report.
+
+    The study is created and its grid enqueued here, once; then this process trains (one
+    worker) or starts `workers` worker processes that share the store and waits for them.
+    """
     bench = load_workbench(study)
-    prepare_folder(folder, study)
-    store = Store(folder, study.name, maximize=bench.task.greater_is_better)
+    store = open_study_store(study, folder, storage_url, options.patience)
+    store.configure(dump_study(study), lease_seconds, max_attempts)
+    store.sync(expand_trials(study), retry_failed=retry_failed)
+    if workers == 1:
+        trained, failed = work(store, bench, study, folder, options)
+    else:
+        del bench  # checked; each worker process loads its own copy
+        trained, failed = run_local_workers(store, folder, workers, options.device,
+                                            options.max_group, options.patience, threads,
+                                            storage_url)
+    task_class = TASK_CLASSES[study.task.kind]
+    rows = write_trials_csv(folder, store, task_class.metric_name)
+    write_report(folder, rows, task_class.metric_name, task_class.greater_is_better, study.name)
+    return RunSummary(folder=folder, trained=trained, failed=failed)
+
+
+def run_worker(options: WorkOptions, folder: Path | None = None,
+               storage_url: str | None = None, study_name: str | None = None) -> RunSummary:
+    """`lorasweep worker`: join a study (by its folder, or by its database and name) and train.
+
+    A worker elsewhere needs only the storage: the resolved study file is kept there, and the
+    worker writes its own folder (adapters, trials.csv, the environment it ran in).
+    """
+    if study_name is not None:
+        if storage_url is None:
+            raise StudyError("--study: needs --storage URL (the database the study lives in)")
+        source = Store(Path("."), study_name, maximize=True, create=False,
+                       storage_url=storage_url, patience=options.patience)
+        study = validate_study(yaml.safe_load(source.study_text()),
+                               f"--storage {public_url(storage_url)} study {study_name}")
+        folder = folder or Path("lorasweep-studies") / study.name
+    elif folder is not None:
+        study = load_folder_study(folder)
+        storage_url = storage_url or storage_of(folder)
+    else:
+        raise StudyError("lorasweep worker: give a study folder, or --storage URL and --study NAME")
+    bench = load_workbench(study)
+    store = open_study_store(study, folder, storage_url, options.patience)
+    trained, failed = work(store, bench, study, folder, options)
+    return RunSummary(folder=folder, trained=trained, failed=failed)
+
+
+def work(store: Store, bench: Workbench, study: Study, folder: Path,
+         options: WorkOptions) -> tuple[int, int]:
+    """Claim and train groups until no trial waits and none runs elsewhere.
+
+    A worker with nothing to claim stays while others run: if one of them dies, its trials come
+    back to the queue once their lease runs out, and someone must be there to take them.
+    Returns (trials trained, trials failed).
+    """
     grid = expand_trials(study)
-    store.sync(grid, retry_failed=retry_failed)
-    todo = len([s for s, _, _ in store.latest_by_key().values() if s == "waiting"])
+    device = torch.device(options.device)
     trained = failed = 0
+    todo = len([s for s, _, _ in store.latest_by_key().values() if s == "waiting"])
     overall = tqdm(total=todo, desc=f"study {study.name}", unit="trial", disable=None)
     try:
-        while claimed := _next_group(store, grid, max_group):
+        while True:
+            claimed = store.claim_group(options.max_group)
+            if not claimed and store.sync(grid):
+                claimed = store.claim_group(options.max_group)
+            if not claimed:
+                if not store.others_running():
+                    break
+                time.sleep(min(POLL_SECONDS, store.lease_seconds / 6))
+                continue
             ids = [trial_id for trial_id, _ in claimed]
             specs = [spec for _, spec in claimed]
-            failed += _train_claimed(store, bench, study, folder, ids, specs,
-                                     torch.device(device))
+            failed += _train_claimed(store, bench, study, folder, ids, specs, device)
             trained += len(specs)
             overall.update(len(specs))
             write_trials_csv(folder, store, bench.task.metric_name)
     finally:
         overall.close()
-        rows = write_trials_csv(folder, store, bench.task.metric_name)
-    write_report(folder, rows, bench.task.metric_name, bench.task.greater_is_better, study.name)
-    return RunSummary(folder=folder, trained=trained, failed=failed)
-
-
-def _next_group(store: Store, grid: list[TrialSpec], max_group: int
-                ) -> list[tuple[int, TrialSpec]]:
-    """The next group to train; when none is waiting, requeue runs whose worker died (failed
-    trials are retried only once, at the start, with --retry-failed)."""
-    claimed = store.claim_group(max_group)
-    if not claimed and store.sync(grid):
-        claimed = store.claim_group(max_group)
-    return claimed
+    return trained, failed
 
 
 def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, ids: list[int],
@@ -135,7 +209,8 @@ def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, i
             continue
         if result.weights is not None:
             save_weights(folder, spec.grid_id, result.weights)
-        store.record(trial_id, result, bench.task.metric_name)
+        if not store.record(trial_id, result, bench.task.metric_name):
+            tqdm.write(f"trial {spec.grid_id}: its lease was taken over; result not recorded")
     return 0
 
 
@@ -143,13 +218,14 @@ def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, i
 def _heartbeat(store: Store, ids: list[int]):
     """Renew the lease of the claimed trials while they train."""
     stop = threading.Event()
+    interval = store.lease_seconds / 6
 
     def beat() -> None:
-        while not stop.wait(LEASE_SECONDS / 6):
+        while not stop.wait(interval):
             try:
                 for trial_id in ids:
                     store.heartbeat(trial_id)
-            except Exception as exc:  # a storage hiccup must not end the lease for good
+            except Exception as exc:  # an outage beyond patience must not end the lease for good
                 tqdm.write(f"heartbeat failed, will retry: {type(exc).__name__}: {exc}")
 
     thread = threading.Thread(target=beat, daemon=True)

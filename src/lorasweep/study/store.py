@@ -1,10 +1,15 @@
-"""The study's records, kept in an Optuna storage (a journal file inside the study folder).
+"""The study's records, kept in an Optuna storage (the folder's journal file, or a database).
 
 Every trial of the grid is enqueued once as a WAITING Optuna trial carrying its spec in user
 attributes. A worker claims trials by moving them WAITING -> RUNNING through the storage, which
 succeeds for exactly one process, so no trial is trained twice. Outcomes map onto Optuna states:
 complete -> COMPLETE (value = the metric), diverged -> PRUNED, failed or interrupted -> FAIL.
-A RUNNING trial whose worker died is marked interrupted and enqueued again, to run from scratch.
+
+Leases: a worker renews a heartbeat on the trials it runs. A RUNNING trial whose process is gone
+(same host) or whose heartbeat is older than the study's lease is closed as interrupted and
+enqueued again, to run from scratch; after `max_attempts` such losses it is closed as failed.
+The study's own settings (the resolved study file, the lease, the attempt limit) live in the
+storage too, so a worker on another machine needs nothing but the storage URL.
 """
 
 from __future__ import annotations
@@ -14,22 +19,32 @@ import math
 import os
 import socket
 import time
-from dataclasses import asdict, replace
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from functools import wraps
 from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import text
 
 from lorasweep.errors import StudyError
 from lorasweep.space import TrialSpec
+from lorasweep.study.defaults import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_PATIENCE_SECONDS,
+)
+from lorasweep.study.storage import JOURNAL_NAME, open_storage, patiently, public_url
 from lorasweep.train import TrialResult
 
-JOURNAL_NAME = "optuna.journal"
 LOCK_NAME = ".sync.lock"
-LEASE_SECONDS = 180.0  # a running trial whose heartbeat is older than this is presumed dead
+LOST_REASON = "its worker stopped mid-trial"
 LR_BOUNDS = (1e-12, 1e3)  # the Optuna distribution the LR param is recorded under
+STUDY_TEXT_ATTR = "study_yaml"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -48,51 +63,119 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def is_stale(trial: FrozenTrial, now: float) -> bool:
-    """A RUNNING trial nobody is working on: its process is gone or its heartbeat stopped."""
-    host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-    if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
-        return True
-    started = trial.datetime_start.timestamp() if trial.datetime_start else now
-    return now - float(trial.user_attrs.get("heartbeat", started)) > LEASE_SECONDS
+@dataclass(frozen=True)
+class Lease:
+    """A running trial as `lorasweep status` shows it."""
+
+    grid_id: int
+    worker: str
+    heartbeat_age: float  # seconds since the worker last renewed the lease
+    lease_left: float  # seconds before others may take the trial over; <= 0: stale
+    process_gone: bool  # the worker ran on this host and its process has ended
+
+
+def _patient(method: Callable) -> Callable:
+    """Retry the storage call through outages of up to the store's patience."""
+
+    @wraps(method)
+    def call(self: Store, *args, **kwargs):
+        return patiently(lambda: method(self, *args, **kwargs), self.where, self.patience)
+
+    return call
 
 
 class Store:
     """One study's trials in Optuna, keyed by the trial key of the grid."""
 
-    def __init__(self, study_dir: Path, study_name: str, maximize: bool,
-                 create: bool = True) -> None:
+    def __init__(self, study_dir: Path, study_name: str, maximize: bool, create: bool = True,
+                 storage_url: str | None = None,
+                 patience: float = DEFAULT_PATIENCE_SECONDS) -> None:
         """Open (or, with `create`, create) the study's store; reading never writes."""
         self.folder = study_dir
-        journal = study_dir / JOURNAL_NAME
-        self.storage = JournalStorage(JournalFileBackend(str(journal)))
-        if create:
-            self.study = optuna.create_study(
-                storage=self.storage, study_name=study_name, load_if_exists=True,
-                direction="maximize" if maximize else "minimize")
-        else:
-            try:
-                self.study = optuna.load_study(storage=self.storage, study_name=study_name)
-            except KeyError:
-                raise StudyError(f"{study_dir}: no study '{study_name}' in its journal") from None
+        self.url = storage_url
+        self.patience = patience
+        self.where = (f"--storage {public_url(storage_url)}" if storage_url
+                      else str(study_dir / JOURNAL_NAME))
+        self.storage = open_storage(storage_url, study_dir, patience)
+        self.study = self._open_study(study_name, maximize, create)
         self.study_id = self.study._study_id
+        self._lock_key = zlib.crc32(study_name.encode())
 
+    @_patient
+    def _open_study(self, name: str, maximize: bool, create: bool) -> optuna.Study:
+        if create:
+            return optuna.create_study(storage=self.storage, study_name=name, load_if_exists=True,
+                                       direction="maximize" if maximize else "minimize")
+        try:
+            return optuna.load_study(storage=self.storage, study_name=name)
+        except KeyError:
+            raise StudyError(f"{self.where}: no study '{name}' there") from None
+
+    @_patient
+    def configure(self, study_text: str, lease_seconds: float | None = None,
+                  max_attempts: int | None = None) -> None:
+        """Record the resolved study file and the fault settings every worker follows."""
+        self.storage.set_study_user_attr(self.study_id, STUDY_TEXT_ATTR, study_text)
+        if lease_seconds is not None:
+            self.storage.set_study_user_attr(self.study_id, "lease_seconds", lease_seconds)
+        if max_attempts is not None:
+            self.storage.set_study_user_attr(self.study_id, "max_attempts", max_attempts)
+
+    @_patient
+    def settings(self) -> dict:
+        return self.storage.get_study_user_attrs(self.study_id)
+
+    @property
+    def lease_seconds(self) -> float:
+        return float(self.settings().get("lease_seconds", DEFAULT_LEASE_SECONDS))
+
+    @property
+    def max_attempts(self) -> int:
+        return int(self.settings().get("max_attempts", DEFAULT_MAX_ATTEMPTS))
+
+    def study_text(self) -> str:
+        """The resolved study file the study was created with (for workers elsewhere)."""
+        text_ = self.settings().get(STUDY_TEXT_ATTR)
+        if text_ is None:
+            raise StudyError(f"{self.where}: the study '{self.study.study_name}' holds no study "
+                             "file; start it with `lorasweep run STUDY.yaml --storage URL`")
+        return str(text_)
+
+    @_patient
     def trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
         return self.storage.get_all_trials(self.study_id, deepcopy=False, states=states)
 
+    @_patient
     def sync(self, grid: list[TrialSpec], retry_failed: bool = False) -> int:
         """Enqueue grid trials not done, queued or running; requeue dead runs. Returns a count.
 
         A trial keeps the number it was first given; trials new to the store are numbered after
         the largest number it holds, so widening a grid never renumbers recorded trials. A lock
-        file serializes processes that sync the same folder at once.
+        serializes processes that sync one study at once (a file lock in the folder, or a
+        PostgreSQL advisory lock when workers on many machines share a database).
         """
+        with self._sync_lock():
+            return self._sync(grid, retry_failed)
+
+    @contextmanager
+    def _sync_lock(self) -> Iterator[None]:
+        storage = self.storage
+        if isinstance(storage, RDBStorage) and storage.engine.dialect.name == "postgresql":
+            with storage.engine.connect() as connection:
+                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": self._lock_key})
+                try:
+                    yield
+                finally:
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"),
+                                       {"key": self._lock_key})
+            return
         with open(self.folder / LOCK_NAME, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            return self._sync(grid, retry_failed)
+            yield
 
     def _sync(self, grid: list[TrialSpec], retry_failed: bool) -> int:
         now = time.time()
+        lease, max_attempts = self.lease_seconds, self.max_attempts
         by_key: dict[str, list[FrozenTrial]] = {}
         numbers: dict[str, int] = {}
         for trial in self.trials():
@@ -104,13 +187,12 @@ class Store:
         for spec in grid:
             if spec.key not in numbers:
                 numbers[spec.key], next_number = next_number, next_number + 1
+            attempts = sorted(by_key.get(spec.key, []), key=lambda t: t.number)
             statuses = set()
-            for trial in by_key.get(spec.key, []):
+            for trial in attempts:
                 status = self._status(trial)
-                if status == "running" and is_stale(trial, now):
-                    self.record_failure(trial._trial_id, "its worker stopped mid-trial",
-                                        status="interrupted")
-                    status = "interrupted"
+                if status == "running" and self._is_stale(trial, now, lease):
+                    status = self._close_lost(trial, attempts, max_attempts)
                 statuses.add(status)
             if statuses & {"complete", "diverged", "waiting", "running"}:
                 continue
@@ -121,11 +203,35 @@ class Store:
             enqueued += 1
         return enqueued
 
+    def _close_lost(self, trial: FrozenTrial, attempts: list[FrozenTrial],
+                    max_attempts: int) -> str:
+        """Close a trial whose worker died: interrupted (to run again), or failed for good."""
+        losses = 1
+        for earlier in attempts:
+            if earlier.number >= trial.number:
+                break
+            status = self._status(earlier)
+            losses = 1 if status == "failed" else losses + bool(earlier.user_attrs.get("lost"))
+        self.storage.set_trial_user_attr(trial._trial_id, "lost", True)
+        if losses >= max_attempts:
+            self.record_failure(trial._trial_id, f"{LOST_REASON} {losses} times (killed, frozen "
+                                "or cut off); not run again: --retry-failed runs it")
+            return "failed"
+        self.record_failure(trial._trial_id, LOST_REASON, status="interrupted")
+        return "interrupted"
+
+    @staticmethod
+    def _is_stale(trial: FrozenTrial, now: float, lease: float) -> bool:
+        """A RUNNING trial nobody works on: its process is gone or its lease ran out."""
+        return _process_gone(trial) or _lease_left(trial, now, lease) <= 0
+
+    @_patient
     def claim_group(self, max_group: int) -> list[tuple[int, TrialSpec]]:
         """Claim up to `max_group` waiting trials of one fusable group, oldest group first."""
         claimed: list[tuple[int, TrialSpec]] = []
         group_key = None
-        for trial in self.trials(states=(TrialState.WAITING,)):
+        for trial in self.storage.get_all_trials(self.study_id, deepcopy=False,
+                                                 states=(TrialState.WAITING,)):
             spec = TrialSpec.from_attrs(trial.user_attrs)
             if group_key is not None and spec.group_key != group_key:
                 continue
@@ -146,45 +252,67 @@ class Store:
             trial = optuna.Trial(self.study, trial_id)
             trial.suggest_float("lr", *LR_BOUNDS, log=True)
             self.storage.set_trial_user_attr(trial_id, "worker", worker_id())
-            self.heartbeat(trial_id)
+            self.storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
         return won
 
+    @_patient
     def heartbeat(self, trial_id: int) -> None:
         self.storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
 
+    @_patient
     def still_ours(self, trial_id: int) -> bool:
         """False when another process declared this trial dead and closed it meanwhile."""
         trial = self.storage.get_trial(trial_id)
         return trial.state == TrialState.RUNNING and trial.user_attrs.get("worker") == worker_id()
 
-    def record(self, trial_id: int, result: TrialResult, metric_name: str) -> None:
-        """Store a finished trial: COMPLETE with its metric, or PRUNED when it diverged."""
-        attrs = asdict(result)
-        for name, value in attrs.items():
-            if name not in ("metrics", "test", "weights"):
-                self.storage.set_trial_user_attr(trial_id, name, _jsonable(value))
-        for prefix, values in (("val_", result.metrics), ("test_", result.test)):
-            for name, value in values.items():
-                self.storage.set_trial_user_attr(trial_id, prefix + name, _jsonable(value))
-        number = self.storage.get_trial(trial_id).number
-        if result.status == "complete":
-            self.study.tell(number, result.metrics[metric_name])
-        else:
-            self.study.tell(number, state=TrialState.PRUNED)
+    @_patient
+    def record(self, trial_id: int, result: TrialResult, metric_name: str) -> bool:
+        """Store a finished trial: COMPLETE with its metric, or PRUNED when it diverged.
 
+        Returns False when the trial was closed by someone else first (its lease was taken
+        over): the trial then counts once, from its rerun.
+        """
+        try:
+            for name, value in asdict(result).items():
+                if name not in ("metrics", "test", "weights"):
+                    self.storage.set_trial_user_attr(trial_id, name, _jsonable(value))
+            for prefix, values in (("val_", result.metrics), ("test_", result.test)):
+                for name, value in values.items():
+                    self.storage.set_trial_user_attr(trial_id, prefix + name, _jsonable(value))
+            number = self.storage.get_trial(trial_id).number
+            if result.status == "complete":
+                self.study.tell(number, result.metrics[metric_name])
+            else:
+                self.study.tell(number, state=TrialState.PRUNED)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # a retry after an outage lands here when the first try had gone through
+            trial = self.storage.get_trial(trial_id)
+            return (trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                    and trial.user_attrs.get("worker") == worker_id())
+        return True
+
+    @_patient
     def record_failure(self, trial_id: int, reason: str, status: str = "failed") -> None:
         """Close a trial as FAIL: `failed` (it crashed) or `interrupted` (it will run again)."""
-        self.storage.set_trial_user_attr(trial_id, "status", status)
-        self.storage.set_trial_user_attr(trial_id, "reason", reason)
-        self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        try:
+            self.storage.set_trial_user_attr(trial_id, "status", status)
+            self.storage.set_trial_user_attr(trial_id, "reason", reason)
+            self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # already closed (by its worker, or by a process that found it dead)
 
     @staticmethod
     def _status(trial: FrozenTrial) -> str:
+        """The trial's status, from its Optuna state first, so no half-written record misleads."""
         if trial.state == TrialState.WAITING:
             return "waiting"
         if trial.state == TrialState.RUNNING:
             return "running"
-        return str(trial.user_attrs.get("status", trial.state.name.lower()))
+        if trial.state == TrialState.COMPLETE:
+            return "complete"
+        if trial.state == TrialState.PRUNED:
+            return "diverged"
+        return "failed" if trial.user_attrs.get("status") == "failed" else "interrupted"
 
     def latest_by_key(self) -> dict[str, tuple[str, FrozenTrial, int]]:
         """Per trial key: its status, the attempt that decides it, and how many attempts ran."""
@@ -195,11 +323,39 @@ class Store:
             key = str(trial.user_attrs.get("trial_key"))
             status = self._status(trial)
             count = out[key][2] + 1 if key in out else 1
-            if key not in out or rank.get(status, 5) <= rank.get(out[key][0], 5):
+            if key not in out or rank[status] <= rank[out[key][0]]:
                 out[key] = (status, trial, count)
             else:
                 out[key] = (out[key][0], out[key][1], count)
         return out
+
+    def leases(self) -> list[Lease]:
+        """The running trials, with who runs them and how fresh their lease is."""
+        now, lease = time.time(), self.lease_seconds
+        return [Lease(grid_id=int(t.user_attrs["grid_id"]),
+                      worker=str(t.user_attrs.get("worker", "?")),
+                      heartbeat_age=now - _heartbeat(t, now),
+                      lease_left=_lease_left(t, now, lease), process_gone=_process_gone(t))
+                for t in self.trials(states=(TrialState.RUNNING,))]
+
+    def others_running(self) -> bool:
+        """Whether trials run in other processes (which may still die and need taking over)."""
+        return any(t.user_attrs.get("worker") != worker_id()
+                   for t in self.trials(states=(TrialState.RUNNING,)))
+
+
+def _heartbeat(trial: FrozenTrial, now: float) -> float:
+    started = trial.datetime_start.timestamp() if trial.datetime_start else now
+    return float(trial.user_attrs.get("heartbeat", started))
+
+
+def _lease_left(trial: FrozenTrial, now: float, lease: float) -> float:
+    return _heartbeat(trial, now) + lease - now
+
+
+def _process_gone(trial: FrozenTrial) -> bool:
+    host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
 
 
 def _jsonable(value: object) -> object:
