@@ -102,6 +102,8 @@ class TrainSpec(_Strict):
     eval_every: Annotated[int, Field(ge=0)] = 0
     eval_batch_size: Annotated[int, Field(gt=0)] = 64
     divergence_factor: Annotated[float, Field(gt=1)] = 4.0
+    # bf16: matmuls under autocast in bfloat16; weights, optimizer state and losses stay fp32
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainSpec:

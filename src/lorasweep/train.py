@@ -107,7 +107,8 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
     schedule = build_schedule(optimizer, recipe, steps)
 
     def evaluate(split: Split) -> list[dict]:
-        return task.evaluate(model, split, k, recipe.eval_batch_size, device)
+        with autocast(recipe, device):
+            return task.evaluate(model, split, k, recipe.eval_batch_size, device)
 
     watches = [DivergenceWatch(recipe.divergence_factor) for _ in trials]
     stopped: list[tuple[int, str] | None] = [None] * k
@@ -117,8 +118,10 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
     bar = tqdm(total=steps, desc=_describe(trials), leave=False, disable=None)
     for step, index in enumerate(batch_order(len(task.train), recipe.batch_size, steps, seed), 1):
         batch = {n: t.to(device) for n, t in task.train.batch(index, k).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses = task.trial_losses(logits, batch["labels"], k)
+        with autocast(recipe, device):
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+            losses = task.trial_losses(logits, batch["labels"], k)
         active = torch.tensor([s is None for s in stopped], device=losses.device)
         torch.where(active, losses, torch.zeros_like(losses)).sum().backward()
         for i, value in enumerate(losses.detach().cpu().tolist()):
@@ -163,6 +166,12 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
                                        test=test[i], train_loss=_tail_mean(curves[i]),
                                        weights=weights, **common))
     return results
+
+
+def autocast(recipe: TrainSpec, device: torch.device) -> torch.autocast:
+    """bf16 autocast for `precision: bf16` (parameters stay fp32: the adapters' small updates
+    would vanish in bf16 rounding); a no-op for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16")
 
 
 def _clip_or_drop(params: list[nn.Parameter], max_norm: float | None, stopped: bool) -> None:

@@ -1,0 +1,70 @@
+"""A throwaway PostgreSQL server for the tests: its own cluster in a temporary folder.
+
+The tests start and stop it themselves (to test outages), so they own the cluster rather than
+use a system one. Debian's `postgresql` package provides the binaries (.ci/run installs it);
+initdb refuses to run as root, so as root the server runs as the `postgres` user.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+USER = "lorasweep"
+
+
+def find_bindir() -> Path | None:
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
+    found = shutil.which("initdb") or (candidates[0] if candidates else None)
+    return Path(found).parent if found else None
+
+
+class PostgresServer:
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.root = Path(tempfile.mkdtemp(prefix="lorasweep-pg-"))
+        self.as_owner: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres")
+            self.as_owner = ["runuser", "-u", "postgres", "--"]
+        self.data = self.root / "data"
+        self.port = _free_port()
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", USER, "--no-sync")
+        self.databases = 0
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run([*self.as_owner, str(self.bindir / tool), *args], check=True,
+                       capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+                   "-c fsync=off -c max_connections=200")
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"),
+                  "-o", options, "-w", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def new_database(self) -> str:
+        """A fresh, empty database; its SQLAlchemy URL."""
+        self.databases += 1
+        name = f"study{self.databases}"
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", USER, name)
+        return f"postgresql://{USER}@127.0.0.1:{self.port}/{name}"
+
+    def remove(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -1,0 +1,233 @@
+"""Many workers on one study, and the faults they must survive.
+
+Every test compares against one clean single-process run of the same study: seeds fix every
+number, so a study that survived kills, freezes and outages must record exactly those numbers,
+each trial exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from lorasweep.config import dump_study, load_study
+from lorasweep.space import expand_trials
+from lorasweep.study.runner import open_study_store
+from lorasweep.study.store import Store
+
+from .conftest import make_records, tiny_study, write_jsonl
+from .postgres_server import PostgresServer, find_bindir
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+RESULT_ATTRS = ("train_loss", "val_accuracy", "val_eval_loss", "steps")
+
+
+@pytest.fixture(scope="module")
+def study_path(tmp_path_factory) -> Path:
+    """Eight trials (4 LRs x 2 seeds) of a few seconds each on tiny:bert."""
+    folder = tmp_path_factory.mktemp("workers")
+    data = {"train": write_jsonl(folder / "train.jsonl", make_records(240, 0)),
+            "test": write_jsonl(folder / "test.jsonl", make_records(60, 1))}
+    study = tiny_study(data, train={"steps": 40},
+                       search={"methods": ["lora"], "lr": [1e-3, 3e-3, 1e-2, 3e-2],
+                               "seeds": [0, 1]})
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def lorasweep(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lorasweep.cli", *args], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    _, err = process.communicate(timeout=timeout)
+    return process.returncode, err
+
+
+@pytest.fixture(scope="module")
+def clean(study_path: Path, tmp_path_factory) -> dict[str, dict]:
+    """The clean run's results, per trial key."""
+    out = tmp_path_factory.mktemp("clean") / "study"
+    code, err = finish(lorasweep("run", str(study_path), "--out", str(out), "--threads", "1"))
+    assert code == 0, err
+    return results(Store(out, "tiny", maximize=True, create=False))
+
+
+def results(store: Store) -> dict[str, dict]:
+    """Per trial key, the recorded numbers; fails if any trial finished more than once."""
+    finished = [t for t in store.trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    counts = Counter(t.user_attrs["trial_key"] for t in finished)
+    assert set(counts.values()) == {1}, f"trials finished more than once: {counts}"
+    return {t.user_attrs["trial_key"]: {a: t.user_attrs.get(a) for a in RESULT_ATTRS}
+            for t in finished}
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    bindir = find_bindir()
+    if bindir is None:
+        if os.environ.get("LORASWEEP_REQUIRE_POSTGRES"):
+            pytest.fail("PostgreSQL's binaries are missing (Debian package postgresql)")
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
+    server = PostgresServer(bindir)
+    server.start()
+    yield server
+    server.remove()
+
+
+def create_study(study_path: Path, folder: Path, url: str | None, lease: float,
+                 max_attempts: int) -> Store:
+    """What `lorasweep run` does before its workers start: the study and its queue, once."""
+    study = load_study(study_path)
+    store = open_study_store(study, folder, url)
+    store.configure(dump_study(study), lease_seconds=lease, max_attempts=max_attempts)
+    store.sync(expand_trials(study))
+    return store
+
+
+def test_lost_trials_rerun_a_bounded_number_of_times(tmp_path: Path, study_path: Path):
+    """A trial whose worker died is requeued; after max_attempts losses it fails, with why."""
+    store = create_study(study_path, tmp_path / "study", None, lease=60, max_attempts=2)
+    grid = expand_trials(load_study(study_path))
+    dead = f"{os.uname().nodename}:{_dead_pid()}"
+    for losses in (1, 2):
+        while claimed := store.claim_group(1):  # every trial, as if by a worker that then died
+            store.storage.set_trial_user_attr(claimed[0][0], "worker", dead)
+        store.sync(grid)
+        latest = store.latest_by_key().values()
+        if losses == 1:
+            assert {(s, n) for s, _, n in latest} == {("waiting", 2)}, "each lost run requeued"
+        else:
+            assert {(s, n) for s, _, n in latest} == {("failed", 2)}, "given up after 2 losses"
+    assert all("stopped mid-trial 2 times" in t.user_attrs["reason"] for _, t, _ in latest)
+    assert store.sync(grid, retry_failed=True) == len(grid)
+    assert {s for s, _, _ in store.latest_by_key().values()} == {"waiting"}
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_workers_share_a_postgres_study_through_an_outage(study_path: Path, tmp_path: Path,
+                                                          postgres, clean):
+    """`run --workers 2` on PostgreSQL; the server goes down mid-run and comes back."""
+    url = postgres.new_database()
+    out = tmp_path / "study"
+    run = lorasweep("run", str(study_path), "--out", str(out), "--storage", url,
+                    "--workers", "2", "--threads", "1", "--lease-seconds", "20")
+    store = None
+    deadline = time.time() + 240
+    while time.time() < deadline and run.poll() is None:
+        if (out / "storage.json").exists():
+            store = store or Store(out, "tiny", maximize=True, create=False, storage_url=url)
+            if Counter(s for s, _, _ in store.latest_by_key().values())["complete"] >= 2:
+                break
+        time.sleep(0.5)
+    assert run.poll() is None, "the study ended before the outage"
+    postgres.stop()
+    time.sleep(6)
+    postgres.start()
+    code, err = finish(run)
+    assert code == 0, err
+    assert "unreachable" in err, "the workers noticed the outage"
+    store = Store(out, "tiny", maximize=True, create=False, storage_url=url)
+    assert results(store) == clean
+    workers = {t.user_attrs["worker"] for t in store.trials(states=(TrialState.COMPLETE,))}
+    assert len(workers) == 2, "both workers trained trials"
+
+
+def test_fault_campaign(study_path: Path, tmp_path: Path, postgres, clean):
+    """4 workers from the database alone; 20 SIGKILLs at random moments; nothing lost."""
+    url = postgres.new_database()
+    store = create_study(study_path, tmp_path / "origin", url, lease=60, max_attempts=50)
+    rng = random.Random(7)
+
+    def start() -> subprocess.Popen:
+        return lorasweep("worker", str(tmp_path / "worker"), "--storage", url, "--study", "tiny",
+                         "--threads", "1", stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+
+    workers = [start() for _ in range(4)]
+    kills = 0
+    while kills < 20 and any(w.poll() is None for w in workers):
+        time.sleep(rng.uniform(0.3, 2.0))
+        alive = [w for w in workers if w.poll() is None]
+        busy = {int(lease.worker.rpartition(":")[2]) for lease in store.leases()}
+        victim = rng.choice([w for w in alive if w.pid in busy] or alive)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        kills += 1
+        workers[workers.index(victim)] = start()
+    for worker in workers:
+        worker.wait(timeout=300)
+    assert kills == 20, "the study finished before the campaign did; make trials longer"
+    assert results(store) == clean
+    latest = store.latest_by_key().values()
+    assert {status for status, _, _ in latest} == {"complete"}
+    assert sum(attempts > 1 for _, _, attempts in latest) >= 3, "kills landed mid-trial"
+
+
+def test_frozen_worker_loses_its_trial_and_records_nothing(study_path: Path, tmp_path: Path,
+                                                           clean):
+    """A worker stopped (SIGSTOP) past its lease: another takes the trial over; when the frozen
+    one wakes up and finishes, its result is not recorded a second time."""
+    out = tmp_path / "study"
+    frozen = lorasweep("run", str(study_path), "--out", str(out), "--threads", "1",
+                       "--lease-seconds", "6")
+    store = None
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "optuna.journal").exists():
+            store = store or Store(out, "tiny", maximize=True, create=False)
+            if store.leases():
+                break
+        time.sleep(0.2)
+    frozen.send_signal(signal.SIGSTOP)
+    taken = store.leases()[0].grid_id
+    try:
+        code, err = finish(lorasweep("worker", str(out), "--threads", "1"))
+        assert code == 0, err
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    code, err = finish(frozen)
+    assert code == 0, err
+    assert results(store) == clean
+    rows = {int(t.user_attrs["grid_id"]): n for _, t, n in store.latest_by_key().values()}
+    assert rows[taken] == 2, "the frozen worker's trial ran again"
+
+
+def test_full_disk_is_one_line_and_loses_nothing(study_path: Path, tmp_path: Path, clean):
+    """The journal cannot grow (a file-size limit stands in for a full disk): one clear line,
+    exit 2, the journal still reads, and the next run completes the study."""
+    out = tmp_path / "study"
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    code, err = finish(lorasweep("run", str(study_path), "--out", str(out), "--threads", "1",
+                                 preexec_fn=small_files))
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lorasweep: error: ") and "cannot write the study's records" in last
+    store = Store(out, "tiny", maximize=True, create=False)
+    recorded = results(store)
+    assert 0 < len(recorded) < len(clean)
+    code, err = finish(lorasweep("run", str(study_path), "--out", str(out), "--threads", "1"))
+    assert code == 0, err
+    assert results(Store(out, "tiny", maximize=True, create=False)) == clean
