@@ -21,7 +21,7 @@ USER = "lorasweep"
 def find_bindir() -> Path | None:
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
     found = shutil.which("initdb") or (candidates[0] if candidates else None)
-    return Path(found).parent if found else None
+    return Path(found).resolve().parent if found else None
 
 
 class PostgresServer:
@@ -38,8 +38,10 @@ class PostgresServer:
         self.databases = 0
 
     def _run(self, tool: str, *args: str) -> None:
-        subprocess.run([*self.as_owner, str(self.bindir / tool), *args], check=True,
-                       capture_output=True, timeout=120)
+        done = subprocess.run([*self.as_owner, str(self.bindir / tool), *args],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{tool} failed: {done.stderr.strip()}")
 
     def start(self) -> None:
         options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "

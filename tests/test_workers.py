@@ -22,6 +22,7 @@ import yaml
 from optuna.trial import TrialState
 
 from lorasweep.config import dump_study, load_study
+from lorasweep.errors import StudyError
 from lorasweep.space import expand_trials
 from lorasweep.study.runner import open_study_store
 from lorasweep.study.store import Store
@@ -48,8 +49,9 @@ def study_path(tmp_path_factory) -> Path:
 
 
 def lorasweep(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lorasweep.cli", *args], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    return subprocess.Popen([sys.executable, "-m", "lorasweep.cli", *args], env=ENV, text=True,
+                            **{**pipes, **kwargs})
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -133,10 +135,13 @@ def test_workers_share_a_postgres_study_through_an_outage(study_path: Path, tmp_
     store = None
     deadline = time.time() + 240
     while time.time() < deadline and run.poll() is None:
-        if (out / "storage.json").exists():
+        try:
             store = store or Store(out, "tiny", maximize=True, create=False, storage_url=url)
-            if Counter(s for s, _, _ in store.latest_by_key().values())["complete"] >= 2:
-                break
+        except StudyError:  # not created yet
+            time.sleep(0.5)
+            continue
+        if Counter(s for s, _, _ in store.latest_by_key().values())["complete"] >= 2:
+            break
         time.sleep(0.5)
     assert run.poll() is None, "the study ended before the outage"
     postgres.stop()

@@ -78,7 +78,11 @@ def run_local_workers(store: Store, folder: Path, count: int, device: str, max_g
                          "input (its message is above); what was recorded is kept")
     after = _finished(store)
     trained = sum(after.values()) - sum(before.values())
-    return trained, after["failed"] - before["failed"]
+    unfinished = len(store.latest_by_key()) - sum(after.values())
+    if unfinished:
+        print(f"lorasweep: {unfinished} trials did not finish (worker exit codes {codes}); "
+              "run the same command again to resume", file=sys.stderr)
+    return trained, after["failed"] - before["failed"] + unfinished
 
 
 def _finished(store: Store) -> Counter:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import optuna
 import sqlalchemy.exc
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
@@ -94,7 +96,12 @@ def public_url(url: str) -> str:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether waiting may fix the error: a lost connection yes, a full disk no."""
+    """Whether waiting may fix the error: a lost connection yes, a full disk no.
+
+    Optuna re-raises some database errors as its own StorageInternalError: the cause decides.
+    """
+    if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
+        return is_transient(exc.__cause__)
     if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError
                   | sqlalchemy.exc.DisconnectionError):
         message = str(exc).lower()
@@ -122,7 +129,7 @@ def patiently(call: Callable[[], T], what: str, patience: float) -> T:
             if first_failure is None:
                 first_failure = now
                 tqdm.write(f"lorasweep: {what} unreachable ({_first_line(exc)}); "
-                           f"retrying for up to {patience:.0f} s")
+                           f"retrying for up to {patience:.0f} s", file=sys.stderr)
             if now - first_failure > patience:
                 raise StudyError(f"{what}: unreachable for {patience:.0f} s "
                                  f"({_first_line(exc)})") from None
@@ -131,5 +138,7 @@ def patiently(call: Callable[[], T], what: str, patience: float) -> T:
 
 
 def _first_line(exc: BaseException) -> str:
+    if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
+        exc = exc.__cause__
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

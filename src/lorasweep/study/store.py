@@ -27,6 +27,7 @@ from functools import wraps
 from pathlib import Path
 
 import optuna
+from optuna.distributions import FloatDistribution
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import text
@@ -43,7 +44,8 @@ from lorasweep.train import TrialResult
 
 LOCK_NAME = ".sync.lock"
 LOST_REASON = "its worker stopped mid-trial"
-LR_BOUNDS = (1e-12, 1e3)  # the Optuna distribution the LR param is recorded under
+# The LR is recorded as an Optuna parameter too, so optuna-dashboard can plot it.
+LR_DISTRIBUTION = FloatDistribution(1e-12, 1e3, log=True)
 STUDY_TEXT_ATTR = "study_yaml"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -235,7 +237,7 @@ class Store:
             spec = TrialSpec.from_attrs(trial.user_attrs)
             if group_key is not None and spec.group_key != group_key:
                 continue
-            if not self._claim(trial._trial_id):
+            if not self._claim(trial._trial_id, spec.lr):
                 continue
             group_key = spec.group_key
             claimed.append((trial._trial_id, spec))
@@ -243,16 +245,15 @@ class Store:
                 break
         return claimed
 
-    def _claim(self, trial_id: int) -> bool:
+    def _claim(self, trial_id: int, lr: float) -> bool:
         try:
             won = self.storage.set_trial_state_values(trial_id, state=TrialState.RUNNING)
         except optuna.exceptions.UpdateFinishedTrialError:
             return False
         if won:
-            trial = optuna.Trial(self.study, trial_id)
-            trial.suggest_float("lr", *LR_BOUNDS, log=True)
             self.storage.set_trial_user_attr(trial_id, "worker", worker_id())
             self.storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
+            self.storage.set_trial_param(trial_id, "lr", lr, LR_DISTRIBUTION)
         return won
 
     @_patient
@@ -279,11 +280,12 @@ class Store:
             for prefix, values in (("val_", result.metrics), ("test_", result.test)):
                 for name, value in values.items():
                     self.storage.set_trial_user_attr(trial_id, prefix + name, _jsonable(value))
-            number = self.storage.get_trial(trial_id).number
+            # straight to the storage (as Study.tell would), which refuses a closed trial
             if result.status == "complete":
-                self.study.tell(number, result.metrics[metric_name])
+                self.storage.set_trial_state_values(trial_id, TrialState.COMPLETE,
+                                                    [result.metrics[metric_name]])
             else:
-                self.study.tell(number, state=TrialState.PRUNED)
+                self.storage.set_trial_state_values(trial_id, TrialState.PRUNED)
         except optuna.exceptions.UpdateFinishedTrialError:
             # a retry after an outage lands here when the first try had gone through
             trial = self.storage.get_trial(trial_id)
