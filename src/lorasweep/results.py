@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorasweep.files import atomic_path
 from lorasweep.space import TrialSpec
-from lorasweep.study.store import Store
+
+if TYPE_CHECKING:  # the store pulls in torch and PEFT, which readers of trials.csv do not need
+    from lorasweep.study.store import Store
 
 TRIALS_CSV = "trials.csv"
 COLUMNS = ("trial", "method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules",
