@@ -36,7 +36,7 @@ from lorasweep.config import Study, parse_lora_alpha
 from lorasweep.errors import StudyError
 from lorasweep.files import write_text
 from lorasweep.report import OPTIMA_CSV
-from lorasweep.results import TRIALS_CSV
+from lorasweep.results import TRIALS_CSV, read_trials_csv
 
 # PEFT's init_lora_weights for the inits it has; the others are lorasweep's own.
 PEFT_INITS = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
@@ -77,8 +77,7 @@ def load_finished(folder: Path) -> FinishedStudy:
                               edge=r["edge"], suggest=[float(v) for v in r["suggest"].split()],
                               n_lrs=int(r["n_lrs"]), diverged=int(r["diverged"]))
                       for r in csv.DictReader(handle)]
-        with open(folder / TRIALS_CSV, newline="") as handle:
-            rows = [{**_cell(r), "lr": float(r["lr"])} for r in csv.DictReader(handle)]
+        rows = read_trials_csv(folder)
     except (KeyError, ValueError) as exc:
         raise StudyError(f"{folder}: {OPTIMA_CSV} or {TRIALS_CSV} is not as lorasweep writes "
                          f"it ({type(exc).__name__}: {exc})") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import threading
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from lorasweep.report import write_report
 from lorasweep.results import write_trials_csv
 from lorasweep.space import TrialSpec, expand_trials
 from lorasweep.study.folder import prepare_folder, save_weights
+from lorasweep.study.plan import planner
 from lorasweep.study.store import LEASE_SECONDS, Store
 from lorasweep.tasks import Task, build_task, num_labels
 from lorasweep.train import train_group
@@ -81,13 +83,13 @@ def run_study(study: Study, folder: Path, max_group: int = 1,
     bench = load_workbench(study)
     prepare_folder(folder, study)
     store = Store(folder, study.name, maximize=bench.task.greater_is_better)
-    grid = expand_trials(study)
-    store.sync(grid, retry_failed=retry_failed)
+    plan = planner(study, store, bench.task.metric_name, bench.task.greater_is_better)
+    store.sync(plan(), retry_failed=retry_failed)
     todo = len([s for s, _, _ in store.latest_by_key().values() if s == "waiting"])
     trained = failed = 0
     overall = tqdm(total=todo, desc=f"study {study.name}", unit="trial", disable=None)
     try:
-        while claimed := _next_group(store, grid, max_group):
+        while claimed := _next_group(store, plan, max_group):
             ids = [trial_id for trial_id, _ in claimed]
             specs = [spec for _, spec in claimed]
             failed += _train_claimed(store, bench, study, folder, ids, specs,
@@ -102,12 +104,13 @@ def run_study(study: Study, folder: Path, max_group: int = 1,
     return RunSummary(folder=folder, trained=trained, failed=failed)
 
 
-def _next_group(store: Store, grid: list[TrialSpec], max_group: int
+def _next_group(store: Store, plan: Callable[[], list[TrialSpec]], max_group: int
                 ) -> list[tuple[int, TrialSpec]]:
-    """The next group to train; when none is waiting, requeue runs whose worker died (failed
-    trials are retried only once, at the start, with --retry-failed)."""
+    """The next group to train; when none is waiting, add what the plan adds now (a transfer
+    search's brackets) and requeue runs whose worker died (failed trials are retried only once,
+    at the start, with --retry-failed)."""
     claimed = store.claim_group(max_group)
-    if not claimed and store.sync(grid):
+    if not claimed and store.sync(plan()):
         claimed = store.claim_group(max_group)
     return claimed
 
