@@ -129,7 +129,8 @@ def transfer_tables(checks: list[CheckRow]) -> list[Table]:
         "fine-tuning's from each family) by each rule of `lorasweep suggest`; errors in the "
         "held-out cell's grid steps; in interval: the measured optimum lies in the predicted "
         "95% interval.",
-        ["rule", "predictions", "mean |error|", "max |error|", "within 1 step", "in interval"],
+        ["rule", "predictions", "mean abs error", "max abs error", "within 1 step",
+         "in interval"],
         [[s.rule, str(s.n), f"{s.mean_abs:.2f}", f"{s.max_abs:.2f}", f"{s.within_one:.0%}",
           f"{s.covered:.0%}"] for s in score_rules(checks)]), Table(
         "LR transfer, each held-out optimum", "Error: log10(predicted / measured) in grid "
