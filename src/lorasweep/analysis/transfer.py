@@ -63,7 +63,6 @@ class Family:
     """One study's optima of cells that differ only in rank, and their LR grid step (log10)."""
 
     key: tuple
-    study: int
     optima: list[Optimum]
     steps: list[float]  # each optimum's grid step, in the same order
 
@@ -96,7 +95,7 @@ def grid_steps(rows: list[dict]) -> dict[tuple, float]:
             else math.nan for key, values in lrs.items()}
 
 
-def families(optima: list[Optimum], steps: dict[tuple, float], study: int = 0) -> list[Family]:
+def families(optima: list[Optimum], steps: dict[tuple, float]) -> list[Family]:
     """The adapter families of one study's optima, ranks in order."""
     groups: dict[tuple, list[Optimum]] = defaultdict(list)
     for optimum in optima:
@@ -105,7 +104,7 @@ def families(optima: list[Optimum], steps: dict[tuple, float], study: int = 0) -
     out = []
     for key, members in groups.items():
         members.sort(key=lambda o: int(o.cell["rank"]))
-        out.append(Family(key, study, members,
+        out.append(Family(key, members,
                           [steps.get(tuple(o.cell.get(f) for f in CELL_FIELDS), math.nan)
                            for o in members]))
     return sorted(out, key=lambda f: str(f.key))
@@ -146,8 +145,11 @@ def _alpha_at(cell: dict, rank: int | None) -> float | None:
 
 
 def _sources(family: Family) -> str:
-    return "from rank" + ("s " if len(family.ranks) > 1 else " ") + " ".join(
-        map(str, family.ranks))
+    edges = [str(o.cell["rank"]) for o in family.optima if o.edge in ("low", "high")]
+    return ("from rank" + ("s " if len(family.ranks) > 1 else " ")
+            + " ".join(map(str, family.ranks))
+            + (f" (rank {', '.join(edges)} at its grid's edge: a bound, not an optimum)"
+               if edges else ""))
 
 
 def mua_rule(family: Family, target: Target, fits: dict[tuple, RankFit]) -> Prediction | None:
@@ -238,12 +240,12 @@ def check_rules(studies: list[tuple[list[Optimum], dict[tuple, float]]]) -> list
     the held-out cell's grid steps. `studies` are (optima, grid_steps) pairs."""
     rows = []
     for index, (optima, steps) in enumerate(studies):
-        for family in families(optima, steps, index):
+        for family in families(optima, steps):
             for held, step in zip(family.optima, family.steps, strict=True):
                 if len(family.optima) < 2 or not math.isfinite(step):
                     continue
                 rest = [o for o in family.optima if o is not held]
-                reduced = Family(family.key, index, rest,
+                reduced = Family(family.key, rest,
                                  [s for o, s in zip(family.optima, family.steps, strict=True)
                                   if o is not held])
                 others = [s[0] if i != index else [o for o in s[0] if o is not held]

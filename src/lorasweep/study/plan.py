@@ -124,7 +124,7 @@ def _lrs_for(trials: list[TrialSpec], sources: list[list[TrialSpec]], target: Ta
     for source in sources:
         optimum = _optimum(source, outcomes, maximize)
         if optimum is not None and optimum.edge != "flat":
-            family = Family(family_key(optimum.cell), 0, [optimum], [math.nan])
+            family = Family(family_key(optimum.cell), [optimum], [math.nan])
             predicted += [p.lr for p in predict(family, target, {})[:1]]
     if not predicted:
         return None
