@@ -8,11 +8,17 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from scipy import stats
 
 from lorasweep.analysis.optima import Optimum, find_optima
-from lorasweep.analysis.scaling import fit_rank_scaling, predicted_width_exponent
+from lorasweep.analysis.scaling import (
+    fit_rank_scaling,
+    pooled_slope,
+    predicted_width_exponent,
+)
 from lorasweep.analysis.transfer import (
     Target,
     check_rules,
@@ -145,6 +151,17 @@ def test_one_exponent_pooled_over_studies_with_their_own_intercepts():
     assert naive.beta < -0.9
 
 
+def test_pooled_slope_is_ordinary_least_squares_for_one_study():
+    rng = np.random.default_rng(0)
+    x = np.log10([2, 4, 8, 16, 32, 64])
+    y = -2 - 0.4 * x + rng.normal(0, 0.05, len(x))
+    slope, stderr, dof, intercepts = pooled_slope(x, y, np.zeros(len(x), int))
+    reference = stats.linregress(x, y)
+    assert slope == pytest.approx(reference.slope, rel=1e-12)
+    assert stderr == pytest.approx(reference.stderr, rel=1e-9)
+    assert dof == len(x) - 2 and intercepts[0] == pytest.approx(reference.intercept, rel=1e-12)
+
+
 def write_study(folder: Path, rows: list[dict]) -> Path:
     folder.mkdir()
     trials = [{"trial": i, **row} for i, row in enumerate(rows)]
@@ -156,8 +173,15 @@ def write_study(folder: Path, rows: list[dict]) -> Path:
     return folder
 
 
-def test_suggest_prints_and_writes_settings(tmp_path, capsys):
-    folder = write_study(tmp_path / "study", synthetic(-0.5, 3e-3, ranks=(4, 16)))
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished study folder (optima.csv, trials.csv, report) scaling as muA says."""
+    return write_study(tmp_path_factory.mktemp("finished") / "study",
+                       synthetic(-0.5, 3e-3, ranks=(4, 16)))
+
+
+def test_suggest_prints_and_writes_settings(tmp_path, capsys, finished):
+    folder = finished
     out = tmp_path / "lora.yaml"
     assert main(["suggest", "--from", str(folder), "--rank", "64", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -178,6 +202,20 @@ def test_suggest_prints_and_writes_settings(tmp_path, capsys):
     assert "leave one rank out" in capsys.readouterr().out
 
 
+def test_suggest_fits_over_several_studies_and_uses_the_better_rule(tmp_path, capsys):
+    """Two studies that both scale as r^-0.3 (muA says -0.5 for lora_alpha = 2r): the fitted
+    rule predicts their held-out ranks exactly, so the suggestion uses it."""
+    first = write_study(tmp_path / "a", synthetic(-0.3, 3e-3, ranks=(4, 8, 16)))
+    second = write_study(tmp_path / "b", synthetic(-0.3, 1e-3, ranks=(16, 32, 64)))
+    out = tmp_path / "s.json"
+    assert main(["suggest", "--from", str(first), "--from", str(second), "--rank", "128",
+                 "--out", str(out)]) == 0
+    (doc,) = json.loads(out.read_text())["suggestions"]
+    assert doc["rule"] == "fitted"
+    assert doc["lr"] == pytest.approx(3e-3 * (128 / 16) ** -0.3, rel=1e-2)
+    assert "r^-0.30" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--rank", "0"], "--rank 0: must be at least 1"),
     ([], "give --rank R or --to full"),
@@ -185,9 +223,8 @@ def test_suggest_prints_and_writes_settings(tmp_path, capsys):
     (["--rank", "8", "--out", "x.txt"], "name a .yaml, .yml or .json file"),
     (["--rank", "8", "--width", "64"], "give --source-width"),
 ])
-def test_suggest_bad_input_is_one_line(tmp_path, capsys, args, message):
-    folder = write_study(tmp_path / "study", synthetic(-0.5, 3e-3, ranks=(4, 16)))
-    assert main(["suggest", "--from", str(folder), *args]) == 2
+def test_suggest_bad_input_is_one_line(capsys, finished, args, message):
+    assert main(["suggest", "--from", str(finished), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
 

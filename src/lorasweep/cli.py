@@ -200,6 +200,8 @@ def _suggest(args: argparse.Namespace) -> int:
         raise StudyError("suggest --from: give --rank R or --to full")
     if args.rank is not None and args.rank < 1:
         raise StudyError(f"--rank {args.rank}: must be at least 1")
+    if args.out is not None:
+        suggest.settings_format(args.out)  # a bad name fails before anything is computed
     ratio = 1.0
     if args.width is not None:
         ratio = args.width / _source_width(args)

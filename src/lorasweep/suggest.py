@@ -230,13 +230,18 @@ def _peft_targets(targets: str) -> str | list[str]:
     return targets if targets in ("all-linear", "attention", "mlp") else targets.split(",")
 
 
-def write_settings(path: Path, docs: list[dict]) -> None:
-    """The suggestions as YAML (.yaml, .yml) or JSON (.json)."""
+def settings_format(path: Path) -> str:
+    """"json" or "yaml", from the --out file's name."""
     suffix = path.suffix.lower()
     if suffix not in (".yaml", ".yml", ".json"):
         raise StudyError(f"--out {path}: name a .yaml, .yml or .json file")
+    return suffix.removeprefix(".").replace("yml", "yaml")
+
+
+def write_settings(path: Path, docs: list[dict]) -> None:
+    """The suggestions as YAML (.yaml, .yml) or JSON (.json)."""
     body = {"suggestions": docs}
-    text = (json.dumps(body, indent=2) + "\n" if suffix == ".json"
+    text = (json.dumps(body, indent=2) + "\n" if settings_format(path) == "json"
             else yaml.safe_dump(body, sort_keys=False))
     try:
         write_text(path, text)
