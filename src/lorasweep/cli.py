@@ -71,6 +71,27 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="progress and best LRs of a study folder")
     status.add_argument("folder", type=Path)
     status.set_defaults(handler=_status)
+
+    suggest = commands.add_parser(
+        "suggest", help="the LR for a new rank, width or full fine-tuning, from finished studies")
+    source = suggest.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from", dest="sources", type=Path, action="append", metavar="DIR",
+                        help="finished study folder(s): predictions from the first, the rank "
+                             "exponent fitted on all (repeatable)")
+    source.add_argument("--check", type=Path, action="append", metavar="DIR",
+                        help="leave-one-rank-out error of each rule on these studies")
+    target = suggest.add_mutually_exclusive_group()
+    target.add_argument("--rank", type=int, help="the rank to predict the LR for")
+    target.add_argument("--to", choices=["full"], help="predict full fine-tuning's LR")
+    suggest.add_argument("--width", type=int, metavar="N",
+                         help="the target model's hidden size (default: the source's)")
+    suggest.add_argument("--source-width", type=int, metavar="N",
+                         help="the source model's hidden size (default: read from its config)")
+    suggest.add_argument("--method", help="only cells of this method")
+    suggest.add_argument("--lora-alpha", help="only cells with this lora_alpha, e.g. 16 or 2r")
+    suggest.add_argument("--out", type=Path, metavar="FILE",
+                         help="write PEFT LoraConfig and optimizer settings (.yaml or .json)")
+    suggest.set_defaults(handler=_suggest)
     return parser
 
 
@@ -241,6 +262,49 @@ def _print_workers(rows: list[dict], store) -> None:
                 state = (f"heartbeat {lease.heartbeat_age:.0f} s ago, lease "
                          f"{lease.lease_left:.0f} s left")
             print(f"    running trial {lease.grid_id}: {state}")
+
+
+def _suggest(args: argparse.Namespace) -> int:
+    from lorasweep import suggest
+
+    if args.check:
+        print(suggest.format_check(suggest.check(args.check)))
+        return 0
+    if args.rank is None and args.to is None:
+        raise StudyError("suggest --from: give --rank R or --to full")
+    if args.rank is not None and args.rank < 1:
+        raise StudyError(f"--rank {args.rank}: must be at least 1")
+    if args.out is not None:
+        suggest.settings_format(args.out)  # a bad name fails before anything is computed
+    ratio = 1.0
+    if args.width is not None:
+        ratio = args.width / _source_width(args)
+    target = suggest.Target(rank=args.rank, full=args.to == "full", width_ratio=ratio)
+    source, suggestions = suggest.suggest(args.sources, target, args.method, args.lora_alpha)
+    print(suggest.format_suggestions(source, target, suggestions))
+    if args.out is not None:
+        suggest.write_settings(args.out, [suggest.settings(s.chosen, source.study)
+                                          for s in suggestions])
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _source_width(args: argparse.Namespace) -> int:
+    """The hidden size of the model the source study tuned, to scale its LRs to --width."""
+    from lorasweep.models import model_width
+    from lorasweep.study.folder import load_folder_study
+
+    for name, value in (("--width", args.width), ("--source-width", args.source_width)):
+        if value is not None and value < 1:
+            raise StudyError(f"{name} {value}: must be at least 1")
+    if args.source_width is not None:
+        return args.source_width
+    try:
+        study = load_folder_study(args.sources[0])
+    except StudyError:
+        raise StudyError(f"--width: {args.sources[0]} keeps no study.yaml to read the source "
+                         "model's width from; give --source-width") from None
+    return model_width(study.model)
 
 
 def entry() -> None:

@@ -193,6 +193,11 @@ class SearchSpec(_Strict):
     lr: LRGrid | None = None
     seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = [0]
     loraplus_ratio: Annotated[float, Field(gt=0)] = 16.0
+    # grid: every trial. transfer: the reference rank over the whole LR grid, the other ranks
+    # only at `bracket` grid LRs around muA's prediction, widened while the best is at an edge.
+    strategy: Literal["grid", "transfer"] = "grid"
+    reference_rank: Annotated[int, Field(gt=0)] | None = None  # default: the middle rank
+    bracket: Annotated[int, Field(ge=2)] = 3
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -234,6 +239,9 @@ class SearchSpec(_Strict):
         for entry in self.methods:
             if entry.lr is None and self.lr is None:
                 raise ValueError(f"method '{entry.name}' has no learning rates: set search.lr")
+        if self.reference_rank is not None and self.reference_rank not in self.ranks:
+            raise ValueError(f"search.reference_rank {self.reference_rank}: not in search.ranks "
+                             f"{self.ranks}")
         names = [entry.display_name for entry in self.methods]
         if len(set(names)) != len(names):
             raise ValueError("a method is listed twice in search.methods (give each peft entry "

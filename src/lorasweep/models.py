@@ -78,6 +78,22 @@ def load_model(spec: ModelSpec, kind: str, num_labels: int | None,
     return model.eval()
 
 
+def model_width(spec: ModelSpec) -> int:
+    """The model's hidden size (muA's width n), from its config alone."""
+    if spec.source in TINY_CONFIGS:
+        return int(TINY_CONFIGS[spec.source]["hidden_size"])
+    try:
+        config = AutoConfig.from_pretrained(_resolve_source(spec.source), revision=spec.revision,
+                                            trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise StudyError(_load_error(spec, exc)) from None
+    width = getattr(config, "hidden_size", None)
+    if not isinstance(width, int):
+        raise StudyError(f"model.source: the config of '{spec.source}' names no hidden_size; "
+                         "give --source-width")
+    return width
+
+
 def _resolve_source(source: str) -> str:
     if source in PACKAGED_MODELS:
         try:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorasweep.files import atomic_path
 from lorasweep.space import TrialSpec
-from lorasweep.study.store import Store
+
+if TYPE_CHECKING:  # the store pulls in torch and PEFT, which readers of trials.csv do not need
+    from lorasweep.study.store import Store
 
 TRIALS_CSV = "trials.csv"
 COLUMNS = ("trial", "method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules",
@@ -23,9 +26,7 @@ def trial_rows(store: Store, metric_name: str) -> list[dict]:
         attrs = trial.user_attrs
         cell = spec.cell
         rows.append({
-            "trial": spec.grid_id, "method": cell.label, "rank": cell.rank,
-            "lora_alpha": cell.alpha, "alpha_mode": cell.alpha_mode, "init": cell.init,
-            "target_modules": cell.target_modules, "lr": spec.lr, "seed": spec.seed,
+            "trial": spec.grid_id, **cell.columns(), "lr": spec.lr, "seed": spec.seed,
             "status": status, "train_loss": attrs.get("train_loss"),
             "eval_loss": attrs.get("val_eval_loss"), "metric": attrs.get(f"val_{metric_name}"),
             "test_metric": attrs.get(f"test_{metric_name}"), "steps": attrs.get("steps"),
@@ -43,3 +44,14 @@ def write_trials_csv(folder: Path, store: Store, metric_name: str) -> list[dict]
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
     return rows
+
+
+def read_trials_csv(folder: Path) -> list[dict]:
+    """trials.csv's rows typed as trial_rows makes them (numbers as numbers, blanks as None)."""
+    numbers = {**dict.fromkeys(("trial", "rank", "seed", "steps", "trainable_params",
+                                "attempts"), int),
+               **dict.fromkeys(("lora_alpha", "lr", "train_loss", "eval_loss", "metric",
+                                "test_metric", "seconds", "effective_scale"), float)}
+    with open(folder / TRIALS_CSV, newline="") as handle:
+        return [{k: None if v in (None, "") else numbers.get(k, str)(v) for k, v in row.items()}
+                for row in csv.DictReader(handle)]

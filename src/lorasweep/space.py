@@ -49,6 +49,12 @@ class Cell:
             return None
         return parse_lora_alpha(_alpha_spec(self.lora_alpha))[0]
 
+    def columns(self) -> dict[str, Any]:
+        """The cell as trials.csv and optima.csv name it (analysis.optima.CELL_FIELDS)."""
+        return {"method": self.label, "rank": self.rank, "lora_alpha": self.alpha,
+                "alpha_mode": self.alpha_mode, "init": self.init,
+                "target_modules": self.target_modules}
+
     @property
     def key(self) -> str:
         if not self.is_adapter:

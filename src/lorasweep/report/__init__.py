@@ -21,6 +21,7 @@ from lorasweep.analysis.compare import (
 )
 from lorasweep.analysis.optima import find_optima
 from lorasweep.analysis.scaling import fit_rank_scaling
+from lorasweep.analysis.transfer import CheckRow, check_rules, grid_steps, score_rules
 from lorasweep.files import atomic_path, write_text
 from lorasweep.report.plots import lr_star_vs_rank, metric_vs_lr, peaks_plot
 
@@ -99,13 +100,14 @@ def build_tables(rows: list[dict], metric_name: str, maximize: bool) -> tuple[li
     if fits:
         tables.append(Table(
             "Optimal LR against rank",
-            "log lr_star = a + beta log r per method, alpha mode and init, with a 95% interval "
+            "log lr_star = a + beta log r per method, lora_alpha and init, with a 95% interval "
             "for beta (three ranks or more), beside the slope muA predicts.",
-            ["method", "alpha mode", "init", "ranks", "beta", "interval", "muA"],
-            [[f.method, str(f.alpha_mode), str(f.init), " ".join(map(str, f.ranks)),
+            ["method", "lora_alpha", "init", "ranks", "beta", "interval", "muA"],
+            [[f.method, str(f.alpha), str(f.init), " ".join(map(str, f.ranks)),
               f"{f.beta:+.3f}", f"{f.beta_low:+.3f} - {f.beta_high:+.3f}"
               if f.beta_low is not None else "-",
               f"{f.predicted:+.3f}" if f.predicted is not None else "-"] for f in fits]))
+    tables += transfer_tables(check_rules([(optima, grid_steps(rows))]))
     full = [o for o in optima if o.cell["method"] == "full"]
     adapters = [o for o in optima if o.cell["method"] != "full" and o.cell.get("rank")]
     if full and adapters:
@@ -115,6 +117,27 @@ def build_tables(rows: list[dict], metric_name: str, maximize: bool) -> tuple[li
             ["cell", "ratio"],
             [[cell_name(o.cell), _fmt(o.lr_star / full[0].lr_star)] for o in adapters]))
     return tables, {"optima_rows": optima_rows, "peaks": peaks, "fits": fits}
+
+
+def transfer_tables(checks: list[CheckRow]) -> list[Table]:
+    """How well each LR transfer rule (lorasweep suggest) predicted this study's own optima."""
+    if not checks:
+        return []
+    return [Table(
+        "LR transfer rules, leave one rank out",
+        "Each measured optimum predicted from the other ranks of its cell family (full "
+        "fine-tuning's from each family) by each rule of `lorasweep suggest`; errors in the "
+        "held-out cell's grid steps; in interval: the measured optimum lies in the predicted "
+        "95% interval.",
+        ["rule", "predictions", "mean abs error", "max abs error", "within 1 step",
+         "in interval"],
+        [[s.rule, str(s.n), f"{s.mean_abs:.2f}", f"{s.max_abs:.2f}", f"{s.within_one:.0%}",
+          f"{s.covered:.0%}"] for s in score_rules(checks)]), Table(
+        "LR transfer, each held-out optimum", "Error: log10(predicted / measured) in grid "
+        "steps; + means the rule predicted too high.",
+        ["held out", "rule", "measured", "predicted", "error"],
+        [[c.cell, c.rule, _fmt(c.measured), _fmt(c.predicted), f"{c.error_steps:+.2f}"]
+         for c in checks])]
 
 
 def write_report(folder: Path, rows: list[dict], metric_name: str, maximize: bool,

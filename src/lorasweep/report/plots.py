@@ -13,7 +13,7 @@ import numpy as np
 
 from lorasweep.analysis.compare import Peak, cell_name
 from lorasweep.analysis.optima import CELL_FIELDS
-from lorasweep.analysis.scaling import RankFit
+from lorasweep.analysis.scaling import RankFit, family_key
 from lorasweep.files import atomic_path
 
 
@@ -72,15 +72,14 @@ def lr_star_vs_rank(fits: list[RankFit], optima_rows: list[dict], path: Path) ->
     """Optimal LR against rank on log-log axes, the fitted slope solid, muA's dashed."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for fit in fits:
-        members = [o for o in optima_rows if o["method"] == fit.method
-                   and o["alpha_mode"] == fit.alpha_mode and o["init"] == fit.init
-                   and o["rank"] not in (None, "")]
+        members = [o for o in optima_rows
+                   if o["rank"] not in (None, "") and family_key(o) == fit.key]
         members.sort(key=lambda o: int(o["rank"]))
         ranks = np.array([int(o["rank"]) for o in members])
         stars = np.array([o["lr_star"] for o in members])
         low = np.array([o["lr_star_low"] or s for o, s in zip(members, stars, strict=True)])
         high = np.array([o["lr_star_high"] or s for o, s in zip(members, stars, strict=True)])
-        label = f"{fit.method} {fit.alpha_mode} {fit.init}"
+        label = f"{fit.method} a={fit.alpha} {fit.init}"
         bars = ax.errorbar(ranks, stars, yerr=[stars - low, high - stars], fmt="o", capsize=3,
                            label=f"{label}: beta {fit.beta:+.2f}")
         color = bars[0].get_color()

@@ -10,6 +10,7 @@ import copy
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from lorasweep.space import TrialSpec, expand_trials
 from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS
 from lorasweep.study.folder import load_folder_study, prepare_folder, save_weights, storage_of
 from lorasweep.study.local_workers import run_local_workers
+from lorasweep.study.plan import planner
 from lorasweep.study.storage import public_url
 from lorasweep.study.store import Store
 from lorasweep.tasks import TASK_CLASSES, Task, build_task, num_labels
@@ -112,7 +114,7 @@ def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
     bench = load_workbench(study)
     store = open_study_store(study, folder, storage_url, options.patience)
     store.configure(dump_study(study), lease_seconds, max_attempts)
-    store.sync(expand_trials(study), retry_failed=retry_failed)
+    store.sync(_planner(study, store)(), retry_failed=retry_failed)
     if workers == 1:
         trained, failed = work(store, bench, study, folder, options)
     else:
@@ -160,7 +162,7 @@ def work(store: Store, bench: Workbench, study: Study, folder: Path,
     back to the queue once their lease runs out, and someone must be there to take them.
     Returns (trials trained, trials failed).
     """
-    grid = expand_trials(study)
+    plan = _planner(study, store)
     device = torch.device(options.device)
     trained = failed = 0
     todo = len([s for s, _, _ in store.latest_by_key().values() if s == "waiting"])
@@ -168,7 +170,7 @@ def work(store: Store, bench: Workbench, study: Study, folder: Path,
     try:
         while True:
             claimed = store.claim_group(options.max_group)
-            if not claimed and store.sync(grid):
+            if not claimed and store.sync(plan()):  # new plan entries, dead runs requeued
                 claimed = store.claim_group(options.max_group)
             if not claimed:
                 if not store.others_running():
@@ -184,6 +186,16 @@ def work(store: Store, bench: Workbench, study: Study, folder: Path,
     finally:
         overall.close()
     return trained, failed
+
+
+def _planner(study: Study, store: Store) -> Callable[[], list[TrialSpec]]:
+    """What the study should have enqueued now: the grid, or a transfer search's next trials.
+
+    Workers re-plan whenever nothing waits, so brackets appear as reference cells finish and
+    trials whose worker died are requeued (failed ones only at the start, with --retry-failed).
+    """
+    task_class = TASK_CLASSES[study.task.kind]
+    return planner(study, store, task_class.metric_name, task_class.greater_is_better)
 
 
 def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, ids: list[int],

@@ -1,0 +1,293 @@
+"""LR transfer rules: predict a cell's optimal LR from optima measured at other ranks, widths or
+for LoRA rather than full fine-tuning, and measure how well each rule predicted held-out optima.
+
+Every rule reads a *family* (one study's optima of cells that differ only in rank) and a target
+(a rank, a width, or full fine-tuning), and returns log10 of the predicted LR with an interval:
+
+- `muA`: the muA table (analysis.scaling): lr ~ r^beta n^omega for the inits and alpha modes the
+  paper covers;
+- `muA-init-b`: muA Init[B] with lora_alpha = r transfers its LR to full fine-tuning unchanged
+  (both scale as n^-1);
+- `lora-10x`: practice (LoRA Without Regret): LoRA's optimal LR is about 10x full fine-tuning's;
+- `fitted`: the rank exponent fitted on the studies given (the report's beta), pooled over them.
+
+A rule anchors its exponent on every measured rank of the family: log lr(r) = mean over the
+measured ranks r_i of (log lr*_i + beta (log r - log r_i)), the least-squares line of slope beta.
+The interval (95%) holds the uncertainty of those optima (their seed bootstrap, or a grid step's
+resolution with one seed: a uniform error over one step, sd = step / sqrt(12)) and, for `fitted`,
+that of beta; a theory rule's own error is not in it: `check` measures that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from lorasweep.analysis.compare import cell_name
+from lorasweep.analysis.optima import CELL_FIELDS, Optimum
+from lorasweep.analysis.scaling import (
+    RankFit,
+    alpha_spec,
+    family_key,
+    fit_rank_scaling,
+    predicted_beta,
+    predicted_width_exponent,
+)
+
+Z95 = 1.959963984540054  # two-sided 95% of a standard normal
+# Methods and inits of plain LoRA, for which practitioners quote the 10x LoRA / full ratio.
+TEN_X_METHODS = ("lora", "rslora", "loraplus", "dora")
+TEN_X_INITS = ("kaiming", "gaussian")
+LORA_FULL_RATIO = 10.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to predict for: a rank (None with `full`), and the target width over the source's."""
+
+    rank: int | None = None
+    full: bool = False
+    width_ratio: float = 1.0
+
+    def describe(self) -> str:
+        where = "full fine-tuning" if self.full else f"rank {self.rank}"
+        return where + (f", width x{self.width_ratio:g}" if self.width_ratio != 1 else "")
+
+
+@dataclass
+class Family:
+    """One study's optima of cells that differ only in rank, and their LR grid step (log10)."""
+
+    key: tuple
+    optima: list[Optimum]
+    steps: list[float]  # each optimum's grid step, in the same order
+
+    @property
+    def cell(self) -> dict:
+        return self.optima[0].cell
+
+    @property
+    def ranks(self) -> list[int]:
+        return [int(o.cell["rank"]) for o in self.optima]
+
+
+@dataclass
+class Prediction:
+    rule: str
+    source: dict  # a cell of the family it came from
+    target: dict  # the predicted cell
+    lr: float
+    low: float
+    high: float
+    basis: str
+
+
+def grid_steps(rows: list[dict]) -> dict[tuple, float]:
+    """Each cell's LR grid step in log10 (the median spacing of the LRs it has trials at)."""
+    lrs: dict[tuple, set[float]] = defaultdict(set)
+    for row in rows:
+        lrs[tuple(row.get(f) for f in CELL_FIELDS)].add(float(row["lr"]))
+    return {key: float(np.median(np.diff(np.log10(sorted(values))))) if len(values) > 1
+            else math.nan for key, values in lrs.items()}
+
+
+def families(optima: list[Optimum], steps: dict[tuple, float]) -> list[Family]:
+    """The adapter families of one study's optima, ranks in order."""
+    groups: dict[tuple, list[Optimum]] = defaultdict(list)
+    for optimum in optima:
+        if optimum.cell.get("rank") not in (None, ""):
+            groups[family_key(optimum.cell)].append(optimum)
+    out = []
+    for key, members in groups.items():
+        members.sort(key=lambda o: int(o.cell["rank"]))
+        out.append(Family(key, members,
+                          [steps.get(tuple(o.cell.get(f) for f in CELL_FIELDS), math.nan)
+                           for o in members]))
+    return sorted(out, key=lambda f: str(f.key))
+
+
+def _log_sd(optimum: Optimum, step: float) -> float:
+    """Uncertainty (sd, log10) of a measured optimum: its seed bootstrap, else a grid step's."""
+    if optimum.lr_star_low and optimum.lr_star_high:
+        return math.log10(optimum.lr_star_high / optimum.lr_star_low) / (2 * Z95)
+    return step / math.sqrt(12) if math.isfinite(step) else 0.0
+
+
+def _anchored(family: Family, beta: float, rank: float) -> tuple[float, float, float]:
+    """log10 lr at `rank` on the line of slope beta through the family's optima, the sd of that
+    from the optima's own uncertainty, and the distance (log10) from their mean rank."""
+    x = np.log10(family.ranks)
+    y = np.log10([o.lr_star for o in family.optima])
+    center = float(np.mean(y + beta * (math.log10(rank) - x)))
+    sd = math.sqrt(sum(_log_sd(o, s) ** 2 for o, s in zip(family.optima, family.steps,
+                                                           strict=True))) / len(x)
+    return center, sd, abs(math.log10(rank) - float(x.mean()))
+
+
+def _prediction(rule: str, family: Family, target: Target, log_lr: float, half: float,
+                basis: str) -> Prediction:
+    cell = ({"method": "full", **{f: None for f in CELL_FIELDS if f != "method"}} if target.full
+            else {**family.cell, "rank": target.rank,
+                  "lora_alpha": _alpha_at(family.cell, target.rank)})
+    return Prediction(rule, family.cell, cell, 10 ** log_lr, 10 ** (log_lr - half),
+                      10 ** (log_lr + half), basis)
+
+
+def _alpha_at(cell: dict, rank: int | None) -> float | None:
+    spec = alpha_spec(cell)
+    if spec is None or rank is None:
+        return None
+    return float(spec[:-1]) * rank if spec.endswith("r") else float(spec)
+
+
+def _sources(family: Family) -> str:
+    edges = [str(o.cell["rank"]) for o in family.optima if o.edge in ("low", "high")]
+    return ("from rank" + ("s " if len(family.ranks) > 1 else " ")
+            + " ".join(map(str, family.ranks))
+            + (f" (rank {', '.join(edges)} at its grid's edge: a bound, not an optimum)"
+               if edges else ""))
+
+
+def mua_rule(family: Family, target: Target, fits: dict[tuple, RankFit]) -> Prediction | None:
+    """muA's exponents in rank and width for the family's init and alpha mode."""
+    method, mode, _, init, _ = family.key
+    beta = predicted_beta(method, mode, init)
+    omega = predicted_width_exponent(method, mode, init)
+    if target.full or beta is None or omega is None:
+        return None
+    center, sd, _ = _anchored(family, beta, target.rank)
+    log_lr = center + omega * math.log10(target.width_ratio)
+    return _prediction("muA", family, target, log_lr, Z95 * sd,
+                       f"muA: lr ~ r^{beta:+g} n^{omega:+g} for {init} init, lora_alpha "
+                       f"{family.key[2]}; {_sources(family)}")
+
+
+def init_b_full_rule(family: Family, target: Target,
+                     fits: dict[tuple, RankFit]) -> Prediction | None:
+    """muA Init[B] with lora_alpha = r: full fine-tuning's LR is the (rank-invariant) LoRA LR."""
+    method, mode, spec, init, _ = family.key
+    if not target.full or (method, mode, spec, init) != ("lora", "per_rank", "1r", "mua_b"):
+        return None
+    center, sd, _ = _anchored(family, 0.0, family.ranks[0])
+    log_lr = center - math.log10(target.width_ratio)
+    return _prediction("muA-init-b", family, target, log_lr, Z95 * sd,
+                       "muA Init[B], lora_alpha = r: the LoRA LR transfers to full fine-tuning "
+                       f"(both ~ n^-1); {_sources(family)}")
+
+
+def ten_x_rule(family: Family, target: Target, fits: dict[tuple, RankFit]) -> Prediction | None:
+    """Practice: full fine-tuning's optimal LR is a tenth of LoRA's (same model, any rank)."""
+    method, _, _, init, _ = family.key
+    if not target.full or target.width_ratio != 1 or method not in TEN_X_METHODS \
+            or init not in TEN_X_INITS:
+        return None
+    center, sd, _ = _anchored(family, 0.0, family.ranks[0])
+    return _prediction("lora-10x", family, target, center - math.log10(LORA_FULL_RATIO),
+                       Z95 * sd, f"practice: LoRA's optimal LR / full fine-tuning's = "
+                       f"{LORA_FULL_RATIO:g}; {_sources(family)} (their mean)")
+
+
+def fitted_rule(family: Family, target: Target, fits: dict[tuple, RankFit]) -> Prediction | None:
+    """The rank exponent fitted on the studies given, anchored on this family's optima."""
+    fit = fits.get(family.key)
+    if target.full or target.width_ratio != 1 or fit is None:
+        return None
+    center, sd, distance = _anchored(family, fit.beta, target.rank)
+    beta_half = (fit.beta_high - fit.beta) if fit.beta_high is not None else 0.0
+    half = math.hypot(Z95 * sd, beta_half * distance)
+    interval = (f"{fit.beta_low:+.2f} to {fit.beta_high:+.2f}" if fit.beta_high is not None
+                else "no interval from two ranks")
+    return _prediction("fitted", family, target, center, half,
+                       f"fitted: lr ~ r^{fit.beta:+.2f} ({interval}) on ranks "
+                       f"{' '.join(map(str, fit.ranks))}; {_sources(family)}")
+
+
+Rule = Callable[[Family, Target, dict[tuple, RankFit]], Prediction | None]
+# Every rule, in the order a suggestion prefers them when no check has measured them: theory
+# first, then the fit, then the rule of thumb. A new rule (e.g. in batch size) is one entry here.
+RULES: dict[str, Rule] = {"muA": mua_rule, "muA-init-b": init_b_full_rule,
+                          "fitted": fitted_rule, "lora-10x": ten_x_rule}
+
+
+def predict(family: Family, target: Target, fits: dict[tuple, RankFit]) -> list[Prediction]:
+    """What every applicable rule predicts for the target from this family."""
+    return [p for rule in RULES.values() if (p := rule(family, target, fits)) is not None]
+
+
+def fits_by_family(*studies: list[Optimum]) -> dict[tuple, RankFit]:
+    return {fit.key: fit for fit in fit_rank_scaling(*studies)}
+
+
+@dataclass
+class CheckRow:
+    """One held-out optimum predicted by one rule; error in grid steps (signed)."""
+
+    rule: str
+    cell: str
+    measured: float
+    predicted: float
+    error_steps: float
+    covered: bool  # the measured optimum lies in the prediction's interval
+
+
+def check_rules(studies: list[tuple[list[Optimum], dict[tuple, float]]]) -> list[CheckRow]:
+    """Leave one rank out: predict each measured adapter optimum from the family's other ranks
+    (fitted rules refitted without it), and full fine-tuning's from each family; errors are in
+    the held-out cell's grid steps. `studies` are (optima, grid_steps) pairs."""
+    rows = []
+    for index, (optima, steps) in enumerate(studies):
+        for family in families(optima, steps):
+            for held, step in zip(family.optima, family.steps, strict=True):
+                if len(family.optima) < 2 or not math.isfinite(step):
+                    continue
+                rest = [o for o in family.optima if o is not held]
+                reduced = Family(family.key, rest,
+                                 [s for o, s in zip(family.optima, family.steps, strict=True)
+                                  if o is not held])
+                others = [s[0] if i != index else [o for o in s[0] if o is not held]
+                          for i, s in enumerate(studies)]
+                target = Target(rank=int(held.cell["rank"]))
+                rows += _scored(predict(reduced, target, fits_by_family(*others)), held, step)
+            for full in (o for o in optima if o.cell["method"] == "full"):
+                step = steps.get(tuple(full.cell.get(f) for f in CELL_FIELDS), math.nan)
+                if math.isfinite(step):
+                    rows += _scored(predict(family, Target(full=True), {}), full, step)
+    return rows
+
+
+def _scored(predictions: list[Prediction], held: Optimum, step: float) -> list[CheckRow]:
+    return [CheckRow(p.rule, cell_name(held.cell) if held.cell.get("rank") not in (None, "")
+                     else f"full from {_family_name(p.source)}",
+                     held.lr_star, p.lr, math.log10(p.lr / held.lr_star) / step,
+                     p.low <= held.lr_star <= p.high) for p in predictions]
+
+
+def _family_name(cell: dict) -> str:
+    """A family's name: its cell's name without the rank."""
+    return cell_name(cell).replace(f" r={cell['rank']}", "")
+
+
+@dataclass
+class RuleScore:
+    rule: str
+    n: int
+    mean_abs: float
+    max_abs: float
+    within_one: float  # fraction of held-out optima within one grid step
+    covered: float  # fraction inside the predicted interval
+
+
+def score_rules(rows: list[CheckRow]) -> list[RuleScore]:
+    """Each rule's leave-one-out errors summarized, rules in RULES order."""
+    out = []
+    for rule in RULES:
+        errors = np.abs([r.error_steps for r in rows if r.rule == rule])
+        if len(errors):
+            covered = [r.covered for r in rows if r.rule == rule]
+            out.append(RuleScore(rule, len(errors), float(errors.mean()), float(errors.max()),
+                                 float((errors <= 1).mean()), float(np.mean(covered))))
+    return out

@@ -1,0 +1,249 @@
+"""`lorasweep suggest`: the LR for a new rank, width or full fine-tuning from finished studies,
+with the rule used, and a ready-to-use PEFT LoraConfig and optimizer settings.
+
+A finished study folder is read from what the report wrote (optima.csv), its LR grids from
+trials.csv, and its recipe from study.yaml when the folder has one. The rules are
+analysis.transfer's; which one a suggestion uses is the one that predicted held-out optima best
+on the studies given (`--check`), else the first that applies in transfer.RULES order.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from lorasweep.analysis.compare import cell_name
+from lorasweep.analysis.optima import CELL_FIELDS, Optimum
+from lorasweep.analysis.scaling import alpha_spec
+from lorasweep.analysis.transfer import (
+    RULES,
+    CheckRow,
+    Prediction,
+    Target,
+    check_rules,
+    families,
+    fits_by_family,
+    grid_steps,
+    predict,
+    score_rules,
+)
+from lorasweep.config import Study, parse_lora_alpha
+from lorasweep.errors import StudyError
+from lorasweep.files import write_text
+from lorasweep.report import OPTIMA_CSV
+from lorasweep.results import TRIALS_CSV, read_trials_csv
+
+# PEFT's init_lora_weights for the inits it has; the others are lorasweep's own.
+PEFT_INITS = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+
+
+@dataclass
+class FinishedStudy:
+    folder: Path
+    optima: list[Optimum]
+    steps: dict[tuple, float]  # each cell's LR grid step, log10
+    study: Study | None  # None where the folder keeps no study.yaml
+
+
+def _cell(row: dict) -> dict:
+    """A cell's fields from a CSV row, typed as the analysis makes them."""
+    cell = {f: (row.get(f) or None) for f in CELL_FIELDS}
+    cell["rank"] = int(cell["rank"]) if cell["rank"] else None
+    cell["lora_alpha"] = float(cell["lora_alpha"]) if cell["lora_alpha"] else None
+    return cell
+
+
+def _number(text: str | None) -> float | None:
+    return float(text) if text not in (None, "") else None
+
+
+def load_finished(folder: Path) -> FinishedStudy:
+    """A finished study's optima, grid steps and recipe; one-line errors for what is missing."""
+    for name in (OPTIMA_CSV, TRIALS_CSV):
+        if not (folder / name).is_file():
+            raise StudyError(f"{folder}: no {name}; give a finished study folder (`lorasweep "
+                             f"report {folder}` writes {OPTIMA_CSV})")
+    try:
+        with open(folder / OPTIMA_CSV, newline="") as handle:
+            optima = [Optimum(cell=_cell(r), lr_best=float(r["lr_best"]),
+                              lr_star=float(r["lr_star"]), lr_star_low=_number(r["lr_star_low"]),
+                              lr_star_high=_number(r["lr_star_high"]), peak=float(r["peak"]),
+                              peak_std=_number(r["peak_std"]), n_seeds=int(r["n_seeds"]),
+                              edge=r["edge"], suggest=[float(v) for v in r["suggest"].split()],
+                              n_lrs=int(r["n_lrs"]), diverged=int(r["diverged"]))
+                      for r in csv.DictReader(handle)]
+        rows = read_trials_csv(folder)
+    except (KeyError, ValueError) as exc:
+        raise StudyError(f"{folder}: {OPTIMA_CSV} or {TRIALS_CSV} is not as lorasweep writes "
+                         f"it ({type(exc).__name__}: {exc})") from None
+    usable = [o for o in optima if o.edge != "flat" and o.lr_star > 0]
+    if not usable:
+        raise StudyError(f"{folder}/{OPTIMA_CSV}: no cell has a usable optimum (every cell is "
+                         "flat or the file is empty)")
+    from lorasweep.study.folder import STUDY_FILE, load_folder_study  # imports torch
+
+    study = load_folder_study(folder) if (folder / STUDY_FILE).exists() else None
+    return FinishedStudy(folder, usable, grid_steps(rows), study)
+
+
+def check(folders: list[Path]) -> list[CheckRow]:
+    """Leave-one-rank-out errors of every rule on the studies in `folders`."""
+    studies = [load_finished(f) for f in folders]
+    rows = check_rules([(s.optima, s.steps) for s in studies])
+    if not rows:
+        raise StudyError(f"--check {' '.join(map(str, folders))}: nothing to check: no family "
+                         "of cells at two or more ranks, and no full fine-tuning cell")
+    return rows
+
+
+def format_check(rows: list[CheckRow]) -> str:
+    """The check as text: each rule's summary, then every held-out optimum."""
+    out = ["leave one rank out: each measured optimum predicted from the other ranks of its "
+           "family (errors in its grid steps, + = predicted too high)",
+           f"{'rule':12s} {'n':>3s} {'mean |err|':>10s} {'max |err|':>9s} "
+           f"{'within 1':>8s} {'in interval':>11s}"]
+    out += [f"{s.rule:12s} {s.n:3d} {s.mean_abs:10.2f} {s.max_abs:9.2f} "
+            f"{s.within_one:8.0%} {s.covered:11.0%}" for s in score_rules(rows)]
+    out += ["", f"{'held out':30s} {'rule':12s} {'measured':>9s} {'predicted':>9s} {'error':>6s}"]
+    out += [f"{r.cell:30s} {r.rule:12s} {r.measured:9.3g} {r.predicted:9.3g} "
+            f"{r.error_steps:+6.2f}" for r in rows]
+    return "\n".join(out)
+
+
+@dataclass
+class Suggestion:
+    family: str
+    predictions: list[Prediction]
+    chosen: Prediction
+
+
+def suggest(folders: list[Path], target: Target, method: str | None = None,
+            lora_alpha: str | None = None) -> tuple[FinishedStudy, list[Suggestion]]:
+    """Predictions for `target` from each family of the first study; the others (and it) fit
+    the rank exponent and rank the rules by their leave-one-rank-out error."""
+    studies = [load_finished(f) for f in folders]
+    source = studies[0]
+    fits = fits_by_family(*[s.optima for s in studies])
+    scores = {s.rule: s.mean_abs for s in
+              score_rules(check_rules([(s.optima, s.steps) for s in studies]))}
+    wanted = None if lora_alpha is None else _alpha_text(lora_alpha)
+    chosen = [f for f in families(source.optima, source.steps)
+              if (method is None or f.cell["method"] == method)
+              and (wanted is None or alpha_spec(f.cell) == wanted)]
+    if not chosen:
+        have = sorted({f"{f.cell['method']} a={alpha_spec(f.cell)}"
+                       for f in families(source.optima, source.steps)})
+        raise StudyError(f"--from {source.folder}: no adapter cells"
+                         + ("" if method is None and wanted is None else " match --method/"
+                            "--lora-alpha") + (f"; it has: {', '.join(have)}" if have else ""))
+    out = []
+    order = list(RULES)
+    for family in chosen:
+        predictions = predict(family, target, fits)
+        if predictions:
+            best = min(predictions, key=lambda p: (scores.get(p.rule, math.inf),
+                                                   order.index(p.rule)))
+            out.append(Suggestion(_family_label(family.cell), predictions, best))
+    if not out:
+        raise StudyError(f"--from {source.folder}: no rule predicts {target.describe()} for its "
+                         f"cells (rules: {', '.join(RULES)}; see README 'lorasweep suggest')")
+    return source, out
+
+
+def _alpha_text(value: str) -> str:
+    try:
+        mode, number = parse_lora_alpha(yaml.safe_load(value))
+    except ValueError as exc:
+        raise StudyError(f"--lora-alpha {value}: {exc}") from None
+    return f"{number:g}r" if mode == "per_rank" else f"{number:g}"
+
+
+def _family_label(cell: dict) -> str:
+    return cell_name(cell).replace(f" r={cell['rank']}", "")
+
+
+def format_suggestions(source: FinishedStudy, target: Target,
+                       suggestions: list[Suggestion]) -> str:
+    out = [f"{source.folder}: optimal LR for {target.describe()} (* the rule used: lowest "
+           "leave-one-rank-out error on the studies given, see --check)",
+           f"  {'cell':24s} {'rule':12s} {'lr':>9s}  {'95% interval':19s} basis"]
+    for s in suggestions:
+        for p in s.predictions:
+            mark = "*" if p is s.chosen else " "
+            out.append(f"{mark} {s.family:24s} {p.rule:12s} {p.lr:9.3g}  "
+                       f"{p.low:8.3g} - {p.high:8.3g} {p.basis}")
+    return "\n".join(out)
+
+
+def settings(prediction: Prediction, study: Study | None) -> dict:
+    """A suggestion as settings to train with: PEFT LoraConfig arguments and AdamW's."""
+    cell = prediction.target
+    doc: dict = {"cell": cell_name(cell), "rule": prediction.rule, "basis": prediction.basis,
+                 "lr": float(f"{prediction.lr:.3g}"),
+                 "lr_interval": [float(f"{prediction.low:.3g}"),
+                                 float(f"{prediction.high:.3g}")]}
+    notes = []
+    if cell["method"] != "full":
+        alpha = cell["lora_alpha"]
+        peft: dict = {"r": cell["rank"], "lora_alpha": int(alpha) if alpha == int(alpha) else alpha,
+                      "target_modules": _peft_targets(str(cell["target_modules"])),
+                      "lora_dropout": 0.0, "use_rslora": cell["method"] == "rslora",
+                      "use_dora": cell["method"] == "dora"}
+        init = str(cell["init"])
+        peft_init = PEFT_INITS.get(init, init if init.startswith("pissa_niter_") else None)
+        if peft_init is None:
+            notes.append(f"init '{init}' is not a PEFT init_lora_weights: initialize A and B "
+                         "as lorasweep's README says, or train with lorasweep")
+        else:
+            peft["init_lora_weights"] = peft_init
+        if cell["target_modules"] in ("attention", "mlp"):
+            notes.append(f"target_modules '{cell['target_modules']}' is a lorasweep preset: "
+                         "name the modules for PEFT")
+        doc["peft_config"] = peft
+    optimizer: dict = {"name": "AdamW", "lr": doc["lr"]}
+    if study is not None:
+        train = study.train
+        optimizer |= {"betas": [train.adam_beta1, train.adam_beta2], "eps": train.adam_eps,
+                      "weight_decay": train.weight_decay, "schedule": train.schedule,
+                      "warmup_ratio": train.warmup_ratio, "grad_clip": train.grad_clip,
+                      "batch_size": train.batch_size}
+        if cell["method"] == "loraplus":
+            optimizer["loraplus_lr_ratio"] = study.search.loraplus_ratio
+            notes.append("LoRA+: build the optimizer with peft.optimizers."
+                         "create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, "
+                         "loraplus_lr_ratio=loraplus_lr_ratio)")
+    else:
+        notes.append("the source folder keeps no study.yaml: use the recipe its LRs were "
+                     "tuned with")
+    doc["optimizer"] = optimizer
+    if notes:
+        doc["notes"] = notes
+    return doc
+
+
+def _peft_targets(targets: str) -> str | list[str]:
+    return targets if targets in ("all-linear", "attention", "mlp") else targets.split(",")
+
+
+def settings_format(path: Path) -> str:
+    """"json" or "yaml", from the --out file's name."""
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):
+        raise StudyError(f"--out {path}: name a .yaml, .yml or .json file")
+    return suffix.removeprefix(".").replace("yml", "yaml")
+
+
+def write_settings(path: Path, docs: list[dict]) -> None:
+    """The suggestions as YAML (.yaml, .yml) or JSON (.json)."""
+    body = {"suggestions": docs}
+    text = (json.dumps(body, indent=2) + "\n" if settings_format(path) == "json"
+            else yaml.safe_dump(body, sort_keys=False))
+    try:
+        write_text(path, text)
+    except OSError as exc:
+        raise StudyError(f"--out {path}: cannot write there ({exc.strerror})") from None
