@@ -208,6 +208,11 @@ def test_frozen_worker_loses_its_trial_and_records_nothing(study_path: Path, tmp
     frozen.send_signal(signal.SIGSTOP)
     taken = store.leases()[0].grid_id
     try:
+        time.sleep(7)  # past the lease
+        status = subprocess.run([sys.executable, "-m", "lorasweep.cli", "status", str(out)],
+                                env=ENV, capture_output=True, text=True)
+        assert f"running trial {taken}: STALE: silent for" in status.stdout, status.stdout
+        assert f"{os.uname().nodename}:{frozen.pid}" in status.stdout
         code, err = finish(lorasweep("worker", str(out), "--threads", "1"))
         assert code == 0, err
     finally:
