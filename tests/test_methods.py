@@ -124,6 +124,24 @@ def test_fused_group_equals_trials_run_one_by_one(method):
         assert together.metrics["accuracy"] == alone.metrics["accuracy"]
 
 
+def test_bf16_autocast_keeps_fp32_weights_and_tracks_fp32_training():
+    """precision: bf16 runs the matmuls in bfloat16 (the curve differs from fp32's) while the
+    trained adapter stays fp32 and the run follows the fp32 one closely."""
+    base = tiny("tiny:bert")
+    task = toy_task()
+    cell = Cell(method="lora", rank=4, lora_alpha="8", init="kaiming",
+                target_modules="all-linear")
+    trial = TrialSpec(grid_id=0, cell=cell, lr=1e-3, seed=0)
+    runs = {precision: train_group(base, task, TrainSpec(steps=6, batch_size=8,
+                                                         precision=precision),
+                                   [trial], torch.device("cpu"))[0]
+            for precision in ("fp32", "bf16")}
+    fp32, bf16 = (torch.tensor(runs[p].loss_curve) for p in ("fp32", "bf16"))
+    assert not torch.equal(fp32, bf16), "autocast changed the arithmetic"
+    assert torch.allclose(fp32, bf16, rtol=2e-2), (fp32, bf16)
+    assert {w.dtype for w in runs["bf16"].weights.values()} == {torch.float32}
+
+
 def test_diverging_trial_leaves_its_group_untouched():
     base = tiny("tiny:bert")
     task = toy_task()
