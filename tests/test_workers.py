@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from lorasweep.config import dump_study, load_study
 from lorasweep.errors import StudyError
 from lorasweep.space import expand_trials
+from lorasweep.study.local_workers import gpu_assignment, worker_threads
 from lorasweep.study.runner import open_study_store
 from lorasweep.study.store import Store
 
@@ -244,3 +245,26 @@ def test_full_disk_is_one_line_and_loses_nothing(study_path: Path, tmp_path: Pat
     code, err = finish(lorasweep("run", str(study_path), "--out", str(out), "--threads", "1"))
     assert code == 0, err
     assert results(Store(out, "tiny", maximize=True, create=False)) == clean
+
+
+def test_each_worker_takes_one_gpu(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert gpu_assignment("cuda", 3) == ["2", "5", "2"]
+    assert gpu_assignment("cuda:1", 2) == [None, None], "an indexed device is shared"
+    assert gpu_assignment("cpu", 2) == [None, None]
+    assert worker_threads(2, None) == max(1, (os.cpu_count() or 1) // 2)
+
+
+@pytest.mark.parametrize("storage, expected", [
+    ("mysql://me@host/db", "--storage mysql://me@host/db: not a database URL; allowed: "),
+    ("postgresql://me:secret@127.0.0.1:1/db",
+     "--storage postgresql://me@127.0.0.1:1/db: unreachable for 1 s"),
+])
+def test_bad_or_unreachable_storage_is_one_line(study_path: Path, tmp_path: Path, storage,
+                                                expected):
+    code, err = finish(lorasweep("run", str(study_path), "--out", str(tmp_path / "study"),
+                                 "--storage", storage, "--patience", "1"))
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"lorasweep: error: {expected}"), err
+    assert "secret" not in err, "the password is never printed"

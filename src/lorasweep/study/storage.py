@@ -90,7 +90,8 @@ def public_url(url: str) -> str:
     The database client finds the password in PGPASSWORD or ~/.pgpass when the URL has none.
     """
     try:
-        return make_url(url).set(password=None).render_as_string(hide_password=False)
+        # URL is a NamedTuple; its set() reads None as "keep", so the field is replaced directly
+        return make_url(url)._replace(password=None).render_as_string(hide_password=False)
     except sqlalchemy.exc.ArgumentError:
         return url.split("@")[-1]
 
