@@ -170,7 +170,8 @@ def test_fault_campaign(study_path: Path, tmp_path: Path, postgres, clean):
 
     workers = [start() for _ in range(4)]
     kills = 0
-    while kills < 20 and any(w.poll() is None for w in workers):
+    deadline = time.time() + 400  # bounded in time, whatever happens
+    while kills < 20 and time.time() < deadline and any(w.poll() is None for w in workers):
         time.sleep(rng.uniform(0.3, 2.0))
         alive = [w for w in workers if w.poll() is None]
         busy = {int(lease.worker.rpartition(":")[2]) for lease in store.leases()}
