@@ -11,8 +11,8 @@ from lorasweep.study.store import Store
 
 TRIALS_CSV = "trials.csv"
 COLUMNS = ("trial", "method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules",
-           "lr", "seed", "status", "train_loss", "eval_loss", "metric", "test_metric", "steps",
-           "seconds", "trainable_params", "effective_scale", "attempts", "reason")
+           "recipe", "lr", "seed", "status", "train_loss", "eval_loss", "metric", "test_metric",
+           "steps", "seconds", "trainable_params", "effective_scale", "attempts", "reason")
 
 
 def trial_rows(store: Store, metric_name: str) -> list[dict]:
@@ -25,7 +25,8 @@ def trial_rows(store: Store, metric_name: str) -> list[dict]:
         rows.append({
             "trial": spec.grid_id, "method": cell.label, "rank": cell.rank,
             "lora_alpha": cell.alpha, "alpha_mode": cell.alpha_mode, "init": cell.init,
-            "target_modules": cell.target_modules, "lr": spec.lr, "seed": spec.seed,
+            "target_modules": cell.target_modules, "recipe": cell.recipe, "lr": spec.lr,
+            "seed": spec.seed,
             "status": status, "train_loss": attrs.get("train_loss"),
             "eval_loss": attrs.get("val_eval_loss"), "metric": attrs.get(f"val_{metric_name}"),
             "test_metric": attrs.get(f"test_{metric_name}"), "steps": attrs.get("steps"),

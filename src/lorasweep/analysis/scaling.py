@@ -50,6 +50,7 @@ class RankFit:
     beta_high: float | None
     intercept: float
     predicted: float | None
+    others: tuple = ()  # (target_modules, recipe): a fit never mixes cells that differ in these
 
     def as_row(self) -> dict:
         return {"method": self.method, "alpha_mode": self.alpha_mode, "init": self.init,
@@ -59,14 +60,16 @@ class RankFit:
 
 
 def fit_rank_scaling(optima: list[Optimum]) -> list[RankFit]:
-    """One fit per (method, alpha mode, init) with optima at two or more ranks."""
+    """One fit per (method, alpha mode, init, target modules, recipe) with optima at two or
+    more ranks."""
     groups: dict[tuple, list[Optimum]] = defaultdict(list)
     for optimum in optima:
         cell = optimum.cell
         if cell.get("rank") not in (None, ""):
-            groups[(cell["method"], cell.get("alpha_mode"), cell.get("init"))].append(optimum)
+            groups[(cell["method"], cell.get("alpha_mode"), cell.get("init"),
+                    (cell.get("target_modules"), cell.get("recipe")))].append(optimum)
     fits = []
-    for (method, mode, init), members in sorted(groups.items(), key=lambda g: str(g[0])):
+    for (method, mode, init, others), members in sorted(groups.items(), key=lambda g: str(g[0])):
         ranks = sorted({int(o.cell["rank"]) for o in members})
         if len(ranks) < 2:
             continue
@@ -80,5 +83,5 @@ def fit_rank_scaling(optima: list[Optimum]) -> list[RankFit]:
         fits.append(RankFit(method=method, alpha_mode=mode, init=init, ranks=ranks,
                             beta=float(fit.slope), beta_low=low, beta_high=high,
                             intercept=float(fit.intercept),
-                            predicted=predicted_beta(method, mode, init)))
+                            predicted=predicted_beta(method, mode, init), others=others))
     return fits
