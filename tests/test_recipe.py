@@ -43,7 +43,7 @@ def test_cells_and_groups_over_several_axes(data_files):
     assert len({c.key for c in cells}) == len(cells)
     assert {c.target_modules for c in lora} == {"attention", "query,value"}
     assert lora[0].recipe == "batch_size=4;seq_len=16;weight_decay=0"
-    assert lora[0].recipe_values == {"batch_size": 4, "seq_len": 16, "weight_decay": 0}
+    assert parse_recipe(lora[0].recipe) == {"batch_size": 4, "seq_len": 16, "weight_decay": 0}
     trials = expand_trials(study)
     assert len(trials) == len(cells) * 2 * 2
     # one group per cell and seed: the LRs of a cell and seed fuse, nothing else does
@@ -255,3 +255,15 @@ def test_matched_parameter_counts_scale_the_rank(data_files):
         for target, count in by_target.items():
             assert abs(count - by_target["all-linear"]) <= bench.widths[target] / 2, (reference,
                                                                                       target)
+
+
+def test_report_sets_target_modules_side_by_side_with_their_parameter_counts(tmp_path: Path):
+    rows = []
+    for target, rank, count in (("all-linear", 8, 1000), ("attention", 24, 1008)):
+        for row in synthetic_rows({}, {"batch_size": [8]}, seeds=(0,)):
+            rows.append({**row, "target_modules": target, "rank": rank, "lora_alpha": float(rank),
+                         "trainable_params": count})
+    write_report(tmp_path, rows, "accuracy", True, "targets")
+    text = (tmp_path / "report.md").read_text()
+    assert "## Target modules compared" in text
+    assert "| lora r=24 a=1r attention batch_size=8 | attention | 1008 |" in text

@@ -8,7 +8,7 @@ from itertools import product
 from typing import Any
 
 from lorasweep.config import TARGETS_AXIS, Study, alpha_value, parse_lora_alpha
-from lorasweep.recipe import Value, parse_recipe, recipe_text
+from lorasweep.recipe import recipe_text
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,6 @@ class Cell:
         if self.lora_alpha is None:
             return None
         return parse_lora_alpha(_alpha_spec(self.lora_alpha))[0]
-
-    @property
-    def recipe_values(self) -> dict[str, Value]:
-        return parse_recipe(self.recipe)
 
     @property
     def key(self) -> str:

@@ -19,7 +19,7 @@ from lorasweep.analysis.compare import (
     pairwise,
     tuned_peaks,
 )
-from lorasweep.analysis.optima import CELL_FIELDS, find_optima
+from lorasweep.analysis.optima import CELL_FIELDS, Optimum, find_optima
 from lorasweep.analysis.recipe import AxisFit, fit_recipe_axes
 from lorasweep.analysis.scaling import fit_rank_scaling
 from lorasweep.files import atomic_path, write_text
@@ -112,6 +112,7 @@ def build_tables(rows: list[dict], metric_name: str, maximize: bool) -> tuple[li
               f"{f.predicted:+.3f}" if f.predicted is not None else "-"] for f in fits]))
     recipe_fits = fit_recipe_axes(rows, maximize)
     tables += _recipe_tables(recipe_fits, metric_name)
+    tables += _target_tables(rows, optima, metric_name)
     full = [o for o in optima if o.cell["method"] == "full"]
     adapters = [o for o in optima if o.cell["method"] != "full" and o.cell.get("rank")]
     if full and adapters:
@@ -129,6 +130,24 @@ def series_name(fit: AxisFit) -> str:
     cell = {f: fit.fixed.get(f) for f in CELL_FIELDS}
     cell["recipe"] = recipe_text({k: v for k, v in fit.fixed.items() if k not in CELL_FIELDS})
     return cell_name(cell)
+
+
+def _target_tables(rows: list[dict], optima: list[Optimum], metric_name: str) -> list[Table]:
+    """Adapters on different target modules side by side with their trainable parameter counts
+    (equal, to a rank, under search.match_params)."""
+    adapters = [o for o in optima if o.cell.get("target_modules") not in (None, "")]
+    if len({o.cell["target_modules"] for o in adapters}) < 2:
+        return []
+    params = {tuple(r.get(f) for f in CELL_FIELDS): r.get("trainable_params") for r in rows
+              if r.get("trainable_params") not in (None, "")}
+    return [Table(
+        "Target modules compared",
+        "Each target set at its own tuned LR, with the trainable parameters of one trial "
+        "(search.match_params scales each set's rank to the first set's count).",
+        ["cell", "target modules", "trainable params", "lr_star", f"peak {metric_name}"],
+        [[cell_name(o.cell), str(o.cell["target_modules"]),
+          _fmt(params.get(tuple(o.cell.get(f) for f in CELL_FIELDS))), _fmt(o.lr_star),
+          _fmt(o.peak)] for o in adapters])]
 
 
 def _recipe_tables(fits: list[AxisFit], metric_name: str) -> list[Table]:
