@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lorasweep.errors import StudyError
 
@@ -198,6 +206,16 @@ class SearchSpec(_Strict):
     strategy: Literal["grid", "transfer"] = "grid"
     reference_rank: Annotated[int, Field(gt=0)] | None = None  # default: the middle rank
     bracket: Annotated[int, Field(ge=2)] = 3
+    # Recipe axes: a field of `train` (or train_examples, target_modules) -> the values swept.
+    recipe: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
+    # Compare target-module sets at matched trainable-parameter count: each set's rank is scaled
+    # so its adapter has as many parameters as the first set's at the rank in `ranks`.
+    match_params: bool = False
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe_axes(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return {axis: check_recipe_axis(axis, values) for axis, values in value.items()}
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -242,6 +260,13 @@ class SearchSpec(_Strict):
         if self.reference_rank is not None and self.reference_rank not in self.ranks:
             raise ValueError(f"search.reference_rank {self.reference_rank}: not in search.ranks "
                              f"{self.ranks}")
+        if "steps" in self.recipe and "epochs" in self.recipe:
+            raise ValueError("search.recipe: sweep steps or epochs, not both")
+        if self.match_params and len(self.recipe.get("target_modules", [])) < 2:
+            raise ValueError("search.match_params: needs two or more target sets in "
+                             "search.recipe.target_modules")
+        if "target_modules" in self.recipe and "target_modules" in self.model_fields_set:
+            raise ValueError("give target_modules in search or in search.recipe, not both")
         names = [entry.display_name for entry in self.methods]
         if len(set(names)) != len(names):
             raise ValueError("a method is listed twice in search.methods (give each peft entry "
@@ -261,6 +286,43 @@ class Study(_Strict):
     task: TaskSpec
     train: TrainSpec
     search: SearchSpec
+
+
+# The train fields a study may sweep in search.recipe (the eval and divergence settings do not
+# change what is trained), the training-set size, and the adapted modules.
+RECIPE_TRAIN_AXES = ("steps", "epochs", "batch_size", "seq_len", "warmup_ratio", "schedule",
+                     "weight_decay", "grad_clip", "adam_beta1", "adam_beta2", "adam_eps")
+DATA_AXIS = "train_examples"  # the first N of the seeded shuffle of the training examples
+TARGETS_AXIS = "target_modules"
+RECIPE_AXES = (*RECIPE_TRAIN_AXES, DATA_AXIS, TARGETS_AXIS)
+_AXIS_TYPES = {
+    **{name: TypeAdapter(Annotated[(info.annotation, *info.metadata)] if info.metadata
+                         else info.annotation)
+       for name, info in TrainSpec.model_fields.items() if name in RECIPE_TRAIN_AXES},
+    DATA_AXIS: TypeAdapter(Annotated[int, Field(gt=0, strict=True)]),
+    TARGETS_AXIS: TypeAdapter(Annotated[list[str], Field(min_length=1)] | str),
+}
+
+
+def check_recipe_axis(axis: str, values: list[Any]) -> list[Any]:
+    """The values of a recipe axis as their field's type; each must be valid and appear once."""
+    if axis not in RECIPE_AXES:
+        raise ValueError(f"'{axis}' cannot be swept; allowed: {', '.join(RECIPE_AXES)}")
+    checked = []
+    for value in values:
+        try:
+            checked.append(_AXIS_TYPES[axis].validate_python(value))
+        except ValidationError as exc:
+            raise ValueError(f"{axis} {value!r}: {exc.errors()[0]['msg']}") from None
+        if value is None and axis in ("steps", "epochs"):
+            raise ValueError(f"{axis}: give numbers")
+        if axis == TARGETS_AXIS and isinstance(value, str) and value not in TARGET_PRESETS:
+            raise ValueError(f"target_modules '{value}' is not a preset; allowed: "
+                             f"{', '.join(TARGET_PRESETS)}, or a list of module names")
+    seen = [yaml.safe_dump(v) for v in checked]
+    if len(set(seen)) != len(seen):
+        raise ValueError(f"{axis} {values}: a value is listed twice")
+    return checked
 
 
 def parse_lora_alpha(value: float | str) -> tuple[str, float]:

@@ -14,8 +14,9 @@ if TYPE_CHECKING:  # the store pulls in torch and PEFT, which readers of trials.
 
 TRIALS_CSV = "trials.csv"
 COLUMNS = ("trial", "method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules",
-           "lr", "seed", "status", "train_loss", "eval_loss", "metric", "test_metric", "steps",
-           "seconds", "trainable_params", "effective_scale", "attempts", "worker", "reason")
+           "recipe", "lr", "seed", "status", "train_loss", "eval_loss", "metric", "test_metric",
+           "steps", "seconds", "trainable_params", "effective_scale", "attempts", "worker",
+           "reason")
 
 
 def trial_rows(store: Store, metric_name: str) -> list[dict]:

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 from itertools import product
 from typing import Any
 
-from lorasweep.config import Study, alpha_value, parse_lora_alpha
+from lorasweep.config import TARGETS_AXIS, Study, alpha_value, parse_lora_alpha
+from lorasweep.recipe import recipe_text
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class Cell:
     target_modules: str | None = None  # a preset name or a comma-joined list of module names
     loraplus_ratio: float | None = None
     peft: str | None = None  # for method `peft`: JSON of {"config", "label", "arguments"}
+    recipe: str | None = None  # swept recipe values, e.g. "batch_size=32" (see recipe.py)
 
     @property
     def label(self) -> str:
@@ -53,19 +55,21 @@ class Cell:
         """The cell as trials.csv and optima.csv name it (analysis.optima.CELL_FIELDS)."""
         return {"method": self.label, "rank": self.rank, "lora_alpha": self.alpha,
                 "alpha_mode": self.alpha_mode, "init": self.init,
-                "target_modules": self.target_modules}
+                "target_modules": self.target_modules, "recipe": self.recipe}
 
     @property
     def key(self) -> str:
+        """The cell's identity in the store; a cell without recipe axes keeps its old key."""
+        suffix = "" if self.recipe is None else f"|{self.recipe}"
         if not self.is_adapter:
-            return self.method
+            return self.method + suffix
         parts = [self.method, f"r={self.rank}", f"alpha={self.lora_alpha}", self.init,
                  self.target_modules]
         if self.loraplus_ratio is not None:
             parts.append(f"ratio={self.loraplus_ratio:g}")
         if self.peft is not None:
             parts.append(self.peft)
-        return "|".join(str(p) for p in parts)
+        return "|".join(str(p) for p in parts) + suffix
 
 
 @dataclass(frozen=True)
@@ -106,18 +110,45 @@ def _alpha_text(value: float | str) -> str:
     return value if isinstance(value, str) else f"{value:g}"
 
 
-def _target_text(targets: list[str] | str) -> str:
+def target_text(targets: list[str] | str) -> str:
     return targets if isinstance(targets, str) else ",".join(targets)
 
 
-def cells_of(study: Study) -> list[tuple[Cell, list[float]]]:
-    """Every cell of the study with its LR grid, in a stable order."""
+def recipes_of(study: Study) -> list[str | None]:
+    """Every combination of the study's recipe axes (target modules aside) as cell text."""
+    axes = {axis: values for axis, values in study.search.recipe.items() if axis != TARGETS_AXIS}
+    return [recipe_text(dict(zip(axes, combo, strict=True)))
+            for combo in product(*axes.values())]
+
+
+def matched_rank(rank: int, reference_width: int, width: int) -> int:
+    """The rank whose adapter on layers of total `width` (in + out) has as many parameters as a
+    rank-`rank` adapter on layers of total `reference_width`, to the nearest whole rank."""
+    return max(1, round(rank * reference_width / width))
+
+
+def cells_of(study: Study, widths: dict[str, int] | None = None
+             ) -> list[tuple[Cell, list[float]]]:
+    """Every cell of the study with its LR grid, in a stable order.
+
+    With search.match_params, `widths` (target text -> adapter width, methods/targets.py) sets
+    each target set's rank to match the first set's parameter count.
+    """
     search = study.search
+    targets = search.recipe.get(TARGETS_AXIS, [search.target_modules])
+    if search.match_params and widths is None:
+        raise ValueError("search.match_params needs the model's layer widths")
+
+    def rank_for(rank: int, target: list[str] | str) -> int:
+        if not search.match_params:
+            return rank
+        assert widths is not None
+        return matched_rank(rank, widths[target_text(targets[0])], widths[target_text(target)])
     out: list[tuple[Cell, list[float]]] = []
-    for entry in search.methods:
+    for entry, recipe in product(search.methods, recipes_of(study)):
         lrs = search.lrs_for(entry)
         if entry.name == "full":
-            out.append((Cell(method="full"), lrs))
+            out.append((Cell(method="full", recipe=recipe), lrs))
             continue
         ratio = search.loraplus_ratio if entry.name == "loraplus" else None
         peft = None if entry.peft is None else json.dumps(
@@ -126,18 +157,20 @@ def cells_of(study: Study) -> list[tuple[Cell, list[float]]]:
         inits = ["peft"] if peft else entry.inits(search.inits)
         # A peft entry that fixes r itself trains at that rank only.
         ranks = [entry.peft["r"]] if entry.peft and "r" in entry.peft else search.ranks
-        for rank, alpha, init in product(ranks, search.lora_alpha, inits):
+        for target, rank, alpha, init in product(targets, ranks, search.lora_alpha, inits):
+            if not entry.peft or "r" not in entry.peft:
+                rank = rank_for(rank, target)
             cell = Cell(method=entry.name, rank=rank, lora_alpha=_alpha_text(alpha), init=init,
-                        target_modules=_target_text(search.target_modules), loraplus_ratio=ratio,
-                        peft=peft)
+                        target_modules=target_text(target), loraplus_ratio=ratio, peft=peft,
+                        recipe=recipe)
             out.append((cell, lrs))
     return out
 
 
-def expand_trials(study: Study) -> list[TrialSpec]:
+def expand_trials(study: Study, widths: dict[str, int] | None = None) -> list[TrialSpec]:
     """All trials of the study: cells x seeds x LRs, numbered in a stable order."""
     trials: list[TrialSpec] = []
-    for cell, lrs in cells_of(study):
+    for cell, lrs in cells_of(study, widths):
         for seed in study.search.seeds:
             for lr in lrs:
                 trials.append(TrialSpec(grid_id=len(trials), cell=cell, lr=lr, seed=seed))

@@ -21,8 +21,10 @@ BOOTSTRAP_SAMPLES = 2000
 
 def cell_name(cell: dict) -> str:
     """A short, readable name of a cell for tables and legends."""
+    recipe = cell.get("recipe")
+    recipe_text = f" {recipe.replace(';', ' ')}" if recipe not in (None, "") else ""
     if cell.get("rank") in (None, ""):
-        return str(cell["method"])
+        return f"{cell['method']}{recipe_text}"
     alpha = cell.get("lora_alpha")
     alpha_text = ""
     if alpha not in (None, ""):
@@ -31,7 +33,9 @@ def cell_name(cell: dict) -> str:
                       else f" a={float(alpha):g}")
     init = cell.get("init")
     init_text = f" {init}" if init not in (None, "", "kaiming", cell["method"]) else ""
-    return f"{cell['method']} r={cell['rank']}{alpha_text}{init_text}"
+    targets = cell.get("target_modules")
+    target_text = f" {targets}" if targets not in (None, "", "all-linear") else ""
+    return f"{cell['method']} r={cell['rank']}{alpha_text}{init_text}{target_text}{recipe_text}"
 
 
 @dataclass

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CELL_FIELDS = ("method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules")
+from lorasweep.recipe import parse_recipe
+
+CELL_FIELDS = ("method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules", "recipe")
 BOOTSTRAP_SAMPLES = 1000
 
 
@@ -68,12 +70,25 @@ def _mean_curve(table: np.ndarray) -> np.ndarray:
     return np.where(np.isinf(mean), np.nan, mean)
 
 
+def curve_table(by_seed: dict[int, dict[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """The cell's LRs (sorted) and its (seeds x LRs) table of metrics, NaN where missing."""
+    lrs = np.array(sorted({lr for curve in by_seed.values() for lr in curve}))
+    table = np.array([[by_seed[s].get(lr, np.nan) for lr in lrs] for s in sorted(by_seed)])
+    return lrs, table
+
+
+def bootstrap_lr_star(lrs: np.ndarray, table: np.ndarray, maximize: bool,
+                      rng: np.random.Generator) -> float:
+    """lr_star of one bootstrap draw: whole seeds (rows of the table) resampled."""
+    sample = table[rng.integers(0, len(table), len(table))]
+    return refine(lrs, _mean_curve(sample), maximize)[1]
+
+
 def cell_optimum(cell: dict, by_seed: dict[int, dict[float, float]], diverged: int,
                  maximize: bool, rng: np.random.Generator) -> Optimum:
     """The optimum of one cell from {seed: {lr: metric}} of its complete trials."""
-    lrs = np.array(sorted({lr for curve in by_seed.values() for lr in curve}))
+    lrs, table = curve_table(by_seed)
     seeds = sorted(by_seed)
-    table = np.array([[by_seed[s].get(lr, np.nan) for lr in lrs] for s in seeds])
     # A diverged trial is recorded as -inf/+inf (the worst score): an LR where any seed diverged
     # averages to the worst and cannot be an optimum; a missing trial (NaN) is just skipped.
     mean = _mean_curve(table)
@@ -83,8 +98,7 @@ def cell_optimum(cell: dict, by_seed: dict[int, dict[float, float]], diverged: i
     if len(seeds) > 1:
         stars = []
         for _ in range(BOOTSTRAP_SAMPLES):
-            sample = table[rng.integers(0, len(seeds), len(seeds))]
-            stars.append(refine(lrs, _mean_curve(sample), maximize)[1])
+            stars.append(bootstrap_lr_star(lrs, table, maximize, rng))
         low, high = (float(v) for v in np.percentile(np.log10(stars), [2.5, 97.5]))
         low, high = 10 ** low, 10 ** high
     edge, suggest = "", []
@@ -104,14 +118,20 @@ def cell_optimum(cell: dict, by_seed: dict[int, dict[float, float]], diverged: i
 
 
 def _cell_order(key: tuple) -> tuple:
-    """Cells by method, then rank as a number, then the rest."""
+    """Cells by method, then rank as a number, then the rest (recipe values as numbers too)."""
+    values = [v for field, value in zip(CELL_FIELDS, key, strict=True)
+              for v in (parse_recipe(value).values() if field == "recipe" else [value])]
     return tuple((0, float(v), "") if isinstance(v, int | float) else (1, 0.0, str(v))
-                 for v in key)
+                 for v in values)
 
 
-def find_optima(rows: list[dict], maximize: bool, seed: int = 0) -> list[Optimum]:
-    """Optima of every cell with a complete trial, from trials.csv-style rows."""
-    curves: dict[tuple, dict[int, dict[float, float]]] = defaultdict(lambda: defaultdict(dict))
+Curves = dict[tuple, dict[int, dict[float, float]]]
+
+
+def cell_curves(rows: list[dict]) -> tuple[Curves, dict[tuple, int]]:
+    """Per cell (a tuple of CELL_FIELDS): {seed: {lr: metric}} with diverged trials as inf, and
+    the number of diverged trials."""
+    curves: Curves = defaultdict(lambda: defaultdict(dict))
     diverged: dict[tuple, int] = defaultdict(int)
     for row in rows:
         key = tuple(row.get(field) for field in CELL_FIELDS)
@@ -121,6 +141,12 @@ def find_optima(rows: list[dict], maximize: bool, seed: int = 0) -> list[Optimum
         metric = row.get("metric")
         if row["status"] == "complete" and metric is not None and math.isfinite(float(metric)):
             curves[key][int(row["seed"])][float(row["lr"])] = float(metric)
+    return curves, diverged
+
+
+def find_optima(rows: list[dict], maximize: bool, seed: int = 0) -> list[Optimum]:
+    """Optima of every cell with a complete trial, from trials.csv-style rows."""
+    curves, diverged = cell_curves(rows)
     rng = np.random.default_rng(seed)
     return [cell_optimum(dict(zip(CELL_FIELDS, key, strict=True)), curves[key], diverged[key],
                          maximize, rng)

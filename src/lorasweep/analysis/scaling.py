@@ -60,9 +60,9 @@ def alpha_spec(cell: dict) -> str | None:
 
 
 def family_key(cell: dict) -> tuple:
-    """What a rank fit holds fixed: everything of a cell but its rank."""
+    """What a rank fit holds fixed: everything of a cell but its rank (its recipe included)."""
     return (cell["method"], cell.get("alpha_mode"), alpha_spec(cell), cell.get("init"),
-            cell.get("target_modules"))
+            cell.get("target_modules"), cell.get("recipe"))
 
 
 @dataclass
@@ -131,7 +131,7 @@ def fit_rank_scaling(*studies: list[Optimum]) -> list[RankFit]:
         if math.isfinite(stderr):
             half = stats.t.ppf(0.975, dof) * stderr
             low, high = beta - half, beta + half
-        method, mode, alpha, init, _ = key
+        method, mode, alpha, init, *_ = key
         fits.append(RankFit(key=key, method=method, alpha_mode=mode, alpha=alpha, init=init,
                             ranks=ranks, beta=beta, beta_low=low, beta_high=high,
                             intercept=intercepts[min(intercepts)],

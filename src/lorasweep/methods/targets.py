@@ -51,6 +51,12 @@ def resolve_targets(model: nn.Module, targets: str) -> list[str]:
     return chosen
 
 
+def adapter_width(model: nn.Module, targets: str) -> int:
+    """Sum of in + out features over the targeted layers: a rank-r LoRA trains r times this."""
+    return sum(model.get_submodule(name).in_features + model.get_submodule(name).out_features
+               for name in resolve_targets(model, targets))
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

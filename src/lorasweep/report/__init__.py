@@ -19,15 +19,17 @@ from lorasweep.analysis.compare import (
     pairwise,
     tuned_peaks,
 )
-from lorasweep.analysis.optima import find_optima
-from lorasweep.analysis.scaling import fit_rank_scaling
+from lorasweep.analysis.optima import CELL_FIELDS, Optimum, find_optima
+from lorasweep.analysis.recipe import AxisFit, fit_recipe_axes
+from lorasweep.analysis.scaling import RankFit, fit_rank_scaling
 from lorasweep.analysis.transfer import CheckRow, check_rules, grid_steps, score_rules
 from lorasweep.files import atomic_path, write_text
-from lorasweep.report.plots import lr_star_vs_rank, metric_vs_lr, peaks_plot
+from lorasweep.recipe import recipe_text
+from lorasweep.report.plots import lr_star_vs_axis, lr_star_vs_rank, metric_vs_lr, peaks_plot
 
 OPTIMA_CSV = "optima.csv"
 OPTIMA_COLUMNS = ("method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules",
-                  "lr_best", "lr_star", "lr_star_low", "lr_star_high", "peak", "peak_std",
+                  "recipe", "lr_best", "lr_star", "lr_star_low", "lr_star_high", "peak", "peak_std",
                   "n_seeds", "edge", "suggest", "n_lrs", "diverged")
 
 
@@ -103,11 +105,14 @@ def build_tables(rows: list[dict], metric_name: str, maximize: bool) -> tuple[li
             "log lr_star = a + beta log r per method, lora_alpha and init, with a 95% interval "
             "for beta (three ranks or more), beside the slope muA predicts.",
             ["method", "lora_alpha", "init", "ranks", "beta", "interval", "muA"],
-            [[f.method, str(f.alpha), str(f.init), " ".join(map(str, f.ranks)),
+            [[_family_name(f), str(f.alpha), str(f.init), " ".join(map(str, f.ranks)),
               f"{f.beta:+.3f}", f"{f.beta_low:+.3f} - {f.beta_high:+.3f}"
               if f.beta_low is not None else "-",
               f"{f.predicted:+.3f}" if f.predicted is not None else "-"] for f in fits]))
     tables += transfer_tables(check_rules([(optima, grid_steps(rows))]))
+    recipe_fits = fit_recipe_axes(rows, maximize)
+    tables += _recipe_tables(recipe_fits, metric_name)
+    tables += _target_tables(rows, optima, metric_name)
     full = [o for o in optima if o.cell["method"] == "full"]
     adapters = [o for o in optima if o.cell["method"] != "full" and o.cell.get("rank")]
     if full and adapters:
@@ -116,7 +121,66 @@ def build_tables(rows: list[dict], metric_name: str, maximize: bool) -> tuple[li
             "fine-tuning's (practitioners use about 10).",
             ["cell", "ratio"],
             [[cell_name(o.cell), _fmt(o.lr_star / full[0].lr_star)] for o in adapters]))
-    return tables, {"optima_rows": optima_rows, "peaks": peaks, "fits": fits}
+    return tables, {"optima_rows": optima_rows, "peaks": peaks, "fits": fits,
+                    "recipe_fits": recipe_fits}
+
+
+def _family_name(fit: RankFit) -> str:
+    """A rank fit's method, with its target set and recipe when they are not the defaults."""
+    extras = [str(o) for o in fit.key[4:] if o not in (None, "", "all-linear")]
+    return " ".join([fit.method, *extras])
+
+
+def series_name(fit: AxisFit) -> str:
+    """The cells of a recipe fit, named by what they share."""
+    cell = {f: fit.fixed.get(f) for f in CELL_FIELDS}
+    cell["recipe"] = recipe_text({k: v for k, v in fit.fixed.items() if k not in CELL_FIELDS})
+    return cell_name(cell)
+
+
+def _target_tables(rows: list[dict], optima: list[Optimum], metric_name: str) -> list[Table]:
+    """Adapters on different target modules side by side with their trainable parameter counts
+    (equal, to a rank, under search.match_params)."""
+    adapters = [o for o in optima if o.cell.get("target_modules") not in (None, "")]
+    if len({o.cell["target_modules"] for o in adapters}) < 2:
+        return []
+    params = {tuple(r.get(f) for f in CELL_FIELDS): r.get("trainable_params") for r in rows
+              if r.get("trainable_params") not in (None, "")}
+    return [Table(
+        "Target modules compared",
+        "Each target set at its own tuned LR, with the trainable parameters of one trial "
+        "(search.match_params scales each set's rank to the first set's count).",
+        ["cell", "target modules", "trainable params", "lr_star", f"peak {metric_name}"],
+        [[cell_name(o.cell), str(o.cell["target_modules"]),
+          _fmt(params.get(tuple(o.cell.get(f) for f in CELL_FIELDS))), _fmt(o.lr_star),
+          _fmt(o.peak)] for o in adapters])]
+
+
+def _recipe_tables(fits: list[AxisFit], metric_name: str) -> list[Table]:
+    """Per swept recipe axis: the fitted exponent beside its references, and the points."""
+    tables = []
+    for axis in dict.fromkeys(f.axis for f in fits):
+        members = [f for f in fits if f.axis == axis]
+        references = members[0].references
+        tables.append(Table(
+            f"Optimal LR against {axis}",
+            f"lr_star = c * {axis}^k through the cells that differ only in {axis}, with a 95% "
+            "interval for k (a bootstrap over seeds that re-refines every cell's lr_star; the t "
+            "interval of the slope with one seed)" + (", beside reference exponents" if
+                                                       references else "") + ".",
+            ["cells", axis, "k", "interval", *references],
+            [[series_name(f), " ".join(f"{v:g}" for v in f.values), f"{f.exponent:+.3f}",
+              f"{f.low:+.3f} - {f.high:+.3f}" if f.low is not None else "-",
+              *[f"{r:+.2f}" for r in references.values()]] for f in members]))
+        tables.append(Table(
+            f"lr_star and peak against {axis}",
+            f"Each cell's refined optimal LR, the fitted power law there, and its peak "
+            f"{metric_name} (at its best grid LR).",
+            ["cells", axis, "lr_star", "fit", f"peak {metric_name}"],
+            [[series_name(f), f"{v:g}", _fmt(star), _fmt(f.predict(v)), _fmt(peak)]
+             for f in members
+             for v, star, peak in zip(f.values, f.lr_stars, f.peaks, strict=True)]))
+    return tables
 
 
 def transfer_tables(checks: list[CheckRow]) -> list[Table]:
@@ -158,6 +222,11 @@ def write_report(folder: Path, rows: list[dict], metric_name: str, maximize: boo
         figures.append(("Optimal LR against rank",
                         lr_star_vs_rank(parts["fits"], parts["optima_rows"],
                                         folder / "lr_star_vs_rank.png")))
+    for axis in dict.fromkeys(f.axis for f in parts["recipe_fits"]):
+        members = [f for f in parts["recipe_fits"] if f.axis == axis]
+        figures.append((f"Optimal LR and peak against {axis}",
+                        lr_star_vs_axis(members, [series_name(f) for f in members], metric_name,
+                                        folder / f"lr_star_vs_{axis}.png")))
     write_text(folder / "report.md", _markdown(title, tables, figures))
     write_text(folder / "report.html", _html(title, tables, figures))
     return [folder / OPTIMA_CSV, folder / "report.md", folder / "report.html"]

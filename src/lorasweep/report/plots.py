@@ -13,6 +13,7 @@ import numpy as np
 
 from lorasweep.analysis.compare import Peak, cell_name
 from lorasweep.analysis.optima import CELL_FIELDS
+from lorasweep.analysis.recipe import AxisFit
 from lorasweep.analysis.scaling import RankFit, family_key
 from lorasweep.files import atomic_path
 
@@ -112,4 +113,30 @@ def peaks_plot(peaks: list[Peak], metric_name: str, path: Path) -> Path:
     ax.set_yticks(y, [p.name for p in peaks], fontsize=8)
     ax.set_xlabel(f"validation {metric_name} at each cell's tuned LR")
     ax.grid(True, axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def lr_star_vs_axis(fits: list[AxisFit], names: list[str], metric_name: str, path: Path) -> Path:
+    """Left: lr_star against a recipe axis (log-log), the fit solid, reference exponents dotted
+    through the fit's centre. Right: the peak metric against the axis."""
+    axis = fits[0].axis
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.3))
+    for fit, name in zip(fits, names, strict=True):
+        x = np.array(fit.values)
+        bars = left.plot(x, fit.lr_stars, "o", label=f"{name}: k {fit.exponent:+.2f}")
+        color = bars[0].get_color()
+        left.plot(x, [fit.predict(v) for v in x], "-", color=color, alpha=0.7)
+        center = np.exp(np.log(x).mean())
+        for (label, k), style in zip(fit.references.items(), (":", "-.", "--"), strict=False):
+            left.plot(x, fit.predict(center) * (x / center) ** k, style, color="gray", alpha=0.8,
+                      label=f"{label}: k {k:+.2f}" if fit is fits[0] else None)
+        right.plot(x, fit.peaks, "o-", color=color, label=name)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(axis)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    left.set_yscale("log")
+    left.set_ylabel("optimal learning rate")
+    right.set_ylabel(f"peak validation {metric_name}")
     return _save(fig, path)

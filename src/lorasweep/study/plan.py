@@ -76,9 +76,10 @@ def _finished(trials: list[TrialSpec], outcomes: dict[str, Outcome]) -> bool:
     return all(t.key in outcomes and outcomes[t.key][0] in DONE for t in trials)
 
 
-def plan_trials(study: Study, outcomes: dict[str, Outcome], maximize: bool) -> list[TrialSpec]:
+def plan_trials(study: Study, outcomes: dict[str, Outcome], maximize: bool,
+                widths: dict[str, int] | None = None) -> list[TrialSpec]:
     """The trials the study should have now (a subset of its grid, growing as trials finish)."""
-    grid = expand_trials(study)
+    grid = expand_trials(study, widths)
     search = study.search
     if search.strategy == "grid":
         return grid
@@ -133,16 +134,16 @@ def _lrs_for(trials: list[TrialSpec], sources: list[list[TrialSpec]], target: Ta
     return sorted(set(bracket(lrs, center, size)) | ran)
 
 
-def planner(study: Study, store: Store, metric_name: str,
-            maximize: bool) -> Callable[[], list[TrialSpec]]:
+def planner(study: Study, store: Store, metric_name: str, maximize: bool,
+            widths: dict[str, int] | None = None) -> Callable[[], list[TrialSpec]]:
     """The plan as the runner asks for it: read every trial's outcome from the store, decide."""
 
     def plan() -> list[TrialSpec]:
         if study.search.strategy == "grid":
-            return expand_trials(study)
+            return expand_trials(study, widths)
         outcomes = {key: (status, trial.user_attrs.get(f"val_{metric_name}"))
                     for key, (status, trial, _) in store.latest_by_key().items()}
-        return plan_trials(study, outcomes, maximize)
+        return plan_trials(study, outcomes, maximize, widths)
 
     return plan
 

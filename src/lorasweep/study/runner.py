@@ -12,7 +12,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,15 +20,16 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorasweep.config import Study, dump_study, validate_study
+from lorasweep.config import TARGETS_AXIS, Study, dump_study, validate_study
 from lorasweep.errors import StudyError
 from lorasweep.methods import get_method
 from lorasweep.methods.peft_passthrough import needs_data
-from lorasweep.methods.targets import resolve_targets
+from lorasweep.methods.targets import adapter_width, resolve_targets
 from lorasweep.models import load_model, load_tokenizer
+from lorasweep.recipe import Recipe, resolve_recipe
 from lorasweep.report import write_report
 from lorasweep.results import write_trials_csv
-from lorasweep.space import TrialSpec, expand_trials
+from lorasweep.space import TrialSpec, expand_trials, recipes_of, target_text
 from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS
 from lorasweep.study.folder import load_folder_study, prepare_folder, save_weights, storage_of
 from lorasweep.study.local_workers import run_local_workers
@@ -57,13 +58,31 @@ class Workbench:
 
     task: Task
     base: nn.Module
+    tasks: dict[int, Task] = field(default_factory=dict)  # the task at each swept seq_len
+    widths: dict[str, int] | None = None  # adapter width per target set, for match_params
+
+    def task_for(self, recipe: Recipe) -> Task:
+        """What a trial trains on: the task at its sequence length, cut to its subset."""
+        task = self.tasks.get(recipe.train.seq_len, self.task)
+        return task.with_train_examples(recipe.train_examples)
 
 
 def load_workbench(study: Study) -> Workbench:
     tokenizer = load_tokenizer(study.model)
     task = build_task(study, tokenizer)
+    recipes = [resolve_recipe(study.train, text) for text in recipes_of(study)]
+    tasks = {seq_len: build_task(study, tokenizer, seq_len)
+             for seq_len in {r.train.seq_len for r in recipes} - {study.train.seq_len}}
+    for recipe in recipes:
+        if recipe.train_examples is not None and recipe.train_examples > len(task.train):
+            raise StudyError(f"search.recipe.train_examples: {recipe.train_examples} is more "
+                             f"than the {len(task.train)} training examples (after validation)")
     base = load_model(study.model, study.task.kind, num_labels(task), tokenizer)
-    for cell in {t.cell for t in expand_trials(study)}:
+    widths = None
+    if study.search.match_params:
+        widths = {target_text(t): adapter_width(base, target_text(t))
+                  for t in study.search.recipe[TARGETS_AXIS]}
+    for cell in {t.cell for t in expand_trials(study, widths)}:
         if cell.is_adapter:
             resolve_targets(base, cell.target_modules)
         if cell.method == "peft" and not needs_data(cell):
@@ -74,7 +93,7 @@ def load_workbench(study: Study) -> Workbench:
             except (TypeError, ValueError, KeyError) as exc:
                 raise StudyError(f"search.methods: peft entry '{cell.label}' cannot be built: "
                                  f"{str(exc).splitlines()[0]}") from None
-    return Workbench(task=task, base=base)
+    return Workbench(task=task, base=base, tasks=tasks, widths=widths)
 
 
 @dataclass
@@ -114,7 +133,7 @@ def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
     bench = load_workbench(study)
     store = open_study_store(study, folder, storage_url, options.patience)
     store.configure(dump_study(study), lease_seconds, max_attempts)
-    store.sync(_planner(study, store)(), retry_failed=retry_failed)
+    store.sync(_planner(study, store, bench.widths)(), retry_failed=retry_failed)
     if workers == 1:
         trained, failed = work(store, bench, study, folder, options)
     else:
@@ -162,7 +181,7 @@ def work(store: Store, bench: Workbench, study: Study, folder: Path,
     back to the queue once their lease runs out, and someone must be there to take them.
     Returns (trials trained, trials failed).
     """
-    plan = _planner(study, store)
+    plan = _planner(study, store, bench.widths)
     device = torch.device(options.device)
     trained = failed = 0
     todo = len([s for s, _, _ in store.latest_by_key().values() if s == "waiting"])
@@ -188,22 +207,24 @@ def work(store: Store, bench: Workbench, study: Study, folder: Path,
     return trained, failed
 
 
-def _planner(study: Study, store: Store) -> Callable[[], list[TrialSpec]]:
+def _planner(study: Study, store: Store, widths: dict[str, int] | None
+             ) -> Callable[[], list[TrialSpec]]:
     """What the study should have enqueued now: the grid, or a transfer search's next trials.
 
     Workers re-plan whenever nothing waits, so brackets appear as reference cells finish and
     trials whose worker died are requeued (failed ones only at the start, with --retry-failed).
     """
     task_class = TASK_CLASSES[study.task.kind]
-    return planner(study, store, task_class.metric_name, task_class.greater_is_better)
+    return planner(study, store, task_class.metric_name, task_class.greater_is_better, widths)
 
 
 def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, ids: list[int],
                    specs: list[TrialSpec], device: torch.device) -> int:
     """Train one claimed group and record it; returns how many of its trials failed."""
     try:
+        recipe = resolve_recipe(study.train, specs[0].cell.recipe)
         with _heartbeat(store, ids):
-            results = train_group(bench.base, bench.task, study.train, specs, device)
+            results = train_group(bench.base, bench.task_for(recipe), recipe.train, specs, device)
     except KeyboardInterrupt:
         for trial_id in ids:
             store.record_failure(trial_id, "interrupted by the user", status="interrupted")

@@ -44,6 +44,7 @@ from lorasweep.train import TrialResult
 
 LOCK_NAME = ".sync.lock"
 LOST_REASON = "its worker stopped mid-trial"
+CLAIM_SECONDS = 30.0
 # The LR is recorded as an Optuna parameter too, so optuna-dashboard can plot it.
 LR_DISTRIBUTION = FloatDistribution(1e-12, 1e3, log=True)
 STUDY_TEXT_ATTR = "study_yaml"
@@ -225,7 +226,8 @@ class Store:
     @staticmethod
     def _is_stale(trial: FrozenTrial, now: float, lease: float) -> bool:
         """A RUNNING trial nobody works on: its process is gone or its lease ran out."""
-        return _process_gone(trial) or _lease_left(trial, now, lease) <= 0
+        return (_process_gone(trial) or _lease_left(trial, now, lease) <= 0
+                or _cut_off_in_claim(trial, now))
 
     @_patient
     def claim_group(self, max_group: int) -> list[tuple[int, TrialSpec]]:
@@ -353,6 +355,12 @@ def _heartbeat(trial: FrozenTrial, now: float) -> float:
 
 def _lease_left(trial: FrozenTrial, now: float, lease: float) -> float:
     return _heartbeat(trial, now) + lease - now
+
+
+def _cut_off_in_claim(trial: FrozenTrial, now: float) -> bool:
+    """A claim moves the trial to RUNNING, then names its worker a moment later; a worker killed
+    in between leaves a trial nobody can own. Such a trial is stale once CLAIM_SECONDS pass."""
+    return "worker" not in trial.user_attrs and now - _heartbeat(trial, now) > CLAIM_SECONDS
 
 
 def _process_gone(trial: FrozenTrial) -> bool:

@@ -16,9 +16,11 @@ TASK_CLASSES: dict[str, type[Task]] = {"classification": ClassificationTask,
                                        "causal_lm": CausalLMTask}
 
 
-def build_task(study: Study, tokenizer: PreTrainedTokenizerBase) -> Task:
+def build_task(study: Study, tokenizer: PreTrainedTokenizerBase, seq_len: int | None = None
+               ) -> Task:
+    """The study's task tokenized to `seq_len` (default: the train section's)."""
     raw = load_splits(study.task, study.seed)
-    return BUILDERS[study.task.kind](study.task, raw, tokenizer, study.train.seq_len)
+    return BUILDERS[study.task.kind](study.task, raw, tokenizer, seq_len or study.train.seq_len)
 
 
 def num_labels(task: Task) -> int | None:

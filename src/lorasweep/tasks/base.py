@@ -6,6 +6,7 @@ so losses and metrics come back as one value per trial.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -23,6 +24,11 @@ class Split:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def head(self, n: int) -> Split:
+        """The first n examples (the training data is stored in seeded shuffled order, so a
+        smaller head is a prefix of a larger one)."""
+        return Split(self.input_ids[:n], self.attention_mask[:n], self.labels[:n])
 
     def batch(self, index: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
         """Rows `index`, trimmed to their longest sequence, inputs repeated for K trials."""
@@ -56,6 +62,14 @@ class Task(ABC):
         self.train = train
         self.validation = validation
         self.test = test
+
+    def with_train_examples(self, n: int | None) -> Task:
+        """This task trained on the first n training examples (itself when n is None)."""
+        if n is None:
+            return self
+        subset = copy.copy(self)
+        subset.train = self.train.head(n)
+        return subset
 
     @abstractmethod
     def trial_losses(self, logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
