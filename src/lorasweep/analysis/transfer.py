@@ -154,7 +154,7 @@ def _sources(family: Family) -> str:
 
 def mua_rule(family: Family, target: Target, fits: dict[tuple, RankFit]) -> Prediction | None:
     """muA's exponents in rank and width for the family's init and alpha mode."""
-    method, mode, _, init, _ = family.key
+    method, mode, _, init, *_ = family.key
     beta = predicted_beta(method, mode, init)
     omega = predicted_width_exponent(method, mode, init)
     if target.full or beta is None or omega is None:
@@ -169,7 +169,7 @@ def mua_rule(family: Family, target: Target, fits: dict[tuple, RankFit]) -> Pred
 def init_b_full_rule(family: Family, target: Target,
                      fits: dict[tuple, RankFit]) -> Prediction | None:
     """muA Init[B] with lora_alpha = r: full fine-tuning's LR is the (rank-invariant) LoRA LR."""
-    method, mode, spec, init, _ = family.key
+    method, mode, spec, init, *_ = family.key
     if not target.full or (method, mode, spec, init) != ("lora", "per_rank", "1r", "mua_b"):
         return None
     center, sd, _ = _anchored(family, 0.0, family.ranks[0])
@@ -181,7 +181,7 @@ def init_b_full_rule(family: Family, target: Target,
 
 def ten_x_rule(family: Family, target: Target, fits: dict[tuple, RankFit]) -> Prediction | None:
     """Practice: full fine-tuning's optimal LR is a tenth of LoRA's (same model, any rank)."""
-    method, _, _, init, _ = family.key
+    method, _, _, init, *_ = family.key
     if not target.full or target.width_ratio != 1 or method not in TEN_X_METHODS \
             or init not in TEN_X_INITS:
         return None
