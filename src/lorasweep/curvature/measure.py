@@ -19,6 +19,7 @@ from itertools import pairwise
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lorasweep.analysis.optima import CELL_FIELDS
 from lorasweep.config import Study
@@ -140,7 +141,8 @@ def measure_cell(bench: Workbench, study: Study, cell: Cell, lrs: list[float], s
                      "warmup_lr": warmup_lr if steps else None,
                      "preconditioned": optimizer is not None, "items": hessian.items,
                      **_measure_block(hessian, block_name, block, settings, optimizer)}
-                    for block_name, block in blocks]
+                    for block_name, block in tqdm(blocks, desc=f"{cell.label} {name}",
+                                                  leave=False, disable=None)]
         joint = [r for r in rows if r["block"] == JOINT]
         shown = joint[0] if joint else max(rows, key=lambda r: r["lambda_max"])
         log(f"  {cell.label} {name}{' (Adam-preconditioned)' if optimizer else ''}: "
