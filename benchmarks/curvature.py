@@ -132,7 +132,7 @@ def minilm_cases() -> list[Case]:
 def cases(label: str, bench, model, named, batch) -> list[Case]:
     """The joint Hessian (every trainable parameter, head included) and the first module's
     (A, B) block, whose spectrum at LoRA's init is nearly symmetric."""
-    first = named[0][0].rsplit(".", 1)[0]
+    first = next(n for n, _ in named if n.endswith(".lora_A")).removesuffix(".lora_A")
     block = [p for n, p in named if n.startswith(first + ".")]
     return [Case(f"{label}, joint", bench, model, [p for _, p in named], batch),
             Case(f"{label}, block {first.split('.', 2)[-1]}", bench, model, block, batch)]

@@ -129,33 +129,33 @@ def measure_cell(bench: Workbench, study: Study, cell: Cell, lrs: list[float], s
     common = {**cell_fields(cell), "seed": seed, "lr_grid_step": grid_step(lrs)}
 
     def stage(name: str, steps: int, optimizer: torch.optim.Optimizer | None) -> list[dict]:
-        started = time.perf_counter()
+        """Every block, plain and (given AdamW) preconditioned, over one gradient graph."""
+        rows: list[dict] = []
         with eager_attention(model):
             hessian = LossHessian(model, bench.task, batches, [p for _, p in params])
             loss = float(hessian.loss.detach())
             if not math.isfinite(loss):
-                raise StudyError(f"{cell.label}: the loss is {loss} after "
-                                 f"{steps} warm-up steps at lr {warmup_lr:g}; give a lower "
-                                 "--warmup-lr")
-            rows = [{**common, "stage": name, "steps": steps,
-                     "warmup_lr": warmup_lr if steps else None,
-                     "preconditioned": optimizer is not None, "items": hessian.items,
-                     **_measure_block(hessian, block_name, block, settings, optimizer)}
-                    for block_name, block in tqdm(blocks, desc=f"{cell.label} {name}",
-                                                  leave=False, disable=None)]
-        joint = [r for r in rows if r["block"] == JOINT]
-        shown = joint[0] if joint else max(rows, key=lambda r: r["lambda_max"])
-        log(f"  {cell.label} {name}{' (Adam-preconditioned)' if optimizer else ''}: "
-            f"{len(rows)} blocks, {shown['block']} lambda_max {shown['lambda_max']:.4g} in "
-            f"{time.perf_counter() - started:.0f} s")
+                raise StudyError(f"{cell.label}: the loss is {loss} after {steps} warm-up "
+                                 f"steps at lr {warmup_lr:g}; give a lower --warmup-lr")
+            for adam in [None, optimizer] if optimizer is not None else [None]:
+                started = time.perf_counter()
+                done = [{**common, "stage": name, "steps": steps,
+                         "warmup_lr": warmup_lr if steps else None,
+                         "preconditioned": adam is not None, "items": hessian.items,
+                         **_measure_block(hessian, block_name, block, settings, adam)}
+                        for block_name, block in tqdm(blocks, desc=f"{cell.label} {name}",
+                                                      leave=False, disable=None)]
+                shown = next((r for r in done if r["block"] == JOINT), done[-1])
+                log(f"  {cell.label} {name}{' (Adam-preconditioned)' if adam else ''}: "
+                    f"{len(done)} blocks, {shown['block']} lambda_max "
+                    f"{shown['lambda_max']:.4g} in {time.perf_counter() - started:.0f} s")
+                rows += done
         return rows
 
     rows = stage("init", 0, None)
     if settings.warmup_steps:
         optimizer = warm_up(model, attached, trial, study, bench, settings.warmup_steps)
-        rows += stage("warmup", settings.warmup_steps, None)
-        if settings.adam:
-            rows += stage("warmup", settings.warmup_steps, optimizer)
+        rows += stage("warmup", settings.warmup_steps, optimizer if settings.adam else None)
     return rows
 
 
