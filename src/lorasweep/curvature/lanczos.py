@@ -32,42 +32,20 @@ class Spectrum:
     smallest: float
     products: int  # operator applications used
     converged: bool
-    error: float  # largest estimated error of the wanted eigenvalues, relative to the spectral
-    # radius estimate max(|lambda_max|, |lambda_min|)
+    error: float  # the largest residual of the wanted Ritz pairs over the spectral radius
+    # estimate max(|lambda_max|, |lambda_min|): each value lies this close to an eigenvalue
 
     @property
     def largest(self) -> float:
         return self.top[0]
 
 
-def _error_bounds(theta: np.ndarray, last_row: np.ndarray, beta: float) -> np.ndarray:
-    """A-posteriori error of each Ritz value: the residual beta |s_last|, sharpened to
-    residual^2 / gap where the gap to the other Ritz values is wider (Parlett, ch. 11)."""
-    residual = abs(beta) * np.abs(last_row)
-    if len(theta) == 1:
-        return residual
-    gaps = np.array([np.min(np.abs(np.delete(theta, i) - t)) for i, t in enumerate(theta)])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sharp = np.where(gaps > 0, residual ** 2 / gaps, np.inf)
-    return np.minimum(residual, sharp)
-
-
-def _movement(theta: np.ndarray, previous: np.ndarray, top_k: int) -> float:
-    """How far the wanted Ritz values (the top k by rank, and the smallest) moved in the last
-    step; infinite until there was a previous step with as many of them."""
-    k = min(top_k, len(previous))
-    if len(previous) < 2 or k < top_k:
-        return math.inf
-    top_now, top_before = theta[::-1][:k], previous[::-1][:k]
-    return float(max(np.max(np.abs(top_now - top_before)), abs(theta[0] - previous[0])))
-
-
 def lanczos(matvec: MatVec, dim: int, top_k: int = 1, tol: float = 1e-4, max_iter: int = 30,
             seed: int = 0, dtype: torch.dtype = torch.float32) -> Spectrum:
     """The top-k algebraic eigenvalues and the smallest eigenvalue of a symmetric operator.
 
-    Stops when every wanted Ritz value's error estimate is at most `tol` times the spectral
-    radius estimate, when the Krylov space is invariant (the values are then exact), or after
+    Stops when every wanted Ritz pair's residual is at most `tol` times the spectral radius
+    estimate, when the Krylov space is invariant (the values are then exact), or after
     `max_iter` products (or `dim`, whichever is smaller). The start vector is drawn from `seed`,
     so runs are deterministic.
     """
@@ -79,7 +57,7 @@ def lanczos(matvec: MatVec, dim: int, top_k: int = 1, tol: float = 1e-4, max_ite
     basis[0] = (start / start.norm()).to(dtype)
     alphas: list[float] = []
     betas: list[float] = []
-    theta = previous = np.zeros(0)
+    theta = np.zeros(1)
     error, converged = math.inf, False
     for j in range(steps):
         w = matvec(basis[j]).to(dtype)
@@ -92,12 +70,11 @@ def lanczos(matvec: MatVec, dim: int, top_k: int = 1, tol: float = 1e-4, max_ite
                                           lapack_driver="stev")
         radius = max(abs(theta[0]), abs(theta[-1]), np.finfo(np.float64).tiny)
         wanted = sorted({*range(max(0, len(theta) - top_k), len(theta)), 0})
-        bounds = _error_bounds(theta, vectors[-1], beta)[wanted]
-        # The bounds use gaps between Ritz values, which look wide while an eigenvalue close by
-        # is still unresolved; a wanted Ritz value that still moves is not converged either.
-        moved = _movement(theta, previous, top_k)
-        previous = theta
-        error = float(max(np.max(bounds), moved) / radius)
+        # The residual ||H y - theta y|| = beta |s_last| of each wanted Ritz pair bounds the
+        # distance from theta to an eigenvalue. The sharper residual^2 / gap, with gaps read off
+        # the Ritz values, claimed convergence early on near-degenerate top pairs (a MiniLM LoRA
+        # block: 2e-3 off after 11 products), as did "the Ritz value stopped moving".
+        error = float(np.max(np.abs(beta * vectors[-1][wanted])) / radius)
         invariant = beta <= 1e-10 * radius
         if invariant:
             error = 0.0
