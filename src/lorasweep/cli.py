@@ -92,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     suggest.add_argument("--out", type=Path, metavar="FILE",
                          help="write PEFT LoraConfig and optimizer settings (.yaml or .json)")
     suggest.set_defaults(handler=_suggest)
+    _curvature_parser(commands)
     return parser
 
 
@@ -111,6 +112,43 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=float, default=DEFAULT_PATIENCE_SECONDS, metavar="S",
                         help="how long to wait for an unreachable storage before giving up "
                              f"(default: {DEFAULT_PATIENCE_SECONDS:.0f})")
+
+
+def _curvature_parser(commands) -> None:
+    curv = commands.add_parser(
+        "curvature", help="largest Hessian eigenvalue per method, and the LR it predicts",
+        description="Lanczos on the loss Hessian of each method's cell at its trials' init "
+                    "(and after warm-up): per adapted module's block and jointly. Writes "
+                    "curvature.csv and curvature.md; a started study's report gets the section.")
+    curv.add_argument("study", help="a study file, a built-in study name, or a study folder")
+    curv.add_argument("--out", type=Path, help="folder to write (default: the study folder, "
+                      "lorasweep-studies/NAME for a study file)")
+    curv.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="FIELD=VALUE", help="override a study field (study files only)")
+    curv.add_argument("--method", dest="methods", action="append", metavar="NAME",
+                      help="measure only this method (repeatable; default: every method)")
+    curv.add_argument("--rank", type=int, help="the rank to measure (default: the study's first)")
+    curv.add_argument("--batches", type=int, default=4,
+                      help="training batches the loss is taken over (default: 4)")
+    curv.add_argument("--warmup-steps", type=int, default=0, metavar="N",
+                      help="also measure after the trial's first N steps (default: 0, init only)")
+    curv.add_argument("--warmup-lr", type=float,
+                      help="LR of the warm-up (default: the cell's measured optimum, else the "
+                           "middle of its LR grid)")
+    curv.add_argument("--adam", action="store_true",
+                      help="after warm-up, also the Adam-preconditioned sharpness")
+    curv.add_argument("--blocks", default="modules,joint",
+                      help="modules, joint, or both comma-joined (default: both)")
+    curv.add_argument("--top-k", type=int, default=1,
+                      help="how many of the largest eigenvalues (default: 1)")
+    curv.add_argument("--tol", type=float, default=1e-4,
+                      help="Lanczos tolerance, relative to the spectral radius (default: 1e-4)")
+    curv.add_argument("--max-iter", type=int, default=30,
+                      help="most Hessian-vector products per block (default: 30)")
+    curv.add_argument("--optima", type=Path, help="an optima.csv with measured optima (default: "
+                      "the study folder's trials or optima.csv)")
+    curv.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    curv.set_defaults(handler=_curvature)
 
 
 def _quiet_libraries() -> None:
@@ -162,10 +200,7 @@ def _work_options(args: argparse.Namespace):
 
     from lorasweep.study.runner import WorkOptions, default_max_group
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise StudyError(f"--threads {args.threads}: must be at least 1")
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     if args.device != "cpu" and not _device_available(args.device):
         raise StudyError(f"--device {args.device}: not available on this machine; allowed: cpu"
                          + (", cuda" if torch.cuda.is_available() else ""))
@@ -175,6 +210,35 @@ def _work_options(args: argparse.Namespace):
         raise StudyError(f"--patience {args.patience:g}: must be at least 0")
     return WorkOptions(device=args.device, max_group=args.max_group
                        or default_max_group(args.device), patience=args.patience)
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise StudyError(f"--threads {threads}: must be at least 1")
+        torch.set_num_threads(threads)
+
+
+def _curvature(args: argparse.Namespace) -> int:
+    from lorasweep.curvature.command import run_curvature
+    from lorasweep.curvature.measure import Settings
+    from lorasweep.study.store import JOURNAL_NAME
+
+    _quiet_libraries()
+    _set_threads(args.threads)
+    settings = Settings(batches=args.batches, warmup_steps=args.warmup_steps,
+                        warmup_lr=args.warmup_lr, top_k=args.top_k, tol=args.tol,
+                        max_iter=args.max_iter, adam=args.adam,
+                        blocks=tuple(b.strip() for b in args.blocks.split(",") if b.strip()))
+    folder, text = run_curvature(args.study, settings, out=args.out, overrides=args.overrides,
+                                 methods=args.methods, rank=args.rank, optima_file=args.optima)
+    print(text)
+    print(f"wrote {folder / 'curvature.csv'} and {folder / 'curvature.md'}")
+    if (folder / JOURNAL_NAME).exists():
+        return _report(argparse.Namespace(folder=folder))
+    return 0
 
 
 def _device_available(name: str) -> bool:

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorasweep.config import TrainSpec
-from lorasweep.methods import get_method
+from lorasweep.methods import Attached, get_method
 from lorasweep.optim import build_optimizer, build_schedule, total_steps
 from lorasweep.space import TrialSpec
 from lorasweep.tasks import Split, Task
@@ -83,26 +83,38 @@ class DivergenceWatch:
         return None
 
 
-def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[TrialSpec],
-                device: torch.device, progress: Callable[[int], None] | None = None
-                ) -> list[TrialResult]:
-    """Train `trials` (one cell, one seed, several LRs) together; one result per trial."""
-    k = len(trials)
+def attach_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[TrialSpec]
+                 ) -> tuple[nn.Module, Attached]:
+    """A fresh copy of the base carrying the group's trainable weights, drawn from the seed.
+
+    Training and `lorasweep curvature` both start here, so "at initialization" means the very
+    weights a trial starts from.
+    """
     cell, seed = trials[0].cell, trials[0].seed
     assert all(t.group_key == trials[0].group_key for t in trials), "a group shares cell and seed"
-    started = time.perf_counter()
     torch.manual_seed(seed)
     model = copy.deepcopy(base)
-    method = get_method(cell.method)
 
     def calibration() -> list[dict[str, torch.Tensor]]:
         """The trial's first training batches, for inits that look at data (on the CPU)."""
         order = batch_order(len(task.train), recipe.batch_size, CALIBRATION_BATCHES, seed)
         return [task.train.batch(index, 1) for index in order]
 
-    attached = method.attach(model, cell, k, torch.Generator().manual_seed(seed), calibration)
+    attached = get_method(cell.method).attach(model, cell, len(trials),
+                                              torch.Generator().manual_seed(seed), calibration)
+    return model, attached
+
+
+def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[TrialSpec],
+                device: torch.device, progress: Callable[[int], None] | None = None
+                ) -> list[TrialResult]:
+    """Train `trials` (one cell, one seed, several LRs) together; one result per trial."""
+    k = len(trials)
+    cell, seed = trials[0].cell, trials[0].seed
+    started = time.perf_counter()
+    model, attached = attach_group(base, task, recipe, trials)
     model.to(device)
-    optimizer = build_optimizer(method, attached, trials, recipe)
+    optimizer = build_optimizer(get_method(cell.method), attached, trials, recipe)
     steps = total_steps(recipe, len(task.train))
     schedule = build_schedule(optimizer, recipe, steps)
 

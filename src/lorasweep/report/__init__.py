@@ -208,6 +208,7 @@ def write_report(folder: Path, rows: list[dict], metric_name: str, maximize: boo
                  title: str) -> list[Path]:
     """Write optima.csv, the figures, report.md and report.html into the study folder."""
     tables, parts = build_tables(rows, metric_name, maximize)
+    tables += _curvature_section(folder, parts["optima_rows"])
     with atomic_path(folder / OPTIMA_CSV) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=OPTIMA_COLUMNS)
         writer.writeheader()
@@ -230,6 +231,13 @@ def write_report(folder: Path, rows: list[dict], metric_name: str, maximize: boo
     write_text(folder / "report.md", _markdown(title, tables, figures))
     write_text(folder / "report.html", _html(title, tables, figures))
     return [folder / OPTIMA_CSV, folder / "report.md", folder / "report.html"]
+
+
+def _curvature_section(folder: Path, optima_rows: list[dict]) -> list[Table]:
+    """The tables of `lorasweep curvature`, where the folder has its curvature.csv."""
+    from lorasweep.report.curvature import curvature_tables, read_curvature  # it imports Table
+
+    return curvature_tables(read_curvature(folder), optima_rows)
 
 
 def _markdown(title: str, tables: list[Table], figures: list[tuple[str, Path]]) -> str:

@@ -1,0 +1,128 @@
+"""`lorasweep curvature STUDY.yaml|DIR`: measure, write curvature.csv and curvature.md, and
+return the section's text (with the LR predictions wherever measured optima exist)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+from lorasweep.analysis.optima import CELL_FIELDS, find_optima
+from lorasweep.config import Study, load_study, resolve_study_path
+from lorasweep.curvature.measure import (
+    BLOCK_KINDS,
+    COLUMNS,
+    Settings,
+    cell_fields,
+    measure_cell,
+    select_cells,
+)
+from lorasweep.curvature.predict import cell_key
+from lorasweep.errors import StudyError
+from lorasweep.files import atomic_path, write_text
+from lorasweep.report import OPTIMA_CSV, _markdown
+from lorasweep.report.curvature import CURVATURE_CSV, curvature_tables, read_curvature
+from lorasweep.results import trial_rows
+from lorasweep.study.folder import STUDY_FILE, load_folder_study
+from lorasweep.study.runner import load_workbench
+from lorasweep.study.store import JOURNAL_NAME, Store
+from lorasweep.tasks import TASK_CLASSES
+
+CURVATURE_MD = "curvature.md"
+
+
+def open_target(target: str, out: Path | None, overrides: list[str]) -> tuple[Study, Path]:
+    """The study and the folder to write into: a study folder itself, or --out (default
+    lorasweep-studies/NAME, where `lorasweep run` puts the study) for a study file."""
+    path = Path(target)
+    if path.is_dir() and (path / STUDY_FILE).exists():
+        if overrides:
+            raise StudyError(f"--set: {target} is a study folder, whose study is fixed; give "
+                             "the study file to override fields")
+        return load_folder_study(path), out or path
+    study = load_study(resolve_study_path(target), overrides)
+    return study, out or Path("lorasweep-studies") / study.name
+
+
+def check_settings(settings: Settings) -> None:
+    """One-line errors for options that cannot work."""
+    if settings.batches < 1:
+        raise StudyError(f"--batches {settings.batches}: must be at least 1")
+    if settings.warmup_steps < 0:
+        raise StudyError(f"--warmup-steps {settings.warmup_steps}: must be 0 or more")
+    if settings.warmup_lr is not None and settings.warmup_lr <= 0:
+        raise StudyError(f"--warmup-lr {settings.warmup_lr}: must be positive")
+    if settings.top_k < 1:
+        raise StudyError(f"--top-k {settings.top_k}: must be at least 1")
+    if settings.max_iter < 2:
+        raise StudyError(f"--max-iter {settings.max_iter}: must be at least 2")
+    if not 0 < settings.tol < 1:
+        raise StudyError(f"--tol {settings.tol}: must lie between 0 and 1")
+    unknown = [b for b in settings.blocks if b not in BLOCK_KINDS]
+    if unknown or not settings.blocks:
+        raise StudyError(f"--blocks {','.join(settings.blocks)}: allowed: "
+                         f"{', '.join(BLOCK_KINDS)} (comma-joined)")
+    if settings.adam and not settings.warmup_steps:
+        raise StudyError("--adam: needs --warmup-steps N > 0 (AdamW has no second moment "
+                         "before its first step)")
+
+
+def measured_optima(folder: Path, study: Study, optima_file: Path | None) -> list[dict]:
+    """Optima rows: from --optima, else from the folder's trials, else from its optima.csv."""
+    if optima_file is not None:
+        return _read_optima(optima_file, "--optima")
+    if (folder / JOURNAL_NAME).exists():
+        task_class = TASK_CLASSES[study.task.kind]
+        maximize = task_class.greater_is_better
+        store = Store(folder, study.name, maximize=maximize, create=False)
+        rows = trial_rows(store, task_class.metric_name)
+        return [o.as_row() for o in find_optima(rows, maximize)]
+    if (folder / OPTIMA_CSV).exists():
+        return _read_optima(folder / OPTIMA_CSV, str(folder / OPTIMA_CSV))
+    return []
+
+
+def _read_optima(path: Path, where: str) -> list[dict]:
+    if not path.is_file():
+        raise StudyError(f"{where} {path}: no such file")
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in (*CELL_FIELDS, "lr_star") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise StudyError(f"{where} {path}: not an optima.csv (no column {missing[0]})")
+        return list(reader)
+
+
+def run_curvature(target: str, settings: Settings, out: Path | None = None,
+                  overrides: list[str] | None = None, methods: list[str] | None = None,
+                  rank: int | None = None, optima_file: Path | None = None,
+                  log: Callable[[str], None] = print) -> tuple[Path, str]:
+    """Measure the chosen cells; returns the folder written and the section as Markdown."""
+    check_settings(settings)
+    study, folder = open_target(target, out, overrides or [])
+    cells = select_cells(study, methods, rank)
+    optima = measured_optima(folder, study, optima_file)
+    lr_stars = {cell_key(row): float(row["lr_star"]) for row in optima
+                if row.get("lr_star") not in (None, "")}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StudyError(f"--out {folder}: cannot write there ({exc.strerror})") from None
+    bench = load_workbench(study)
+    rows: list[dict] = []
+    for cell, lrs in cells:
+        log(f"measuring {cell.label}" + (f" r={cell.rank}" if cell.rank else ""))
+        rows += measure_cell(bench, study, cell, lrs, settings, log=log,
+                             lr_star=lr_stars.get(cell_key(cell_fields(cell))))
+    measured = {cell_key(r) for r in rows}
+    kept = [r for r in read_curvature(folder) if cell_key(r) not in measured]
+    all_rows = kept + rows
+    with atomic_path(folder / CURVATURE_CSV) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: "" if r.get(k) is None else r[k] for k in COLUMNS} for r in all_rows)
+    text = _markdown(f"Curvature: {study.name}",
+                     curvature_tables(read_curvature(folder), optima), [])
+    write_text(folder / CURVATURE_MD, text)
+    return folder, text
+

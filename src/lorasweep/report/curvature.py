@@ -1,0 +1,109 @@
+"""The report's curvature section, from curvature.csv (`lorasweep curvature`) and the optima.
+
+Absent curvature.csv, the section is absent: the rest of the report never depends on it.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+
+from lorasweep.analysis.compare import cell_name
+from lorasweep.curvature.predict import (
+    ANCHOR_METHOD,
+    DEFAULT_P,
+    cell_curvatures,
+    cell_key,
+    predict_lrs,
+)
+from lorasweep.report import Table, _fmt
+
+CURVATURE_CSV = "curvature.csv"
+
+
+def read_curvature(folder: Path) -> list[dict]:
+    path = folder / CURVATURE_CSV
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _stage_name(row: dict) -> str:
+    if row["stage"] == "init":
+        name = "init"
+    else:
+        name = f"after {row['steps']} steps at lr {_fmt(float(row['warmup_lr']))}"
+    return name + (", Adam-preconditioned" if str(row["preconditioned"]) == "True" else "")
+
+
+def eigenvalue_table(rows: list[dict]) -> Table:
+    """lambda_max per cell and stage: joint, median over modules, and per module type."""
+    types = list(dict.fromkeys(r["module_type"] for r in rows if r["block"] != "joint"))
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((cell_key(row), _stage_name(row)), []).append(row)
+    table_rows = []
+    for (_, stage), members in groups.items():
+        joint = [r for r in members if r["block"] == "joint"]
+        modules = [r for r in members if r["block"] != "joint"]
+
+        def median(chosen: list[dict]) -> str:
+            return _fmt(statistics.median(float(r["lambda_max"]) for r in chosen)) if chosen \
+                else "-"
+
+        done = sum(str(r["converged"]) == "True" for r in members)
+        table_rows.append([
+            cell_name(members[0]), stage,
+            _fmt(float(joint[0]["lambda_max"])) if joint else "-",
+            _fmt(float(joint[0]["lambda_min"])) if joint else "-",
+            median(modules),
+            *[median([r for r in modules if r["module_type"] == t]) for t in types],
+            str(max(int(r["products"]) for r in members)), f"{done}/{len(members)}"])
+    return Table(
+        "Largest Hessian eigenvalue",
+        "Lanczos on Hessian-vector products of the training loss (the trial's first batches, "
+        "token-weighted) from the weights a trial starts with. joint: all trainable parameters "
+        "(task head included); modules: each adapted module's own block ((A, B) together; a "
+        "full fine-tuning module's weight and bias), median over modules, then per module type "
+        "(median over layers). Adam-preconditioned: eigenvalues of P^-1/2 H P^-1/2, P = "
+        "sqrt(v_hat) + eps from AdamW's second moment. products: the most any block needed; "
+        "converged: blocks whose eigenvalues met the tolerance.",
+        ["cell", "stage", "joint lambda_max", "joint lambda_min", "modules: median lambda_max",
+         *types, "products", "converged"],
+        table_rows)
+
+
+def prediction_table(rows: list[dict], optima_rows: list[dict]) -> Table | None:
+    """lambda against each cell's measured optimum, and the LR the curvature predicts."""
+    curvatures, fit = predict_lrs(cell_curvatures(rows), optima_rows)
+    if not curvatures or not any(c.lr_star is not None for c in curvatures):
+        return None
+    anchor = next((c for c in curvatures if c.cell["method"] == ANCHOR_METHOD), None)
+    if fit is None:
+        fitted = "p cannot be fitted (fewer than two cells with an optimum and a curvature)"
+    else:
+        interval = f", 95% interval {fit.low:.2f} - {fit.high:.2f}" if fit.low is not None else ""
+        fitted = f"fitted p = {fit.p:.2f} over {fit.n} cells{interval}"
+    note = (f"lr_star ~ lambda^-p, lambda: the median module block's lambda_max at init (the "
+            f"joint one where no module was measured); {fitted}. predicted: lr_star(LoRA) x "
+            f"(lambda(LoRA) / lambda)^p with p fitted on the other cells (leave one out), or "
+            f"p = {DEFAULT_P:g} (gradient descent's stability bound) with fewer than two of them. "
+            "error: log10(predicted / measured) in steps of the cell's LR grid.")
+    return Table(
+        "Curvature and the optimal learning rate", note,
+        ["cell", "lambda", "lambda / LoRA's", "lr_star measured", "lr predicted", "p used",
+         "error (grid steps)"],
+        [[cell_name(c.cell), _fmt(c.lam), _fmt(c.lam / anchor.lam) if anchor else "-",
+          _fmt(c.lr_star), _fmt(c.lr_predicted),
+          f"{c.p_used:.2f}" if c.p_used is not None else "-",
+          f"{c.error_steps:+.2f}" if c.error_steps is not None else "-"] for c in curvatures])
+
+
+def curvature_tables(rows: list[dict], optima_rows: list[dict]) -> list[Table]:
+    """The section's tables; none without curvature rows."""
+    if not rows:
+        return []
+    prediction = prediction_table(rows, optima_rows)
+    return [eigenvalue_table(rows), *([prediction] if prediction else [])]
