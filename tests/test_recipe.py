@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -267,3 +268,24 @@ def test_report_sets_target_modules_side_by_side_with_their_parameter_counts(tmp
     text = (tmp_path / "report.md").read_text()
     assert "## Target modules compared" in text
     assert "| lora r=24 a=1r attention batch_size=8 | attention | 1008 |" in text
+
+
+def test_suggest_moves_the_lr_along_the_fitted_batch_size_exponent(tmp_path: Path, data_files,
+                                                                   capsys):
+    """`suggest --batch-size 256` from a study that swept 8..64: the measured optimum at 64
+    moved by (256/64)^0.7; a study without the axis gives one line."""
+    rows = synthetic_rows({"batch_size": 0.7}, {"batch_size": [8, 16, 32, 64]})
+    with open(tmp_path / "trials.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(tiny_study(data_files)))
+    assert main(["suggest", "--from", str(tmp_path), "--batch-size", "256",
+                 "--out", str(tmp_path / "s.json")]) == 0
+    (suggestion,) = json.loads((tmp_path / "s.json").read_text())["suggestions"]
+    expected = 1e-3 * 8 ** 0.7 * 4 ** 0.7
+    assert suggestion["lr"] == pytest.approx(expected, rel=1e-4)
+    assert suggestion["lr_interval"] == pytest.approx([expected, expected], rel=1e-4)
+    assert "k = +0.70" in capsys.readouterr().out
+    assert main(["suggest", "--from", str(tmp_path), "--train-examples", "500"]) == 2
+    assert "no fit of lr_star against train_examples" in capsys.readouterr().err

@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     target = suggest.add_mutually_exclusive_group()
     target.add_argument("--rank", type=int, help="the rank to predict the LR for")
     target.add_argument("--to", choices=["full"], help="predict full fine-tuning's LR")
+    target.add_argument("--batch-size", type=float, metavar="B",
+                        help="the LR at this batch size, from the exponent the study fitted "
+                             "(search.recipe.batch_size)")
+    target.add_argument("--train-examples", type=float, metavar="N",
+                        help="the LR at this training-set size, from the fitted exponent "
+                             "(search.recipe.train_examples)")
     suggest.add_argument("--width", type=int, metavar="N",
                          help="the target model's hidden size (default: the source's)")
     suggest.add_argument("--source-width", type=int, metavar="N",
@@ -334,8 +340,20 @@ def _suggest(args: argparse.Namespace) -> int:
     if args.check:
         print(suggest.format_check(suggest.check(args.check)))
         return 0
+    for axis in suggest.RECIPE_FLAGS:
+        value = getattr(args, axis)
+        if value is not None:
+            if args.out is not None:
+                suggest.settings_format(args.out)
+            found = suggest.suggest_recipe(args.sources[0], axis, value)
+            print(suggest.format_recipe(found))
+            if args.out is not None:
+                suggest.write_settings(args.out, [s.as_settings() for s in found])
+                print(f"wrote {args.out}")
+            return 0
     if args.rank is None and args.to is None:
-        raise StudyError("suggest --from: give --rank R or --to full")
+        raise StudyError("suggest --from: give --rank R, --to full, --batch-size B or "
+                         "--train-examples N")
     if args.rank is not None and args.rank < 1:
         raise StudyError(f"--rank {args.rank}: must be at least 1")
     if args.out is not None:

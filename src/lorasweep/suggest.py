@@ -15,10 +15,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from lorasweep.analysis.compare import cell_name
 from lorasweep.analysis.optima import CELL_FIELDS, Optimum
+from lorasweep.analysis.recipe import AxisFit, fit_recipe_axes
 from lorasweep.analysis.scaling import alpha_spec
 from lorasweep.analysis.transfer import (
     RULES,
@@ -35,7 +37,7 @@ from lorasweep.analysis.transfer import (
 from lorasweep.config import Study, parse_lora_alpha
 from lorasweep.errors import StudyError
 from lorasweep.files import write_text
-from lorasweep.report import OPTIMA_CSV
+from lorasweep.report import OPTIMA_CSV, series_name
 from lorasweep.results import TRIALS_CSV, read_trials_csv
 
 # PEFT's init_lora_weights for the inits it has; the others are lorasweep's own.
@@ -247,3 +249,66 @@ def write_settings(path: Path, docs: list[dict]) -> None:
         write_text(path, text)
     except OSError as exc:
         raise StudyError(f"--out {path}: cannot write there ({exc.strerror})") from None
+
+
+# Recipe axes `suggest` moves an LR along, and the flag that names each.
+RECIPE_FLAGS = {"batch_size": "--batch-size", "train_examples": "--train-examples"}
+
+
+@dataclass
+class RecipeSuggestion:
+    fit: AxisFit
+    value: float
+    lr: float
+    low: float
+    high: float
+
+    def as_settings(self) -> dict:
+        return {"cell": series_name(self.fit), self.fit.axis: self.value, "lr": self.lr,
+                "lr_interval": [self.low, self.high],
+                "rule": f"fitted lr_star ~ {self.fit.axis}^k, k = {self.fit.exponent:+.3f}"}
+
+
+def suggest_recipe(folder: Path, axis: str, value: float) -> list[RecipeSuggestion]:
+    """The LR at a new batch size or training-set size, from the power law the study fitted.
+
+    The line goes through the measured optimum nearest `value` (in log), and the interval
+    spans the 95% interval of the exponent from there: the further the move, the wider it is.
+    """
+    from lorasweep.study.folder import load_folder_study
+    from lorasweep.tasks import TASK_CLASSES
+
+    flag = f"{RECIPE_FLAGS[axis]} {value:g}"
+    if value <= 0:
+        raise StudyError(f"{flag}: must be positive")
+    if not (folder / TRIALS_CSV).is_file():
+        raise StudyError(f"{flag}: {folder} has no {TRIALS_CSV}; give a study folder")
+    maximize = TASK_CLASSES[load_folder_study(folder).task.kind].greater_is_better
+    fits = [f for f in fit_recipe_axes(read_trials_csv(folder), maximize) if f.axis == axis]
+    if not fits:
+        raise StudyError(f"{flag}: {folder} has no fit of lr_star against {axis}; sweep "
+                         f"search.recipe.{axis} over two or more values first")
+    out = []
+    for fit in fits:
+        logs = np.log(fit.values)
+        nearest = int(np.argmin(np.abs(logs - math.log(value))))
+        anchor, ratio = fit.lr_stars[nearest], value / fit.values[nearest]
+        ends = [anchor * ratio ** k for k in (fit.low, fit.high) if k is not None]
+        lr = anchor * ratio ** fit.exponent
+        out.append(RecipeSuggestion(fit, value, lr, min(ends, default=lr),
+                                    max(ends, default=lr)))
+    return out
+
+
+def format_recipe(suggestions: list[RecipeSuggestion]) -> str:
+    lines = []
+    for s in suggestions:
+        fit = s.fit
+        interval = (f" (95% {fit.low:+.2f} to {fit.high:+.2f})" if fit.low is not None else "")
+        lines.append(f"{series_name(fit)}: lr {s.lr:.3g} at {fit.axis} {s.value:g} "
+                     f"(95% {s.low:.3g} - {s.high:.3g}); rule: fitted lr_star ~ {fit.axis}^k, "
+                     f"k = {fit.exponent:+.2f}{interval} over {fit.axis} "
+                     + " ".join(f"{v:g}" for v in fit.values)
+                     + f", through the optimum at {fit.axis} "
+                     + f"{min(fit.values, key=lambda v: abs(math.log(v / s.value))):g}")
+    return "\n".join(lines)
