@@ -17,12 +17,12 @@ from lorasweep.errors import StudyError
 from lorasweep.methods import get_method
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.sandbox import OPT_IN_ENV, Limits, isolation, require_opt_in, run_program
-from lorasweep.space import Cell
-from lorasweep.study.runner import WorkOptions, run_study
+from lorasweep.space import Cell, TrialSpec
 from lorasweep.tasks import build_task, packaged_data
 from lorasweep.tasks.code import pass_at_k, program
 from lorasweep.tasks.instruction import generate, tokenize_pairs
 from lorasweep.tasks.math import extract_flexible, extract_strict, normalize_number, score
+from lorasweep.train import train_group
 
 # --- extraction and scoring -------------------------------------------------------------------
 
@@ -69,7 +69,7 @@ def test_program_assembly():
 
 def test_opt_in_is_required(monkeypatch):
     monkeypatch.delenv(OPT_IN_ENV, raising=False)
-    with pytest.raises(StudyError, match="task.execute_code"):
+    with pytest.raises(StudyError, match=r"task\.execute_code"):
         require_opt_in(False)
     with pytest.raises(StudyError, match=OPT_IN_ENV):
         require_opt_in(True)
@@ -89,7 +89,7 @@ def test_hostile_programs_are_contained(tmp_path):
         "fork bomb": "import os\nwhile True:\n    os.fork()",
         "memory hog": "x = []\nwhile True:\n    x.append(bytearray(1 << 26))",
         "write outside": f"open({str(outside)!r}, 'w').write('x')",
-        "os write outside": f"import os\nos.close(os.open({str(outside)!r}, os.O_CREAT|os.O_WRONLY))",
+        "os write outside": f"import os\nos.open({str(outside)!r}, os.O_CREAT | os.O_WRONLY)",
         "socket": f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)",
         "subprocess": f"import subprocess\nsubprocess.run(['touch', {str(outside)!r}])",
     }
@@ -143,8 +143,8 @@ def test_stacked_trials_generate_as_they_would_alone(tiny_llama):
         for (_, p), (_, q) in zip(attached.trial_params[1], alone.trial_params[0], strict=True):
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
             q.copy_(p)
-    prompts = [tokenizer(t)["input_ids"] for t in ["a short one", "a much longer prompt here to pad",
-                                                   "third"]]
+    texts = ["a short one", "a much longer prompt here to pad", "third"]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
     args = dict(device=torch.device("cpu"), tokenizer=tokenizer, max_new_tokens=5)
     grouped = generate(pair, prompts, 2, 3, **args)
     assert grouped[0] != grouped[1]  # trial 1's weights differ from trial 0's (B = 0)
@@ -152,18 +152,31 @@ def test_stacked_trials_generate_as_they_would_alone(tiny_llama):
     assert [generate(single, [p], 1, 1, **args)[0][0] for p in prompts] == grouped[1]
 
 
-def test_math_study_end_to_end(tmp_path):
+def test_math_group_trains_and_scores_each_trial_as_alone(tiny_llama, tmp_path):
+    """A fused group of 2 LRs on the offline GSM8K split gives each trial the metrics (loss and
+    both accuracies) it gets trained alone."""
+    tokenizer, base = tiny_llama
     study = {"name": "m", "model": {"source": "tiny:llama"},
              "task": {"kind": "math", "dataset": "builtin:gsm8k", "prompt_field": "question",
-                      "response_field": "answer", "validation_size": 4,
-                      "max_train_examples": 16, "max_eval_examples": 4, "max_new_tokens": 3},
+                      "response_field": "answer", "validation_size": 3,
+                      "max_train_examples": 8, "max_eval_examples": 2, "max_new_tokens": 3},
              "train": {"steps": 2, "batch_size": 4, "seq_len": 32},
              "search": {"methods": ["lora"], "ranks": [4], "lr": [1e-3, 1e-2]}}
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(study))
-    run_study(load_study(path), tmp_path / "out", WorkOptions(max_group=2))
-    rows = (tmp_path / "out" / "trials.csv").read_text().splitlines()
-    assert len(rows) == 3 and all(",complete," in r for r in rows[1:])
+    loaded = load_study(path)
+    task = build_task(loaded, tokenizer)
+    assert (len(task.train), len(task.validation), len(task.test)) == (8, 2, 2)
+    cell = Cell(method="lora", rank=4, lora_alpha="8", init="kaiming", target_modules="all-linear")
+    trials = [TrialSpec(grid_id=i, cell=cell, lr=lr, seed=0) for i, lr in enumerate([1e-3, 1e-2])]
+    cpu = torch.device("cpu")
+    fused = train_group(base, task, loaded.train, trials, cpu)
+    for trial, together in zip(trials, fused, strict=True):
+        alone = train_group(base, task, loaded.train, [trial], cpu)[0]
+        assert together.status == alone.status == "complete"
+        assert set(together.metrics) >= {"eval_loss", "accuracy_strict", "accuracy_flexible"}
+        assert together.metrics == pytest.approx(alone.metrics, rel=1e-5)
+        assert together.test == pytest.approx(alone.test, rel=1e-5)
 
 
 def test_gsm8k_parts_are_fixed_and_disjoint():

@@ -50,12 +50,12 @@ def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, prompts: list[str], respo
         # A templated prompt carries its own special tokens; a plain one gets the tokenizer's.
         p = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
         r = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
+        prompt_ids.append(p[-seq_len:])  # generation sees at most seq_len prompt tokens
         p = p[-max(seq_len - len(r), seq_len // 2):]
         ids = (p + r)[:seq_len]
         target = ([IGNORE] * len(p) + r if loss_on == "response" else p + r)[:seq_len]
         rows.append(ids)
         labels.append(target)
-        prompt_ids.append(p[-seq_len:])  # generation sees at most seq_len prompt tokens
     pad = tokenizer.pad_token_id
     input_ids = torch.full((len(rows), seq_len), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), seq_len), dtype=torch.long)

