@@ -62,7 +62,7 @@ class TaskSpec(_Strict):
     `train_file` (and optionally `test_file`) as JSON, JSONL, CSV or text files.
     """
 
-    kind: Literal["classification", "causal_lm"]
+    kind: Literal["classification", "causal_lm", "math", "code"]
     dataset: str | None = None
     dataset_config: str | None = None
     train_file: str | None = None
@@ -77,6 +77,23 @@ class TaskSpec(_Strict):
     validation_size: Annotated[float, Field(gt=0)] = 0.1
     max_train_examples: Annotated[int, Field(gt=0)] | None = None
     max_eval_examples: Annotated[int, Field(gt=0)] | None = 1000
+    # math and code (instruction/response, scored by generation; see tasks/instruction.py)
+    answer_field: str | None = None  # math: the gold answer (default: `#### N` of the response)
+    chat_template: bool = True  # wrap prompts in the model's own chat template when it has one
+    max_new_tokens: Annotated[int, Field(gt=0)] = 256
+    samples: Annotated[int, Field(gt=0)] = 1  # code: completions per problem (pass@k)
+    temperature: Annotated[float, Field(gt=0)] = 0.8  # code: sampling when samples > 1
+    pass_k: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [1]
+    execute_code: bool = False  # code: opt-in to run model-written code (with the env variable)
+    timeout: Annotated[float, Field(gt=0)] = 5.0  # code: seconds per sample
+
+    @model_validator(mode="before")
+    @classmethod
+    def _instruction_defaults(cls, value: Any) -> Any:
+        """math and code train on response tokens only unless the study says otherwise."""
+        if isinstance(value, dict) and value.get("kind") in ("math", "code"):
+            return {"loss_on": "response", **value}
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskSpec:
@@ -88,6 +105,12 @@ class TaskSpec(_Strict):
             raise ValueError("task.loss_on: 'response' needs task.response_field")
         if (self.prompt_field is None) != (self.response_field is None):
             raise ValueError("give both task.prompt_field and task.response_field, or neither")
+        if self.kind in ("math", "code") and self.response_field is None:
+            raise ValueError(f"task.kind '{self.kind}' needs task.prompt_field and "
+                             "task.response_field (e.g. question and answer)")
+        if max(self.pass_k) > self.samples:
+            raise ValueError(f"task.pass_k {self.pass_k}: each k needs at least k samples "
+                             f"(task.samples is {self.samples})")
         if self.validation_size >= 1 and self.validation_size != int(self.validation_size):
             raise ValueError("task.validation_size: a fraction below 1 or a whole number")
         return self

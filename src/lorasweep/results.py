@@ -34,14 +34,28 @@ def trial_rows(store: Store, metric_name: str) -> list[dict]:
             "seconds": attrs.get("seconds"), "trainable_params": attrs.get("trainable_params"),
             "effective_scale": attrs.get("effective_scale"), "attempts": attempts,
             "worker": attrs.get("worker"), "reason": attrs.get("reason"),
+            **_other_metrics(attrs, metric_name),
         })
     return sorted(rows, key=lambda r: r["trial"])
 
 
+def _other_metrics(attrs: dict, metric_name: str) -> dict:
+    """The task's metrics beside the one that chooses (e.g. accuracy_strict, pass@10), as
+    columns after COLUMNS: validation under their own name, test with a `test_` prefix."""
+    out = {}
+    for prefix, column in (("val_", ""), ("test_", "test_")):
+        for key, value in attrs.items():
+            name = key[len(prefix):]
+            if key.startswith(prefix) and name not in ("eval_loss", metric_name):
+                out[column + name] = value
+    return out
+
+
 def write_trials_csv(folder: Path, store: Store, metric_name: str) -> list[dict]:
     rows = trial_rows(store, metric_name)
+    extra = sorted({key for row in rows for key in row} - set(COLUMNS))
     with atomic_path(folder / TRIALS_CSV) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=[*COLUMNS, *extra])
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
     return rows
@@ -53,6 +67,6 @@ def read_trials_csv(folder: Path) -> list[dict]:
                                 "attempts"), int),
                **dict.fromkeys(("lora_alpha", "lr", "train_loss", "eval_loss", "metric",
                                 "test_metric", "seconds", "effective_scale"), float)}
-    with open(folder / TRIALS_CSV, newline="") as handle:
-        return [{k: None if v in (None, "") else numbers.get(k, str)(v) for k, v in row.items()}
-                for row in csv.DictReader(handle)]
+    with open(folder / TRIALS_CSV, newline="") as handle:  # columns beyond COLUMNS: metrics
+        return [{k: None if v in (None, "") else numbers.get(k, str if k in COLUMNS else float)(v)
+                 for k, v in row.items()} for row in csv.DictReader(handle)]

@@ -8,12 +8,17 @@ from lorasweep.config import Study
 from lorasweep.tasks.base import Split, Task
 from lorasweep.tasks.causal_lm import CausalLMTask, build_causal_lm
 from lorasweep.tasks.classification import ClassificationTask, build_classification
+from lorasweep.tasks.code import CodeTask, build_code
 from lorasweep.tasks.data import load_splits
+from lorasweep.tasks.math import MathTask, build_math
 
-BUILDERS = {"classification": build_classification, "causal_lm": build_causal_lm}
-# The task class of each kind: its metric_name and greater_is_better, without loading any data.
+BUILDERS = {"classification": build_classification, "causal_lm": build_causal_lm,
+            "math": build_math, "code": build_code}
+# The task class of each kind: its metric_name (the metric that chooses optima) and
+# greater_is_better, without loading any data.
 TASK_CLASSES: dict[str, type[Task]] = {"classification": ClassificationTask,
-                                       "causal_lm": CausalLMTask}
+                                       "causal_lm": CausalLMTask, "math": MathTask,
+                                       "code": CodeTask}
 
 
 def build_task(study: Study, tokenizer: PreTrainedTokenizerBase, seq_len: int | None = None

