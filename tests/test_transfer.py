@@ -218,7 +218,7 @@ def test_suggest_fits_over_several_studies_and_uses_the_better_rule(tmp_path, ca
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--rank", "0"], "--rank 0: must be at least 1"),
-    ([], "give --rank R or --to full"),
+    ([], "give --rank R, --to full, --batch-size B or --train-examples N"),
     (["--rank", "8", "--method", "dora"], "no adapter cells match"),
     (["--rank", "8", "--out", "x.txt"], "name a .yaml, .yml or .json file"),
     (["--rank", "8", "--width", "64"], "give --source-width"),

@@ -205,6 +205,10 @@ def _work_options(args: argparse.Namespace):
     import torch
 
     from lorasweep.study.runner import WorkOptions, default_max_group
+    from lorasweep.study.storage import check_storage_url
+
+    if args.storage is not None:
+        check_storage_url(args.storage)  # before any model is loaded
 
     _set_threads(args.threads)
     if args.device != "cpu" and not _device_available(args.device):
