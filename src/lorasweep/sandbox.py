@@ -121,7 +121,9 @@ def isolation() -> str:
 
 def run_program(program: str, limits: Limits = Limits()) -> Outcome:
     """Run a Python program in the sandbox; it passes if it exits 0 within the limits."""
-    python = [sys.executable, "-I", "-S", "-B", "-c", _HARNESS]
+    # The interpreter itself, not a venv's link to it: a venv under /tmp would be hidden by the
+    # private /tmp mount. With -I -S the sample sees the standard library only either way.
+    python = [os.path.realpath(sys.executable), "-I", "-S", "-B", "-c", _HARNESS]
     namespaced = isolation() == "namespaces"
     with tempfile.TemporaryDirectory(prefix="lorasweep-sample-") as temp:
         work = Path(temp) / "work"
