@@ -234,6 +234,7 @@ def _set_threads(threads: int | None) -> None:
 def _curvature(args: argparse.Namespace) -> int:
     from lorasweep.curvature.command import run_curvature
     from lorasweep.curvature.measure import Settings
+    from lorasweep.study.folder import storage_of
     from lorasweep.study.store import JOURNAL_NAME
 
     _quiet_libraries()
@@ -246,7 +247,7 @@ def _curvature(args: argparse.Namespace) -> int:
                                  methods=args.methods, rank=args.rank, optima_file=args.optima)
     print(text)
     print(f"wrote {folder / 'curvature.csv'} and {folder / 'curvature.md'}")
-    if (folder / JOURNAL_NAME).exists():
+    if (folder / JOURNAL_NAME).exists() or storage_of(folder) is not None:  # a started study
         return _report(argparse.Namespace(folder=folder))
     return 0
 

@@ -130,11 +130,7 @@ class Store:
 
     @property
     def lease_seconds(self) -> float:
-        return float(self.settings().get("lease_seconds", DEFAULT_LEASE_SECONDS))
-
-    @property
-    def max_attempts(self) -> int:
-        return int(self.settings().get("max_attempts", DEFAULT_MAX_ATTEMPTS))
+        return _lease(self.settings())
 
     def study_text(self) -> str:
         """The resolved study file the study was created with (for workers elsewhere)."""
@@ -178,7 +174,9 @@ class Store:
 
     def _sync(self, grid: list[TrialSpec], retry_failed: bool) -> int:
         now = time.time()
-        lease, max_attempts = self.lease_seconds, self.max_attempts
+        settings = self.settings()  # one read for both
+        lease = _lease(settings)
+        max_attempts = int(settings.get("max_attempts", DEFAULT_MAX_ATTEMPTS))
         by_key: dict[str, list[FrozenTrial]] = {}
         numbers: dict[str, int] = {}
         for trial in self.trials():
@@ -346,6 +344,10 @@ class Store:
         """Whether trials run in other processes (which may still die and need taking over)."""
         return any(t.user_attrs.get("worker") != worker_id()
                    for t in self.trials(states=(TrialState.RUNNING,)))
+
+
+def _lease(settings: dict) -> float:
+    return float(settings.get("lease_seconds", DEFAULT_LEASE_SECONDS))
 
 
 def _heartbeat(trial: FrozenTrial, now: float) -> float:
