@@ -41,6 +41,7 @@ BAD_STUDIES = [
     ({"task": {"kind": "regression"}}, "task.kind"),
     ({"task": {"dataset": "builtin:shakespeare-genre"}}, "exactly one of task.dataset"),
     ({"task": {"validation_size": 0}}, "task.validation_size"),
+    ({"task": {"metric": "f1"}}, "task.metric 'f1': a classification task reports accuracy"),
     ({"model": {"source": ""}}, "model.source"),
     ({"name": "has spaces"}, "name"),
 ]
@@ -122,3 +123,20 @@ def test_builtin_quickstart_is_valid():
 def test_study_error_is_an_exception_with_one_line():
     with pytest.raises(StudyError):
         resolve_study_path("no-such-study")
+
+
+def test_task_metric_chooses_the_objective_and_its_direction():
+    from lorasweep.config import TaskSpec
+
+    math = {"kind": "math", "dataset": "builtin:gsm8k", "prompt_field": "question",
+            "response_field": "answer"}
+    assert (TaskSpec(**math).objective, TaskSpec(**math).maximize) == ("accuracy_flexible", True)
+    strict = TaskSpec(**math, metric="accuracy_strict")
+    assert (strict.objective, strict.maximize) == ("accuracy_strict", True)
+    loss = TaskSpec(**math, metric="eval_loss")
+    assert (loss.objective, loss.maximize) == ("eval_loss", False)
+    code = {**math, "kind": "code", "samples": 5, "pass_k": [1, 5]}
+    assert TaskSpec(**code, metric="pass@5").objective == "pass@5"
+    with pytest.raises(ValueError, match="pass@1, eval_loss, pass@5"):
+        TaskSpec(**code, metric="pass@10")
+    assert TaskSpec(kind="causal_lm", dataset="x").maximize is False

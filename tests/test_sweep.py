@@ -49,6 +49,26 @@ def test_tiny_sweep_writes_every_output(tmp_path: Path, study_file, capsys):
     assert read_rows(out) == rows
 
 
+def test_task_metric_eval_loss_ranks_by_the_lowest_loss(tmp_path: Path, study_file):
+    """`task.metric: eval_loss` on a classification study: the Optuna study minimizes, the
+    metric column is the validation loss, and each cell's best LR is the one with the lowest."""
+    import optuna
+
+    out = tmp_path / "study"
+    path = study_file(task={"metric": "eval_loss"}, search={"methods": ["lora"],
+                                                            "lr": [1e-4, 1e-3, 1e-2]})
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert all(float(r["metric"]) == float(r["eval_loss"]) for r in rows)
+    assert all(r["accuracy"] != "" for r in rows), "the other metric is still recorded"
+    direction = Store(out, "tiny", maximize=True, create=False).study.direction
+    assert direction == optuna.study.StudyDirection.MINIMIZE
+    with open(out / "optima.csv") as handle:
+        optimum = next(csv.DictReader(handle))
+    lowest = min(rows, key=lambda r: float(r["eval_loss"]))
+    assert float(optimum["lr_best"]) == float(lowest["lr"])
+
+
 def test_same_study_twice_gives_same_numbers(tmp_path: Path, study_file):
     path = study_file(search={"methods": ["lora", "rslora", "loraplus"], "lr": [3e-3]})
     for name in ("a", "b"):

@@ -275,13 +275,11 @@ def _report(args: argparse.Namespace) -> int:
     from lorasweep.report import write_report
     from lorasweep.results import write_trials_csv
     from lorasweep.study.folder import open_folder_store
-    from lorasweep.tasks import TASK_CLASSES
 
     study, store = open_folder_store(args.folder)
-    task_class = TASK_CLASSES[study.task.kind]
-    rows = write_trials_csv(args.folder, store, task_class.metric_name)
-    for path in write_report(args.folder, rows, task_class.metric_name,
-                             task_class.greater_is_better, study.name):
+    rows = write_trials_csv(args.folder, store, study.task.objective)
+    for path in write_report(args.folder, rows, study.task.objective, study.task.maximize,
+                             study.name):
         print(f"wrote {path}")
     return 0
 
@@ -296,16 +294,14 @@ def _print_status(folder: Path) -> None:
     from lorasweep.analysis.optima import find_optima
     from lorasweep.results import trial_rows
     from lorasweep.study.folder import open_folder_store
-    from lorasweep.tasks import TASK_CLASSES
 
     study, store = open_folder_store(folder)
-    task_class = TASK_CLASSES[study.task.kind]
-    metric = task_class.metric_name
+    metric = study.task.objective
     rows = trial_rows(store, metric)
     counts = Counter(row["status"] for row in rows)
     print(f"study {study.name}: {len(rows)} trials: "
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    for optimum in find_optima(rows, task_class.greater_is_better):
+    for optimum in find_optima(rows, study.task.maximize):
         edge = f" ({optimum.edge} edge of the grid)" if optimum.edge else ""
         print(f"  {cell_name(optimum.cell):32s} best lr {optimum.lr_best:.3g}"
               f" (refined {optimum.lr_star:.3g}){edge}  {metric} {optimum.peak:.4f}"

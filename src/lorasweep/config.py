@@ -37,6 +37,12 @@ INIT_PATTERN = "^(" + "|".join(INIT_NAMES) + r"|pissa_niter_\d+)$"
 METHOD_INITS = {"pissa": "pissa", "milora": "milora", "olora": "olora", "init_ab": "init_ab",
                 "random_ab": "random_ab"}
 TARGET_PRESETS = ("attention", "mlp", "all-linear")
+# The validation metrics each task kind reports that may choose optima (`task.metric`); the first
+# is the default. eval_loss is the only one where lower is better. A code task also reports
+# pass@k for each k in `task.pass_k`.
+KIND_METRICS = {"classification": ("accuracy", "eval_loss"), "causal_lm": ("eval_loss",),
+                "math": ("accuracy_flexible", "accuracy_strict", "eval_loss"),
+                "code": ("pass@1", "eval_loss")}
 
 
 class _Strict(BaseModel):
@@ -86,6 +92,23 @@ class TaskSpec(_Strict):
     pass_k: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [1]
     execute_code: bool = False  # code: opt-in to run model-written code (with the env variable)
     timeout: Annotated[float, Field(gt=0)] = 5.0  # code: seconds per sample
+    metric: str | None = None  # the validation metric that chooses optima (KIND_METRICS)
+
+    @property
+    def allowed_metrics(self) -> tuple[str, ...]:
+        names = KIND_METRICS[self.kind]
+        if self.kind == "code":
+            names += tuple(f"pass@{k}" for k in sorted(set(self.pass_k) - {1}))
+        return names
+
+    @property
+    def objective(self) -> str:
+        """The metric that chooses optima: `metric`, else the kind's default."""
+        return self.metric or KIND_METRICS[self.kind][0]
+
+    @property
+    def maximize(self) -> bool:
+        return self.objective != "eval_loss"
 
     @model_validator(mode="before")
     @classmethod
@@ -113,6 +136,9 @@ class TaskSpec(_Strict):
                              f"(task.samples is {self.samples})")
         if self.validation_size >= 1 and self.validation_size != int(self.validation_size):
             raise ValueError("task.validation_size: a fraction below 1 or a whole number")
+        if self.metric is not None and self.metric not in self.allowed_metrics:
+            raise ValueError(f"task.metric '{self.metric}': a {self.kind} task reports "
+                             f"{', '.join(self.allowed_metrics)}")
         return self
 
 

@@ -25,7 +25,7 @@ from lorasweep.models import load_model, load_tokenizer
 from lorasweep.space import TrialSpec
 from lorasweep.study.folder import load_folder_study, weights_path
 from lorasweep.study.store import Store
-from lorasweep.tasks import TASK_CLASSES, build_task, num_labels
+from lorasweep.tasks import build_task, num_labels
 
 
 def find_trial(folder: Path, grid_id: int, maximize: bool, name: str) -> TrialSpec:
@@ -42,8 +42,7 @@ def find_trial(folder: Path, grid_id: int, maximize: bool, name: str) -> TrialSp
 def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     """Write the PEFT adapter of trial `grid_id` of the study in `folder` to `out`."""
     study = load_folder_study(folder)
-    maximize = TASK_CLASSES[study.task.kind].greater_is_better
-    spec = find_trial(folder, grid_id, maximize, study.name)
+    spec = find_trial(folder, grid_id, study.task.maximize, study.name)
     cell = spec.cell
     if not cell.is_adapter:
         raise StudyError(f"--trial {grid_id}: full fine-tuning has no adapter to export")

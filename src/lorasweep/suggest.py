@@ -276,14 +276,13 @@ def suggest_recipe(folder: Path, axis: str, value: float) -> list[RecipeSuggesti
     spans the 95% interval of the exponent from there: the further the move, the wider it is.
     """
     from lorasweep.study.folder import load_folder_study
-    from lorasweep.tasks import TASK_CLASSES
 
     flag = f"{RECIPE_FLAGS[axis]} {value:g}"
     if value <= 0:
         raise StudyError(f"{flag}: must be positive")
     if not (folder / TRIALS_CSV).is_file():
         raise StudyError(f"{flag}: {folder} has no {TRIALS_CSV}; give a study folder")
-    maximize = TASK_CLASSES[load_folder_study(folder).task.kind].greater_is_better
+    maximize = load_folder_study(folder).task.maximize
     fits = [f for f in fit_recipe_axes(read_trials_csv(folder), maximize) if f.axis == axis]
     if not fits:
         raise StudyError(f"{flag}: {folder} has no fit of lr_star against {axis}; sweep "

@@ -26,7 +26,6 @@ from lorasweep.results import trial_rows
 from lorasweep.study.folder import STUDY_FILE, load_folder_study
 from lorasweep.study.runner import load_workbench
 from lorasweep.study.store import JOURNAL_NAME, Store
-from lorasweep.tasks import TASK_CLASSES
 
 CURVATURE_MD = "curvature.md"
 
@@ -72,10 +71,9 @@ def measured_optima(folder: Path, study: Study, optima_file: Path | None) -> lis
     if optima_file is not None:
         return _read_optima(optima_file, "--optima")
     if (folder / JOURNAL_NAME).exists():
-        task_class = TASK_CLASSES[study.task.kind]
-        maximize = task_class.greater_is_better
+        maximize = study.task.maximize
         store = Store(folder, study.name, maximize=maximize, create=False)
-        rows = trial_rows(store, task_class.metric_name)
+        rows = trial_rows(store, study.task.objective)
         return [o.as_row() for o in find_optima(rows, maximize)]
     if (folder / OPTIMA_CSV).exists():
         return _read_optima(folder / OPTIMA_CSV, str(folder / OPTIMA_CSV))

@@ -25,7 +25,6 @@ from lorasweep.files import atomic_path, write_text
 from lorasweep.study.defaults import STORAGE_ENV
 from lorasweep.study.storage import JOURNAL_NAME, public_url
 from lorasweep.study.store import Store
-from lorasweep.tasks import TASK_CLASSES
 
 STUDY_FILE = "study.yaml"
 STORAGE_FILE = "storage.json"  # where the records live, when not in the folder's journal
@@ -92,8 +91,8 @@ def open_folder_store(folder: Path, create: bool = False) -> tuple[Study, Store]
     url = storage_of(folder)
     if url is None and not (folder / JOURNAL_NAME).exists():
         raise StudyError(f"{folder}: the study has not started (no {JOURNAL_NAME})")
-    maximize = TASK_CLASSES[study.task.kind].greater_is_better
-    return study, Store(folder, study.name, maximize=maximize, create=create, storage_url=url)
+    return study, Store(folder, study.name, maximize=study.task.maximize, create=create,
+                        storage_url=url)
 
 
 def load_folder_study(folder: Path) -> Study:

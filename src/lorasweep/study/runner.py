@@ -36,7 +36,7 @@ from lorasweep.study.local_workers import run_local_workers
 from lorasweep.study.plan import planner
 from lorasweep.study.storage import public_url
 from lorasweep.study.store import Store
-from lorasweep.tasks import TASK_CLASSES, Task, build_task, num_labels
+from lorasweep.tasks import Task, build_task, num_labels
 from lorasweep.train import train_group
 
 POLL_SECONDS = 5.0  # how often an idle worker looks for trials that others left behind
@@ -116,8 +116,7 @@ def open_study_store(study: Study, folder: Path, storage_url: str | None,
                      patience: float = DEFAULT_PATIENCE_SECONDS) -> Store:
     """Prepare the folder and open (creating once) the study's store."""
     prepare_folder(folder, study, storage_url)
-    maximize = TASK_CLASSES[study.task.kind].greater_is_better
-    return Store(folder, study.name, maximize=maximize, storage_url=storage_url or
+    return Store(folder, study.name, maximize=study.task.maximize, storage_url=storage_url or
                  storage_of(folder), patience=patience)
 
 
@@ -141,9 +140,8 @@ def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
         trained, failed = run_local_workers(store, folder, workers, options.device,
                                             options.max_group, options.patience, threads,
                                             storage_url)
-    task_class = TASK_CLASSES[study.task.kind]
-    rows = write_trials_csv(folder, store, task_class.metric_name)
-    write_report(folder, rows, task_class.metric_name, task_class.greater_is_better, study.name)
+    rows = write_trials_csv(folder, store, study.task.objective)
+    write_report(folder, rows, study.task.objective, study.task.maximize, study.name)
     return RunSummary(folder=folder, trained=trained, failed=failed)
 
 
@@ -201,7 +199,7 @@ def work(store: Store, bench: Workbench, study: Study, folder: Path,
             failed += _train_claimed(store, bench, study, folder, ids, specs, device)
             trained += len(specs)
             overall.update(len(specs))
-            write_trials_csv(folder, store, bench.task.metric_name)
+            write_trials_csv(folder, store, study.task.objective)
     finally:
         overall.close()
     return trained, failed
@@ -214,8 +212,7 @@ def _planner(study: Study, store: Store, widths: dict[str, int] | None
     Workers re-plan whenever nothing waits, so brackets appear as reference cells finish and
     trials whose worker died are requeued (failed ones only at the start, with --retry-failed).
     """
-    task_class = TASK_CLASSES[study.task.kind]
-    return planner(study, store, task_class.metric_name, task_class.greater_is_better, widths)
+    return planner(study, store, study.task.objective, study.task.maximize, widths)
 
 
 def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, ids: list[int],
@@ -242,7 +239,7 @@ def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, i
             continue
         if result.weights is not None:
             save_weights(folder, spec.grid_id, result.weights)
-        if not store.record(trial_id, result, bench.task.metric_name):
+        if not store.record(trial_id, result, study.task.objective):
             tqdm.write(f"trial {spec.grid_id}: its lease was taken over; result not recorded")
     return 0
 

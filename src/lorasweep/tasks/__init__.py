@@ -6,19 +6,14 @@ from transformers import PreTrainedTokenizerBase
 
 from lorasweep.config import Study
 from lorasweep.tasks.base import Split, Task
-from lorasweep.tasks.causal_lm import CausalLMTask, build_causal_lm
+from lorasweep.tasks.causal_lm import build_causal_lm
 from lorasweep.tasks.classification import ClassificationTask, build_classification
-from lorasweep.tasks.code import CodeTask, build_code
+from lorasweep.tasks.code import build_code
 from lorasweep.tasks.data import load_splits
-from lorasweep.tasks.math import MathTask, build_math
+from lorasweep.tasks.math import build_math
 
 BUILDERS = {"classification": build_classification, "causal_lm": build_causal_lm,
             "math": build_math, "code": build_code}
-# The task class of each kind: its metric_name (the metric that chooses optima) and
-# greater_is_better, without loading any data.
-TASK_CLASSES: dict[str, type[Task]] = {"classification": ClassificationTask,
-                                       "causal_lm": CausalLMTask, "math": MathTask,
-                                       "code": CodeTask}
 
 
 def build_task(study: Study, tokenizer: PreTrainedTokenizerBase, seq_len: int | None = None
@@ -32,4 +27,4 @@ def num_labels(task: Task) -> int | None:
     return len(task.label_names) if isinstance(task, ClassificationTask) else None
 
 
-__all__ = ["TASK_CLASSES", "Split", "Task", "build_task", "num_labels"]
+__all__ = ["Split", "Task", "build_task", "num_labels"]

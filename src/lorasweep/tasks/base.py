@@ -53,10 +53,7 @@ def per_trial(values: torch.Tensor, k: int, reduce: str = "sum") -> torch.Tensor
 
 
 class Task(ABC):
-    """A task kind: classification or causal LM."""
-
-    metric_name: str
-    greater_is_better: bool
+    """A task kind: its data, training loss and validation metrics (config.KIND_METRICS)."""
 
     def __init__(self, train: Split, validation: Split, test: Split | None) -> None:
         self.train = train

@@ -16,8 +16,7 @@ IGNORE = -100
 
 
 class CausalLMTask(Task):
-    metric_name = "eval_loss"
-    greater_is_better = False
+    """Reports eval_loss, the mean next-token loss on the scored tokens."""
 
     def _token_losses(self, logits: torch.Tensor, labels: torch.Tensor, k: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:

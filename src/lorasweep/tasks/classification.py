@@ -13,8 +13,7 @@ from lorasweep.tasks.data import RawSplits, Records, require_field
 
 
 class ClassificationTask(Task):
-    metric_name = "accuracy"
-    greater_is_better = True
+    """Reports eval_loss and accuracy."""
 
     def __init__(self, train: Split, validation: Split, test: Split | None,
                  label_names: list[str]) -> None:

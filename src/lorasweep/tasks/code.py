@@ -60,8 +60,7 @@ def pass_at_k(samples: int, correct: list[int], k: int) -> float:
 
 
 class CodeTask(CausalLMTask):
-    metric_name = "pass@1"
-    greater_is_better = True
+    """Reports eval_loss and pass@k for 1 and each k in task.pass_k."""
 
     def __init__(self, train: PromptSplit, validation: PromptSplit, test: PromptSplit | None,
                  tokenizer: PreTrainedTokenizerBase, spec: TaskSpec) -> None:

@@ -3,9 +3,10 @@
 Each generated solution is reduced to a number two ways: the strict rule takes the number after
 `#### ` (GSM8K's answer format, which training teaches), the flexible rule the last number in the
 text. Numbers compare as exact fractions after removing `$`, thousands commas and a trailing
-period, so `1,000`, `$1000.00` and `1000` are equal. Optima are chosen on `accuracy_flexible`: a
-model that states the right number without the format has solved the problem; the strict
-accuracy is recorded beside it (and shows whether the format was learned).
+period, so `1,000`, `$1000.00` and `1000` are equal. Optima are chosen on `accuracy_flexible`
+unless `task.metric` says otherwise: a model that states the right number without the format
+has solved the problem; the strict accuracy is recorded beside it (and shows whether the format
+was learned).
 """
 
 from __future__ import annotations
@@ -72,8 +73,7 @@ def score(texts: list[str], golds: list[str]) -> dict[str, float]:
 
 
 class MathTask(CausalLMTask):
-    metric_name = "accuracy_flexible"
-    greater_is_better = True
+    """Reports eval_loss, accuracy_strict and accuracy_flexible."""
 
     def __init__(self, train: PromptSplit, validation: PromptSplit, test: PromptSplit | None,
                  tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> None:
