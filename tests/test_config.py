@@ -85,6 +85,8 @@ def test_missing_file_and_bad_override(tmp_path: Path, study_file, capsys):
     ({"task": {"text_field": "body"}}, "task.text_field"),
     ({"search": {"target_modules": ["nonexistent_proj"]}}, "search.target_modules"),
     ({"model": {"source": "/nonexistent/model"}}, "model.source"),
+    ({"task": {"train_file": None, "test_file": None, "dataset": "meta-math/MetaMathQA"}},
+     "task.dataset: cannot load 'meta-math/MetaMathQA'"),  # the hub is offline in tests
 ])
 def test_bad_data_or_model_fails_before_the_store(tmp_path: Path, study_file, capsys, change,
                                                   expected):

@@ -179,6 +179,31 @@ def test_math_group_trains_and_scores_each_trial_as_alone(tiny_llama, tmp_path):
         assert together.test == pytest.approx(alone.test, rel=1e-5)
 
 
+def test_math_task_from_a_hub_style_dataset(tiny_llama, tmp_path):
+    """`task.dataset` names a hub dataset; here a folder laid out like a hub repo (parquet
+    shards under data/, as MetaMathQA ships), loaded by the same `datasets.load_dataset` call,
+    with MetaMathQA's field names and answer format (gold: the last number of the response)."""
+    import datasets
+
+    tokenizer, _ = tiny_llama
+    records = [{"query": f"What is {i} times 3?", "type": "GSM_Rephrased",
+                "response": f"{i} times 3 is {3 * i}.\nThe answer is: {3 * i}"}
+               for i in range(1, 25)]
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(records).to_parquet(
+        tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    study = {"name": "m", "model": {"source": "tiny:llama"},
+             "task": {"kind": "math", "dataset": str(tmp_path / "hub"), "prompt_field": "query",
+                      "response_field": "response", "validation_size": 4},
+             "train": {"steps": 1, "seq_len": 48}, "search": {"methods": ["lora"], "lr": [1e-3]}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(study))
+    task = build_task(load_study(path), tokenizer)
+    assert (len(task.train), len(task.validation), task.test) == (20, 4, None)
+    by_gold = {r["response"].rsplit(" ", 1)[1]: r for r in records}
+    assert all(gold in by_gold for gold in task.validation.references)
+
+
 def test_gsm8k_parts_are_fixed_and_disjoint():
     train, test = packaged_data.gsm8k()
     assert len(train) + len(test) == 1319 and len(test) == packaged_data.GSM8K_TEST_SIZE
