@@ -3,10 +3,13 @@
 The baseline is what a user would otherwise write: for each LR, wrap a copy of the loaded base in
 `peft.get_peft_model`, train it with a plain PyTorch loop (AdamW, warmup + cosine) on the same
 batches, evaluate it. lorasweep trains the same K trials as one fused group. Each mode runs in its
-own process so its peak memory (max RSS) is its own; the ratios printed come from one run.
+own process so its peak memory (max RSS on the CPU, the allocator's peak on a GPU) is its own;
+the ratios printed come from one run. `--groups` times the K trials fused in groups of each size
+(1 is lorasweep one by one), to find the group size that pays on a device.
 
-    .venv/bin/python benchmarks/fused_sweep.py                 # both models, K = 8
-    .venv/bin/python benchmarks/fused_sweep.py --model tiny-lm --steps 10
+    .venv/bin/python benchmarks/fused_sweep.py                 # MiniLM and the tiny LM, K = 8
+    .venv/bin/python benchmarks/fused_sweep.py --model tiny-lm --steps 10 --groups 1 2 4 8
+    python benchmarks/fused_sweep.py --model smollm2 --device cuda --precision bf16  # on a GPU
 """
 
 from __future__ import annotations
@@ -24,48 +27,54 @@ MODELS = {
     # name: (study overrides, task kind)
     "minilm": ["model.source=minilm", "task.kind=classification"],
     "tiny-lm": ["model.source=tiny:llama", "task.kind=causal_lm"],
+    "smollm2": ["model.source=smollm2", "task.kind=causal_lm"],
 }
 LRS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2]
 
 
-def build(model: str, steps: int, k: int):
+def build(args: argparse.Namespace, k: int):
     """The quickstart's data and recipe on the chosen model, and K LoRA trials of one cell."""
     from lorasweep.config import load_study, resolve_study_path
     from lorasweep.space import expand_trials
     from lorasweep.study.runner import load_workbench
 
-    overrides = [*MODELS[model], f"train.steps={steps}", "task.max_eval_examples=128",
-                 "task.validation_size=128", f"search.methods=[{{name: lora, lr: {LRS[:k]}}}]"]
+    overrides = [*MODELS[args.model], f"train.steps={args.steps}", "task.max_eval_examples=128",
+                 "task.validation_size=128", f"train.precision={args.precision}",
+                 f"search.methods=[{{name: lora, lr: {LRS[:k]}}}]"]
     study = load_study(resolve_study_path("quickstart"), overrides)
     return study, load_workbench(study), expand_trials(study)
 
 
-def run_lorasweep(model: str, steps: int, k: int, fused: bool) -> dict:
+def run_lorasweep(args: argparse.Namespace, k: int, group: int) -> dict:
+    """lorasweep's own training of K trials, `group` of them fused at a time."""
     import torch
 
     from lorasweep.train import train_group
 
-    study, bench, trials = build(model, steps, k)
+    study, bench, trials = build(args, k)
+    device = torch.device(args.device)
     started = time.perf_counter()
-    groups = [trials] if fused else [[t] for t in trials]
     losses = []
-    for group in groups:
-        results = train_group(bench.base, bench.task, study.train, group, torch.device("cpu"))
+    for first in range(0, len(trials), group):
+        results = train_group(bench.base, bench.task, study.train, trials[first:first + group],
+                              device)
         losses += [r.train_loss for r in results]
-    return {"seconds": time.perf_counter() - started, "losses": losses}
+    return {"seconds": _synchronized(device, started), "losses": losses}
 
 
-def run_peft_loop(model: str, steps: int, k: int) -> dict:
-    """Stock PEFT, one trial after another: the loop a user would write by hand."""
+def run_peft_loop(args: argparse.Namespace, k: int) -> dict:
+    """Stock PEFT, one trial after another: the loop a user would write by hand (under the same
+    autocast as lorasweep for bf16, on the same device)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import get_scheduler
 
     from lorasweep.methods.targets import resolve_targets
-    from lorasweep.train import batch_order
+    from lorasweep.train import autocast, batch_order
 
-    study, bench, trials = build(model, steps, k)
-    task, recipe = bench.task, study.train
+    study, bench, trials = build(args, k)
+    task, recipe, steps = bench.task, study.train, args.steps
+    device = torch.device(args.device)
     started = time.perf_counter()
     losses = []
     for trial in trials:
@@ -74,77 +83,111 @@ def run_peft_loop(model: str, steps: int, k: int) -> dict:
                             target_modules=resolve_targets(bench.base, "all-linear"),
                             task_type="SEQ_CLS" if study.task.kind == "classification"
                             else "CAUSAL_LM")
-        peft_model = get_peft_model(copy.deepcopy(bench.base), config)
+        peft_model = get_peft_model(copy.deepcopy(bench.base), config).to(device)
         optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
                                       lr=trial.lr)
         schedule = get_scheduler("cosine", optimizer, num_warmup_steps=int(0.1 * steps),
                                  num_training_steps=steps)
         for index in batch_order(len(task.train), recipe.batch_size, steps, trial.seed):
-            batch = task.train.batch(index, 1)
-            logits = peft_model(input_ids=batch["input_ids"],
-                                attention_mask=batch["attention_mask"]).logits
-            loss = task.trial_losses(logits, batch["labels"], 1)[0]
+            batch = {n: t.to(device) for n, t in task.train.batch(index, 1).items()}
+            with autocast(recipe, device):
+                logits = peft_model(input_ids=batch["input_ids"],
+                                    attention_mask=batch["attention_mask"]).logits
+                loss = task.trial_losses(logits, batch["labels"], 1)[0]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(peft_model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad()
-        task.evaluate(peft_model, task.validation, 1, recipe.eval_batch_size, torch.device("cpu"))
-        if task.test is not None:
-            task.evaluate(peft_model, task.test, 1, recipe.eval_batch_size, torch.device("cpu"))
+        with autocast(recipe, device):
+            for split in (task.validation, task.test):
+                if split is not None:
+                    task.evaluate(peft_model, split, 1, recipe.eval_batch_size, device)
         losses.append(float(loss))
-    return {"seconds": time.perf_counter() - started, "losses": losses}
+    return {"seconds": _synchronized(device, started), "losses": losses}
+
+
+def _synchronized(device, started: float) -> float:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
 
 
 def child(args: argparse.Namespace) -> None:
+    import torch
+
     if args.mode == "peft":
-        out = run_peft_loop(args.model, args.steps, args.k)
+        out = run_peft_loop(args, args.k)
     else:
-        k = 1 if args.mode == "single" else args.k
-        out = run_lorasweep(args.model, args.steps, k, fused=args.mode != "sequential")
-    out["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out = run_lorasweep(args, 1, 1) if args.mode == "single" else \
+            run_lorasweep(args, args.k, args.group)
+    out["peak_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
+                      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print("RESULT " + json.dumps(out))
 
 
-def measure(mode: str, model: str, steps: int, k: int) -> dict:
-    command = [sys.executable, __file__, "--child", mode, "--model", model, "--steps", str(steps),
-               "--k", str(k)]
+def measure(args: argparse.Namespace, model: str, mode: str, group: int = 1) -> dict:
+    command = [sys.executable, __file__, "--child", mode, "--model", model,
+               "--steps", str(args.steps), "--k", str(args.k), "--group", str(group),
+               "--device", args.device, "--precision", args.precision]
     done = subprocess.run(command, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        raise SystemExit(f"{mode} (group {group}) failed:\n{done.stderr[-3000:]}")
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT "))
 
 
+def report(args: argparse.Namespace, model: str) -> None:
+    """Every mode in its own process, then the ratios against stock PEFT and one by one."""
+    runs = {"peft": measure(args, model, "peft"), "single": measure(args, model, "single")}
+    for group in sorted({1, *args.groups}):
+        runs[group] = measure(args, model, "lorasweep", group)
+    from lorasweep.config import load_study, resolve_study_path
+
+    recipe = load_study(resolve_study_path("quickstart")).train
+    tokens = args.k * args.steps * recipe.batch_size * recipe.seq_len
+    memory = "GPU memory" if args.device.startswith("cuda") else "peak RSS"
+    print(f"\n{model} on {args.device} ({args.precision}): K = {args.k} LoRA trials, "
+          f"{args.steps} steps of {recipe.batch_size} x {recipe.seq_len} tokens each")
+    peft, single = runs["peft"], runs["single"]
+    rows = [("stock PEFT, one by one", peft)]
+    rows += [("lorasweep, one by one" if g == 1 else f"lorasweep, groups of {g}", runs[g])
+             for g in sorted({1, *args.groups})]
+    for label, run in rows:
+        print(f"  {label:26s} {run['seconds']:7.1f} s  {tokens / run['seconds']:8.0f} train "
+              f"tokens/s  {peft['seconds'] / run['seconds']:5.2f}x PEFT  "
+              f"{runs[1]['seconds'] / run['seconds']:5.2f}x 1-by-1  {memory} "
+              f"{run['peak_mb']:6.0f} MB = {run['peak_mb'] / single['peak_mb']:.2f}x one trial")
+    print(f"  a single lorasweep trial: {single['seconds']:.1f} s, {memory} "
+          f"{single['peak_mb']:.0f} MB")
+    for group in args.groups:
+        pairs = zip(runs[group]["losses"], runs[1]["losses"], strict=True)
+        worst = max(abs(a - b) / abs(b) for a, b in pairs)
+        print(f"  final train loss, groups of {group} vs 1-by-1: max relative difference "
+              f"{worst:.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=[*MODELS, "all"], default="all")
+    parser.add_argument("--model", choices=[*MODELS, "all"], default="all",
+                        help="all: minilm and tiny-lm")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--child", dest="mode", choices=["fused", "sequential", "peft", "single"])
+    parser.add_argument("--groups", type=int, nargs="+", default=[8],
+                        help="fused group sizes to time (default: 8)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--child", dest="mode", choices=["lorasweep", "peft", "single"])
+    parser.add_argument("--group", type=int, default=1)
     args = parser.parse_args()
     if args.mode:
         child(args)
         return
-    for model in MODELS if args.model == "all" else [args.model]:
-        runs = {mode: measure(mode, model, args.steps, args.k)
-                for mode in ("peft", "sequential", "fused", "single")}
-        peft, fused = runs["peft"], runs["fused"]
-        print(f"\n{model}: K = {args.k} LoRA trials, {args.steps} steps each, quickstart batch")
-        for mode, label in (("peft", "stock PEFT, one by one"),
-                            ("sequential", "lorasweep, one by one"),
-                            ("fused", f"lorasweep fused, K = {args.k}"),
-                            ("single", "lorasweep, a single trial")):
-            print(f"  {label:28s} {runs[mode]['seconds']:7.1f} s   peak RSS "
-                  f"{runs[mode]['max_rss_mb']:6.0f} MB")
-        print(f"  speed-up of fused over stock PEFT:       "
-              f"{peft['seconds'] / fused['seconds']:.2f}x")
-        print(f"  speed-up of fused over lorasweep 1-by-1: "
-              f"{runs['sequential']['seconds'] / fused['seconds']:.2f}x")
-        print(f"  peak memory, fused / single run:         "
-              f"{fused['max_rss_mb'] / runs['single']['max_rss_mb']:.2f}x")
-        pairs = zip(fused["losses"], runs["sequential"]["losses"], strict=True)
-        worst = max(abs(a - b) / abs(b) for a, b in pairs)
-        print(f"  final train loss, fused vs 1-by-1: max relative difference {worst:.1e}")
+    for model in ("minilm", "tiny-lm") if args.model == "all" else [args.model]:
+        report(args, model)
 
 
 if __name__ == "__main__":

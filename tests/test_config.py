@@ -14,6 +14,8 @@ from lorasweep.space import expand_trials
 
 from .conftest import tiny_study
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
 BAD_STUDIES = [
     # (what to change, a word the error must contain)
     ({"train": {"steps": -5}}, "train.steps"),
@@ -120,6 +122,11 @@ def test_builtin_quickstart_is_valid():
     for t in expand_trials(study):
         lrs[t.cell.method].append(t.lr)
     assert set(lrs) == {"lora", "full"} and all(len(v) >= 6 for v in lrs.values())
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_studies_are_valid(path: Path):
+    assert expand_trials(load_study(path))
 
 
 def test_study_error_is_an_exception_with_one_line():

@@ -20,7 +20,7 @@ from lorasweep.curvature.measure import (
 from lorasweep.curvature.predict import cell_key
 from lorasweep.errors import StudyError
 from lorasweep.files import atomic_path, write_text
-from lorasweep.report import OPTIMA_CSV, _markdown
+from lorasweep.report import OPTIMA_CSV, markdown_report
 from lorasweep.report.curvature import CURVATURE_CSV, curvature_tables, read_curvature
 from lorasweep.results import trial_rows
 from lorasweep.study.folder import STUDY_FILE, load_folder_study
@@ -119,7 +119,7 @@ def run_curvature(target: str, settings: Settings, out: Path | None = None,
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({k: "" if r.get(k) is None else r[k] for k in COLUMNS} for r in all_rows)
-    text = _markdown(f"Curvature: {study.name}",
+    text = markdown_report(f"Curvature: {study.name}",
                      curvature_tables(read_curvature(folder), optima), [])
     write_text(folder / CURVATURE_MD, text)
     return folder, text

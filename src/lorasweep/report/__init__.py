@@ -41,7 +41,8 @@ class Table:
     rows: list[list[str]]
 
 
-def _fmt(value: object, digits: int = 4) -> str:
+def fmt(value: object, digits: int = 4) -> str:
+    """A value as the reports print it: 3-4 significant digits, "-" when missing."""
     if value is None or value == "":
         return "-"
     if isinstance(value, float):
@@ -69,27 +70,27 @@ def build_tables(rows: list[dict], metric_name: str, maximize: bool) -> tuple[li
         "the same, so the cell has no optimum (train longer or widen the grid).",
         ["cell", "lr_best", "lr_star", "interval", f"peak {metric_name}", "std", "seeds", "LRs",
          "diverged", "edge"],
-        [[cell_name(o.cell), _fmt(o.lr_best), _fmt(o.lr_star),
-          f"{_fmt(o.lr_star_low)} - {_fmt(o.lr_star_high)}" if o.lr_star_low else "-",
-          _fmt(o.peak), _fmt(o.peak_std), str(o.n_seeds),
+        [[cell_name(o.cell), fmt(o.lr_best), fmt(o.lr_star),
+          f"{fmt(o.lr_star_low)} - {fmt(o.lr_star_high)}" if o.lr_star_low else "-",
+          fmt(o.peak), fmt(o.peak_std), str(o.n_seeds),
           str(o.n_lrs) + (" (too few)" if o.n_lrs < 3 else ""), str(o.diverged),
-          f"{o.edge}: add {', '.join(map(_fmt, o.suggest))}" if o.suggest else o.edge]
+          f"{o.edge}: add {', '.join(map(fmt, o.suggest))}" if o.suggest else o.edge]
          for o in optima]))
     if peaks:
         spread = max(p.mean for p in peaks) - min(p.mean for p in peaks)
         tables.append(Table(
             "Compared at each cell's own tuned LR",
-            f"Peaks with 95% bootstrap intervals over seeds; spread (max - min) {_fmt(spread)}.",
+            f"Peaks with 95% bootstrap intervals over seeds; spread (max - min) {fmt(spread)}.",
             ["cell", f"peak {metric_name}", "interval", "seeds"],
-            [[p.name, _fmt(p.mean), f"{_fmt(p.low)} - {_fmt(p.high)}" if p.low is not None
+            [[p.name, fmt(p.mean), f"{fmt(p.low)} - {fmt(p.high)}" if p.low is not None
               else "-", str(len(p.values))] for p in peaks]))
         diffs = pairwise(peaks)
         if diffs:
             tables.append(Table(
                 "Pairwise differences at tuned LR", "a - b, with 95% bootstrap intervals.",
                 ["a", "b", "difference", "interval"],
-                [[d["a"], d["b"], _fmt(d["difference"]),
-                  f"{_fmt(d['low'])} - {_fmt(d['high'])}" if d["low"] is not None else "-"]
+                [[d["a"], d["b"], fmt(d["difference"]),
+                  f"{fmt(d['low'])} - {fmt(d['high'])}" if d["low"] is not None else "-"]
                  for d in diffs]))
     names, fixed = fixed_lr_table(rows, maximize)
     if len(names) > 1:
@@ -97,7 +98,7 @@ def build_tables(rows: list[dict], metric_name: str, maximize: bool) -> tuple[li
             "At one shared learning rate",
             "What a comparison at a single LR would conclude: the winner changes with the LR.",
             ["lr", *names, "winner"],
-            [[_fmt(r["lr"]), *[_fmt(r["means"].get(n)) for n in names], r["winner"]]
+            [[fmt(r["lr"]), *[fmt(r["means"].get(n)) for n in names], r["winner"]]
              for r in fixed]))
     if fits:
         tables.append(Table(
@@ -120,7 +121,7 @@ def build_tables(rows: list[dict], metric_name: str, maximize: bool) -> tuple[li
             "LoRA / full fine-tuning LR ratio", "lr_star of each adapter cell over full "
             "fine-tuning's (practitioners use about 10).",
             ["cell", "ratio"],
-            [[cell_name(o.cell), _fmt(o.lr_star / full[0].lr_star)] for o in adapters]))
+            [[cell_name(o.cell), fmt(o.lr_star / full[0].lr_star)] for o in adapters]))
     return tables, {"optima_rows": optima_rows, "peaks": peaks, "fits": fits,
                     "recipe_fits": recipe_fits}
 
@@ -152,8 +153,8 @@ def _target_tables(rows: list[dict], optima: list[Optimum], metric_name: str) ->
         "(search.match_params scales each set's rank to the first set's count).",
         ["cell", "target modules", "trainable params", "lr_star", f"peak {metric_name}"],
         [[cell_name(o.cell), str(o.cell["target_modules"]),
-          _fmt(params.get(tuple(o.cell.get(f) for f in CELL_FIELDS))), _fmt(o.lr_star),
-          _fmt(o.peak)] for o in adapters])]
+          fmt(params.get(tuple(o.cell.get(f) for f in CELL_FIELDS))), fmt(o.lr_star),
+          fmt(o.peak)] for o in adapters])]
 
 
 def _recipe_tables(fits: list[AxisFit], metric_name: str) -> list[Table]:
@@ -177,7 +178,7 @@ def _recipe_tables(fits: list[AxisFit], metric_name: str) -> list[Table]:
             f"Each cell's refined optimal LR, the fitted power law there, and its peak "
             f"{metric_name} (at its best grid LR).",
             ["cells", axis, "lr_star", "fit", f"peak {metric_name}"],
-            [[series_name(f), f"{v:g}", _fmt(star), _fmt(f.predict(v)), _fmt(peak)]
+            [[series_name(f), f"{v:g}", fmt(star), fmt(f.predict(v)), fmt(peak)]
              for f in members
              for v, star, peak in zip(f.values, f.lr_stars, f.peaks, strict=True)]))
     return tables
@@ -200,7 +201,7 @@ def transfer_tables(checks: list[CheckRow]) -> list[Table]:
         "LR transfer, each held-out optimum", "Error: log10(predicted / measured) in grid "
         "steps; + means the rule predicted too high.",
         ["held out", "rule", "measured", "predicted", "error"],
-        [[c.cell, c.rule, _fmt(c.measured), _fmt(c.predicted), f"{c.error_steps:+.2f}"]
+        [[c.cell, c.rule, fmt(c.measured), fmt(c.predicted), f"{c.error_steps:+.2f}"]
          for c in checks])]
 
 
@@ -228,7 +229,7 @@ def write_report(folder: Path, rows: list[dict], metric_name: str, maximize: boo
         figures.append((f"Optimal LR and peak against {axis}",
                         lr_star_vs_axis(members, [series_name(f) for f in members], metric_name,
                                         folder / f"lr_star_vs_{axis}.png")))
-    write_text(folder / "report.md", _markdown(title, tables, figures))
+    write_text(folder / "report.md", markdown_report(title, tables, figures))
     write_text(folder / "report.html", _html(title, tables, figures))
     return [folder / OPTIMA_CSV, folder / "report.md", folder / "report.html"]
 
@@ -240,7 +241,8 @@ def _curvature_section(folder: Path, optima_rows: list[dict]) -> list[Table]:
     return curvature_tables(read_curvature(folder), optima_rows)
 
 
-def _markdown(title: str, tables: list[Table], figures: list[tuple[str, Path]]) -> str:
+def markdown_report(title: str, tables: list[Table], figures: list[tuple[str, Path]]) -> str:
+    """The Markdown text of a report: a title, its tables, then its figures."""
     out = [f"# {title}", ""]
     for table in tables:
         out += [f"## {table.title}", "", table.note, "",

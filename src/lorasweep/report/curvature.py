@@ -17,7 +17,7 @@ from lorasweep.curvature.predict import (
     cell_key,
     predict_lrs,
 )
-from lorasweep.report import Table, _fmt
+from lorasweep.report import Table, fmt
 
 CURVATURE_CSV = "curvature.csv"
 
@@ -34,7 +34,7 @@ def _stage_name(row: dict) -> str:
     if row["stage"] == "init":
         name = "init"
     else:
-        name = f"after {row['steps']} steps at lr {_fmt(float(row['warmup_lr']))}"
+        name = f"after {row['steps']} steps at lr {fmt(float(row['warmup_lr']))}"
     return name + (", Adam-preconditioned" if str(row["preconditioned"]) == "True" else "")
 
 
@@ -50,14 +50,14 @@ def eigenvalue_table(rows: list[dict]) -> Table:
         modules = [r for r in members if r["block"] != "joint"]
 
         def median(chosen: list[dict]) -> str:
-            return _fmt(statistics.median(float(r["lambda_max"]) for r in chosen)) if chosen \
+            return fmt(statistics.median(float(r["lambda_max"]) for r in chosen)) if chosen \
                 else "-"
 
         done = sum(str(r["converged"]) == "True" for r in members)
         table_rows.append([
             cell_name(members[0]), stage,
-            _fmt(float(joint[0]["lambda_max"])) if joint else "-",
-            _fmt(float(joint[0]["lambda_min"])) if joint else "-",
+            fmt(float(joint[0]["lambda_max"])) if joint else "-",
+            fmt(float(joint[0]["lambda_min"])) if joint else "-",
             median(modules),
             *[median([r for r in modules if r["module_type"] == t]) for t in types],
             str(max(int(r["products"]) for r in members)), f"{done}/{len(members)}"])
@@ -95,8 +95,8 @@ def prediction_table(rows: list[dict], optima_rows: list[dict]) -> Table | None:
         "Curvature and the optimal learning rate", note,
         ["cell", "lambda", "lambda / LoRA's", "lr_star measured", "lr predicted", "p used",
          "error (grid steps)"],
-        [[cell_name(c.cell), _fmt(c.lam), _fmt(c.lam / anchor.lam) if anchor else "-",
-          _fmt(c.lr_star), _fmt(c.lr_predicted),
+        [[cell_name(c.cell), fmt(c.lam), fmt(c.lam / anchor.lam) if anchor else "-",
+          fmt(c.lr_star), fmt(c.lr_predicted),
           f"{c.p_used:.2f}" if c.p_used is not None else "-",
           f"{c.error_steps:+.2f}" if c.error_steps is not None else "-"] for c in curvatures])
 
