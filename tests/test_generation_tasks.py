@@ -19,7 +19,7 @@ from lorasweep.models import load_model, load_tokenizer
 from lorasweep.sandbox import OPT_IN_ENV, Limits, isolation, require_opt_in, run_program
 from lorasweep.space import Cell, TrialSpec
 from lorasweep.tasks import build_task, packaged_data
-from lorasweep.tasks.code import pass_at_k, program
+from lorasweep.tasks.code import definitions_only, pass_at_k, program
 from lorasweep.tasks.instruction import generate, tokenize_pairs
 from lorasweep.tasks.math import extract_flexible, extract_strict, normalize_number, score
 from lorasweep.train import train_group
@@ -63,6 +63,17 @@ def test_program_assembly():
     fenced = "Here:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
     assert run_program(program(problem, fenced)).passed
     assert not run_program(program(problem, "    return a - b\n")).passed
+    # A chat model's plain answer: prose, an import, helpers, the definition, example calls.
+    chat = ("Sure! Here is the function:\n\nimport operator\n\ndef helper(a, b):\n"
+            "    return operator.add(a, b)\n\ndef add(a, b):\n    return helper(a, b)\n\n"
+            "# Example usage:\nprint(add(1, 2))  # 3\nassert add(1, 1) == 3\n"
+            "This function adds two numbers.")
+    assert run_program(program(problem, chat)).passed
+    fenced = "```python\ndef add(a, b):\n    return a + b\n\nassert add(1, 1) == 3\n```"
+    assert run_program(program(problem, fenced)).passed
+    assert run_program(program(problem, "```\n    return a + b\n```")).passed  # a fenced body
+    assert definitions_only("x = 1\n@dec\ndef f():\n\n    return 1\nf()\n") == \
+        "@dec\ndef f():\n\n    return 1\n"
 
 
 # --- the sandbox --------------------------------------------------------------------------------

@@ -34,22 +34,49 @@ from lorasweep.tasks.instruction import (
 # own evaluation truncates).
 STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
 FENCED = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.S)
+# Top-level lines a whole definition keeps: imports, decorators, defs and classes (their indented
+# bodies and blank lines go with them); prose, example prints and asserts are dropped.
+DEFINITION_LINE = re.compile(r"(from |import |@|def |class |async def )")
 WORKERS = 2  # samples executed at once, each in its own process
 
 
 def program(problem: dict, completion: str) -> str:
     """The script that passes if the completion solves the problem: prompt, completion, tests.
 
-    A fenced block (a chat model's answer) is taken as a whole definition after the prompt (the
-    prompt's own function, a docstring only, is then redefined); plain text continues the prompt.
+    The code is the first fenced block of a chat answer, else the whole text. Code with its own
+    `def <entry point>(` line is a whole definition: its imports and definitions are taken after
+    the prompt (whose own function, a docstring only, is then redefined), without the prose,
+    example calls and asserts around them. Other code continues the prompt's function body up
+    to the first top-level line.
     """
     fenced = FENCED.search(completion)
-    if fenced:
-        body = problem["prompt"] + "\n" + fenced.group(1)
+    code = fenced.group(1) if fenced else completion
+    whole = _from_first_code_line(code, problem["entry_point"])
+    if whole is not None:
+        body = problem["prompt"] + "\n" + definitions_only(whole)
     else:
-        cut = min([completion.find(s) for s in STOPS if s in completion] or [len(completion)])
-        body = problem["prompt"] + completion[:cut]
+        cut = min([code.find(s) for s in STOPS if s in code] or [len(code)])
+        body = problem["prompt"] + code[:cut]
     return f"{body}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def definitions_only(code: str) -> str:
+    """The top-level imports, decorators, functions and classes of `code`, nothing else."""
+    kept, keeping = [], False
+    for line in code.splitlines():
+        if line and not line[0].isspace():
+            keeping = bool(DEFINITION_LINE.match(line))
+        if keeping:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
+def _from_first_code_line(text: str, entry_point: str) -> str | None:
+    """`text` from its first import or definition on, when it defines `entry_point` itself."""
+    if not re.search(rf"^(async )?def {re.escape(entry_point)}\(", text, re.M):
+        return None
+    start = re.search(r"^(from |import |@|def |class |async def )", text, re.M)
+    return text[start.start():]
 
 
 def pass_at_k(samples: int, correct: list[int], k: int) -> float:
