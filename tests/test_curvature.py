@@ -108,7 +108,7 @@ def test_lanczos_matches_the_dense_hessian(setup, method, block_index):
 def test_adam_preconditioned_sharpness_matches_dense(setup):
     study, bench, batches, build = setup
     model, attached, trial = build("lora")
-    optimizer = warm_up(model, attached, trial, study, bench, steps=3)
+    optimizer = warm_up(model, attached, trial, study.train, bench.task, steps=3)
     block = [p for _, p in attached.trial_params[0]]
     scale = adam_scale(optimizer, block)
     with eager_attention(model):

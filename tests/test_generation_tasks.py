@@ -73,7 +73,14 @@ def test_program_assembly():
     assert run_program(program(problem, fenced)).passed
     assert run_program(program(problem, "```\n    return a + b\n```")).passed  # a fenced body
     assert definitions_only("x = 1\n@dec\ndef f():\n\n    return 1\nf()\n") == \
-        "@dec\ndef f():\n\n    return 1\n"
+        "x = 1\n@dec\ndef f():\n\n    return 1\n"
+    # Constants, a signature split over lines, a column-0 comment and string inside the body.
+    split = ("```python\nOFFSET = 0\n\ndef add(\n    a, b\n) -> int:\n# sum them\n"
+             "    note = '''\nplain\n'''\n    return a + b + OFFSET\n```")
+    assert run_program(program(problem, split)).passed
+    # A continuation of the body that then writes another definition keeps its body.
+    assert run_program(program(problem, "    return a + b\n\ndef add(a, b):\n    return 0\n")
+                       ).passed
 
 
 # --- the sandbox --------------------------------------------------------------------------------

@@ -272,14 +272,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from lorasweep.report import write_report
-    from lorasweep.results import write_trials_csv
+    from lorasweep.report import write_study_outputs
     from lorasweep.study.folder import open_folder_store
 
     study, store = open_folder_store(args.folder)
-    rows = write_trials_csv(args.folder, store, study.task.objective)
-    for path in write_report(args.folder, rows, study.task.objective, study.task.maximize,
-                             study.name):
+    for path in write_study_outputs(args.folder, store, study):
         print(f"wrote {path}")
     return 0
 

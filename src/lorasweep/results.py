@@ -46,7 +46,8 @@ def _other_metrics(attrs: dict, metric_name: str) -> dict:
     for prefix, column in (("val_", ""), ("test_", "test_")):
         for key, value in attrs.items():
             name = key[len(prefix):]
-            if key.startswith(prefix) and name not in ("eval_loss", metric_name):
+            shown = (metric_name, "eval_loss") if prefix == "val_" else (metric_name,)
+            if key.startswith(prefix) and name not in shown:  # already in COLUMNS
                 out[column + name] = value
     return out
 

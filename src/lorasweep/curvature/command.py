@@ -13,7 +13,6 @@ from lorasweep.curvature.measure import (
     BLOCK_KINDS,
     COLUMNS,
     Settings,
-    cell_fields,
     measure_cell,
     select_cells,
 )
@@ -85,7 +84,9 @@ def _read_optima(path: Path, where: str) -> list[dict]:
         raise StudyError(f"{where} {path}: no such file")
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = [c for c in (*CELL_FIELDS, "lr_star") if c not in (reader.fieldnames or [])]
+        # `recipe` came later: an older optima.csv has none, and its cells have no recipe
+        needed = [c for c in (*CELL_FIELDS, "lr_star") if c != "recipe"]
+        missing = [c for c in needed if c not in (reader.fieldnames or [])]
         if missing:
             raise StudyError(f"{where} {path}: not an optima.csv (no column {missing[0]})")
         return list(reader)
@@ -111,7 +112,7 @@ def run_curvature(target: str, settings: Settings, out: Path | None = None,
     for cell, lrs in cells:
         log(f"measuring {cell.label}" + (f" r={cell.rank}" if cell.rank else ""))
         rows += measure_cell(bench, study, cell, lrs, settings, log=log,
-                             lr_star=lr_stars.get(cell_key(cell_fields(cell))))
+                             lr_star=lr_stars.get(cell_key(cell.columns())))
     measured = {cell_key(r) for r in rows}
     kept = [r for r in read_curvature(folder) if cell_key(r) not in measured]
     all_rows = kept + rows
@@ -120,7 +121,7 @@ def run_curvature(target: str, settings: Settings, out: Path | None = None,
         writer.writeheader()
         writer.writerows({k: "" if r.get(k) is None else r[k] for k in COLUMNS} for r in all_rows)
     text = markdown_report(f"Curvature: {study.name}",
-                     curvature_tables(read_curvature(folder), optima), [])
+                           curvature_tables(read_curvature(folder), optima), [])
     write_text(folder / CURVATURE_MD, text)
     return folder, text
 

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorasweep.analysis.optima import CELL_FIELDS
-from lorasweep.config import Study
+from lorasweep.config import Study, TrainSpec
 from lorasweep.curvature.hvp import LossHessian, adam_scale, block_size, eager_attention
 from lorasweep.curvature.lanczos import lanczos
 from lorasweep.errors import StudyError
@@ -30,11 +30,12 @@ from lorasweep.methods import Attached, get_method
 from lorasweep.methods.base import NamedParams
 from lorasweep.methods.targets import resolve_targets
 from lorasweep.optim import build_optimizer, build_schedule, total_steps
-from lorasweep.space import Cell, TrialSpec, cells_of
+from lorasweep.recipe import resolve_recipe
+from lorasweep.space import Cell, TrialSpec, cells_of, target_text
 from lorasweep.study.runner import Workbench
+from lorasweep.tasks import Task
 from lorasweep.train import attach_group, batch_order
 
-CURVATURE_CSV = "curvature.csv"
 COLUMNS = (*CELL_FIELDS, "seed", "stage", "steps", "warmup_lr", "preconditioned", "block",
            "module_type", "params", "lambda_max", "lambda_top", "lambda_min", "products",
            "converged", "error", "items", "lr_grid_step")
@@ -92,8 +93,7 @@ def blocks_of(base: nn.Module, study: Study, cell: Cell, params: NamedParams,
     """(name, parameters) of each block to measure: adapted modules in model order, then joint."""
     blocks = []
     if "modules" in kinds:
-        targets = study.search.target_modules
-        text = cell.target_modules or (targets if isinstance(targets, str) else ",".join(targets))
+        text = cell.target_modules or target_text(study.search.target_modules)
         for module in resolve_targets(base, text):
             members = [p for n, p in params if n.startswith(module + ".")]
             if members:
@@ -120,19 +120,20 @@ def measure_cell(bench: Workbench, study: Study, cell: Cell, lrs: list[float], s
     seed = study.search.seeds[0]
     warmup_lr = settings.warmup_lr or lr_star or grid_middle(lrs)
     trial = TrialSpec(grid_id=-1, cell=cell, lr=warmup_lr, seed=seed)
-    model, attached = attach_group(bench.base, bench.task, study.train, [trial])
+    recipe = resolve_recipe(study.train, cell.recipe)  # the cell's own training, as the runner's
+    task = bench.task_for(recipe)
+    model, attached = attach_group(bench.base, task, recipe.train, [trial])
     params = attached.trial_params[0]
     blocks = blocks_of(bench.base, study, cell, params, settings.blocks)
-    train = bench.task.train
-    batches = [train.batch(index, 1) for index in
-               batch_order(len(train), study.train.batch_size, settings.batches, seed)]
-    common = {**cell_fields(cell), "seed": seed, "lr_grid_step": grid_step(lrs)}
+    batches = [task.train.batch(index, 1) for index in
+               batch_order(len(task.train), recipe.train.batch_size, settings.batches, seed)]
+    common = {**cell.columns(), "seed": seed, "lr_grid_step": grid_step(lrs)}
 
     def stage(name: str, steps: int, optimizer: torch.optim.Optimizer | None) -> list[dict]:
         """Every block, plain and (given AdamW) preconditioned, over one gradient graph."""
         rows: list[dict] = []
         with eager_attention(model):
-            hessian = LossHessian(model, bench.task, batches, [p for _, p in params])
+            hessian = LossHessian(model, task, batches, [p for _, p in params])
             loss = float(hessian.loss.detach())
             if not math.isfinite(loss):
                 raise StudyError(f"{cell.label}: the loss is {loss} after {steps} warm-up "
@@ -154,7 +155,7 @@ def measure_cell(bench: Workbench, study: Study, cell: Cell, lrs: list[float], s
 
     rows = stage("init", 0, None)
     if settings.warmup_steps:
-        optimizer = warm_up(model, attached, trial, study, bench, settings.warmup_steps)
+        optimizer = warm_up(model, attached, trial, recipe.train, task, settings.warmup_steps)
         rows += stage("warmup", settings.warmup_steps, optimizer if settings.adam else None)
     return rows
 
@@ -171,11 +172,10 @@ def _measure_block(hessian: LossHessian, name: str, block: list[nn.Parameter],
             "converged": spectrum.converged, "error": spectrum.error}
 
 
-def warm_up(model: nn.Module, attached: Attached, trial: TrialSpec, study: Study,
-            bench: Workbench, steps: int) -> torch.optim.Optimizer:
+def warm_up(model: nn.Module, attached: Attached, trial: TrialSpec, recipe: TrainSpec,
+            task: Task, steps: int) -> torch.optim.Optimizer:
     """The trial's own first `steps` training steps (its optimizer, schedule, clipping and data
     order); returns the optimizer, whose second moment preconditions Adam's sharpness."""
-    recipe, task = study.train, bench.task
     optimizer = build_optimizer(get_method(trial.cell.method), attached, [trial], recipe)
     schedule = build_schedule(optimizer, recipe, total_steps(recipe, len(task.train)))
     params = [p for _, p in attached.trial_params[0]]
@@ -190,9 +190,3 @@ def warm_up(model: nn.Module, attached: Attached, trial: TrialSpec, study: Study
         optimizer.zero_grad(set_to_none=True)
     return optimizer
 
-
-def cell_fields(cell: Cell) -> dict:
-    """The cell as trials.csv names it, so curvature rows match optima rows."""
-    return {"method": cell.label, "rank": cell.rank, "lora_alpha": cell.alpha,
-            "alpha_mode": cell.alpha_mode, "init": cell.init,
-            "target_modules": cell.target_modules}

@@ -12,6 +12,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorasweep.analysis.compare import (
     cell_name,
@@ -26,6 +27,11 @@ from lorasweep.analysis.transfer import CheckRow, check_rules, grid_steps, score
 from lorasweep.files import atomic_path, write_text
 from lorasweep.recipe import recipe_text
 from lorasweep.report.plots import lr_star_vs_axis, lr_star_vs_rank, metric_vs_lr, peaks_plot
+from lorasweep.results import write_trials_csv
+
+if TYPE_CHECKING:  # the store pulls in torch; reading a report does not need it
+    from lorasweep.config import Study
+    from lorasweep.study.store import Store
 
 OPTIMA_CSV = "optima.csv"
 OPTIMA_COLUMNS = ("method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules",
@@ -203,6 +209,12 @@ def transfer_tables(checks: list[CheckRow]) -> list[Table]:
         ["held out", "rule", "measured", "predicted", "error"],
         [[c.cell, c.rule, fmt(c.measured), fmt(c.predicted), f"{c.error_steps:+.2f}"]
          for c in checks])]
+
+
+def write_study_outputs(folder: Path, store: Store, study: Study) -> list[Path]:
+    """trials.csv from the store, then the report on it, ranked by the study's metric."""
+    rows = write_trials_csv(folder, store, study.task.objective)
+    return write_report(folder, rows, study.task.objective, study.task.maximize, study.name)
 
 
 def write_report(folder: Path, rows: list[dict], metric_name: str, maximize: bool,

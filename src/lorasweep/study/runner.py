@@ -27,7 +27,7 @@ from lorasweep.methods.peft_passthrough import needs_data
 from lorasweep.methods.targets import adapter_width, resolve_targets
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.recipe import Recipe, resolve_recipe
-from lorasweep.report import write_report
+from lorasweep.report import write_study_outputs
 from lorasweep.results import write_trials_csv
 from lorasweep.space import TrialSpec, expand_trials, recipes_of, target_text
 from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS
@@ -140,8 +140,7 @@ def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
         trained, failed = run_local_workers(store, folder, workers, options.device,
                                             options.max_group, options.patience, threads,
                                             storage_url)
-    rows = write_trials_csv(folder, store, study.task.objective)
-    write_report(folder, rows, study.task.objective, study.task.maximize, study.name)
+    write_study_outputs(folder, store, study)
     return RunSummary(folder=folder, trained=trained, failed=failed)
 
 

@@ -9,6 +9,7 @@ the loss of the canonical solution given the prompt.
 
 from __future__ import annotations
 
+import ast
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,9 +35,12 @@ from lorasweep.tasks.instruction import (
 # own evaluation truncates).
 STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
 FENCED = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.S)
-# Top-level lines a whole definition keeps: imports, decorators, defs and classes (their indented
-# bodies and blank lines go with them); prose, example prints and asserts are dropped.
-DEFINITION_LINE = re.compile(r"(from |import |@|def |class |async def )")
+# The statements a whole definition keeps: imports, definitions and constants. Example calls,
+# prints and asserts around them are dropped.
+KEPT_STATEMENTS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef,
+                   ast.ClassDef, ast.Assign, ast.AnnAssign)
+# Where a whole definition begins after any prose: an import, a definition or a constant.
+FIRST_CODE_LINE = re.compile(r"^(from |import |@|def |class |async def |[A-Za-z_]\w* *=[^=])", re.M)
 WORKERS = 2  # samples executed at once, each in its own process
 
 
@@ -61,22 +65,38 @@ def program(problem: dict, completion: str) -> str:
 
 
 def definitions_only(code: str) -> str:
-    """The top-level imports, decorators, functions and classes of `code`, nothing else."""
-    kept, keeping = [], False
-    for line in code.splitlines():
-        if line and not line[0].isspace():
-            keeping = bool(DEFINITION_LINE.match(line))
-        if keeping:
-            kept.append(line)
-    return "\n".join(kept) + "\n"
+    """The top-level imports, definitions and constants of `code`, in order, nothing else.
+
+    Parsed with `ast`, so signatures split over lines, strings and comments at column 0 stay
+    whole. Prose after the code (a chat model's explanation) does not parse: the longest
+    leading run of lines that does is used. Code that never parses is returned as it is (it
+    fails when run, as it should).
+    """
+    lines = code.splitlines()
+    for end in range(len(lines), 0, -1):
+        try:
+            tree = ast.parse("\n".join(lines[:end]))
+        except SyntaxError:
+            continue
+        kept = []
+        for node in tree.body:
+            if isinstance(node, KEPT_STATEMENTS):
+                first = min([node.lineno] + [d.lineno for d in
+                                             getattr(node, "decorator_list", [])])
+                kept += lines[first - 1:node.end_lineno]
+        return "\n".join(kept) + "\n"
+    return code
 
 
 def _from_first_code_line(text: str, entry_point: str) -> str | None:
-    """`text` from its first import or definition on, when it defines `entry_point` itself."""
-    if not re.search(rf"^(async )?def {re.escape(entry_point)}\(", text, re.M):
+    """`text` from its first line of code on, when it is a whole definition: it
+    defines `entry_point` itself and does not begin inside a function body (an indented first
+    line continues the prompt, whatever it writes after)."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if first[:1].isspace() or not re.search(rf"^(async )?def {re.escape(entry_point)}\(",
+                                             text, re.M):
         return None
-    start = re.search(r"^(from |import |@|def |class |async def )", text, re.M)
-    return text[start.start():]
+    return text[FIRST_CODE_LINE.search(text).start():]
 
 
 def pass_at_k(samples: int, correct: list[int], k: int) -> float:
