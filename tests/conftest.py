@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -31,6 +32,12 @@ def make_records(count: int, seed: int) -> list[dict]:
         rng.shuffle(words)
         records.append({"text": " ".join(words), "label": label})
     return records
+
+
+def read_rows(folder: Path) -> list[dict]:
+    """The rows of a study folder's trials.csv."""
+    with open(folder / "trials.csv") as handle:
+        return list(csv.DictReader(handle))
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

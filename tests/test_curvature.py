@@ -16,7 +16,7 @@ from lorasweep.cli import main
 from lorasweep.config import validate_study
 from lorasweep.curvature.hvp import LossHessian, adam_scale, eager_attention
 from lorasweep.curvature.lanczos import lanczos
-from lorasweep.curvature.measure import blocks_of, select_cells, warm_up
+from lorasweep.curvature.measure import blocks_of, grid_middle, select_cells, warm_up
 from lorasweep.curvature.predict import CellCurvature, predict_lrs
 from lorasweep.space import TrialSpec
 from lorasweep.study.runner import load_workbench
@@ -209,6 +209,26 @@ def test_command_is_deterministic_and_reports(tmp_path: Path, study_file, capsys
     assert "Curvature and the optimal learning rate" in out
     report = (folder / "report.md").read_text()
     assert "## Largest Hessian eigenvalue" in report and "attention.self.query" in report
+
+
+def test_a_recipe_axis_cell_is_measured_under_its_own_recipe(tmp_path: Path, study_file):
+    """On a study that sweeps batch_size, the measured cell (the first recipe, batch size 4)
+    warms up at its own lr_star and its Hessian scores batches of its own size, not the
+    study's train.batch_size (8)."""
+    path = study_file(search={"methods": ["lora"], "ranks": [1], "lr": [1e-3, 3e-3, 1e-2],
+                              "target_modules": TARGETS, "recipe": {"batch_size": [4, 8]}})
+    folder = tmp_path / "study"
+    assert main(["run", str(path), "--out", str(folder)]) == 0
+    assert main(["curvature", str(folder), "--batches", "1", "--warmup-steps", "1",
+                 "--blocks", "joint", "--max-iter", "4"]) == 0
+    optima = {r["recipe"]: float(r["lr_star"]) for r in read_csv(folder / "optima.csv")}
+    # a missed lookup would warm up at the grid's middle instead
+    assert optima["batch_size=4"] != grid_middle([1e-3, 3e-3, 1e-2])
+    rows = read_csv(folder / "curvature.csv")
+    assert {r["recipe"] for r in rows} == {"batch_size=4"}
+    warmed = [r for r in rows if r["stage"] == "warmup"]
+    assert warmed and {float(r["warmup_lr"]) for r in warmed} == {optima["batch_size=4"]}
+    assert {r["items"] for r in rows} == {"4"}
 
 
 @pytest.mark.parametrize(("options", "message"), [

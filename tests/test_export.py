@@ -17,7 +17,7 @@ from lorasweep.space import TrialSpec
 from lorasweep.study.folder import load_folder_study, weights_path
 from lorasweep.study.store import Store
 
-from .test_sweep import read_rows
+from .conftest import read_rows
 
 
 def trained_model(folder: Path, spec: TrialSpec, base: torch.nn.Module) -> torch.nn.Module:

@@ -20,6 +20,8 @@ from lorasweep.tasks.base import Split
 from lorasweep.tasks.classification import ClassificationTask
 from lorasweep.train import train_group
 
+from .conftest import read_rows
+
 
 def tiny(source: str, kind: str = "classification"):
     tokenizer = load_tokenizer(ModelSpec(source=source))
@@ -107,8 +109,10 @@ def toy_task(n: int = 48) -> ClassificationTask:
     return ClassificationTask(split, split, None, ["a", "b", "c"])
 
 
-@pytest.mark.parametrize("method", ["lora", "rslora", "loraplus"])
+@pytest.mark.parametrize("method", ["lora", "rslora", "loraplus", "dora", "pissa", "milora",
+                                    "olora", "init_ab"])
 def test_fused_group_equals_trials_run_one_by_one(method):
+    """Every fusable variant, those that change the base weight or add a magnitude included."""
     base = tiny("tiny:bert")
     task = toy_task()
     recipe = TrainSpec(steps=8, batch_size=8, grad_clip=1.0, warmup_ratio=0.25)
@@ -170,12 +174,20 @@ def low_rank_weight(n_out: int = 48, n_in: int = 32) -> torch.Tensor:
 
 @pytest.mark.parametrize("init", ["pissa", "milora", "olora", "init_ab", "pissa_niter_4"])
 def test_residual_inits_leave_the_model_unchanged(init):
-    weight, scale, rank = low_rank_weight(), 2.0, 4
-    factors = initial_factors(init, rank, weight, scale, torch.Generator().manual_seed(0))
+    """The adapted layer computes what the original did, though s B0 A0 is far from zero."""
+    linear = torch.nn.Linear(32, 48)
+    with torch.no_grad():
+        linear.weight.copy_(low_rank_weight())
+    model = torch.nn.Sequential(copy.deepcopy(linear))
+    cell = Cell(method="lora", rank=4, lora_alpha="8", init=init, target_modules="0")
+    torch.manual_seed(0)  # pissa_niter_K draws from the global generator
+    get_method("lora").attach(model, cell, 1, torch.Generator().manual_seed(0))
     assert subtracts_from_base(init)
-    residual = weight - scale * factors.b @ factors.a
-    assert torch.allclose(residual + scale * factors.b @ factors.a, weight, atol=1e-5)
-    assert float((scale * factors.b @ factors.a).norm()) > 0.1
+    layer = model[0]
+    assert float((layer.scale * layer.lora_B[0] @ layer.lora_A[0]).norm()) > 0.1
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(model(x), linear(x), atol=1e-5)
+    assert not torch.allclose(layer.base(x), linear(x), atol=1e-2)  # W_res itself differs
 
 
 @pytest.mark.parametrize(("init", "expected"), [("milora", slice(28, 32)),
@@ -232,16 +244,8 @@ def test_dora_zero_norm_rows_are_guarded():
     assert all(torch.isfinite(p.grad).all() for p in (layer.lora_A[0], layer.magnitude[0]))
 
 
-@pytest.mark.parametrize("method", ["dora", "pissa", "milora", "olora", "init_ab"])
-def test_fused_groups_of_every_variant(method):
-    """Variants that change the base weight or add a magnitude fuse like plain LoRA."""
-    test_fused_group_equals_trials_run_one_by_one(method)
-
-
 def test_peft_pass_through_trains_any_peft_config(tmp_path, study_file):
     from lorasweep.cli import main
-
-    from .test_sweep import read_rows
 
     methods = [{"name": "peft", "label": "lora-gaussian",
                 "peft": {"init_lora_weights": "gaussian"}},
@@ -280,18 +284,39 @@ def test_peft_pass_through_bad_arguments(tmp_path, study_file, capsys, entry, ex
     ("corda", {"init_lora_weights": "corda", "corda_config": {"corda_method": "kpm"}}),
     ("lora-ga", {"init_lora_weights": "lora_ga", "lora_ga_config": {}}),
 ])
-def test_peft_data_driven_inits_see_training_batches(tmp_path, study_file, label, arguments):
-    """EVA, CorDA and LoRA-GA get training batches through PEFT's own calls, then train."""
+def test_peft_data_driven_inits_see_training_batches(tmp_path, study_file, monkeypatch, label,
+                                                     arguments):
+    """EVA, CorDA and LoRA-GA get the trial's first training batches through PEFT's own calls
+    (counted on the way in), then train."""
+    import peft
+
     from lorasweep.cli import main
+    from lorasweep.methods import peft_passthrough
+    from lorasweep.train import CALIBRATION_BATCHES
 
-    from .test_sweep import read_rows
+    seen: list[torch.Tensor] = []
+    run, eva = peft_passthrough._run, peft.initialize_lora_eva_weights
 
+    def counting_run(model, batches, backward):
+        seen.extend(b["input_ids"] for b in batches)
+        return run(model, batches, backward)
+
+    def counting_eva(peft_model, dataloader, **options):
+        seen.extend(b["input_ids"] for b in dataloader)
+        return eva(peft_model, dataloader=dataloader, **options)
+
+    monkeypatch.setattr(peft_passthrough, "_run", counting_run)
+    monkeypatch.setattr(peft, "initialize_lora_eva_weights", counting_eva)
     methods = [{"name": "peft", "label": label, "peft": arguments}]
     out = tmp_path / "out"
     assert main(["run", str(study_file(search={"methods": methods, "lr": [1e-3]},
                                        train={"steps": 4})), "--out", str(out)]) == 0
     (row,) = read_rows(out)
     assert row["method"] == label and row["status"] == "complete", row
+    # CorDA takes the batches one sequence at a time; the others whole (batch_size 8)
+    rows = sum(t.shape[0] for t in seen)
+    assert rows == CALIBRATION_BATCHES * 8, rows
+    assert all(t.shape[1] <= 24 for t in seen)  # the study's seq_len: real training batches
 
 
 def test_fused_causal_lm_group_equals_trials_run_one_by_one():

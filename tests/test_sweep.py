@@ -16,12 +16,9 @@ import pytest
 from lorasweep.cli import main
 from lorasweep.study.store import Store
 
+from .conftest import read_rows
+
 HERE = Path(__file__).resolve().parent
-
-
-def read_rows(folder: Path) -> list[dict]:
-    with open(folder / "trials.csv") as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_tiny_sweep_writes_every_output(tmp_path: Path, study_file, capsys):
