@@ -9,10 +9,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from lorasweep.errors import StudyError
+from lorasweep.errors import EXIT_BAD_INPUT, StudyError
 from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS, STORAGE_ENV
-
-EXIT_BAD_INPUT = 2
 
 
 def main(argv: list[str] | None = None) -> int:

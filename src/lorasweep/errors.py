@@ -1,5 +1,7 @@
 """The one error type a user sees: bad input, printed as one line with exit code 2."""
 
+EXIT_BAD_INPUT = 2  # the exit code of a StudyError, from the command line and from a worker
+
 
 class StudyError(Exception):
     """A study file, a data file, a model or a command-line value that cannot be used.

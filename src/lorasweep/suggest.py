@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from lorasweep.analysis.compare import cell_name
+from lorasweep.analysis.compare import cell_name, family_name
 from lorasweep.analysis.optima import CELL_FIELDS, Optimum
 from lorasweep.analysis.recipe import AxisFit, fit_recipe_axes
 from lorasweep.analysis.scaling import alpha_spec
@@ -150,7 +150,7 @@ def suggest(folders: list[Path], target: Target, method: str | None = None,
         if predictions:
             best = min(predictions, key=lambda p: (scores.get(p.rule, math.inf),
                                                    order.index(p.rule)))
-            out.append(Suggestion(_family_label(family.cell), predictions, best))
+            out.append(Suggestion(family_name(family.cell), predictions, best))
     if not out:
         raise StudyError(f"--from {source.folder}: no rule predicts {target.describe()} for its "
                          f"cells (rules: {', '.join(RULES)}; see README 'lorasweep suggest')")
@@ -163,10 +163,6 @@ def _alpha_text(value: str) -> str:
     except ValueError as exc:
         raise StudyError(f"--lora-alpha {value}: {exc}") from None
     return f"{number:g}r" if mode == "per_rank" else f"{number:g}"
-
-
-def _family_label(cell: dict) -> str:
-    return cell_name(cell).replace(f" r={cell['rank']}", "")
 
 
 def format_suggestions(source: FinishedStudy, target: Target,
@@ -293,7 +289,7 @@ def suggest_recipe(folder: Path, axis: str, value: float) -> list[RecipeSuggesti
         nearest = int(np.argmin(np.abs(logs - math.log(value))))
         anchor, ratio = fit.lr_stars[nearest], value / fit.values[nearest]
         ends = [anchor * ratio ** k for k in (fit.low, fit.high) if k is not None]
-        lr = anchor * ratio ** fit.exponent
+        lr = fit.transfer(anchor, fit.values[nearest], value)
         out.append(RecipeSuggestion(fit, value, lr, min(ends, default=lr),
                                     max(ends, default=lr)))
     return out

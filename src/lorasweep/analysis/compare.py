@@ -50,6 +50,11 @@ class Peak:
         return float(np.mean(self.values))
 
 
+def family_name(cell: dict) -> str:
+    """A rank family's name: its cells' name without the rank."""
+    return cell_name(cell).replace(f" r={cell['rank']}", "")
+
+
 def _interval(samples: np.ndarray) -> tuple[float, float]:
     low, high = np.percentile(samples, [2.5, 97.5])
     return float(low), float(high)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lorasweep.analysis.compare import cell_name
+from lorasweep.analysis.compare import cell_name, family_name
 from lorasweep.analysis.optima import CELL_FIELDS, Optimum
 from lorasweep.analysis.scaling import (
     RankFit,
@@ -261,14 +261,9 @@ def check_rules(studies: list[tuple[list[Optimum], dict[tuple, float]]]) -> list
 
 def _scored(predictions: list[Prediction], held: Optimum, step: float) -> list[CheckRow]:
     return [CheckRow(p.rule, cell_name(held.cell) if held.cell.get("rank") not in (None, "")
-                     else f"full from {_family_name(p.source)}",
+                     else f"full from {family_name(p.source)}",
                      held.lr_star, p.lr, math.log10(p.lr / held.lr_star) / step,
                      p.low <= held.lr_star <= p.high) for p in predictions]
-
-
-def _family_name(cell: dict) -> str:
-    """A family's name: its cell's name without the rank."""
-    return cell_name(cell).replace(f" r={cell['rank']}", "")
 
 
 @dataclass

@@ -16,12 +16,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lorasweep.errors import StudyError
+from lorasweep.errors import EXIT_BAD_INPUT, StudyError
 from lorasweep.study.defaults import STORAGE_ENV
 from lorasweep.study.store import Store
 
 PROGRESS_SECONDS = 2.0
-EXIT_BAD_INPUT = 2
 
 
 def worker_threads(count: int, threads: int | None) -> int:
