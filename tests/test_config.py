@@ -43,6 +43,16 @@ BAD_STUDIES = [
     ({"task": {"kind": "regression"}}, "task.kind"),
     ({"task": {"dataset": "builtin:shakespeare-genre"}}, "exactly one of task.dataset"),
     ({"task": {"validation_size": 0}}, "task.validation_size"),
+    ({"task": {"validation_file": "dev.jsonl"}},  # tiny_study gives validation_size: 60
+     "task.validation_file is used as given; task.validation_size (which carves one"),
+    ({"task": {"validation_split": "validation", "validation_size": None}},
+     "task.validation_split names a split of task.dataset; with task.train_file give "
+     "task.validation_file"),
+    ({"task": {"kind": "causal_lm", "messages_field": "messages", "prompt_field": "q",
+               "response_field": "a"}}, "task.messages_field replaces task.prompt_field"),
+    ({"task": {"messages_field": "messages"}}, "task.messages_field: for kinds causal_lm"),
+    ({"task": {"kind": "causal_lm", "loss_on": "assistant"}},
+     "task.loss_on: 'assistant' needs task.messages_field"),
     ({"task": {"metric": "f1"}}, "task.metric 'f1': a classification task reports accuracy"),
     ({"model": {"source": ""}}, "model.source"),
     ({"name": "has spaces"}, "name"),
@@ -85,6 +95,8 @@ def test_missing_file_and_bad_override(tmp_path: Path, study_file, capsys):
 @pytest.mark.parametrize(("change", "expected"), [
     ({"task": {"train_file": "/nonexistent/train.jsonl"}}, "task.train_file"),
     ({"task": {"text_field": "body"}}, "task.text_field"),
+    ({"task": {"validation_file": "/nonexistent/dev.jsonl", "validation_size": None}},
+     "task.validation_file: /nonexistent/dev.jsonl: no such file"),
     ({"search": {"target_modules": ["nonexistent_proj"]}}, "search.target_modules"),
     ({"model": {"source": "/nonexistent/model"}}, "model.source"),
     ({"task": {"train_file": None, "test_file": None, "dataset": "meta-math/MetaMathQA"}},
