@@ -171,6 +171,31 @@ def test_math_from_messages_takes_the_last_turns(chat_tokenizer, tmp_path):
     assert chat_tokenizer.decode(kept).startswith("# # # #")
 
 
+def test_code_from_messages_trains_on_the_last_reply(chat_tokenizer, tmp_path, monkeypatch):
+    """A code task on conversations trains on every row's last assistant reply after its last
+    user turn (validation and test stay HumanEval's halves)."""
+    from lorasweep.sandbox import OPT_IN_ENV
+
+    monkeypatch.setenv(OPT_IN_ENV, "1")
+    rows = [{"messages": [{"role": "system", "content": "write code"},
+                          {"role": "user", "content": f"def f{i}():"},
+                          {"role": "assistant", "content": f"return {i}"}]} for i in range(5)]
+    train = write_jsonl(tmp_path / "chat.jsonl", rows)
+    spec = {"kind": "code", "train_file": str(train), "messages_field": "messages",
+            "validation_size": 1, "max_eval_examples": 2, "execute_code": True}
+    task = build_task(load_study(write_study(tmp_path, spec)), chat_tokenizer)
+    assert len(task.train) == 5 and len(task.validation) == 2
+    replies = set()
+    for row in range(5):
+        labels = task.train.labels[row]
+        replies.add(chat_tokenizer.decode(labels[labels != IGNORE].tolist()))
+    assert chat_tokenizer.eos_token is None  # so the reply is followed by no eos token
+    assert replies == {f"return {i}" for i in range(5)}
+    prompts = {chat_tokenizer.decode(p) for p in task.train.prompts}
+    assert prompts == {f"<|im_start|> user def f{i} ( ) : <|im_end|> <|im_start|> assistant"
+                       for i in range(5)}
+
+
 # --- chat data: errors ------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("rows", "expected"), [
@@ -187,6 +212,17 @@ def test_bad_rows_are_one_line_naming_the_row(chat_tokenizer, tmp_path, rows, ex
     with pytest.raises(StudyError) as error:
         chat_task(tmp_path, chat_tokenizer, chat_rows(3) + rows + chat_rows(4, 3))
     assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_math_row_without_a_user_turn(chat_tokenizer, tmp_path):
+    rows = [*chat_rows(4), {"messages": [{"role": "system", "content": "s"},
+                                         {"role": "assistant", "content": "#### 1"}]}]
+    train = write_jsonl(tmp_path / "chat.jsonl", rows)
+    spec = {"kind": "math", "train_file": str(train), "messages_field": "messages",
+            "validation_size": 2}
+    with pytest.raises(StudyError, match=r"task.messages_field: row 4 of the training data has "
+                                         r"no user turn before its last assistant turn"):
+        build_task(load_study(write_study(tmp_path, spec)), chat_tokenizer)
 
 
 def test_model_without_chat_template(tmp_path):

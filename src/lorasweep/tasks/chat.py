@@ -16,7 +16,7 @@ against `apply_chat_template`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -25,29 +25,32 @@ from lorasweep.config import TaskSpec
 from lorasweep.errors import StudyError
 from lorasweep.tasks.base import Split
 from lorasweep.tasks.causal_lm import IGNORE, CausalLMTask
-from lorasweep.tasks.data import RawSplits, Records
+from lorasweep.tasks.data import RawSplits, Records, RowCheck
 
 Turns = list[dict]
 SETTING = "task.messages_field"
 
 
-def row_checker(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase
-                ) -> Callable[[Records, str], None]:
-    """A check of every row of a split as stored (before the carve shuffles it, so an error
-    names the row as the data numbers it): well-formed turns, an assistant turn, a rendering
-    the template accepts."""
+def row_checker(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> RowCheck:
+    """The check (data.load_splits) of each row a study uses: well-formed turns with an
+    assistant turn, a rendering the template accepts, assistant turns it can locate (with
+    `loss_on: assistant`), and for math/code a user turn before the last assistant turn."""
     if not getattr(tokenizer, "chat_template", None):
         raise StudyError(f"{SETTING}: the model's tokenizer has no chat template; give it one "
                          "(chat_template in its tokenizer_config.json) or use "
                          "task.prompt_field/response_field")
 
-    def check(records: Records, split: str) -> None:
-        for number, record in enumerate(records):
-            where = f"row {number} of the {split} data"
-            turns = conversation(record, spec.messages_field, where)
-            render(tokenizer, turns, where)
+    def check(records: Records, numbers: Sequence[int], source: str) -> None:
+        for number in numbers:
+            where = f"row {number} of the {source} data"
+            turns = conversation(records[number], spec.messages_field, where)
             if spec.kind in ("math", "code"):
+                render(tokenizer, turns, where)
                 last_pair(turns, where)
+            elif spec.loss_on == "assistant":
+                pieces(tokenizer, turns, where)
+            else:
+                render(tokenizer, turns, where)
 
     return check
 
@@ -122,7 +125,7 @@ def tokenize_conversations(tokenizer: PreTrainedTokenizerBase, records: Records,
     mask = torch.zeros((len(records), seq_len), dtype=torch.long)
     labels = torch.full((len(records), seq_len), IGNORE, dtype=torch.long)
     for row, record in enumerate(records):
-        where = f"row {row} of the {split} data"
+        where = f"example {row} of the {split} split"  # rows were checked as stored
         turns = conversation(record, spec.messages_field, where)
         if spec.loss_on == "all":
             parts = [(render(tokenizer, turns, where), True)]
@@ -168,7 +171,7 @@ def as_pairs(spec: TaskSpec, raw: RawSplits) -> tuple[TaskSpec, RawSplits]:
     def convert(records: Records, split: str) -> Records:
         out = []
         for number, record in enumerate(records):
-            where = f"row {number} of the {split} data"
+            where = f"example {number} of the {split} split"  # rows were checked as stored
             pair = last_pair(conversation(record, spec.messages_field, where), where)
             out.append({**record, prompt: pair[0], response: pair[1]})
         return out

@@ -10,7 +10,7 @@ reported, never used to choose anything.
 from __future__ import annotations
 
 import glob
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,20 +40,22 @@ class RawSplits:
     test: Records | None
 
 
-def load_splits(task: TaskSpec, seed: int,
-                check: Callable[[Records, str], None] | None = None) -> RawSplits:
+# Checks the rows a study uses: check(records, numbers, source) looks at records[i] for each i in
+# numbers, and names a bad one as "row i of the <source> data" (numbered as stored).
+RowCheck = Callable[[Records, Sequence[int], str], None]
+
+
+def load_splits(task: TaskSpec, seed: int, check: RowCheck | None = None) -> RawSplits:
     """Train, validation (the data's own, else carved from train) and test records for a task.
 
-    `check(records, split)` sees each split as stored, before the carve shuffles it."""
+    `check` sees each row that is used, before the carve shuffles it, so its errors number
+    the rows as stored."""
     train, validation, test = _load_sources(task)
-    if check is not None:
-        for records, split in ((train, "training"), (validation, "validation"), (test, "test")):
-            if records is not None:
-                check(records, split)
     if not train:
         raise StudyError("task: the training data has no examples")
     order = np.random.default_rng(seed).permutation(len(train))
     cap = task.max_eval_examples
+    carved: Sequence[int] = ()
     if validation is None:
         size = task.validation_size
         n_val = int(size) if size >= 1 else max(1, round(len(train) * size))
@@ -62,19 +64,25 @@ def load_splits(task: TaskSpec, seed: int,
         if n_val >= len(train):
             raise StudyError(f"task.validation_size: {size} leaves no training examples "
                              f"(the training data has {len(train)})")
-        validation = [train[i] for i in order[:n_val]]
-        order = order[n_val:]
+        carved, order = order[:n_val], order[n_val:]
     elif not validation:
         raise StudyError(f"task.{_validation_setting(task)}: the validation data has no examples")
     elif cap is not None:
         validation = validation[:cap]
     # The rest in shuffled order, so a smaller max_train_examples is a prefix of a larger one.
-    rest = [train[i] for i in order]
     if task.max_train_examples is not None:
-        rest = rest[:task.max_train_examples]
+        order = order[:task.max_train_examples]
     if cap is not None and test is not None:
         test = test[:cap]
-    return RawSplits(train=rest, validation=validation, test=test)
+    if check is not None:
+        used = [(train, order, "training"), (test or [], range(len(test or [])), "test")]
+        used.append((train, carved, "training") if validation is None
+                    else (validation, range(len(validation)), "validation"))
+        for records, numbers, source in used:
+            check(records, numbers, source)
+    if validation is None:
+        validation = [train[i] for i in carved]
+    return RawSplits(train=[train[i] for i in order], validation=validation, test=test)
 
 
 def _validation_setting(task: TaskSpec) -> str:
