@@ -51,6 +51,8 @@ BAD_STUDIES = [
     ({"task": {"kind": "causal_lm", "messages_field": "messages", "prompt_field": "q",
                "response_field": "a"}}, "task.messages_field replaces task.prompt_field"),
     ({"task": {"messages_field": "messages"}}, "task.messages_field: for kinds causal_lm"),
+    ({"task": {"kind": "causal_lm", "messages_field": "messages", "chat_template": False}},
+     "task.chat_template: false cannot go with it"),
     ({"task": {"kind": "causal_lm", "loss_on": "assistant"}},
      "task.loss_on: 'assistant' needs task.messages_field"),
     ({"task": {"metric": "f1"}}, "task.metric 'f1': a classification task reports accuracy"),

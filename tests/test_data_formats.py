@@ -113,11 +113,31 @@ def test_assistant_mask_matches_transformers_generation_mask(chat_tokenizer, tmp
     assert chat_tokenizer.decode(kept) == "four <|im_end|> six, of course <|im_end|>"
 
 
-def test_loss_on_all_labels_every_token(chat_tokenizer, tmp_path):
+def test_loss_on_all_labels_every_token_and_long_rows_are_cut(chat_tokenizer, tmp_path):
     task = chat_task(tmp_path, chat_tokenizer, [{"messages": CONVERSATION}] * 3,
                      validation_size=1, loss_on="all")
     n = int(task.train.attention_mask[0].sum())
     assert task.train.labels[0, :n].tolist() == task.train.input_ids[0, :n].tolist()
+    whole = chat_tokenizer.apply_chat_template(CONVERSATION, tokenize=True,
+                                               return_dict=True)["input_ids"]
+    cut = chat_task(tmp_path, chat_tokenizer, [{"messages": CONVERSATION}] * 3, seq_len=20,
+                    validation_size=1)
+    assert cut.train.input_ids[0].tolist() == whole[:20] and cut.train.attention_mask.all()
+
+
+def test_template_whose_prefixes_differ_is_one_line(chat_tokenizer, tmp_path):
+    """A template that writes something after the last turn only: the first turns' rendering is
+    not the start of the whole, so assistant turns cannot be located; loss_on: all still works."""
+    tokenizer = copy.copy(chat_tokenizer)
+    tokenizer.chat_template = TEMPLATE.replace("{% endfor %}",
+                                               "{% if loop.last %}{{ 'the end' }}{% endif %}"
+                                               "{% endfor %}")
+    with pytest.raises(StudyError, match=r"row 0 of the training data: the model's chat "
+                                         r"template renders the first turns .* use "
+                                         r"task.loss_on: all"):
+        chat_task(tmp_path, tokenizer, [{"messages": CONVERSATION}] * 3, validation_size=1)
+    chat_task(tmp_path, tokenizer, [{"messages": CONVERSATION}] * 3, validation_size=1,
+              loss_on="all")
 
 
 smollm2 = pytest.mark.skipif(
@@ -330,6 +350,9 @@ def test_parquet_files_and_shards(tmp_path):
     ({"validation_split": "test"},
      "task.validation_split: 'test' is the test split; name another of: train, validation, "
      "test"),
+    ({"validation_split": "train"},
+     "task.validation_split: 'train' is the training split; name another of: train, "
+     "validation, test"),
     ({"validation_split": "validation", "validation_size": 0.2},
      "task.validation_split is used as given; task.validation_size (which carves one from the "
      "training data) cannot go with it"),

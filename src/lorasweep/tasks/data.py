@@ -75,11 +75,10 @@ def load_splits(task: TaskSpec, seed: int, check: RowCheck | None = None) -> Raw
     if cap is not None and test is not None:
         test = test[:cap]
     if check is not None:
-        used = [(train, order, "training"), (test or [], range(len(test or [])), "test")]
-        used.append((train, carved, "training") if validation is None
-                    else (validation, range(len(validation)), "validation"))
-        for records, numbers, source in used:
-            check(records, numbers, source)
+        check(train, sorted([*carved, *order]), "training")
+        for records, source in ((validation, "validation"), (test, "test")):
+            if records is not None:
+                check(records, range(len(records)), source)
     if validation is None:
         validation = [train[i] for i in carved]
     return RawSplits(train=[train[i] for i in order], validation=validation, test=test)
