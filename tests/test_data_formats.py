@@ -324,8 +324,9 @@ def test_save_to_disk_dataset_is_the_training_data(tmp_path):
     assert (len(task.train), len(task.validation), task.test) == (16, 4, None)
 
 
-def test_parquet_files_and_shards(tmp_path):
-    """train_file as a parquet shard pattern, validation_file and test_file as single files."""
+def test_parquet_files_and_shards(tmp_path, chat_tokenizer):
+    """train_file as a parquet shard pattern, validation_file and test_file as single files;
+    conversations in parquet shards of a dataset folder."""
     records = make_records(36, 0)
     for shard in range(3):
         datasets.Dataset.from_list(records[shard * 12:(shard + 1) * 12]).to_parquet(
@@ -338,6 +339,13 @@ def test_parquet_files_and_shards(tmp_path):
     study = load_study(write_study(tmp_path, spec, model="tiny:bert"))
     task = build_task(study, load_tokenizer(study.model))
     assert (len(task.train), len(task.validation), len(task.test)) == (36, 5, 4)
+    chat = tmp_path / "chat"
+    chat.mkdir()
+    datasets.Dataset.from_list(chat_rows(6)).to_parquet(chat / "train-00000-of-00001.parquet")
+    spec = {"kind": "causal_lm", "dataset": str(chat), "messages_field": "messages",
+            "validation_size": 2}
+    conversations = build_task(load_study(write_study(tmp_path, spec)), chat_tokenizer)
+    assert (len(conversations.train), len(conversations.validation)) == (4, 2)
     single = {"kind": "classification",
               "train_file": str(tmp_path / "train-00000-of-00003.parquet"), "validation_size": 3}
     study = load_study(write_study(tmp_path, single, model="tiny:bert"))
