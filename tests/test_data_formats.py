@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -396,3 +397,32 @@ def test_written_study_reads_back(tmp_path):
     again = validate_study(yaml.safe_load(dump_study(study)), "again")
     assert again == study and again.task.validation_size is None
     assert again.task.loss_on == "assistant"
+
+
+def test_chat_study_runs_end_to_end(chat_tokenizer, tmp_path):
+    """`lorasweep run` on conversations (a save_to_disk DatasetDict with its own validation and
+    test splits) with a model folder whose tokenizer has a chat template: every trial completes
+    and is scored on the validation split and the test split."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorasweep.models import TINY_CONFIGS
+
+    model_dir = tmp_path / "model"
+    config = AutoConfig.for_model(**TINY_CONFIGS["tiny:llama"], vocab_size=len(chat_tokenizer))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    chat_tokenizer.save_pretrained(model_dir)
+    folder = tmp_path / "chats"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(chat_rows(16)),
+                          "validation": datasets.Dataset.from_list(chat_rows(3, 16)),
+                          "test": datasets.Dataset.from_list(chat_rows(2, 19))}
+                         ).save_to_disk(str(folder))
+    path = write_study(tmp_path, {"kind": "causal_lm", "dataset": str(folder),
+                                  "messages_field": "messages", "validation_split": "validation"},
+                       model=str(model_dir))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    with open(out / "trials.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1 and rows[0]["status"] == "complete"
+    assert float(rows[0]["eval_loss"]) > 0 and rows[0]["test_metric"] != ""

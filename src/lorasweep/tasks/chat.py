@@ -5,13 +5,14 @@ causal_lm trains on whole conversations, with the loss on every assistant turn (
 assistant`) or on every token (`loss_on: all`). math and code take each row's last assistant turn
 as the response and the last user turn before it as the prompt, and go on as prompt/response data.
 
-The assistant-token mask is computed by rendering prefixes of each conversation, which works with
-every template (`return_assistant_tokens_mask` needs `{% generation %}` markers, which most
-models' templates lack): assistant turn i begins where the rendering of turns 0..i-1 with the
-generation prompt ends, and ends where the rendering of turns 0..i ends. A row is tokenized piece
-by piece at these boundaries, so the mask is exact for the ids that train; the pieces meet at the
-template's markup, where tokenizing in pieces gives the ids of the whole text (tests check this
-against `apply_chat_template`).
+The assistant-token mask is computed by rendering prefixes of each conversation, not with
+`return_assistant_tokens_mask`, which needs `{% generation %}` markers that most models' templates
+lack: assistant turn i begins where the rendering of turns 0..i-1 with the generation prompt ends,
+and ends where the rendering of turns 0..i ends. This needs only that a template renders a
+conversation's first turns as the start of the whole (one that does not is a one-line error). A
+row is tokenized piece by piece at these boundaries, so the mask is exact for the ids that train;
+the pieces meet at the template's markup, and for the templates in the tests the ids equal
+`apply_chat_template`'s for the whole text.
 """
 
 from __future__ import annotations
