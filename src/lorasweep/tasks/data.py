@@ -116,7 +116,11 @@ def _dataset_splits(task: TaskSpec) -> Mapping:
     if path.is_file():  # one file is the training data
         return {"train": _load_file(task.dataset, "task.dataset")}
     if path.is_dir() and any((path / marker).is_file() for marker in SAVED_MARKERS):
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as exc:  # a damaged or partly copied folder: one line
+            raise StudyError(f"task.dataset: cannot load the saved dataset '{task.dataset}' "
+                             f"({_first_line(exc)})") from None
         # A saved Dataset (not a DatasetDict) is the training data.
         return {"train": loaded} if isinstance(loaded, datasets.Dataset) else loaded
     return _load_named(task)
