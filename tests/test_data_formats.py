@@ -325,7 +325,7 @@ def test_save_to_disk_dataset_is_the_training_data(tmp_path):
     assert (len(task.train), len(task.validation), task.test) == (16, 4, None)
     for shard in folder.glob("*.arrow"):  # a damaged copy is one line
         shard.unlink()
-    with pytest.raises(StudyError, match="task.dataset: cannot load the saved dataset"):
+    with pytest.raises(StudyError, match=r"task.dataset: cannot load the saved dataset"):
         build_task(study, load_tokenizer(study.model))
 
 
