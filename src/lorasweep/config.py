@@ -65,22 +65,28 @@ class TaskSpec(_Strict):
     """The data and what is measured on it.
 
     `dataset` is `builtin:shakespeare-genre`, a hub dataset id, or a local file/folder; or give
-    `train_file` (and optionally `test_file`) as JSON, JSONL, CSV or text files.
+    `train_file` (and optionally `validation_file`, `test_file`) as JSON, JSONL, CSV, text or
+    parquet files. The validation split is carved from the training data unless the data has
+    one (`validation_split`, `validation_file`), which is then used as given.
     """
 
     kind: Literal["classification", "causal_lm", "math", "code"]
     dataset: str | None = None
     dataset_config: str | None = None
     train_file: str | None = None
+    validation_file: str | None = None
     test_file: str | None = None
     train_split: str = "train"
+    validation_split: str | None = None
     test_split: str | None = "test"
     text_field: str = "text"
     label_field: str = "label"
     prompt_field: str | None = None
     response_field: str | None = None
-    loss_on: Literal["response", "all"] = "all"
-    validation_size: Annotated[float, Field(gt=0)] = 0.1
+    messages_field: str | None = None  # chat data: [{role, content}, ...] per row (tasks/chat.py)
+    loss_on: Literal["response", "assistant", "all"] = "all"
+    # None when the validation split is given (validation_split, validation_file), not carved
+    validation_size: Annotated[float, Field(gt=0)] | None = 0.1
     max_train_examples: Annotated[int, Field(gt=0)] | None = None
     max_eval_examples: Annotated[int, Field(gt=0)] | None = 1000
     # math and code (instruction/response, scored by generation; see tasks/instruction.py)
@@ -112,29 +118,77 @@ class TaskSpec(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _instruction_defaults(cls, value: Any) -> Any:
-        """math and code train on response tokens only unless the study says otherwise."""
-        if isinstance(value, dict) and value.get("kind") in ("math", "code"):
+    def _defaults(cls, value: Any) -> Any:
+        """Defaults that depend on other fields: a given validation split carves nothing
+        (validation_size None); chat data trains on assistant turns only, math and code on
+        response tokens only, unless the study says otherwise."""
+        if not isinstance(value, dict):
+            return value
+        given = any(value.get(n) is not None for n in ("validation_split", "validation_file"))
+        if given and "validation_size" not in value:
+            value = {**value, "validation_size": None}
+        if value.get("messages_field") is not None:
+            return {"loss_on": "assistant", **value}
+        if value.get("kind") in ("math", "code"):
             return {"loss_on": "response", **value}
         return value
 
-    @model_validator(mode="after")
-    def _one_source(self) -> TaskSpec:
-        if (self.dataset is None) == (self.train_file is None):
-            raise ValueError("give exactly one of task.dataset or task.train_file")
-        if self.test_file is not None and self.train_file is None:
-            raise ValueError("task.test_file goes with task.train_file")
+    def _check_validation_source(self) -> None:
+        given = [f"task.{n}" for n in ("validation_split", "validation_file")
+                 if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError("give task.validation_split or task.validation_file, not both")
+        if given and self.validation_size is not None:
+            raise ValueError(f"{given[0]} is used as given; task.validation_size (which carves "
+                             "one from the training data) cannot go with it")
+        if not given and self.validation_size is None:
+            raise ValueError("task.validation_size: give a size, or task.validation_split or "
+                             "task.validation_file")
+        if self.validation_split is not None and self.dataset is None:
+            raise ValueError("task.validation_split names a split of task.dataset; with "
+                             "task.train_file give task.validation_file")
+        if given and self.kind == "code":
+            raise ValueError(f"{given[0]}: a code task is validated on HumanEval's validation "
+                             "half; remove it")
+
+    def _check_fields(self) -> None:
+        if self.messages_field is not None:
+            if self.prompt_field is not None or self.response_field is not None:
+                raise ValueError("task.messages_field replaces task.prompt_field/response_field;"
+                                 " give one or the other")
+            if self.kind == "classification":
+                raise ValueError("task.messages_field: for kinds causal_lm, math and code")
+            if not self.chat_template:
+                raise ValueError("task.messages_field is rendered with the model's chat "
+                                 "template; task.chat_template: false cannot go with it")
+            if self.loss_on == "response":
+                raise ValueError("task.loss_on: with task.messages_field, 'assistant' or 'all'")
+            return
+        if self.loss_on == "assistant":
+            raise ValueError("task.loss_on: 'assistant' needs task.messages_field")
         if self.loss_on == "response" and self.response_field is None:
             raise ValueError("task.loss_on: 'response' needs task.response_field")
         if (self.prompt_field is None) != (self.response_field is None):
             raise ValueError("give both task.prompt_field and task.response_field, or neither")
         if self.kind in ("math", "code") and self.response_field is None:
             raise ValueError(f"task.kind '{self.kind}' needs task.prompt_field and "
-                             "task.response_field (e.g. question and answer)")
+                             "task.response_field (e.g. question and answer), or "
+                             "task.messages_field")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskSpec:
+        if (self.dataset is None) == (self.train_file is None):
+            raise ValueError("give exactly one of task.dataset or task.train_file")
+        for name in ("validation_file", "test_file"):
+            if getattr(self, name) is not None and self.train_file is None:
+                raise ValueError(f"task.{name} goes with task.train_file")
+        self._check_validation_source()
+        self._check_fields()
         if max(self.pass_k) > self.samples:
             raise ValueError(f"task.pass_k {self.pass_k}: each k needs at least k samples "
                              f"(task.samples is {self.samples})")
-        if self.validation_size >= 1 and self.validation_size != int(self.validation_size):
+        size = self.validation_size
+        if size is not None and size >= 1 and size != int(size):
             raise ValueError("task.validation_size: a fraction below 1 or a whole number")
         if self.metric is not None and self.metric not in self.allowed_metrics:
             raise ValueError(f"task.metric '{self.metric}': a {self.kind} task reports "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 from lorasweep.config import Study
+from lorasweep.tasks import chat
 from lorasweep.tasks.base import Split, Task
 from lorasweep.tasks.causal_lm import build_causal_lm
 from lorasweep.tasks.classification import ClassificationTask, build_classification
@@ -19,8 +20,14 @@ BUILDERS = {"classification": build_classification, "causal_lm": build_causal_lm
 def build_task(study: Study, tokenizer: PreTrainedTokenizerBase, seq_len: int | None = None
                ) -> Task:
     """The study's task tokenized to `seq_len` (default: the train section's)."""
-    raw = load_splits(study.task, study.seed)
-    return BUILDERS[study.task.kind](study.task, raw, tokenizer, seq_len or study.train.seq_len)
+    spec = study.task
+    check = None if spec.messages_field is None else chat.row_checker(spec, tokenizer)
+    raw = load_splits(spec, study.seed, check)
+    if spec.messages_field is not None and spec.kind == "causal_lm":
+        return chat.build_chat_lm(spec, raw, tokenizer, seq_len or study.train.seq_len)
+    if spec.messages_field is not None:
+        spec, raw = chat.as_pairs(spec, raw)
+    return BUILDERS[spec.kind](spec, raw, tokenizer, seq_len or study.train.seq_len)
 
 
 def num_labels(task: Task) -> int | None:

@@ -1,11 +1,16 @@
-"""Raw examples from the built-in data, local files or the hub, and the validation split.
+"""Raw examples from the built-in data, local files or folders, or the hub, and the validation
+split.
 
-Optima are chosen on a validation split carved from the training data with the study seed, so
-every trial sees the same split and the test split is never used to choose anything.
+Optima are chosen on a validation split: the data's own when the study names it
+(`task.validation_split`, `task.validation_file`), used as given; else one carved from the training
+data with the study seed. Either way every trial sees the same split, and the test split is only
+reported, never used to choose anything.
 """
 
 from __future__ import annotations
 
+import glob
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +25,10 @@ BUILTIN_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 BUILTIN_DATASETS = {"builtin:shakespeare-genre": "shakespeare_genre"}
 # Built-in datasets read from pip packages: (train, test) records.
 PACKAGED_DATASETS = {"builtin:gsm8k": packaged_data.gsm8k}
-FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}
+FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text",
+                ".parquet": "parquet"}
+# What `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at the top of their folder.
+SAVED_MARKERS = ("dataset_dict.json", "state.json")
 
 Records = list[dict]
 
@@ -32,78 +40,146 @@ class RawSplits:
     test: Records | None
 
 
-def load_splits(task: TaskSpec, seed: int) -> RawSplits:
-    """Train, validation (carved from train) and test records for a task."""
-    train, test = _load_train_test(task)
+# Checks the rows a study uses: check(records, numbers, source) looks at records[i] for each i in
+# numbers, and names a bad one as "row i of the <source> data" (numbered as stored).
+RowCheck = Callable[[Records, Sequence[int], str], None]
+
+
+def load_splits(task: TaskSpec, seed: int, check: RowCheck | None = None) -> RawSplits:
+    """Train, validation (the data's own, else carved from train) and test records for a task.
+
+    `check` sees each row that is used, before the carve shuffles it, so its errors number
+    the rows as stored."""
+    train, validation, test = _load_sources(task)
     if not train:
         raise StudyError("task: the training data has no examples")
     order = np.random.default_rng(seed).permutation(len(train))
-    size = task.validation_size
-    n_val = int(size) if size >= 1 else max(1, round(len(train) * size))
-    if task.max_eval_examples is not None:  # held-out examples beyond the cap go to training
-        n_val = min(n_val, task.max_eval_examples)
-    if n_val >= len(train):
-        raise StudyError(f"task.validation_size: {size} leaves no training examples "
-                         f"(the training data has {len(train)})")
-    validation = [train[i] for i in order[:n_val]]
+    cap = task.max_eval_examples
+    carved: Sequence[int] = ()
+    if validation is None:
+        size = task.validation_size
+        n_val = int(size) if size >= 1 else max(1, round(len(train) * size))
+        if cap is not None:  # held-out examples beyond the cap go to training
+            n_val = min(n_val, cap)
+        if n_val >= len(train):
+            raise StudyError(f"task.validation_size: {size} leaves no training examples "
+                             f"(the training data has {len(train)})")
+        carved, order = order[:n_val], order[n_val:]
+    elif not validation:
+        raise StudyError(f"task.{_validation_setting(task)}: the validation data has no examples")
+    elif cap is not None:
+        validation = validation[:cap]
     # The rest in shuffled order, so a smaller max_train_examples is a prefix of a larger one.
-    rest = [train[i] for i in order[n_val:]]
     if task.max_train_examples is not None:
-        rest = rest[:task.max_train_examples]
-    if task.max_eval_examples is not None and test is not None:
-        test = test[:task.max_eval_examples]
-    return RawSplits(train=rest, validation=validation, test=test)
+        order = order[:task.max_train_examples]
+    if cap is not None and test is not None:
+        test = test[:cap]
+    if check is not None:
+        check(train, sorted([*carved, *order]), "training")
+        for records, source in ((validation, "validation"), (test, "test")):
+            if records is not None:
+                check(records, range(len(records)), source)
+    if validation is None:
+        validation = [train[i] for i in carved]
+    return RawSplits(train=[train[i] for i in order], validation=validation, test=test)
 
 
-def _load_train_test(task: TaskSpec) -> tuple[Records, Records | None]:
+def _validation_setting(task: TaskSpec) -> str:
+    return "validation_split" if task.validation_split is not None else "validation_file"
+
+
+def _load_sources(task: TaskSpec) -> tuple[Records, Records | None, Records | None]:
+    """Training records, the data's own validation records (None: carve), test records."""
     if task.train_file is not None:
-        train = _load_file(task.train_file, "task.train_file")
-        test = None if task.test_file is None else _load_file(task.test_file, "task.test_file")
-        return train, test
+        def optional(path: str | None, setting: str) -> Records | None:
+            return None if path is None else _load_file(path, setting)
+
+        return (_load_file(task.train_file, "task.train_file"),
+                optional(task.validation_file, "task.validation_file"),
+                optional(task.test_file, "task.test_file"))
     assert task.dataset is not None
+    return _pick_splits(task, _dataset_splits(task))
+
+
+def _dataset_splits(task: TaskSpec) -> Mapping:
+    """The named splits of `task.dataset`: lists of records or `datasets.Dataset`s."""
     if task.dataset in PACKAGED_DATASETS:
-        return PACKAGED_DATASETS[task.dataset]()
+        return dict(zip(("train", "test"), PACKAGED_DATASETS[task.dataset](), strict=True))
     if task.dataset.startswith("builtin:"):
         if task.dataset not in BUILTIN_DATASETS:
             raise StudyError(f"task.dataset: unknown '{task.dataset}'; built-in datasets: "
                              f"{', '.join([*BUILTIN_DATASETS, *PACKAGED_DATASETS])}")
         folder = BUILTIN_DATA_DIR / BUILTIN_DATASETS[task.dataset]
-        return (_load_file(str(folder / "train.jsonl"), "task.dataset"),
-                _load_file(str(folder / "test.jsonl"), "task.dataset"))
-    if Path(task.dataset).is_file():
-        return _load_file(task.dataset, "task.dataset"), None
+        return {name: _load_file(str(folder / f"{name}.jsonl"), "task.dataset")
+                for name in ("train", "test")}
+    path = Path(task.dataset)
+    if path.is_file():  # one file is the training data
+        return {"train": _load_file(task.dataset, "task.dataset")}
+    if path.is_dir() and any((path / marker).is_file() for marker in SAVED_MARKERS):
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as exc:  # a damaged or partly copied folder: one line
+            raise StudyError(f"task.dataset: cannot load the saved dataset '{task.dataset}' "
+                             f"({_first_line(exc)})") from None
+        # A saved Dataset (not a DatasetDict) is the training data.
+        return {"train": loaded} if isinstance(loaded, datasets.Dataset) else loaded
     return _load_named(task)
 
 
+def _pick_splits(task: TaskSpec, splits: Mapping
+                 ) -> tuple[Records, Records | None, Records | None]:
+    """The train, validation (None unless named) and test splits the study names.
+
+    The test split is read when the data has one; it is never the validation split, so it is
+    never used to choose anything."""
+    names = ", ".join(splits)
+    for setting in ("train_split", "validation_split"):
+        name = getattr(task, setting)
+        if name is not None and name not in splits:
+            raise StudyError(f"task.{setting}: '{name}' not in {task.dataset}; splits: {names}")
+    if task.validation_split is not None and task.validation_split in (task.train_split,
+                                                                         task.test_split):
+        role = "training" if task.validation_split == task.train_split else "test"
+        raise StudyError(f"task.validation_split: '{task.validation_split}' is the {role} split; "
+                         f"name another of: {names}")
+
+    def records(name: str | None) -> Records | None:
+        if name is None or name not in splits:
+            return None
+        split = splits[name]
+        return split if isinstance(split, list) else split.to_list()
+
+    return (records(task.train_split), records(task.validation_split),
+            records(task.test_split))
+
+
 def _load_file(path: str, field: str) -> Records:
-    file = Path(path)
-    fmt = FILE_FORMATS.get(file.suffix.lower())
-    if fmt is None:
-        raise StudyError(f"{field}: {path}: unsupported file type; allowed: "
-                         f"{', '.join(FILE_FORMATS)}")
-    if not file.is_file():
-        raise StudyError(f"{field}: {path}: no such file")
+    """Records of one file, or of the files a glob pattern matches (`data/train-*.parquet`)."""
+    files = sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
+    if not files:
+        raise StudyError(f"{field}: {path}: no file matches")
+    formats = {FILE_FORMATS.get(Path(f).suffix.lower()) for f in files}
+    if None in formats or len(formats) > 1:
+        raise StudyError(f"{field}: {path}: unsupported file type; allowed (one type per "
+                         f"field): {', '.join(FILE_FORMATS)}")
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise StudyError(f"{field}: {missing[0]}: no such file")
+    fmt = formats.pop()
     try:
-        data = datasets.load_dataset(fmt, data_files=str(file), split="train")
+        data = datasets.load_dataset(fmt, data_files=files, split="train")
     except Exception as exc:  # datasets raises many types for a malformed file
         raise StudyError(f"{field}: {path}: cannot parse as {fmt} ({_first_line(exc)})") from None
     return data.to_list()
 
 
-def _load_named(task: TaskSpec) -> tuple[Records, Records | None]:
-    """A hub dataset id or a local dataset folder, through `datasets.load_dataset`."""
+def _load_named(task: TaskSpec) -> Mapping:
+    """A hub dataset id or a local folder of data files, through `datasets.load_dataset`."""
     try:
-        loaded = datasets.load_dataset(task.dataset, task.dataset_config)
+        return datasets.load_dataset(task.dataset, task.dataset_config)
     except Exception as exc:  # offline, unknown id, bad config: all become one line
         reason = _first_line(exc)
         raise StudyError(f"task.dataset: cannot load '{task.dataset}' ({reason})") from None
-    if task.train_split not in loaded:
-        raise StudyError(f"task.train_split: '{task.train_split}' not in {task.dataset}; "
-                         f"splits: {', '.join(loaded)}")
-    test = None
-    if task.test_split is not None and task.test_split in loaded:
-        test = loaded[task.test_split].to_list()
-    return loaded[task.train_split].to_list(), test
 
 
 def _first_line(exc: Exception) -> str:
