@@ -16,7 +16,7 @@ from lorasweep.config import ModelSpec, load_study
 from lorasweep.errors import StudyError
 from lorasweep.methods import get_method
 from lorasweep.models import load_model, load_tokenizer
-from lorasweep.sandbox import OPT_IN_ENV, Limits, isolation, require_opt_in, run_program
+from lorasweep.sandbox import OPT_IN_ENV, Limits, require_opt_in, run_program
 from lorasweep.space import Cell, TrialSpec
 from lorasweep.tasks import build_task, packaged_data
 from lorasweep.tasks.code import definitions_only, pass_at_k, program
@@ -120,15 +120,6 @@ def test_hostile_programs_are_contained(tmp_path):
     assert not outside.exists()
     # Writing inside its own working directory is allowed.
     assert run_program("open('x.txt', 'w').write('ok')\nassert open('x.txt').read() == 'ok'").passed
-
-
-@pytest.mark.skipif(isolation() != "namespaces", reason="needs root and unshare")
-def test_namespaces_hold_without_the_hook():
-    """The sample runs as nobody with no network interface up, even where the hook is silent."""
-    probe = ("import os, socket\nassert os.getuid() == 65534\n"
-             "assert [name for _, name in socket.if_nameindex()] == ['lo']\n"
-             "assert os.listdir('/tmp') == ['work'] and os.getcwd() == '/tmp/work'\n")
-    assert run_program(probe).passed, run_program(probe).result
 
 
 # --- the pipeline on a tiny causal LM ----------------------------------------------------------

@@ -1,24 +1,36 @@
 """Run model-written Python in a contained child process, one process per sample.
 
-Running code a model wrote is dangerous (it may loop, fork, eat memory, write files or open
-sockets), so it runs only behind an explicit opt-in (`require_opt_in`) and only here. Each sample:
+Running code a model wrote is dangerous (it may loop, fork, eat memory, write files, open
+sockets or attack the process that started it), so it runs only behind an explicit opt-in
+(`require_opt_in`), only here, and only behind a boundary the kernel enforces: an in-process
+Python hook can be removed by the code it watches (through `gc`, or native code), so it is not
+the boundary. Each sample runs under bubblewrap (`bwrap`) in new mount, PID, network, IPC and
+UTS namespaces:
 
-- runs in its own process with a hard wall-clock timeout; the whole process tree is killed;
-- has resource limits: CPU seconds (RLIMIT_CPU), address space (RLIMIT_AS), file size
-  (RLIMIT_FSIZE), processes of its user (RLIMIT_NPROC);
-- runs under a Python audit hook that refuses writes and file-system changes outside its working
-  directory, sockets, subprocesses, fork/exec and ctypes (the only layer where Linux namespaces
-  are not available: see `isolation()`);
-- when the `unshare` tool works (root on Linux), also runs in new network, mount and PID
-  namespaces as the unprivileged user `nobody`: no network interface but a down loopback, a fresh
-  tmpfs on /tmp, /var/tmp and /dev/shm (its working directory is the private /tmp, gone when it
-  exits), every process of the sample killed with it, and no write permission anywhere else a
-  root-owned file system denies to `nobody`. These hold even against native code that slips past
-  the audit hook.
+- the host file system is visible read-only (every mount, recursively, nosuid and nodev); the
+  home directories /root and /home are hidden (the Python install is bound back read-only);
+  /tmp is a fresh 64 MiB tmpfs, the sample's working directory, gone when it exits; /var/tmp
+  and /run are fresh tmpfs mounts that it cannot write; /dev is a minimal read-only one (null,
+  zero, random, urandom, tty) and /proc shows only the sample's own processes;
+- no network: its namespace has only a loopback interface that is down; abstract Unix sockets
+  of the host are in another network namespace;
+- as root it runs as the user `nobody` with no capabilities and no_new_privs; as any other user,
+  inside a new user namespace as that user, with no capabilities and no further user namespaces;
+- bwrap is started as the leader of its own session and `--die-with-parent`: killing it kills
+  the PID namespace's init, and with it every process of the sample (setsid daemons included);
+- resource limits: CPU seconds, address space, file size, and processes and threads of its user
+  (RLIMIT_NPROC, set inside the sample, where a new user namespace counts only its own);
+- a hard wall-clock timeout;
+- the audit hook stays as an extra layer (it refuses sockets, subprocesses, fork/exec, ctypes
+  and writes outside the working directory), not as the boundary.
 
-Not contained: reading world-readable files (the sample can read what `nobody` can read), and
-CPU-time or memory pressure up to the limits. Without namespaces (`isolation() == "audit-hook"`),
-network and write blocking rest on the audit hook alone, which native code could bypass.
+Where bwrap cannot set this up (not installed, user namespaces disabled for a non-root user),
+model-written code is refused with one line naming why, unless UNSAFE_ENV=1 asks to run it with
+only the limits and the hook (which a hostile program can remove).
+
+Not contained: reading host files that the sample's user (nobody, or the user running
+lorasweep) can read, outside the hidden directories; connecting to a Unix socket file that that
+user can write, outside the hidden directories; CPU time and memory up to the limits.
 """
 
 from __future__ import annotations
@@ -36,13 +48,22 @@ from pathlib import Path
 from lorasweep.errors import StudyError
 
 OPT_IN_ENV = "LORASWEEP_ALLOW_CODE_EXECUTION"
+UNSAFE_ENV = "LORASWEEP_UNSAFE_CODE_EXECUTION"
 NOBODY = 65534
 OUTPUT_LIMIT = 1 << 20  # bytes of stdout/stderr a sample may write (RLIMIT_FSIZE)
+WORK_BYTES = 64 << 20  # size of the sample's private /tmp
+HIDDEN = ("/root", "/home")  # home directories: hidden, not only read-only
+PRIVATE = ("/var/tmp", "/run")  # host directories replaced by empty tmpfs mounts
+# The sample's whole environment. Two malloc arenas: glibc otherwise reserves 64 MiB of address
+# space per thread, and a few dozen threads would exhaust the address-space limit.
+ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "MALLOC_ARENA_MAX": "2"}
 
-# Runs first inside the child: reads the program from stdin, installs the audit hook, runs it.
-# Exit status 0 means the program ran to the end without an exception.
+# Runs first inside the child: limits its processes, reads the program from stdin, installs the
+# audit hook (an extra layer only), runs it. Exit status 0 means it ran without an exception.
 _HARNESS = r"""
-import os, sys
+import os, resource, sys
+NPROC = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_NPROC, (NPROC, NPROC))
 WORK = os.path.realpath(os.getcwd())
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 DENIED = {"socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.getaddrinfo",
@@ -74,21 +95,16 @@ sys.addaudithook(hook)
 exec(compile(program, "<sample>", "exec"), {"__name__": "__main__"})
 """
 
-# Inside the namespaces (as root there): private tmpfs mounts, then drop to nobody and run.
-_NAMESPACE_SCRIPT = (
-    "set -e; for d in /tmp /var/tmp /dev/shm; do mount -t tmpfs -o size=64m,mode=1777 tmpfs $d; "
-    "done; mkdir -m 700 /tmp/work; chown {uid}:{uid} /tmp/work; cd /tmp/work; "
-    'exec setpriv --reuid={uid} --regid={uid} --clear-groups -- "$@"'
-)
-
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-sample limits: wall seconds, CPU seconds, address space, processes of its user."""
+    """Per-sample limits: wall seconds, CPU seconds, address space, and processes plus threads
+    (RLIMIT_NPROC counts both: large enough for a threaded sample, small enough to stop a fork
+    bomb, which the PID namespace also ends with the sample)."""
 
     timeout: float = 5.0
     memory_bytes: int = 1 << 30
-    processes: int = 16
+    processes: int = 256
 
 
 @dataclass(frozen=True)
@@ -98,47 +114,85 @@ class Outcome:
 
 
 def require_opt_in(study_flag: bool) -> None:
-    """Refuse to run model-written code unless the study file and the environment both ask."""
+    """Refuse to run model-written code unless the study file and the environment both ask,
+    and an OS sandbox works here (or the unsafe opt-in is given)."""
     if not study_flag:
         raise StudyError("task.execute_code: scoring code runs model-written programs; set "
                          f"task.execute_code: true and {OPT_IN_ENV}=1 to allow it")
     if os.environ.get(OPT_IN_ENV) != "1":
         raise StudyError(f"task.execute_code is true but {OPT_IN_ENV}=1 is not set in the "
                          "environment: model-written code runs only with both")
+    require_sandbox()
+
+
+def require_sandbox() -> None:
+    """Raise one line naming why when no OS sandbox works here and UNSAFE_ENV is not 1."""
+    reason = unavailable_reason()
+    if reason is not None and os.environ.get(UNSAFE_ENV) != "1":
+        raise StudyError(
+            f"model-written code runs only inside an OS sandbox, and none works here: {reason}; "
+            "install bubblewrap (and allow user namespaces for non-root users), or set "
+            f"{UNSAFE_ENV}=1 to run it with only resource limits and an in-process audit hook, "
+            "which hostile code can remove")
+
+
+def _python() -> list[str]:
+    """The interpreter itself (not a venv's link to it), isolated: standard library only."""
+    return [os.path.realpath(sys.executable), "-I", "-S", "-B", "-c", _HARNESS]
 
 
 @functools.cache
-def isolation() -> str:
-    """'namespaces' when unshare can make network, mount and PID namespaces here, else
-    'audit-hook' (limits and the in-process hook only)."""
-    tools = shutil.which("unshare") and shutil.which("setpriv")
-    if not tools or os.geteuid() != 0:
-        return "audit-hook"
-    probe = subprocess.run(["unshare", "--net", "--mount", "--pid", "--fork", "true"],
-                           capture_output=True, timeout=30, check=False)
-    return "namespaces" if probe.returncode == 0 else "audit-hook"
+def _bwrap() -> list[str] | None:
+    """The bwrap (and, as root, setpriv) command line that the interpreter runs under, or None
+    when the tools are missing."""
+    bwrap, setpriv = shutil.which("bwrap"), shutil.which("setpriv")
+    if bwrap is None or (os.geteuid() == 0 and setpriv is None):
+        return None
+    command = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+               "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--ro-bind", "/", "/"]
+    for path in HIDDEN + PRIVATE:
+        if os.path.isdir(path):
+            command += ["--size", "1048576", "--tmpfs", path]
+    command += ["--perms", "1777", "--size", str(WORK_BYTES), "--tmpfs", "/tmp"]
+    for path in {sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}:
+        command += ["--ro-bind", path, path]  # the interpreter, if it was under a hidden path
+    command += ["--dev", "/dev", "--remount-ro", "/dev", "--proc", "/proc", "--chdir", "/tmp"]
+    if os.geteuid() == 0:  # root keeps its capabilities in bwrap only to drop to nobody
+        return [*command, setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all", "--"]
+    return [*command, "--unshare-user", "--disable-userns", "--cap-drop", "ALL", "--"]
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None when the OS sandbox works here (probed once by running the interpreter in it),
+    else why not, in a few words."""
+    command = _bwrap()
+    if command is None:
+        return "bubblewrap (bwrap) is not installed" if shutil.which("bwrap") is None else \
+            "setpriv (util-linux) is not installed"
+    probe = subprocess.run([*command, *_python(), "1"], input=b"", capture_output=True,
+                           timeout=30, check=False)
+    if probe.returncode == 0:
+        return None
+    lines = probe.stderr.decode(errors="replace").strip().splitlines()
+    return "bwrap failed: " + (lines[-1] if lines else f"exit status {probe.returncode}")
 
 
 def run_program(program: str, limits: Limits = Limits()) -> Outcome:
     """Run a Python program in the sandbox; it passes if it exits 0 within the limits."""
-    # The interpreter itself, not a venv's link to it: a venv under /tmp would be hidden by the
-    # private /tmp mount. With -I -S the sample sees the standard library only either way.
-    python = [os.path.realpath(sys.executable), "-I", "-S", "-B", "-c", _HARNESS]
-    namespaced = isolation() == "namespaces"
+    require_sandbox()
+    sandbox = _bwrap() if unavailable_reason() is None else []
+    if not sandbox:
+        _warn_unsafe()
     with tempfile.TemporaryDirectory(prefix="lorasweep-sample-") as temp:
-        work = Path(temp) / "work"
+        work = Path(temp) / "work"  # the working directory without the sandbox only
         work.mkdir()
-        if namespaced:
-            script = _NAMESPACE_SCRIPT.format(uid=NOBODY)
-            command = ["unshare", "--net", "--mount", "--pid", "--fork", "--kill-child",
-                       "sh", "-c", script, "sh", *python]
-        else:
-            command = python
         with open(Path(temp) / "output", "w+b") as output:
             process = subprocess.Popen(
-                command, cwd=work, stdin=subprocess.PIPE, stdout=output, stderr=output,
-                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True,
-                preexec_fn=functools.partial(_set_limits, limits))
+                [*sandbox, *_python(), str(limits.processes)], cwd=work, stdin=subprocess.PIPE,
+                stdout=output, stderr=output, env=ENV,
+                start_new_session=True, preexec_fn=functools.partial(_set_limits, limits))
             try:
                 process.communicate(program.encode(), timeout=limits.timeout)
                 result = None
@@ -154,18 +208,26 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
     return Outcome(passed=result == "passed", result=result)
 
 
+@functools.cache
+def _warn_unsafe() -> None:
+    """Say once, on stderr, that the unsafe opt-in is in use."""
+    print(f"lorasweep: {UNSAFE_ENV}=1: running model-written code WITHOUT an OS sandbox "
+          f"({unavailable_reason()}): only resource limits and an audit hook", file=sys.stderr)
+
+
 def _set_limits(limits: Limits) -> None:
-    """In the child before exec: the limits it and everything it starts inherit."""
+    """In the child before exec: the limits it and everything it starts inherit (RLIMIT_NPROC
+    is set by the harness, inside the sandbox's user namespace where it has one)."""
     cpu = int(limits.timeout) + 1
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
     resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
     resource.setrlimit(resource.RLIMIT_FSIZE, (OUTPUT_LIMIT, OUTPUT_LIMIT))
-    resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def _kill_tree(process: subprocess.Popen) -> None:
-    """Kill the sample's session (and, with --kill-child, its PID namespace) and reap it."""
+    """Kill the sample's session: bwrap, whose death (--die-with-parent) kills the PID
+    namespace's init and so every process in it; then reap it."""
     try:
         os.killpg(process.pid, 9)
     except ProcessLookupError:
