@@ -56,6 +56,10 @@ def escapes(host: Path, lock: Path, marker: str) -> dict[str, str]:
         "pidfd_send_signal to the parent": (
             "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open({PARENT}), "
             "signal.SIGKILL)"),
+        "remount read-write in a new user namespace": DISARM + (
+            "import subprocess\nsubprocess.run(['unshare', '--user', '--map-root-user', "
+            f"'--mount', 'sh', '-ec', 'mount --bind {host} {host}; "
+            f"mount -o remount,rw,bind {host}; touch {host}/remounted'], check=True)"),
         "setsid daemon": DISARM + (
             "import os, sys, time\nif os.fork() == 0:\n    os.setsid()\n"
             "    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', "
@@ -136,10 +140,12 @@ def test_escapes_leave_no_trace_as_a_non_root_user(host):
     fail, the process that runs them survives, and nothing is left behind."""
     directory, lock, marker = host
     programs = escapes(directory, lock, marker)
+    programs["host probe"] = host_probe(NOBODY, "/usr")
     run = _nobody(["-c", HELPER, json.dumps(programs)], {"PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stderr  # killed by the pidfd escape otherwise
     results = dict(json.loads(line) for line in run.stdout.splitlines())
     assert list(results) == list(programs)
+    assert results.pop("host probe") == "passed"
     assert all(result != "passed" for name, result in results.items()
                if name != "setsid daemon"), results
     _assert_no_trace(directory, lock, marker)
@@ -155,23 +161,31 @@ def test_threads_work_and_fork_bombs_stay_bounded():
     assert not run_program(bomb, Limits(timeout=2)).passed
 
 
-def _first_under_root() -> str:
-    """The directory under /root that holds this interpreter, bound back into the hidden /root
-    (empty when the interpreter is elsewhere)."""
-    prefix = Path(sys.base_prefix)
-    return prefix.relative_to("/root").parts[0] if prefix.is_relative_to("/root") else ""
+def host_probe(uid: int, prefix: str) -> str:
+    """A program, without the audit hook, that passes if it sees the sandbox's view of the host
+    as `uid`, run by the interpreter installed at `prefix`."""
+    under_root = Path(prefix).relative_to("/root").parts[0] if prefix.startswith("/root/") else ""
+    return DISARM + (
+        "import os, socket\n"
+        "assert [name for _, name in socket.if_nameindex()] == ['lo']\n"
+        "assert os.getcwd() == '/tmp' and os.listdir('/tmp') == []\n"
+        f"assert os.listdir('/run') == [] and os.listdir('/root') in ([], [{under_root!r}])\n"
+        "assert all(int(p) < 10 for p in os.listdir('/proc') if p.isdigit())  # its own only\n"
+        f"assert os.path.isdir({str(REPO)!r}) and os.getuid() == {uid}\n"
+        "status = open('/proc/self/status').read()\n"
+        "assert 'CapEff:\\t0000000000000000' in status and 'NoNewPrivs:\\t1' in status\n"
+        "for path in ('/run/x', '/var/tmp/x', '/root/x', '/dev/x', '/dev/shm/x', "
+        f"{str(REPO / 'x')!r}):\n"
+        "    try:\n        open(path, 'w')\n        raise SystemExit('wrote ' + path)\n"
+        "    except OSError:\n        pass\n"
+        "assert set(os.listdir('/dev')) <= {'null', 'zero', 'full', 'random', 'urandom', "
+        "'tty', 'pts', 'ptmx', 'shm', 'stdin', 'stdout', 'stderr', 'fd', 'core'}\n"
+        "open('/tmp/x', 'w').write('the working directory is writable')\n")
 
 
 @needs_sandbox
 def test_the_host_is_read_only_and_private_dirs_are_fresh():
-    probe = ("import os, socket\n"
-             "assert [name for _, name in socket.if_nameindex()] == ['lo']\n"
-             "assert os.getcwd() == '/tmp' and os.listdir('/tmp') == []\n"
-             "assert os.listdir('/run') == []\n"
-             f"assert os.listdir('/root') in ([], [{_first_under_root()!r}])\n"
-             "assert os.listdir('/proc/1/task')  # only the namespace's processes\n"
-             "assert all(int(p) < 10 for p in os.listdir('/proc') if p.isdigit())\n"
-             f"assert os.path.isdir({str(REPO)!r}) and os.getuid() != 0\n")
+    probe = host_probe(NOBODY if os.geteuid() == 0 else os.geteuid(), sys.base_prefix)
     assert run_program(probe).passed, run_program(probe).result
 
 

@@ -150,12 +150,14 @@ def _bwrap() -> list[str] | None:
         return None
     command = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
                "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--ro-bind", "/", "/"]
-    for path in HIDDEN + PRIVATE:
-        if os.path.isdir(path):
-            command += ["--size", "1048576", "--tmpfs", path]
+    empty = [path for path in HIDDEN + PRIVATE if os.path.isdir(path)]
+    for path in empty:
+        command += ["--size", "1048576", "--tmpfs", path]
     command += ["--perms", "1777", "--size", str(WORK_BYTES), "--tmpfs", "/tmp"]
     for path in {sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}:
         command += ["--ro-bind", path, path]  # the interpreter, if it was under a hidden path
+    for path in empty:  # in a user namespace the sample would own them
+        command += ["--remount-ro", path]
     command += ["--dev", "/dev", "--remount-ro", "/dev", "--proc", "/proc", "--chdir", "/tmp"]
     if os.geteuid() == 0:  # root keeps its capabilities in bwrap only to drop to nobody
         return [*command, setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
