@@ -11,7 +11,7 @@ UTS namespaces:
   home directories /root and /home are hidden (the Python install is bound back read-only);
   /tmp is a fresh 64 MiB tmpfs, the sample's working directory, gone when it exits; /var/tmp
   and /run are fresh tmpfs mounts that it cannot write; /dev is a minimal read-only one (null,
-  zero, random, urandom, tty) and /proc shows only the sample's own processes;
+  zero, full, random, urandom, tty, a private pts) and /proc shows only the sample's own processes;
 - no network: its namespace has only a loopback interface that is down; abstract Unix sockets
   of the host are in another network namespace;
 - as root it runs as the user `nobody` with no capabilities and no_new_privs; as any other user,
