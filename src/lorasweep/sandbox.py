@@ -18,27 +18,34 @@ UTS namespaces:
   inside a new user namespace as that user, with no capabilities and no further user namespaces;
 - bwrap is started as the leader of its own session and `--die-with-parent`: killing it kills
   the PID namespace's init, and with it every process of the sample (setsid daemons included);
+- a seccomp filter (DENIED_SYSCALLS): no Unix sockets (host socket files stay reachable through
+  read-only mounts), new namespaces, mounts, io_uring, kernel keys, BPF, perf events,
+  userfaultfd or ptrace;
 - resource limits: CPU seconds, address space, file size, and processes and threads of its user
   (RLIMIT_NPROC, set inside the sample, where a new user namespace counts only its own);
 - a hard wall-clock timeout;
 - the audit hook stays as an extra layer (it refuses sockets, subprocesses, fork/exec, ctypes
   and writes outside the working directory), not as the boundary.
 
-Where bwrap cannot set this up (not installed, user namespaces disabled for a non-root user),
+Where bwrap cannot set this up (not installed, user namespaces disabled for a non-root user,
+no libseccomp),
 model-written code is refused with one line naming why, unless UNSAFE_ENV=1 asks to run it with
 only the limits and the hook (which a hostile program can remove).
 
 Not contained: reading host files that the sample's user (nobody, or the user running
-lorasweep) can read, outside the hidden directories; connecting to a Unix socket file that that
-user can write, outside the hidden directories; CPU time and memory up to the limits.
+lorasweep) can read, outside the hidden directories; the system calls the filter allows; CPU
+time and memory up to the limits.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +61,15 @@ OUTPUT_LIMIT = 1 << 20  # bytes of stdout/stderr a sample may write (RLIMIT_FSIZ
 WORK_BYTES = 64 << 20  # size of the sample's private /tmp
 HIDDEN = ("/root", "/home")  # home directories: hidden, not only read-only
 PRIVATE = ("/var/tmp", "/run")  # host directories replaced by empty tmpfs mounts
+# System calls a sample never needs, refused (EPERM) by a seccomp filter to shrink the kernel's
+# surface: new namespaces, mounts, io_uring (whose operations seccomp does not see), kernel keys,
+# BPF, perf events, userfaultfd and ptrace. Unix sockets (socket files of the host stay reachable
+# through read-only mounts) and clone with CLONE_NEWUSER are refused too.
+DENIED_SYSCALLS = ("unshare", "setns", "mount", "umount2", "pivot_root", "move_mount",
+                   "open_tree", "fsopen", "fsmount", "fsconfig", "fspick", "mount_setattr",
+                   "io_uring_setup", "io_uring_enter", "io_uring_register", "keyctl", "add_key",
+                   "request_key", "bpf", "perf_event_open", "userfaultfd", "ptrace")
+CLONE_NEWUSER = 0x10000000
 # The sample's whole environment. Two malloc arenas: glibc otherwise reserves 64 MiB of address
 # space per thread, and a few dozen threads would exhaust the address-space limit.
 ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "MALLOC_ARENA_MAX": "2"}
@@ -130,10 +146,9 @@ def require_sandbox() -> None:
     reason = unavailable_reason()
     if reason is not None and os.environ.get(UNSAFE_ENV) != "1":
         raise StudyError(
-            f"model-written code runs only inside an OS sandbox, and none works here: {reason}; "
-            "install bubblewrap (and allow user namespaces for non-root users), or set "
-            f"{UNSAFE_ENV}=1 to run it with only resource limits and an in-process audit hook, "
-            "which hostile code can remove")
+            f"model-written code runs only inside an OS sandbox, and none works here ({reason}); "
+            f"set {UNSAFE_ENV}=1 to run it anyway with only resource limits and an in-process "
+            "audit hook, which hostile code can remove")
 
 
 def _python() -> list[str]:
@@ -142,9 +157,9 @@ def _python() -> list[str]:
 
 
 @functools.cache
-def _bwrap() -> list[str] | None:
-    """The bwrap (and, as root, setpriv) command line that the interpreter runs under, or None
-    when the tools are missing."""
+def _bwrap() -> tuple[list[str], list[str]] | None:
+    """The bwrap command line that the interpreter runs under, split where the seccomp option
+    goes, or None when bwrap (or, as root, setpriv) is missing."""
     bwrap, setpriv = shutil.which("bwrap"), shutil.which("setpriv")
     if bwrap is None or (os.geteuid() == 0 and setpriv is None):
         return None
@@ -160,54 +175,88 @@ def _bwrap() -> list[str] | None:
         command += ["--remount-ro", path]
     command += ["--dev", "/dev", "--remount-ro", "/dev", "--proc", "/proc", "--chdir", "/tmp"]
     if os.geteuid() == 0:  # root keeps its capabilities in bwrap only to drop to nobody
-        return [*command, setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all", "--"]
-    return [*command, "--unshare-user", "--disable-userns", "--cap-drop", "ALL", "--"]
+        return command, [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                         "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all", "--"]
+    return command, ["--unshare-user", "--disable-userns", "--cap-drop", "ALL", "--"]
+
+
+@functools.cache
+def _seccomp_program() -> bytes:
+    """The compiled seccomp filter: every system call allowed but DENIED_SYSCALLS (libseccomp
+    compiles it for this machine's architecture and refuses other ABIs)."""
+    import pyseccomp
+
+    rules = pyseccomp.SyscallFilter(defaction=pyseccomp.ALLOW)
+    rules.add_rule(pyseccomp.ERRNO(errno.EACCES), "socket",
+                   pyseccomp.Arg(0, pyseccomp.EQ, socket.AF_UNIX))
+    rules.add_rule(pyseccomp.ERRNO(errno.EPERM), "clone",
+                   pyseccomp.Arg(0, pyseccomp.MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER))
+    rules.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")  # flags out of reach: C libraries
+    for name in DENIED_SYSCALLS:                              # then fall back to clone
+        rules.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+    with tempfile.TemporaryFile() as compiled:
+        rules.export_bpf(compiled)
+        compiled.seek(0)
+        return compiled.read()
 
 
 @functools.cache
 def unavailable_reason() -> str | None:
     """None when the OS sandbox works here (probed once by running the interpreter in it),
     else why not, in a few words."""
-    command = _bwrap()
-    if command is None:
+    if _bwrap() is None:
         return "bubblewrap (bwrap) is not installed" if shutil.which("bwrap") is None else \
             "setpriv (util-linux) is not installed"
-    probe = subprocess.run([*command, *_python(), "1"], input=b"", capture_output=True,
-                           timeout=30, check=False)
-    if probe.returncode == 0:
-        return None
-    lines = probe.stderr.decode(errors="replace").strip().splitlines()
-    return "bwrap failed: " + (lines[-1] if lines else f"exit status {probe.returncode}")
+    try:
+        _seccomp_program()
+    except (ImportError, OSError, RuntimeError) as error:
+        return f"no seccomp filter (libseccomp through pyseccomp): {error}"
+    returncode, tail = _execute("", Limits(timeout=30), sandboxed=True)
+    return None if returncode == 0 else "bwrap failed: " + (tail or f"exit status {returncode}")
 
 
 def run_program(program: str, limits: Limits = Limits()) -> Outcome:
     """Run a Python program in the sandbox; it passes if it exits 0 within the limits."""
     require_sandbox()
-    sandbox = _bwrap() if unavailable_reason() is None else []
-    if not sandbox:
+    sandboxed = unavailable_reason() is None
+    if not sandboxed:
         _warn_unsafe()
-    with tempfile.TemporaryDirectory(prefix="lorasweep-sample-") as temp:
+    returncode, tail = _execute(program, limits, sandboxed)
+    if returncode is None:
+        return Outcome(passed=False, result="timed out")
+    if returncode == 0:
+        return Outcome(passed=True, result="passed")
+    return Outcome(passed=False, result="failed: " + (tail or f"exit status {returncode}"))
+
+
+def _execute(program: str, limits: Limits, sandboxed: bool) -> tuple[int | None, str]:
+    """Run the harness on `program`, in the sandbox or not: its exit status (None when it
+    timed out) and the last line it wrote."""
+    command = [*_python(), str(limits.processes)]
+    with tempfile.TemporaryDirectory(prefix="lorasweep-sample-") as temp, \
+            open(Path(temp) / "output", "w+b") as output, contextlib.ExitStack() as stack:
         work = Path(temp) / "work"  # the working directory without the sandbox only
         work.mkdir()
-        with open(Path(temp) / "output", "w+b") as output:
-            process = subprocess.Popen(
-                [*sandbox, *_python(), str(limits.processes)], cwd=work, stdin=subprocess.PIPE,
-                stdout=output, stderr=output, env=ENV,
-                start_new_session=True, preexec_fn=functools.partial(_set_limits, limits))
-            try:
-                process.communicate(program.encode(), timeout=limits.timeout)
-                result = None
-            except subprocess.TimeoutExpired:
-                result = "timed out"
-            finally:
-                _kill_tree(process)
-            output.seek(0)
-            tail = output.read()[-2000:].decode(errors="replace").strip().splitlines()
-    if result is None:
-        result = "passed" if process.returncode == 0 else (
-            "failed: " + (tail[-1] if tail else f"exit status {process.returncode}"))
-    return Outcome(passed=result == "passed", result=result)
+        kept = ()
+        if sandboxed:  # bwrap reads the filter from this descriptor before the sample starts
+            (Path(temp) / "filter").write_bytes(_seccomp_program())
+            kept = (stack.enter_context(open(Path(temp) / "filter", "rb")).fileno(),)
+            head, tail = _bwrap()
+            command = [*head, "--seccomp", str(kept[0]), *tail, *command]
+        process = subprocess.Popen(
+            command, cwd=work, stdin=subprocess.PIPE, stdout=output, stderr=output, env=ENV,
+            start_new_session=True, pass_fds=kept,
+            preexec_fn=functools.partial(_set_limits, limits))
+        try:
+            process.communicate(program.encode(), timeout=limits.timeout)
+            returncode = process.returncode
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            _kill_tree(process)
+        output.seek(0)
+        lines = output.read()[-2000:].decode(errors="replace").strip().splitlines()
+    return returncode, lines[-1] if lines else ""
 
 
 @functools.cache
