@@ -107,15 +107,18 @@ def host():
     for listener in listeners:
         listener.listen()
         listener.setblocking(False)
-    yield directory, lock, marker, tcp.getsockname()[1]
-    for listener in listeners:
-        with pytest.raises(BlockingIOError):
-            listener.accept()  # nothing connected
-        listener.close()
-    shutil.rmtree(directory)
-    lock.unlink(missing_ok=True)
-    for pid in _pids_with(marker):
-        os.kill(pid, 9)
+    try:
+        yield directory, lock, marker, tcp.getsockname()[1]
+        for listener in listeners:
+            with pytest.raises(BlockingIOError):
+                listener.accept()  # nothing connected
+    finally:
+        for listener in listeners:
+            listener.close()
+        shutil.rmtree(directory)
+        lock.unlink(missing_ok=True)
+        for pid in _pids_with(marker):
+            os.kill(pid, 9)
 
 
 def _pids_with(marker: str) -> list[int]:
