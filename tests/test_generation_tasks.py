@@ -16,13 +16,30 @@ from lorasweep.config import ModelSpec, load_study
 from lorasweep.errors import StudyError
 from lorasweep.methods import get_method
 from lorasweep.models import load_model, load_tokenizer
-from lorasweep.sandbox import OPT_IN_ENV, Limits, isolation, require_opt_in, run_program
+from lorasweep.sandbox import (
+    OPT_IN_ENV,
+    UNSAFE_ENV,
+    Limits,
+    require_opt_in,
+    run_program,
+    unavailable_reason,
+)
 from lorasweep.space import Cell, TrialSpec
 from lorasweep.tasks import build_task, packaged_data
 from lorasweep.tasks.code import definitions_only, pass_at_k, program
 from lorasweep.tasks.instruction import generate, tokenize_pairs
 from lorasweep.tasks.math import extract_flexible, extract_strict, normalize_number, score
 from lorasweep.train import train_group
+
+
+@pytest.fixture
+def runnable(monkeypatch):
+    """Where no OS sandbox works (a container without namespaces), run samples behind the unsafe
+    opt-in: these tests check assembly, scoring and the limits; tests/test_sandbox.py checks
+    containment and the refusal."""
+    if unavailable_reason() is not None:
+        monkeypatch.setenv(UNSAFE_ENV, "1")
+
 
 # --- extraction and scoring -------------------------------------------------------------------
 
@@ -55,7 +72,7 @@ def test_pass_at_k_matches_its_closed_form():
     assert pass_at_k(5, [2, 0], 1) == pytest.approx(0.2)
 
 
-def test_program_assembly():
+def test_program_assembly(runnable):
     problem = {"prompt": "def add(a, b):\n    \"\"\"Sum.\"\"\"\n", "entry_point": "add",
                "test": "def check(f):\n    assert f(2, 3) == 5\n"}
     body = "    return a + b\n\ndef junk():\n    raise SystemExit(1)\n"
@@ -85,7 +102,7 @@ def test_program_assembly():
 
 # --- the sandbox --------------------------------------------------------------------------------
 
-def test_opt_in_is_required(monkeypatch):
+def test_opt_in_is_required(monkeypatch, runnable):
     monkeypatch.delenv(OPT_IN_ENV, raising=False)
     with pytest.raises(StudyError, match=r"task\.execute_code"):
         require_opt_in(False)
@@ -95,7 +112,7 @@ def test_opt_in_is_required(monkeypatch):
     require_opt_in(True)
 
 
-def test_hostile_programs_are_contained(tmp_path):
+def test_hostile_programs_are_contained(tmp_path, runnable):
     outside = tmp_path / "escaped.txt"
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -120,15 +137,6 @@ def test_hostile_programs_are_contained(tmp_path):
     assert not outside.exists()
     # Writing inside its own working directory is allowed.
     assert run_program("open('x.txt', 'w').write('ok')\nassert open('x.txt').read() == 'ok'").passed
-
-
-@pytest.mark.skipif(isolation() != "namespaces", reason="needs root and unshare")
-def test_namespaces_hold_without_the_hook():
-    """The sample runs as nobody with no network interface up, even where the hook is silent."""
-    probe = ("import os, socket\nassert os.getuid() == 65534\n"
-             "assert [name for _, name in socket.if_nameindex()] == ['lo']\n"
-             "assert os.listdir('/tmp') == ['work'] and os.getcwd() == '/tmp/work'\n")
-    assert run_program(probe).passed, run_program(probe).result
 
 
 # --- the pipeline on a tiny causal LM ----------------------------------------------------------
@@ -229,7 +237,7 @@ def test_gsm8k_parts_are_fixed_and_disjoint():
     assert packaged_data.gsm8k()[1] == test
 
 
-def test_code_task_refuses_then_scores(tiny_llama, tmp_path, monkeypatch):
+def test_code_task_refuses_then_scores(tiny_llama, tmp_path, monkeypatch, runnable):
     tokenizer, model = tiny_llama
     train = tmp_path / "code.jsonl"
     train.write_text("".join(f'{{"prompt": "def f{i}():\\n", "response": "    return {i}\\n"}}\n'

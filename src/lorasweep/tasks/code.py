@@ -3,8 +3,9 @@
 The model trains on the study's instruction/response data (e.g. CodeFeedback, or a local file)
 and is scored on HumanEval's problems: a validation half chooses optima, a test half is only
 reported (tasks/packaged_data.py). Each completion is run against the problem's tests in the
-sandbox (sandbox.py), one process per sample, and only with the explicit opt-in. The eval loss is
-the loss of the canonical solution given the prompt.
+OS sandbox (sandbox.py: bubblewrap), one process per sample, and only with the explicit opt-in;
+where no sandbox works, the task is refused before anything trains. The eval loss is the loss of
+the canonical solution given the prompt.
 """
 
 from __future__ import annotations
