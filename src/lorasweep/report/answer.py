@@ -40,7 +40,12 @@ def build_answer(rows: list[dict], metric_name: str, maximize: bool,
     best = pick(range(len(peaks)), key=lambda i: peaks[i].mean)
     versus = [{**pairwise([peaks[i], peaks[best]])[0], "peak": peaks[i].mean}
               for i in range(len(peaks)) if i != best]
-    parts = [AnswerPart("Best", [_best_line(optima[best], peaks[best], metric_name)])]
+    if len(peaks) > 1 and len({p.mean for p in peaks}) == 1:
+        best_line = (f"none: every cell scored {metric_name} {fmt(peaks[best].mean)} at its "
+                     "tuned LR")
+    else:
+        best_line = _best_line(optima[best], peaks[best], metric_name)
+    parts = [AnswerPart("Best", [best_line])]
     if versus:
         parts.append(AnswerPart("Versus the best", _versus_lines(versus)))
     by_method = _best_per_method(optima, peaks, pick)
@@ -120,8 +125,6 @@ def _best_per_method(optima: list[Optimum], peaks: list[Peak], pick) -> dict[str
 
 
 def _edge_warning(optimum: Optimum) -> str:
-    if optimum.edge == "flat":
-        return "; flat: every LR scored the same, so there is no optimum to recommend"
     if optimum.edge:
         return (f"; at the {optimum.edge} edge of its grid, so the optimum may lie "
                 f"{'below' if optimum.edge == 'low' else 'above'}: add "
@@ -138,6 +141,9 @@ def _span(method: str, optima: list[Optimum], scale: float = 1.0) -> str:
 
 
 def _lr_line(method: str, optimum: Optimum, optima: list[Optimum]) -> str:
+    if optimum.edge == "flat":
+        return (f"{method}: none: every LR of its grid scored the same ({fmt(optimum.peak)}), "
+                "so it has no optimum")
     spread = (f"95% interval {interval_text(optimum.lr_star_low, optimum.lr_star_high)}"
               if optimum.lr_star_low is not None else "one seed: no interval")
     several = sum(o.cell["method"] == method for o in optima) > 1
@@ -156,6 +162,11 @@ def _ratio_lines(by_method: dict[str, Optimum], optima: list[Optimum]) -> list[s
     for method, optimum in by_method.items():
         if method == "full":
             continue
+        flat = [name for name, o in ((method, optimum), ("full", full)) if o.edge == "flat"]
+        if flat:
+            lines.append(f"{method} / full: not measured: {' and '.join(flat)} scored the same "
+                         "at every LR")
+            continue
         ratio = optimum.lr_star / full.lr_star
         # an adapter optimum at the high edge, or full FT's at the low edge, can only raise it
         up = optimum.edge == "high" or full.edge == "low"
@@ -163,7 +174,8 @@ def _ratio_lines(by_method: dict[str, Optimum], optima: list[Optimum]) -> list[s
         bound = {(True, False): "at least ", (False, True): "at most "}.get((up, down), "")
         text = f"{method} / full: {bound}{fmt(ratio)}"
         if up and down:
-            text += " (both optima at grid edges, in opposite directions: widen both grids)"
+            text += (" (both optima at grid edges that move the ratio opposite ways, so it may be "
+                     "higher or lower: widen both grids)")
         elif optimum.lr_star_low is not None and full.lr_star_low is not None:
             low = optimum.lr_star_low / full.lr_star_high
             high = optimum.lr_star_high / full.lr_star_low
