@@ -100,8 +100,11 @@ def test_quickstart_like_report_answers_first(tmp_path: Path, study_file, capsys
 
 
 def test_multi_seed_report_has_intervals(tmp_path: Path, study_file):
+    """Two seeds: the best and its rivals with 95% intervals (ranked by eval_loss, which a few
+    steps move; accuracy stays at chance)."""
     out = tmp_path / "study"
-    path = study_file(search={"methods": ["lora", "rslora", "full"], "ranks": [2, 4],
+    path = study_file(task={"metric": "eval_loss"},
+                      search={"methods": ["lora", "rslora", "full"], "ranks": [2, 4],
                               "lr": [1e-3, 1e-2, 1e-1], "seeds": [0, 1]},
                       train={"steps": 6})
     assert main(["run", str(path), "--out", str(out)]) == 0

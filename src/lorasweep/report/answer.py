@@ -38,14 +38,14 @@ def build_answer(rows: list[dict], metric_name: str, maximize: bool,
     peaks = tuned_peaks(rows, optima) if peaks is None else peaks
     pick = max if maximize else min
     best = pick(range(len(peaks)), key=lambda i: peaks[i].mean)
-    versus = [{**pairwise([peaks[i], peaks[best]])[0], "peak": peaks[i].mean}
-              for i in range(len(peaks)) if i != best]
-    if len(peaks) > 1 and len({p.mean for p in peaks}) == 1:
-        best_line = (f"none: every cell scored {metric_name} {fmt(peaks[best].mean)} at its "
-                     "tuned LR")
+    if len(peaks) > 1 and len({p.mean for p in peaks}) == 1:  # a tie: nothing to tell apart
+        parts = [AnswerPart("Best", [f"none: every cell scored {metric_name} "
+                                     f"{fmt(peaks[best].mean)} at its tuned LR"])]
+        versus = []
     else:
-        best_line = _best_line(optima[best], peaks[best], metric_name)
-    parts = [AnswerPart("Best", [best_line])]
+        parts = [AnswerPart("Best", [_best_line(optima[best], peaks[best], metric_name)])]
+        versus = [{**pairwise([peaks[i], peaks[best]])[0], "peak": peaks[i].mean}
+                  for i in range(len(peaks)) if i != best]
     if versus:
         parts.append(AnswerPart("Versus the best", _versus_lines(versus)))
     by_method = _best_per_method(optima, peaks, pick)
@@ -176,7 +176,7 @@ def _ratio_lines(by_method: dict[str, Optimum], optima: list[Optimum]) -> list[s
         if up and down:
             text += (" (both optima at grid edges that move the ratio opposite ways, so it may be "
                      "higher or lower: widen both grids)")
-        elif optimum.lr_star_low is not None and full.lr_star_low is not None:
+        elif not (up or down) and optimum.lr_star_low is not None and full.lr_star_low is not None:
             low = optimum.lr_star_low / full.lr_star_high
             high = optimum.lr_star_high / full.lr_star_low
             text += f" (95% interval {interval_text(low, high)}, from the two LR intervals)"
