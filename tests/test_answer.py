@@ -95,6 +95,7 @@ def test_report_opens_with_the_answer_and_explains_empty_sections(tmp_path, seed
     """The Markdown report: the answer right under the title; grids that share no LR give one
     line instead of a table without a winner; one seed drops the pairwise table and the peaks
     figure, saying why."""
+    (tmp_path / "peaks.png").write_bytes(b"from an earlier report")
     write_report(tmp_path, study_rows(seeds=seeds), "accuracy", True, "synthetic")
     text = (tmp_path / "report.md").read_text()
     assert text.startswith("# synthetic\n\n## Answer\n\n- **Best**: lora r=8 a=2r")
@@ -103,6 +104,7 @@ def test_report_opens_with_the_answer_and_explains_empty_sections(tmp_path, seed
     one_seed = len(seeds) == 1
     assert ("## Pairwise differences at tuned LR" in text) != one_seed
     assert ("## Peaks at tuned LR" in text) != one_seed
+    assert (tmp_path / "peaks.png").exists() != one_seed
     assert ("One seed per cell" in text) == one_seed
     html = (tmp_path / "report.html").read_text()
     assert html.index("<section id='answer'>") < html.index("<h2>Trials</h2>")

@@ -242,6 +242,8 @@ def write_report(folder: Path, rows: list[dict], metric_name: str, maximize: boo
     if parts["seeded"]:
         figures.append(("Peaks at tuned LR",
                         peaks_plot(parts["peaks"], metric_name, folder / "peaks.png")))
+    else:  # one seed: no intervals to draw; a figure from an earlier report would mislead
+        (folder / "peaks.png").unlink(missing_ok=True)
     if parts["fits"]:
         figures.append(("Optimal LR against rank",
                         lr_star_vs_rank(parts["fits"], parts["optima_rows"],
