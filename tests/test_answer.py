@@ -38,9 +38,8 @@ def test_answer_names_the_best_its_rival_the_lrs_the_ratio_and_the_edge():
     (best,) = parts["Best"]
     assert best.startswith("lora r=8 a=2r: accuracy 0.901 (95% interval")
     assert "over 3 seeds) at its tuned LR 0.001" in best
-    (versus,) = parts["Versus the best"]
-    assert versus.startswith("distinguishable")
-    assert "full 0.8237 (difference -0.07734, 95% interval" in versus
+    assert parts["Versus the best"] == [
+        "full 0.8237: distinguishable (difference -0.07734, 95% interval -0.07867 to -0.07601)"]
     full, lora = sorted(parts["Recommended LR (refined between grid LRs)"])
     assert full.startswith("full: 3e-05 (95% interval")
     assert "at the high edge of its grid, so the optimum may lie above: add 9e-05, 0.00027" in full
@@ -55,7 +54,7 @@ def test_answer_names_the_best_its_rival_the_lrs_the_ratio_and_the_edge():
 def test_overlapping_peaks_ask_for_seeds():
     parts = parts_of(study_rows(full_gap=-0.0273, full_noise=0.01))
     (versus,) = parts["Versus the best"]
-    assert versus.startswith("not distinguishable, the interval includes 0: ")
+    assert ": not distinguishable (difference " in versus
     assert ("add seeds (search.seeds) to separate the best from the 1 cell whose difference "
             "interval includes 0") in parts["Next"]
 
@@ -63,8 +62,9 @@ def test_overlapping_peaks_ask_for_seeds():
 def test_one_seed_says_what_it_means():
     parts = parts_of(study_rows(seeds=(0,)))
     assert "(one seed) at its tuned LR" in parts["Best"][0]
-    (versus,) = parts["Versus the best"]
-    assert versus.startswith("one seed, so no interval") and "add seeds to tell" in versus
+    assert parts["Versus the best"] == [
+        "one seed, so no interval: seed noise alone may explain these differences; add seeds to "
+        "tell", "full 0.8227 (difference -0.07734)"]
     assert all("one seed: no interval" in line
                for line in parts["Recommended LR (refined between grid LRs)"])
     assert any(a.startswith("add seeds (search.seeds, e.g. [0, 1, 2])") for a in parts["Next"])
@@ -118,3 +118,19 @@ def test_shared_lr_table_keeps_only_lrs_two_cells_ran(tmp_path):
     shared = text[text.index("## At one shared learning rate"):].split("\n## ")[0]
     lines = [line for line in shared.splitlines() if line.startswith("| 0")]
     assert len(lines) == 1 and lines[0].startswith("| 0.0001 |")
+
+
+def test_many_cells_name_the_four_closest_and_a_best_at_the_edge_says_so():
+    rows = [row for rank, lr in ((2, 1e-4), (4, 1e-3), (8, 1e-3), (16, 1e-3), (32, 1e-3),
+                                 (64, 1e-3))
+            for row in rows_for(lr, rank=rank, grid=LORA_GRID)]
+    for row in rows:
+        row["metric"] += 0.001 * row["rank"]  # higher ranks a little better
+    parts = parts_of(rows)
+    # rank 2's optimum (1e-4) is its grid's first LR, but rank 64 is best
+    assert parts["Best"][0].endswith("at its tuned LR 0.001, the best of its grid")
+    versus = parts["Versus the best"]
+    assert [line.split(" ")[1] for line in versus[1:5]] == ["r=32", "r=16", "r=8", "r=4"]
+    assert versus[5] == "and 1 more cell, further from the best"
+    rows = [r for r in rows if r["rank"] == 2]
+    assert parts_of(rows)["Best"][0].endswith("at its tuned LR 0.0001, at the low edge of its grid")

@@ -125,3 +125,4 @@ def test_recipe_axis_report_from_an_example(tmp_path: Path):
     assert "Optimal LR against batch_size" in result["headings"]
     assert "batch_size=8 (95% interval" in result["answer_text"]
     assert "cells range" in result["answer_text"]
+    assert "see Optimal LR against batch_size" in result["answer_text"]

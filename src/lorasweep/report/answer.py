@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 from lorasweep.analysis.compare import Peak, cell_name, pairwise, tuned_peaks
 from lorasweep.analysis.optima import Optimum, find_optima
+from lorasweep.recipe import parse_recipe
 from lorasweep.report.numbers import fmt
 
 UNFINISHED = ("waiting", "running", "interrupted")
-SHOWN_OTHERS = 4  # cells named one by one in a comparison; the rest are counted
+SHOWN_OTHERS = 4  # cells compared with the best one by one; the rest are counted
 
 
 @dataclass
@@ -81,37 +82,31 @@ def _seeds(n: int) -> str:
 def _best_line(optimum: Optimum, peak: Peak, metric_name: str) -> str:
     spread = (f"95% interval {interval_text(peak.low, peak.high)} over {_seeds(len(peak.values))}"
               if peak.low is not None else "one seed")
+    where = (f"at the {optimum.edge} edge of its grid" if optimum.edge in ("low", "high")
+             else "the best of its grid")
     return (f"{peak.name}: {metric_name} {fmt(peak.mean)} ({spread}) at its tuned LR "
-            f"{fmt(optimum.lr_best)}, the best of its grid")
-
-
-def _named(rows: list[dict], show) -> str:
-    """The first SHOWN_OTHERS cells by name, the rest counted."""
-    text = "; ".join(show(r) for r in rows[:SHOWN_OTHERS])
-    more = len(rows) - SHOWN_OTHERS
-    return text + (f"; and {more} more" if more > 0 else "")
+            f"{fmt(optimum.lr_best)}, {where}")
 
 
 def _versus_lines(versus: list[dict]) -> list[str]:
-    """Each other cell's difference from the best, grouped by whether its interval excludes 0."""
+    """The other cells, closest first: each one's peak, its difference from the best and whether
+    the 95% interval of that difference excludes 0 (a line first saying what one seed means)."""
     versus = sorted(versus, key=lambda d: abs(d["difference"]))
     lines = []
-    apart = [d for d in versus if d["low"] is not None and (d["low"] > 0 or d["high"] < 0)]
-    overlap = [d for d in versus if d["low"] is not None and d not in apart]
-    single = [d for d in versus if d["low"] is None]
-    def show(d: dict) -> str:
-        interval = (f", 95% interval {interval_text(d['low'], d['high'])}"
-                    if d["low"] is not None else "")
-        return f"{d['a']} {fmt(d['peak'])} (difference {fmt(d['difference'])}{interval})"
-
-    if apart:
-        lines.append("distinguishable, the interval of the difference excludes 0: "
-                     + _named(apart, show))
-    if overlap:
-        lines.append("not distinguishable, the interval includes 0: " + _named(overlap, show))
-    if single:
-        lines.append("one seed, so no interval: seed noise alone may explain these; add seeds to "
-                     "tell: " + _named(single, show))
+    if any(d["low"] is None for d in versus):
+        lines.append("one seed, so no interval: seed noise alone may explain these differences; "
+                     "add seeds to tell")
+    for d in versus[:SHOWN_OTHERS]:
+        if d["low"] is None:
+            lines.append(f"{d['a']} {fmt(d['peak'])} (difference {fmt(d['difference'])})")
+            continue
+        verdict = ("distinguishable" if d["low"] > 0 or d["high"] < 0
+                   else "not distinguishable")
+        lines.append(f"{d['a']} {fmt(d['peak'])}: {verdict} (difference {fmt(d['difference'])}, "
+                     f"95% interval {interval_text(d['low'], d['high'])})")
+    if len(versus) > SHOWN_OTHERS:
+        more = len(versus) - SHOWN_OTHERS
+        lines.append(f"and {more} more cell{'s' if more > 1 else ''}, further from the best")
     return lines
 
 
@@ -133,11 +128,15 @@ def _edge_warning(optimum: Optimum) -> str:
 
 
 def _span(method: str, optima: list[Optimum], scale: float = 1.0) -> str:
-    """The range of a method's lr_star over its cells (divided by `scale`), when it has several."""
-    stars = [o.lr_star / scale for o in optima if o.cell["method"] == method]
-    if len(stars) < 2:
+    """The range of a method's lr_star over its cells (divided by `scale`), when it has several
+    that differ, naming the recipe axes they differ in (their own section of the report)."""
+    cells = [o for o in optima if o.cell["method"] == method]
+    low, high = (fmt(f(o.lr_star for o in cells) / scale) for f in (min, max))
+    if low == high:
         return ""
-    return f"; its {len(stars)} cells range {fmt(min(stars))} to {fmt(max(stars))}"
+    axes = sorted({axis for o in cells for axis in parse_recipe(o.cell.get("recipe"))})
+    see = f" (with {', '.join(axes)}: see Optimal LR against {axes[0]})" if axes else ""
+    return f"; its {len(cells)} cells range {low} to {high}{see}"
 
 
 def _lr_line(method: str, optimum: Optimum, optima: list[Optimum]) -> str:
