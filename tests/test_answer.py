@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
+from lorasweep.cli import main
 from lorasweep.report import write_report
 from lorasweep.report.answer import answer_text, build_answer
 
@@ -134,3 +138,18 @@ def test_many_cells_name_the_four_closest_and_a_best_at_the_edge_says_so():
     assert versus[5] == "and 1 more cell, further from the best"
     rows = [r for r in rows if r["rank"] == 2]
     assert parts_of(rows)["Best"][0].endswith("at its tuned LR 0.0001, at the low edge of its grid")
+
+
+def test_status_and_report_read_a_folder_of_results_alone(tmp_path, capsys):
+    """An example's study.yaml and trials.csv, without the records: `status` prints the answer
+    the report opens with, and `report` rebuilds the same report.md."""
+    folder = tmp_path / "batch-size"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "examples/results/batch-size", folder)
+    committed = (folder / "report.md").read_text()
+    assert main(["status", str(folder)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("study batch-size: 40 trials: 40 complete")
+    best = committed.split("- **Best**: ")[1].splitlines()[0]
+    assert f"  Best: {best}\n" in printed
+    assert main(["report", str(folder)]) == 0
+    assert (folder / "report.md").read_text() == committed

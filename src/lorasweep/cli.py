@@ -297,12 +297,17 @@ def _print_status(folder: Path) -> None:
     from lorasweep.analysis.compare import cell_name
     from lorasweep.analysis.optima import find_optima
     from lorasweep.report.answer import answer_text, build_answer
-    from lorasweep.results import trial_rows
-    from lorasweep.study.folder import open_folder_store
+    from lorasweep.results import TRIALS_CSV, read_trials_csv, trial_rows
+    from lorasweep.study.folder import load_folder_study, open_folder_store, started
 
-    study, store = open_folder_store(folder)
+    store = None
+    if not started(folder) and (folder / TRIALS_CSV).exists():  # results without records
+        study = load_folder_study(folder)
+        rows = read_trials_csv(folder)
+    else:
+        study, store = open_folder_store(folder)
+        rows = trial_rows(store, study.task.objective)
     metric = study.task.objective
-    rows = trial_rows(store, metric)
     counts = Counter(row["status"] for row in rows)
     print(f"study {study.name}: {len(rows)} trials: "
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
@@ -312,7 +317,8 @@ def _print_status(folder: Path) -> None:
         print(f"  {cell_name(optimum.cell):32s} best lr {optimum.lr_best:.3g}"
               f" (refined {optimum.lr_star:.3g}){edge}  {metric} {optimum.peak:.4f}"
               f" over {optimum.n_seeds} seed{'s' if optimum.n_seeds > 1 else ''}")
-    _print_workers(rows, store)
+    if store is not None:
+        _print_workers(rows, store)
     print(answer_text(build_answer(rows, metric, study.task.maximize, optima)))
 
 
