@@ -84,7 +84,7 @@ def test_a_tie_names_no_best_and_unfinished_trials_are_counted():
     assert "Versus the best" not in parts
     assert parts["LoRA / full-FT LR ratio"] == [
         "lora / full: not measured: lora and full scored the same at every LR"]
-    assert parts["Next"][0].startswith("finish the study: 1 trials have not run yet")
+    assert parts["Next"][0].startswith("finish the study: 1 trial has not finished")
     assert not any("seeds" in a for a in parts["Next"])
 
 

@@ -190,10 +190,12 @@ def _next(rows: list[dict], optima: list[Optimum], versus: list[dict]) -> Answer
     actions = []
     unfinished = sum(counts[s] for s in UNFINISHED)
     if unfinished:
-        actions.append(f"finish the study: {unfinished} trials have not run yet "
-                       "(`lorasweep run` resumes)")
+        have = "trials have" if unfinished > 1 else "trial has"
+        actions.append(f"finish the study: {unfinished} {have} not finished (`lorasweep run` "
+                       "resumes)")
     if counts["failed"]:
-        actions.append(f"{counts['failed']} trials failed (reason column of trials.csv): "
+        actions.append(f"{counts['failed']} trial{'s' if counts['failed'] > 1 else ''} failed "
+                       "(reason column of trials.csv): "
                        "fix the cause and rerun with --retry-failed")
     widen: dict[tuple[str, str], set[float]] = defaultdict(set)
     for optimum in optima:
