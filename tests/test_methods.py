@@ -18,7 +18,7 @@ from lorasweep.models import load_model, load_tokenizer
 from lorasweep.space import Cell, TrialSpec
 from lorasweep.tasks.base import Split
 from lorasweep.tasks.classification import ClassificationTask
-from lorasweep.train import train_group
+from lorasweep.train import BestOf, train_group
 
 from .conftest import read_rows
 
@@ -126,6 +126,40 @@ def test_fused_group_equals_trials_run_one_by_one(method):
         curve_a, curve_b = torch.tensor(together.loss_curve), torch.tensor(alone.loss_curve)
         assert torch.allclose(curve_a, curve_b, rtol=1e-5, atol=0), (trial.lr, curve_a, curve_b)
         assert together.metrics["accuracy"] == alone.metrics["accuracy"]
+
+
+def test_select_best_reports_the_peak_and_final_the_last_evaluation():
+    """A trial whose validation loss is lowest mid-training (half the validation labels disagree
+    with the training labels, so fitting the training data hurts later): task.select 'best'
+    reports that evaluation and its step, 'final' the last one; with 'best' the test metrics and
+    weights are those of the selected step (the test split is the validation split here, so
+    they must equal the selected validation metrics exactly)."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 3000, (48, 10), generator=generator)
+    labels = ids[:, 0] % 3
+    disagree = torch.where(torch.arange(48) % 2 == 0, labels, (labels + 1) % 3)
+    validation = Split(ids, torch.ones_like(ids), disagree)
+    task = ClassificationTask(Split(ids, torch.ones_like(ids), labels), validation, validation,
+                              ["a", "b", "c"])
+    base = tiny("tiny:bert")
+    cell = Cell(method="lora", rank=4, lora_alpha="8", init="kaiming",
+                target_modules="all-linear")
+    recipe = TrainSpec(steps=24, batch_size=8, eval_every=4, schedule="constant",
+                       warmup_ratio=0.0)
+    trial = TrialSpec(grid_id=0, cell=cell, lr=1e-2, seed=0)
+    (best,) = train_group(base, task, recipe, [trial], torch.device("cpu"),
+                          best_of=BestOf("eval_loss", maximize=False))
+    (final,) = train_group(base, task, recipe, [trial], torch.device("cpu"))
+    losses = {e["step"]: e["eval_loss"] for e in best.eval_curve}
+    assert sorted(losses) == [4, 8, 12, 16, 20, 24]
+    peak_step = min(losses, key=losses.get)
+    assert 4 < peak_step < 24, losses  # the peak is mid-training, neither first nor last
+    assert best.selected_step == peak_step and best.metrics["eval_loss"] == losses[peak_step]
+    assert best.test == best.metrics  # test and weights from the selected step
+    assert final.selected_step == 24 and final.metrics["eval_loss"] == losses[24]
+    assert final.metrics["eval_loss"] > best.metrics["eval_loss"]
+    assert final.eval_curve == best.eval_curve  # selecting changes nothing that is trained
+    assert not all(torch.equal(best.weights[n], final.weights[n]) for n in best.weights)
 
 
 def test_bf16_autocast_keeps_fp32_weights_and_tracks_fp32_training():

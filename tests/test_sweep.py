@@ -219,3 +219,39 @@ def test_fused_groups_record_what_single_trials_record(tmp_path: Path, study_fil
         for column in ("train_loss", "eval_loss", "test_metric"):
             # The base matmul over K*b rows may round differently from b rows: ulps, no more.
             assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-6), column
+
+
+def test_select_best_records_the_selected_evaluation(tmp_path: Path, study_file, capsys):
+    """task.select 'best': each trial's metric is its best evaluation, its step in trials.csv;
+    without train.eval_every there is nothing to choose from: one line, exit 2."""
+    path = study_file(task={"select": "best"}, search={"methods": ["lora"], "lr": [1e-2]})
+    assert main(["run", str(path), "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "task.select" in err and "train.eval_every" in err and len(err.splitlines()) == 1
+    out = tmp_path / "study"
+    path = study_file(task={"select": "best", "metric": "eval_loss"},
+                      train={"eval_every": 4}, search={"methods": ["lora"], "lr": [1e-2]})
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    (row,) = read_rows(out)
+    (trial,) = [t for t in Store(out, "tiny", maximize=False).trials()
+                if t.state.name == "COMPLETE"]
+    losses = {e["step"]: e["eval_loss"] for e in trial.user_attrs["eval_curve"]}
+    best_step = min(losses, key=losses.get)
+    assert int(row["selected_step"]) == best_step
+    assert float(row["metric"]) == pytest.approx(losses[best_step], rel=1e-12)
+
+
+def test_a_folder_from_before_task_select_resumes_unchanged(tmp_path: Path, study_file):
+    """A study.yaml written before task.select existed resumes as select: final, adding nothing
+    and changing no recorded trial."""
+    out = tmp_path / "study"
+    path = study_file(search={"methods": ["lora"], "lr": [1e-3]})
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert rows[0]["selected_step"] == "12"
+    saved = out / "study.yaml"
+    old = saved.read_text()
+    assert "select: final" in old
+    saved.write_text(old.replace("  select: final\n", ""))
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    assert read_rows(out) == rows

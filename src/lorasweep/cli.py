@@ -232,8 +232,7 @@ def _set_threads(threads: int | None) -> None:
 def _curvature(args: argparse.Namespace) -> int:
     from lorasweep.curvature.command import run_curvature
     from lorasweep.curvature.measure import Settings
-    from lorasweep.study.folder import storage_of
-    from lorasweep.study.store import JOURNAL_NAME
+    from lorasweep.study.folder import started
 
     _quiet_libraries()
     _set_threads(args.threads)
@@ -245,7 +244,7 @@ def _curvature(args: argparse.Namespace) -> int:
                                  methods=args.methods, rank=args.rank, optima_file=args.optima)
     print(text)
     print(f"wrote {folder / 'curvature.csv'} and {folder / 'curvature.md'}")
-    if (folder / JOURNAL_NAME).exists() or storage_of(folder) is not None:  # a started study
+    if started(folder):
         return _report(argparse.Namespace(folder=folder))
     return 0
 
@@ -270,11 +269,19 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from lorasweep.report import write_study_outputs
-    from lorasweep.study.folder import open_folder_store
+    from lorasweep.report import write_report, write_study_outputs
+    from lorasweep.results import TRIALS_CSV, read_trials_csv
+    from lorasweep.study.folder import load_folder_study, open_folder_store, started
 
-    study, store = open_folder_store(args.folder)
-    for path in write_study_outputs(args.folder, store, study):
+    if not started(args.folder) and (args.folder / TRIALS_CSV).exists():
+        # a folder of results without its records (a copy, an example): report its trials.csv
+        study = load_folder_study(args.folder)
+        paths = write_report(args.folder, read_trials_csv(args.folder), study.task.objective,
+                             study.task.maximize, study.name)
+    else:
+        study, store = open_folder_store(args.folder)
+        paths = write_study_outputs(args.folder, store, study)
+    for path in paths:
         print(f"wrote {path}")
     return 0
 
@@ -287,21 +294,30 @@ def _status(args: argparse.Namespace) -> int:
 def _print_status(folder: Path) -> None:
     from lorasweep.analysis.compare import cell_name
     from lorasweep.analysis.optima import find_optima
-    from lorasweep.results import trial_rows
-    from lorasweep.study.folder import open_folder_store
+    from lorasweep.report.answer import answer_text, build_answer
+    from lorasweep.results import TRIALS_CSV, read_trials_csv, trial_rows
+    from lorasweep.study.folder import load_folder_study, open_folder_store, started
 
-    study, store = open_folder_store(folder)
+    store = None
+    if not started(folder) and (folder / TRIALS_CSV).exists():  # results without records
+        study = load_folder_study(folder)
+        rows = read_trials_csv(folder)
+    else:
+        study, store = open_folder_store(folder)
+        rows = trial_rows(store, study.task.objective)
     metric = study.task.objective
-    rows = trial_rows(store, metric)
     counts = Counter(row["status"] for row in rows)
     print(f"study {study.name}: {len(rows)} trials: "
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    for optimum in find_optima(rows, study.task.maximize):
+    optima = find_optima(rows, study.task.maximize)
+    for optimum in optima:
         edge = f" ({optimum.edge} edge of the grid)" if optimum.edge else ""
         print(f"  {cell_name(optimum.cell):32s} best lr {optimum.lr_best:.3g}"
               f" (refined {optimum.lr_star:.3g}){edge}  {metric} {optimum.peak:.4f}"
               f" over {optimum.n_seeds} seed{'s' if optimum.n_seeds > 1 else ''}")
-    _print_workers(rows, store)
+    if store is not None:
+        _print_workers(rows, store)
+    print(answer_text(build_answer(rows, metric, study.task.maximize, optima)))
 
 
 def _print_workers(rows: list[dict], store) -> None:

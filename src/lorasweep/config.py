@@ -99,6 +99,9 @@ class TaskSpec(_Strict):
     execute_code: bool = False  # code: opt-in to run model-written code (with the env variable)
     timeout: Annotated[float, Field(gt=0)] = 5.0  # code: seconds per sample
     metric: str | None = None  # the validation metric that chooses optima (KIND_METRICS)
+    # Which evaluation of a trial counts: the final one, or the best of the train.eval_every
+    # evaluations and the final one ("LoRA Without Regret" takes each LR's best over training).
+    select: Literal["final", "best"] = "final"
 
     @property
     def allowed_metrics(self) -> tuple[str, ...]:
@@ -389,6 +392,13 @@ class Study(_Strict):
     task: TaskSpec
     train: TrainSpec
     search: SearchSpec
+
+    @model_validator(mode="after")
+    def _evaluations_to_select(self) -> Study:
+        if self.task.select == "best" and not self.train.eval_every:
+            raise ValueError("task.select 'best': needs train.eval_every > 0 (the evaluations "
+                             "to choose the best from)")
+        return self
 
 
 # The train fields a study may sweep in search.recipe (the eval and divergence settings do not

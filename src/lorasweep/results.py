@@ -15,8 +15,8 @@ if TYPE_CHECKING:  # the store pulls in torch and PEFT, which readers of trials.
 TRIALS_CSV = "trials.csv"
 COLUMNS = ("trial", "method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules",
            "recipe", "lr", "seed", "status", "train_loss", "eval_loss", "metric", "test_metric",
-           "steps", "seconds", "trainable_params", "effective_scale", "attempts", "worker",
-           "reason")
+           "steps", "selected_step", "seconds", "trainable_params", "effective_scale", "attempts",
+           "worker", "reason")
 
 
 def trial_rows(store: Store, metric_name: str) -> list[dict]:
@@ -31,6 +31,7 @@ def trial_rows(store: Store, metric_name: str) -> list[dict]:
             "status": status, "train_loss": attrs.get("train_loss"),
             "eval_loss": attrs.get("val_eval_loss"), "metric": attrs.get(f"val_{metric_name}"),
             "test_metric": attrs.get(f"test_{metric_name}"), "steps": attrs.get("steps"),
+            "selected_step": attrs.get("selected_step"),
             "seconds": attrs.get("seconds"), "trainable_params": attrs.get("trainable_params"),
             "effective_scale": attrs.get("effective_scale"), "attempts": attempts,
             "worker": attrs.get("worker"), "reason": attrs.get("reason"),
@@ -64,8 +65,8 @@ def write_trials_csv(folder: Path, store: Store, metric_name: str) -> list[dict]
 
 def read_trials_csv(folder: Path) -> list[dict]:
     """trials.csv's rows typed as trial_rows makes them (numbers as numbers, blanks as None)."""
-    numbers = {**dict.fromkeys(("trial", "rank", "seed", "steps", "trainable_params",
-                                "attempts"), int),
+    numbers = {**dict.fromkeys(("trial", "rank", "seed", "steps", "selected_step",
+                                "trainable_params", "attempts"), int),
                **dict.fromkeys(("lora_alpha", "lr", "train_loss", "eval_loss", "metric",
                                 "test_metric", "seconds", "effective_scale"), float)}
     with open(folder / TRIALS_CSV, newline="") as handle:  # columns beyond COLUMNS: metrics

@@ -47,7 +47,26 @@ class TrialResult:
     trainable_params: int = 0
     effective_scale: float | None = None
     reason: str | None = None
+    selected_step: int | None = None  # the evaluation `metrics` come from (None: diverged)
     weights: dict[str, torch.Tensor] | None = None  # trained adapter and head, for export
+
+
+@dataclass(frozen=True)
+class BestOf:
+    """task.select 'best': a trial counts at its best evaluation of `metric`, not its last."""
+
+    metric: str
+    maximize: bool
+
+    def better(self, new: dict, old: dict | None) -> bool:
+        """Strictly better, so ties keep the earlier evaluation; a non-finite value never is."""
+        a = new[self.metric]
+        if not math.isfinite(a):
+            return False
+        if old is None or not math.isfinite(old[self.metric]):
+            return True
+        b = old[self.metric]
+        return a > b if self.maximize else a < b
 
 
 def batch_order(train_size: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
@@ -106,9 +125,14 @@ def attach_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tr
 
 
 def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[TrialSpec],
-                device: torch.device, progress: Callable[[int], None] | None = None
-                ) -> list[TrialResult]:
-    """Train `trials` (one cell, one seed, several LRs) together; one result per trial."""
+                device: torch.device, progress: Callable[[int], None] | None = None,
+                best_of: BestOf | None = None) -> list[TrialResult]:
+    """Train `trials` (one cell, one seed, several LRs) together; one result per trial.
+
+    A trial's validation metrics are those of its final evaluation, or with `best_of` those of
+    its best evaluation; its test metrics and weights are then of the same step (its weights
+    are kept at each new best and put back before the test evaluation).
+    """
     k = len(trials)
     cell, seed = trials[0].cell, trials[0].seed
     started = time.perf_counter()
@@ -126,6 +150,8 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
     stopped: list[tuple[int, str] | None] = [None] * k
     curves: list[list[float]] = [[] for _ in trials]
     eval_curves: list[list[dict]] = [[] for _ in trials]
+    best: list[dict | None] = [None] * k  # with best_of: each trial's best evaluation so far
+    kept: list[list[torch.Tensor] | None] = [None] * k  # ... and its weights then (on the CPU)
     step = 0
     bar = tqdm(total=steps, desc=_describe(trials), leave=False, disable=None)
     for step, index in enumerate(batch_order(len(task.train), recipe.batch_size, steps, seed), 1):
@@ -155,9 +181,19 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
             for i, metrics in enumerate(evaluate(task.validation)):
                 if stopped[i] is None:
                     eval_curves[i].append({"step": step, **metrics})
+                    if best_of is not None and best_of.better(metrics, best[i]):
+                        best[i] = {"step": step, **metrics}
+                        kept[i] = [p.detach().cpu().clone() for _, p in attached.trial_params[i]]
     bar.close()
 
     final = evaluate(task.validation)
+    selected = [{"step": step, **final[i]} for i in range(k)]
+    for i in range(k):
+        if stopped[i] is None and best[i] is not None and not best_of.better(final[i], best[i]):
+            selected[i] = best[i]
+            with torch.no_grad():
+                for (_, param), value in zip(attached.trial_params[i], kept[i], strict=True):
+                    param.copy_(value)
     test = evaluate(task.test) if task.test is not None else [{} for _ in trials]
     seconds = (time.perf_counter() - started) / k
     results = []
@@ -174,9 +210,11 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
             eval_curves[i].append({"step": step, **final[i]})
             weights = ({name: p.detach().cpu().clone() for name, p in attached.trial_params[i]}
                        if cell.is_adapter else None)
-            results.append(TrialResult(status="complete", steps=step, metrics=final[i],
+            chosen = {name: v for name, v in selected[i].items() if name != "step"}
+            results.append(TrialResult(status="complete", steps=step, metrics=chosen,
                                        test=test[i], train_loss=_tail_mean(curves[i]),
-                                       weights=weights, **common))
+                                       weights=weights, selected_step=selected[i]["step"],
+                                       **common))
     return results
 
 

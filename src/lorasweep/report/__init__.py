@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from lorasweep.analysis.scaling import RankFit, fit_rank_scaling
 from lorasweep.analysis.transfer import CheckRow, check_rules, grid_steps, score_rules
 from lorasweep.files import atomic_path, write_text
 from lorasweep.recipe import recipe_text
+from lorasweep.report.answer import AnswerPart, build_answer
+from lorasweep.report.numbers import fmt
 from lorasweep.report.plots import lr_star_vs_axis, lr_star_vs_rank, metric_vs_lr, peaks_plot
 from lorasweep.results import write_trials_csv
 
@@ -41,28 +42,20 @@ OPTIMA_COLUMNS = ("method", "rank", "lora_alpha", "alpha_mode", "init", "target_
 
 @dataclass
 class Table:
+    """A titled table; one without rows is its note alone (a section with nothing to show)."""
+
     title: str
     note: str
     header: list[str]
     rows: list[list[str]]
 
 
-def fmt(value: object, digits: int = 4) -> str:
-    """A value as the reports print it: 3-4 significant digits, "-" when missing."""
-    if value is None or value == "":
-        return "-"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return "-"
-        return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.{digits}g}"
-    return str(value)
-
-
 def build_tables(rows: list[dict], metric_name: str, maximize: bool) -> tuple[list[Table], dict]:
-    """Every table of the report, and what the figures need."""
+    """Every table of the report, and what the figures and the answer need."""
     optima = find_optima(rows, maximize)
     optima_rows = [o.as_row() for o in optima]
     peaks = tuned_peaks(rows, optima)
+    seeded = any(p.low is not None for p in peaks)  # some peak has an interval over seeds
     fits = fit_rank_scaling(optima)
     counts = Counter(r["status"] for r in rows)
     tables = [Table(
@@ -86,11 +79,15 @@ def build_tables(rows: list[dict], metric_name: str, maximize: bool) -> tuple[li
         spread = max(p.mean for p in peaks) - min(p.mean for p in peaks)
         tables.append(Table(
             "Compared at each cell's own tuned LR",
-            f"Peaks with 95% bootstrap intervals over seeds; spread (max - min) {fmt(spread)}.",
+            (f"Peaks with 95% bootstrap intervals over seeds; spread (max - min) {fmt(spread)}."
+             if seeded else
+             f"One seed per cell: each peak is a single run, so it has no interval and the "
+             f"spread (max - min) {fmt(spread)} may be seed noise; add seeds (search.seeds) to "
+             "tell. The pairwise differences and the peaks figure need seeds and are left out."),
             ["cell", f"peak {metric_name}", "interval", "seeds"],
             [[p.name, fmt(p.mean), f"{fmt(p.low)} - {fmt(p.high)}" if p.low is not None
               else "-", str(len(p.values))] for p in peaks]))
-        diffs = pairwise(peaks)
+        diffs = pairwise(peaks) if seeded else []
         if diffs:
             tables.append(Table(
                 "Pairwise differences at tuned LR", "a - b, with 95% bootstrap intervals.",
@@ -98,14 +95,7 @@ def build_tables(rows: list[dict], metric_name: str, maximize: bool) -> tuple[li
                 [[d["a"], d["b"], fmt(d["difference"]),
                   f"{fmt(d['low'])} - {fmt(d['high'])}" if d["low"] is not None else "-"]
                  for d in diffs]))
-    names, fixed = fixed_lr_table(rows, maximize)
-    if len(names) > 1:
-        tables.append(Table(
-            "At one shared learning rate",
-            "What a comparison at a single LR would conclude: the winner changes with the LR.",
-            ["lr", *names, "winner"],
-            [[fmt(r["lr"]), *[fmt(r["means"].get(n)) for n in names], r["winner"]]
-             for r in fixed]))
+    tables += _shared_lr_tables(rows, maximize)
     if fits:
         tables.append(Table(
             "Optimal LR against rank",
@@ -128,8 +118,28 @@ def build_tables(rows: list[dict], metric_name: str, maximize: bool) -> tuple[li
             "fine-tuning's (practitioners use about 10).",
             ["cell", "ratio"],
             [[cell_name(o.cell), fmt(o.lr_star / full[0].lr_star)] for o in adapters]))
-    return tables, {"optima_rows": optima_rows, "peaks": peaks, "fits": fits,
-                    "recipe_fits": recipe_fits}
+    return tables, {"optima_rows": optima_rows, "peaks": peaks, "seeded": seeded, "fits": fits,
+                    "recipe_fits": recipe_fits,
+                    "answer": build_answer(rows, metric_name, maximize, optima, peaks)}
+
+
+def _shared_lr_tables(rows: list[dict], maximize: bool) -> list[Table]:
+    """What one shared LR would conclude, over only the LRs that two or more cells ran."""
+    names, fixed = fixed_lr_table(rows, maximize)
+    if len(names) < 2:
+        return []
+    shared = [r for r in fixed if r["winner"]]
+    if not shared:
+        return [Table("At one shared learning rate", "The cells' LR grids share no learning "
+                      "rate, so no single-LR comparison can be made; each cell is compared at "
+                      "its own tuned LR above.", [], [])]
+    return [Table(
+        "At one shared learning rate",
+        "What a comparison at a single LR would conclude, over the LRs that two or more cells "
+        "ran: the winner changes with the LR.",
+        ["lr", *names, "winner"],
+        [[fmt(r["lr"]), *[fmt(r["means"].get(n)) for n in names], r["winner"]]
+         for r in shared])]
 
 
 def _family_name(fit: RankFit) -> str:
@@ -229,9 +239,11 @@ def write_report(folder: Path, rows: list[dict], metric_name: str, maximize: boo
                          for row in parts["optima_rows"])
     figures = [("Validation metric against learning rate",
                 metric_vs_lr(rows, metric_name, folder / "metric_vs_lr.png"))]
-    if parts["peaks"]:
+    if parts["seeded"]:
         figures.append(("Peaks at tuned LR",
                         peaks_plot(parts["peaks"], metric_name, folder / "peaks.png")))
+    else:  # one seed: no intervals to draw; a figure from an earlier report would mislead
+        (folder / "peaks.png").unlink(missing_ok=True)
     if parts["fits"]:
         figures.append(("Optimal LR against rank",
                         lr_star_vs_rank(parts["fits"], parts["optima_rows"],
@@ -241,8 +253,8 @@ def write_report(folder: Path, rows: list[dict], metric_name: str, maximize: boo
         figures.append((f"Optimal LR and peak against {axis}",
                         lr_star_vs_axis(members, [series_name(f) for f in members], metric_name,
                                         folder / f"lr_star_vs_{axis}.png")))
-    write_text(folder / "report.md", markdown_report(title, tables, figures))
-    write_text(folder / "report.html", _html(title, tables, figures))
+    write_text(folder / "report.md", markdown_report(title, tables, figures, parts["answer"]))
+    write_text(folder / "report.html", _html(title, tables, figures, parts["answer"]))
     return [folder / OPTIMA_CSV, folder / "report.md", folder / "report.html"]
 
 
@@ -253,15 +265,24 @@ def _curvature_section(folder: Path, optima_rows: list[dict]) -> list[Table]:
     return curvature_tables(read_curvature(folder), optima_rows)
 
 
-def markdown_report(title: str, tables: list[Table], figures: list[tuple[str, Path]]) -> str:
-    """The Markdown text of a report: a title, its tables, then its figures."""
+def markdown_report(title: str, tables: list[Table], figures: list[tuple[str, Path]],
+                    answer: list[AnswerPart] = ()) -> str:
+    """The Markdown text of a report: a title, the answer, its tables, then its figures."""
     out = [f"# {title}", ""]
-    for table in tables:
-        out += [f"## {table.title}", "", table.note, "",
-                "| " + " | ".join(table.header) + " |",
-                "|" + "---|" * len(table.header)]
-        out += ["| " + " | ".join(row) + " |" for row in table.rows]
+    if answer:
+        out += [f"## {ANSWER_TITLE}", ""]
+        for part in answer:
+            if len(part.lines) == 1:
+                out.append(f"- **{part.label}**: {part.lines[0]}")
+            else:
+                out += [f"- **{part.label}**:", *(f"  - {line}" for line in part.lines)]
         out.append("")
+    for table in tables:
+        out += [f"## {table.title}", "", table.note, ""]
+        if table.rows:
+            out += ["| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
+            out += ["| " + " | ".join(row) + " |" for row in table.rows]
+            out.append("")
     for caption, path in figures:
         out += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
     return "\n".join(out)
@@ -276,16 +297,29 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left;
 th { background: #f3f3f3; }
 img { max-width: 100%; height: auto; display: block; margin: 0.5em 0 1.5em; }
 p.note { color: #555; max-width: 60em; }
+#answer { background: #f4f8fc; border: 1px solid #c9d9ea; border-radius: 6px;
+          padding: 0.2em 1.2em 0.8em; margin: 1em 0 2em; }
+#answer dt { font-weight: 600; margin-top: 0.6em; }
+#answer dd { margin: 0.15em 0 0 1.2em; max-width: 60em; }
 """
+ANSWER_TITLE = "Answer"
 
 
-def _html(title: str, tables: list[Table], figures: list[tuple[str, Path]]) -> str:
+def _html(title: str, tables: list[Table], figures: list[tuple[str, Path]],
+          answer: list[AnswerPart]) -> str:
     e = html.escape
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
-           f"<style>{STYLE}</style></head><body><h1>{e(title)}</h1>"]
+           f"<style>{STYLE}</style></head><body><h1>{e(title)}</h1>",
+           f"<section id='answer'><h2>{ANSWER_TITLE}</h2><dl>"]
+    for part in answer:
+        out.append(f"<dt>{e(part.label)}</dt>" + "".join(f"<dd>{e(line)}</dd>"
+                                                         for line in part.lines))
+    out.append("</dl></section>")
     for table in tables:
-        out.append(f"<h2>{e(table.title)}</h2><p class='note'>{e(table.note)}</p><table>")
-        out.append("<tr>" + "".join(f"<th>{e(h)}</th>" for h in table.header) + "</tr>")
+        out.append(f"<h2>{e(table.title)}</h2><p class='note'>{e(table.note)}</p>")
+        if not table.rows:
+            continue
+        out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in table.header) + "</tr>")
         out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>"
                 for row in table.rows]
         out.append("</table>")

@@ -85,11 +85,16 @@ def _check_same_storage(folder: Path, storage_url: str | None) -> None:
                          "holds a study in its journal file; use another --out")
 
 
+def started(folder: Path) -> bool:
+    """Whether the folder's study has records: its journal file, or a database it names."""
+    return (folder / STORAGE_FILE).exists() or (folder / JOURNAL_NAME).exists()
+
+
 def open_folder_store(folder: Path, create: bool = False) -> tuple[Study, Store]:
     """A study folder's study and store, wherever its records live; reading never writes."""
     study = load_folder_study(folder)
     url = storage_of(folder)
-    if url is None and not (folder / JOURNAL_NAME).exists():
+    if not started(folder):
         raise StudyError(f"{folder}: the study has not started (no {JOURNAL_NAME})")
     return study, Store(folder, study.name, maximize=study.task.maximize, create=create,
                         storage_url=url)

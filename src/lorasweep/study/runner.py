@@ -37,7 +37,7 @@ from lorasweep.study.plan import planner
 from lorasweep.study.storage import public_url
 from lorasweep.study.store import Store
 from lorasweep.tasks import Task, build_task, num_labels
-from lorasweep.train import train_group
+from lorasweep.train import BestOf, train_group
 
 POLL_SECONDS = 5.0  # how often an idle worker looks for trials that others left behind
 
@@ -220,7 +220,8 @@ def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, i
     try:
         recipe = resolve_recipe(study.train, specs[0].cell.recipe)
         with _heartbeat(store, ids):
-            results = train_group(bench.base, bench.task_for(recipe), recipe.train, specs, device)
+            results = train_group(bench.base, bench.task_for(recipe), recipe.train, specs, device,
+                                  best_of=_best_of(study))
     except KeyboardInterrupt:
         for trial_id in ids:
             store.record_failure(trial_id, "interrupted by the user", status="interrupted")
@@ -241,6 +242,13 @@ def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, i
         if not store.record(trial_id, result, study.task.objective):
             tqdm.write(f"trial {spec.grid_id}: its lease was taken over; result not recorded")
     return 0
+
+
+def _best_of(study: Study) -> BestOf | None:
+    """task.select 'best' as train_group takes it (None: the final evaluation counts)."""
+    if study.task.select != "best":
+        return None
+    return BestOf(study.task.objective, study.task.maximize)
 
 
 @contextmanager
