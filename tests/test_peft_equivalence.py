@@ -21,7 +21,12 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from peft.optimizers import create_loraplus_optimizer
 from peft.tuners.lora import LoraLayer
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    ClvpForCausalLM,
+)
 from transformers.pytorch_utils import Conv1D
 
 from lorasweep.config import METHOD_INITS, ModelSpec, TrainSpec
@@ -82,17 +87,25 @@ DECODERS = {
     "gemma3_text": dict(model_type="gemma3_text", hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
                         head_dim=8, max_position_embeddings=64),
+    # CLVP's decoder mixes nn.Linear attention with a Conv1D MLP
+    "clvp_decoder": dict(model_type="clvp_decoder", hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, n_inner=64, max_position_embeddings=64,
+                         max_text_tokens=64, bos_token_id=0, eos_token_id=0),
 }
+NOT_AUTO = {"clvp_decoder": ClvpForCausalLM}  # no AutoModelForCausalLM entry
 ARCHS = [("tiny:bert", "classification"), ("tiny:llama", "causal_lm"),
          *((name, "causal_lm") for name in DECODERS)]
 
 
 def base_model(source: str, kind: str) -> torch.nn.Module:
     if source in DECODERS:
-        config = AutoConfig.for_model(**DECODERS[source], vocab_size=5000)
+        labels = {"num_labels": 3, "pad_token_id": 0} if kind == "classification" else {}
+        config = AutoConfig.for_model(**{**DECODERS[source], **labels}, vocab_size=5000)
+        auto = (AutoModelForSequenceClassification if kind == "classification"
+                else NOT_AUTO.get(source, AutoModelForCausalLM))
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            return AutoModelForCausalLM.from_config(config).eval()
+            return (auto(config) if source in NOT_AUTO else auto.from_config(config)).eval()
     tokenizer = load_tokenizer(ModelSpec(source=source))
     return load_model(ModelSpec(source=source), kind, 3 if kind == "classification" else None,
                       tokenizer)
@@ -240,6 +253,29 @@ def test_matches_peft(source, kind, method, k):
         some = next(key for key in trials[0] if key.endswith("lora_A"))
         assert rel_err(trials[0][some], trials[1][some]) > 1e-3
     same_outputs(batch(kind, 99)[0])
+
+
+@pytest.mark.parametrize(("source", "kind"), [*ARCHS, ("gpt2", "classification"),
+                                              ("opt", "classification")])
+def test_all_linear_is_peft_all_linear(source, kind):
+    """The preset selects what PEFT's own target_modules="all-linear" adapts: BERT's pooler and
+    OPT's project_in / project_out too, never the LM or classification head."""
+    base = base_model(source, kind)
+    config = LoraConfig(r=4, target_modules="all-linear",
+                        task_type="SEQ_CLS" if kind == "classification" else "CAUSAL_LM")
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    theirs = {name.removeprefix("base_model.model.")
+              for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)}
+    ours = resolve_targets(base, "all-linear")
+    assert len(ours) == len(set(ours))
+    assert set(ours) == theirs
+    if source in LANDMARKS:  # a layer outside the blocks, or a Conv1D
+        assert LANDMARKS[source] in ours
+
+
+LANDMARKS = {"tiny:bert": "bert.pooler.dense", "opt": "model.decoder.project_in",
+             "gpt2": "transformer.h.1.mlp.c_proj",
+             "clvp_decoder": "model.decoder.layers.1.mlp.c_fc"}
 
 
 def test_loraplus_lr_groups_follow_peft():
