@@ -114,8 +114,9 @@ def _named(model: nn.Module, names: list[str]) -> list[str]:
             raise StudyError(f"search.target_modules: {name} is part of the task head, which "
                              "trains fully under every method; name other layers")
         if not isinstance(module, ADAPTABLE):
-            raise StudyError(f"search.target_modules: {name} is a {type(module).__name__}, not "
-                             f"an {ADAPTABLE_TEXT} layer, and cannot be adapted")
+            raise StudyError(f"search.target_modules: {name} is of type "
+                             f"{type(module).__name__}, not an {ADAPTABLE_TEXT} layer, and "
+                             "cannot be adapted")
         chosen.append(name)
     return chosen
 
