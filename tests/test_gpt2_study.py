@@ -4,7 +4,9 @@ through the command line, and its trials exported as PEFT adapters that reproduc
 from __future__ import annotations
 
 import copy
+import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,23 @@ def test_gpt2_export_reproduces_outputs(gpt2_study, tmp_path: Path, method):
     a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
     assert float((a - b).norm() / b.norm()) < 1e-5
     assert not torch.allclose(a, base(input_ids=ids).logits, atol=1e-4)
+
+
+def test_curvature_measures_gpt2_conv1d_blocks(gpt2_study, tmp_path: Path):
+    """One (A, B) block per adapted Conv1D, and its lambda_max is a finite number."""
+    folder, _ = gpt2_study
+    out = tmp_path / "curvature"
+    assert main(["curvature", str(folder), "--method", "lora", "--batches", "1",
+                 "--max-iter", "4", "--blocks", "modules", "--out", str(out)]) == 0
+    with open(out / "curvature.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["block"] for r in rows] == [f"transformer.h.{i}.{name}" for i in range(2) for name in
+                                          ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert {r["module_type"] for r in rows} == {"attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                "mlp.c_proj"}
+    assert all(math.isfinite(float(r["lambda_max"])) for r in rows)
+    assert all(int(r["params"]) == 4 * (sum(LAYER_SIZES[r["module_type"]])) for r in rows)
+
+
+LAYER_SIZES = {"attn.c_attn": (32, 96), "attn.c_proj": (32, 32), "mlp.c_fc": (32, 128),
+               "mlp.c_proj": (128, 32)}
