@@ -17,9 +17,11 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from lorasweep.cli import main
-from lorasweep.config import ModelSpec
+from lorasweep.config import ModelSpec, validate_study
+from lorasweep.errors import StudyError
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.space import TrialSpec
+from lorasweep.study.runner import load_workbench
 from lorasweep.study.store import Store
 
 from .conftest import make_records, tiny_study, write_jsonl
@@ -113,3 +115,15 @@ def test_curvature_measures_gpt2_conv1d_blocks(gpt2_study, tmp_path: Path):
 
 LAYER_SIZES = {"attn.c_attn": (32, 96), "attn.c_proj": (32, 32), "mlp.c_fc": (32, 128),
                "mlp.c_proj": (128, 32)}
+
+
+def test_workbench_leaves_a_peft_entrys_own_targets_to_peft(gpt2_study):
+    """search.target_modules names no GPT-2 layer: only the entries that use it are refused."""
+    folder, _ = gpt2_study
+    raw = yaml.safe_load((folder.parent / "study.yaml").read_text())
+    own = raw["search"]["methods"][-1]
+    raw["search"] |= {"methods": [own], "target_modules": ["q_proj"]}
+    assert load_workbench(validate_study(raw, "own")).base is not None
+    raw["search"]["methods"] = ["lora", own]
+    with pytest.raises(StudyError, match="'q_proj' matches no layer"):
+        load_workbench(validate_study(raw, "own"))
