@@ -15,8 +15,8 @@ from lorasweep.errors import StudyError
 
 ADAPTABLE = (nn.Linear, Conv1D)
 ADAPTABLE_TEXT = "nn.Linear or transformers' Conv1D"
-# Path components (lower-cased) that mark an attention projection when no component contains
-# "attn" or "attention" (BERT's attention.self.query does; some models name only the leaf).
+# Leaf names (lower-cased) that mark an attention projection even where no parent module's name
+# contains "attn" or "attention".
 ATTENTION_LEAVES = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj",
                     "c_attn", "query_key_value", "wqkv"}
 # Attribute names transformers uses for a freshly initialized classification head (PEFT's
@@ -87,7 +87,8 @@ def resolve_targets(model: nn.Module, targets: str) -> list[str]:
     `all-linear`: as PEFT's (see all_linear). `attention` / `mlp`: the layers of the numbered
     blocks that are / are not attention projections. Names match a layer's full name or its last
     components (`c_attn`, `attn.c_proj`), as PEFT matches a list, among every nn.Linear and Conv1D
-    outside the task head; a name that reaches another kind of module is refused by name.
+    outside the task head; a name that reaches another kind of module, or the task head, is
+    refused with that module's name.
     """
     if targets == "all-linear":
         chosen = all_linear(model)
