@@ -3,18 +3,20 @@ peft pass-through entries that name their own targets."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
+from transformers.pytorch_utils import Conv1D
 
 from lorasweep.errors import StudyError
 from lorasweep.methods import get_method
 from lorasweep.methods.targets import adapter_width, resolve_targets
 from lorasweep.space import Cell
 
-from .test_peft_equivalence import base_model
+from .test_peft_equivalence import base_model, linearized, rel_err
 
 
 def layers(prefix: str, names: list[str]) -> list[str]:
@@ -82,3 +84,34 @@ def test_peft_entry_without_targets_gets_the_preset_with_fan_in_fan_out():
                               torch.Generator().manual_seed(0))
     assert adapted(gpt2) == set(layers("transformer.h", ["attn.c_attn", "attn.c_proj"]))
     assert gpt2.peft_config["default"].fan_in_fan_out
+
+
+@pytest.mark.parametrize(("method", "init"), [
+    ("lora", "gaussian"), ("lora", "mua_a"), ("lora", "mua_b"), ("milora", "milora"),
+    ("init_ab", "init_ab"), ("random_ab", "random_ab"), ("pissa", "pissa_niter_2"),
+    ("dora", "kaiming"), ("full", None)])
+def test_conv1d_trains_as_the_linear_it_equals(method, init):
+    """Every native init on GPT-2's Conv1D layers gives the outputs and gradients it gives on the
+    same layers written as nn.Linear (W read as (out, in), the residual written back there)."""
+    gpt2 = base_model("gpt2", "causal_lm")
+    cell = Cell(method="full") if method == "full" else Cell(
+        method=method, rank=4, lora_alpha="8", init=init, target_modules="all-linear")
+    ids = torch.randint(1000, 5000, (2, 8), generator=torch.Generator().manual_seed(0))
+    results = []
+    for model in (copy.deepcopy(gpt2), linearized(gpt2)):
+        torch.manual_seed(0)  # the randomized SVD of pissa_niter_K
+        attached = get_method(method).attach(model, cell, 1, torch.Generator().manual_seed(0))
+        logits = model(input_ids=ids).logits
+        logits.square().mean().backward()
+        results.append((model, logits, {name: p.grad for name, p in attached.trial_params[0]}))
+    (conv, ours, our_grads), (_, linear, linear_grads) = results
+    # 1e-5: Conv1D's addmm (x W + b) rounds differently from nn.Linear's F.linear
+    assert rel_err(ours, linear) < 1e-5
+    assert set(our_grads) == set(linear_grads)
+    for name, grad in our_grads.items():
+        owner = conv.get_submodule(name.rpartition(".")[0])
+        if isinstance(owner, Conv1D) and name.endswith(".weight"):  # full fine-tuning's W
+            grad = grad.t()
+        assert rel_err(grad, linear_grads[name]) < 1e-5, name
+    unchanged = rel_err(ours, gpt2(input_ids=ids).logits) < 1e-5
+    assert unchanged == (method != "random_ab")
