@@ -22,7 +22,6 @@ ATTENTION_LEAVES = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "o_pr
 # Attribute names transformers uses for a freshly initialized classification head (PEFT's
 # SEQ_CLS_HEAD_NAMES).
 HEAD_NAMES = ("classifier", "score")
-PRESETS = ("all-linear", "attention", "mlp")
 
 
 def head_module_names(model: nn.Module) -> list[str]:
