@@ -4,7 +4,11 @@ LoRA, rsLoRA, LoRA+, DoRA, PiSSA and OLoRA. Where the init is deterministic (PiS
 must equal PEFT's, base residual included; then both sides start from the same weights (ours are
 copied into PEFT's model, with a zero B made non-zero so the adapters matter from the first
 output), see the same batches, and are compared by relative error ||ours - peft|| / ||peft||
-below 1e-6, on a BERT-style encoder and a Llama-style decoder.
+below 1e-6. Each variant runs alone (K = 1) and fused (K = 2 trials at different LRs, each
+against its own PEFT model), on a BERT-style encoder and tiny Llama, GPT-2 (Conv1D layers,
+fan_in_fan_out), OPT (with project_in / project_out), Qwen2, Phi-3 (fused qkv_proj /
+gate_up_proj), Gemma-2 and Gemma-3 decoders. `all-linear` selects exactly the layers PEFT's own
+`all-linear` selects.
 """
 
 from __future__ import annotations
@@ -16,10 +20,25 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from peft.optimizers import create_loraplus_optimizer
+from peft.tuners.lora import LoraLayer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    ClvpForCausalLM,
+)
+from transformers.pytorch_utils import Conv1D
 
 from lorasweep.config import METHOD_INITS, ModelSpec, TrainSpec
 from lorasweep.methods import get_method
-from lorasweep.methods.targets import resolve_targets
+from lorasweep.methods.stacked import StackedLoRALinear
+from lorasweep.methods.targets import (
+    layer_shape,
+    out_in_weight,
+    replace_module,
+    resolve_targets,
+    uses_conv1d,
+)
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.optim import build_optimizer
 from lorasweep.space import Cell, TrialSpec
@@ -37,53 +56,128 @@ PEFT_FORMS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: at these sizes a second one only adds contention (a shared 2-core
+    machine measured 0.2 s of CPU per fused test at one thread, 3.5 s at two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours - ref).detach().norm() / ref.detach().norm().clamp(min=1e-30))
 
 
-def build_pair(source: str, kind: str, method: str):
+# Tiny decoders built from their configs (hidden size 32, 2 layers, vocabulary 5000).
+DECODERS = {
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                 bos_token_id=0, eos_token_id=0),
+    "opt": dict(model_type="opt", hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                num_attention_heads=4, word_embed_proj_dim=16, max_position_embeddings=64),
+    "qwen2": dict(model_type="qwen2", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64),
+    "phi3": dict(model_type="phi3", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gemma2": dict(model_type="gemma2", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, intermediate_size=64, head_dim=8,
+                   max_position_embeddings=64),
+    "gemma3_text": dict(model_type="gemma3_text", hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                        head_dim=8, max_position_embeddings=64),
+    # CLVP's decoder mixes nn.Linear attention with a Conv1D MLP
+    "clvp_decoder": dict(model_type="clvp_decoder", hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, n_inner=64, max_position_embeddings=64,
+                         max_text_tokens=64, bos_token_id=0, eos_token_id=0),
+}
+NOT_AUTO = {"clvp_decoder": ClvpForCausalLM}  # no AutoModelForCausalLM entry
+ARCHS = [("tiny:bert", "classification"), ("tiny:llama", "causal_lm"),
+         *((name, "causal_lm") for name in DECODERS)]
+
+
+def base_model(source: str, kind: str) -> torch.nn.Module:
+    if source in DECODERS:
+        labels = {"num_labels": 3, "pad_token_id": 0} if kind == "classification" else {}
+        config = AutoConfig.for_model(**{**DECODERS[source], **labels}, vocab_size=5000)
+        auto = (AutoModelForSequenceClassification if kind == "classification"
+                else NOT_AUTO.get(source, AutoModelForCausalLM))
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return (auto(config) if source in NOT_AUTO else auto.from_config(config)).eval()
     tokenizer = load_tokenizer(ModelSpec(source=source))
-    base = load_model(ModelSpec(source=source), kind, 3 if kind == "classification" else None,
+    return load_model(ModelSpec(source=source), kind, 3 if kind == "classification" else None,
                       tokenizer)
+
+
+def linearized(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy with every Conv1D replaced by the nn.Linear that computes the same."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            n_out, n_in = layer_shape(module)
+            linear = torch.nn.Linear(n_in, n_out)
+            with torch.no_grad():
+                linear.weight.copy_(module.weight.t())
+                linear.bias.copy_(module.bias)
+            replace_module(model, name, linear)
+    return model
+
+
+def peft_key(name: str) -> str:
+    """A PEFT parameter name as lorasweep names it."""
+    return (name.removeprefix("base_model.model.").replace(".lora_A.default.weight", ".lora_A")
+            .replace(".lora_B.default.weight", ".lora_B")
+            .replace(".lora_magnitude_vector.default.weight", ".lora_magnitude")
+            .replace(".modules_to_save.default", ""))
+
+
+def build_pair(source: str, kind: str, method: str, k: int = 1):
+    """Our model with K trials and one PEFT model per trial, all from the same weights."""
+    base = base_model(source, kind)
     init = METHOD_INITS.get(method, "kaiming")
     cell = Cell(method=method, rank=4, lora_alpha="8", init=init,
                 target_modules="all-linear", loraplus_ratio=16.0 if method == "loraplus" else None)
     ours = copy.deepcopy(base)
-    attached = get_method(method).attach(ours, cell, 1, torch.Generator().manual_seed(0))
+    attached = get_method(method).attach(ours, cell, k, torch.Generator().manual_seed(0))
     extra, deterministic = PEFT_FORMS[method]
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=resolve_targets(base, "all-linear"),
-                        lora_dropout=0.0, **extra,
+    targets = resolve_targets(base, "all-linear")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+                        fan_in_fan_out=uses_conv1d(base, targets), **extra,
                         task_type="SEQ_CLS" if kind == "classification" else "CAUSAL_LM")
-    ref = get_peft_model(copy.deepcopy(base), config)
-    ours_params = dict(attached.trial_params[0])
-    ref_params = {}
-    for name, param in ref.named_parameters():
-        if not param.requires_grad:
-            continue
-        key = (name.removeprefix("base_model.model.").replace(".lora_A.default.weight", ".lora_A")
-               .replace(".lora_B.default.weight", ".lora_B")
-               .replace(".lora_magnitude_vector.default.weight", ".lora_magnitude")
-               .replace(".modules_to_save.default", ""))
-        ref_params[key] = param
-    assert set(ref_params) == set(ours_params), set(ref_params) ^ set(ours_params)
+    # PEFT 0.21.2's olora_init ignores fan_in_fan_out (a QR of a Conv1D's stored (in, out)
+    # weight: wrong shapes, or a changed model), so OLoRA's reference sees the Conv1D layers as
+    # the nn.Linear layers they equal.
+    ref = get_peft_model(linearized(base) if method == "olora" else copy.deepcopy(base), config)
+    trials = [dict(params) for params in attached.trial_params]
+    ref_params = {peft_key(name): param for name, param in ref.named_parameters()
+                  if param.requires_grad}
+    assert set(ref_params) == set(trials[0]), set(ref_params) ^ set(trials[0])
     if deterministic:  # the init itself, and the residual base it leaves, are PEFT's
-        for key, param in ours_params.items():
+        for key, param in trials[0].items():
             if ".lora_" in key:
                 assert rel_err(param, ref_params[key]) < TOL, key
-        ref_bases = {n.removeprefix("base_model.model.").replace(".base_layer", ""): p
-                     for n, p in ref.named_parameters() if ".base_layer.weight" in n}
-        our_bases = {n.replace(".base.weight", ".weight"): p
-                     for n, p in ours.named_parameters() if n.endswith(".base.weight")}
+        ref_bases = {n.removeprefix("base_model.model."): out_in_weight(m.get_base_layer())
+                     for n, m in ref.named_modules() if isinstance(m, LoraLayer)}
+        our_bases = {n: out_in_weight(m.base) for n, m in ours.named_modules()
+                     if isinstance(m, StackedLoRALinear)}
         assert set(ref_bases) == set(our_bases)
         for key, param in our_bases.items():
             assert rel_err(param, ref_bases[key]) < TOL, key
     with torch.no_grad():  # a zero B becomes non-zero, so outputs depend on the adapters
-        for name, param in attached.trial_params[0]:
-            if name.endswith("lora_B") and not param.any():
-                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        for params in trials:
+            for name, param in params.items():
+                if name.endswith("lora_B") and not param.any():
+                    param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
         for key, param in ref_params.items():
-            param.copy_(ours_params[key])
-    return ours.eval(), ref.eval(), cell, attached, ours_params, ref_params
+            param.copy_(trials[0][key])
+    refs = [ref.eval()] + [copy.deepcopy(ref).eval() for _ in range(k - 1)]
+    return ours.eval(), refs, cell, attached, trials
+
+
+def trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {peft_key(name): p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def batch(kind: str, seed: int):
@@ -93,59 +187,103 @@ def batch(kind: str, seed: int):
     return ids, labels
 
 
-def loss_of(model, kind: str, ids, labels) -> torch.Tensor:
-    logits = model(input_ids=ids).logits
-    if kind == "classification":
-        return F.cross_entropy(logits, labels)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+def losses_of(model, kind: str, ids, labels, k: int = 1) -> list[torch.Tensor]:
+    """Each trial's loss: the model sees K copies of the batch, one per trial."""
+    logits = model(input_ids=ids.repeat(k, 1)).logits
+    out = []
+    for part in logits.chunk(k):
+        if kind == "classification":
+            out.append(F.cross_entropy(part, labels))
+        else:
+            out.append(F.cross_entropy(part[:, :-1].reshape(-1, part.shape[-1]),
+                                       labels[:, 1:].reshape(-1)))
+    return out
 
 
-ARCHS = [("tiny:bert", "classification"), ("tiny:llama", "causal_lm")]
+def peft_optimizer(method: str, ref, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if method == "loraplus":
+        return create_loraplus_optimizer(ref, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=16.0,
+                                         loraplus_weight_decay=weight_decay, foreach=False)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=lr, foreach=False)
 
 
+@pytest.mark.parametrize("k", [1, 2], ids=["alone", "fused"])
 @pytest.mark.parametrize(("source", "kind"), ARCHS)
 @pytest.mark.parametrize("method", list(PEFT_FORMS))
-def test_matches_peft(source, kind, method):
-    ours, ref, cell, attached, ours_params, ref_params = build_pair(source, kind, method)
-    lr, weight_decay = 2e-3, 0.01
+def test_matches_peft(source, kind, method, k):
+    ours, refs, cell, attached, trials = build_pair(source, kind, method, k)
+    lrs, weight_decay = [2e-3, 6e-3][:k], 0.01
     recipe = TrainSpec(steps=STEPS, weight_decay=weight_decay)
-    trial = TrialSpec(grid_id=0, cell=cell, lr=lr, seed=0)
-    our_opt = build_optimizer(get_method(method), attached, [trial], recipe)
-    if method == "loraplus":
-        ref_opt = create_loraplus_optimizer(ref, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=16.0,
-                                            loraplus_weight_decay=weight_decay, foreach=False)
-    else:
-        params = [p for p in ref.parameters() if p.requires_grad]
-        ref_opt = torch.optim.AdamW(
-            [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-            lr=lr, foreach=False)
+    specs = [TrialSpec(grid_id=i, cell=cell, lr=lr, seed=0) for i, lr in enumerate(lrs)]
+    our_opt = build_optimizer(get_method(method), attached, specs, recipe)
+    ref_opts = [peft_optimizer(method, ref, lr, weight_decay)
+                for ref, lr in zip(refs, lrs, strict=True)]
+    ref_params = [trainable(ref) for ref in refs]
 
-    ids, labels = batch(kind, 0)
-    assert rel_err(ours(input_ids=ids).logits, ref(input_ids=ids).logits) < TOL
+    def same_outputs(ids) -> None:
+        ours_out = ours(input_ids=ids.repeat(k, 1)).logits.chunk(k)
+        for mine, ref in zip(ours_out, refs, strict=True):
+            assert rel_err(mine, ref(input_ids=ids).logits) < TOL
+
+    same_outputs(batch(kind, 0)[0])
     for step in range(STEPS):
         ids, labels = batch(kind, step)
-        our_loss, ref_loss = loss_of(ours, kind, ids, labels), loss_of(ref, kind, ids, labels)
-        assert rel_err(our_loss, ref_loss) < TOL
-        our_loss.backward()
-        ref_loss.backward()
+        our_losses = losses_of(ours, kind, ids, labels, k)
+        ref_losses = [losses_of(ref, kind, ids, labels)[0] for ref in refs]
+        for mine, theirs in zip(our_losses, ref_losses, strict=True):
+            assert rel_err(mine, theirs) < TOL
+        torch.stack(our_losses).sum().backward()
+        for loss in ref_losses:
+            loss.backward()
         if step == 0:
-            for key, param in ours_params.items():
-                assert rel_err(param.grad, ref_params[key].grad) < TOL, key
-        our_opt.step()
-        ref_opt.step()
-        our_opt.zero_grad()
-        ref_opt.zero_grad()
-    for key, param in ours_params.items():
-        assert rel_err(param, ref_params[key]) < TOL, key
-    ids, _ = batch(kind, 99)
-    assert rel_err(ours(input_ids=ids).logits, ref(input_ids=ids).logits) < TOL
+            for params, theirs in zip(trials, ref_params, strict=True):
+                for key, param in params.items():
+                    assert rel_err(param.grad, theirs[key].grad) < TOL, key
+        for opt in [our_opt, *ref_opts]:
+            opt.step()
+            opt.zero_grad()
+    for params, theirs in zip(trials, ref_params, strict=True):
+        for key, param in params.items():
+            assert rel_err(param, theirs[key]) < TOL, key
+    if k == 2:  # the two LRs led the trials apart: each matched its own run, not a shared one
+        some = next(key for key in trials[0] if key.endswith("lora_A"))
+        assert rel_err(trials[0][some], trials[1][some]) > 1e-3
+    same_outputs(batch(kind, 99)[0])
+
+
+@pytest.mark.parametrize(("source", "kind"), [*ARCHS, ("gpt2", "classification"),
+                                              ("opt", "classification")])
+def test_all_linear_is_peft_all_linear(source, kind):
+    """The preset selects what PEFT's own target_modules="all-linear" adapts: BERT's pooler and
+    OPT's project_in / project_out too, never the LM or classification head."""
+    base = base_model(source, kind)
+    config = LoraConfig(r=4, target_modules="all-linear",
+                        task_type="SEQ_CLS" if kind == "classification" else "CAUSAL_LM")
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    theirs = {name.removeprefix("base_model.model.")
+              for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)}
+    ours = resolve_targets(base, "all-linear")
+    assert len(ours) == len(set(ours))
+    assert set(ours) == theirs
+    assert set(LANDMARKS.get(source, ())) <= set(ours)
+
+
+# Layers outside the blocks, Conv1D layers, and CLVP's lm_head (it reports no output embeddings)
+LANDMARKS = {"tiny:bert": ("bert.pooler.dense",),
+             "opt": ("model.decoder.project_in", "model.decoder.project_out"),
+             "gpt2": ("transformer.h.1.mlp.c_proj",),
+             "clvp_decoder": ("model.decoder.layers.1.mlp.c_fc", "lm_head")}
 
 
 def test_loraplus_lr_groups_follow_peft():
     """B matrices and every vector train at ratio x LR; A matrices and the head weight at LR."""
-    _, ref, cell, attached, ours_params, ref_params = build_pair("tiny:bert", "classification",
-                                                                 "loraplus")
+    _, (ref,), cell, attached, (ours_params,) = build_pair("tiny:bert", "classification",
+                                                          "loraplus")
+    ref_params = trainable(ref)
     trial = TrialSpec(grid_id=0, cell=cell, lr=1e-3, seed=0)
     ours = build_optimizer(get_method("loraplus"), attached, [trial], TrainSpec(steps=1))
     theirs = create_loraplus_optimizer(ref, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0)

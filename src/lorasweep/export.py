@@ -20,7 +20,7 @@ from lorasweep.errors import StudyError
 from lorasweep.methods import get_method
 from lorasweep.methods.lora import subtracts_from_base
 from lorasweep.methods.stacked import StackedLoRALinear
-from lorasweep.methods.targets import resolve_targets
+from lorasweep.methods.targets import resolve_targets, uses_conv1d
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.space import TrialSpec
 from lorasweep.study.folder import load_folder_study, weights_path
@@ -67,7 +67,9 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     assert cell.alpha is not None and cell.rank is not None
     # Keep the scale s: lora_alpha / r (or / sqrt(r) for rsLoRA) at the doubled rank.
     alpha = cell.alpha * (1 if not residual else math.sqrt(2) if cell.method == "rslora" else 2)
+    # fan_in_fan_out: W is stored (in, out) in a Conv1D (GPT-2); PEFT sets it per layer anyway
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+                        fan_in_fan_out=uses_conv1d(base, targets),
                         use_rslora=cell.method == "rslora", use_dora=cell.method == "dora",
                         task_type="SEQ_CLS" if classify else "CAUSAL_LM")
     peft_model = get_peft_model(copy.deepcopy(base), config)

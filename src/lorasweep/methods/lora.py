@@ -29,7 +29,7 @@ from lorasweep.methods.base import (
     stack_head,
 )
 from lorasweep.methods.stacked import StackedDoRALinear, StackedLoRALinear
-from lorasweep.methods.targets import replace_module, resolve_targets
+from lorasweep.methods.targets import out_in_weight, replace_module, resolve_targets
 from lorasweep.space import Cell
 
 
@@ -118,10 +118,11 @@ class LoRA(Method):
         scale = self.scale(cell)
         for name in resolve_targets(model, cell.target_modules):
             base = model.get_submodule(name)
-            factors = initial_factors(cell.init, cell.rank, base.weight.detach(), scale, generator)
+            weight = out_in_weight(base)  # (out, in) for nn.Linear and Conv1D alike
+            factors = initial_factors(cell.init, cell.rank, weight.detach(), scale, generator)
             if subtracts_from_base(cell.init):
                 with torch.no_grad():
-                    base.weight -= (scale * factors.b @ factors.a).to(base.weight.dtype)
+                    weight -= (scale * factors.b @ factors.a).to(weight.dtype)
             layer = self.layer_class(base, cell.rank, k, scale)
             layer.set_init(factors.a, factors.b)
             replace_module(model, name, layer)

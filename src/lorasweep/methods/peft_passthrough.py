@@ -1,12 +1,14 @@
 """`peft`: any PEFT configuration, trained as PEFT builds it, for methods not native here.
 
 The cell's rank, lora_alpha and target modules fill r, lora_alpha and target_modules unless the
-study's arguments name them. PEFT replaces layers in the model in place, so the trainer drives
-the model it already holds. One trial per model copy: these trials never fuse. Inits that look at
-data first get a few training batches through PEFT's own calls: `preprocess_corda` (CorDA) and
-`preprocess_loraga` (LoRA-GA) before the adapters are built, `initialize_lora_eva_weights` (EVA)
-after. Nested PEFT configs (eva_config, corda_config, lora_ga_config, loftq_config) may be given
-as mappings in the study file.
+study's arguments name them; arguments that name their own target_modules reach PEFT untouched
+(lorasweep's presets are not resolved for them). Targets lorasweep resolves that include a Conv1D
+(GPT-2) come with fan_in_fan_out=True, as PEFT wants for them. PEFT replaces layers in the model
+in place, so the trainer drives the model it already holds. One trial per model copy: these
+trials never fuse. Inits that look at data first get a few training batches through PEFT's own
+calls: `preprocess_corda` (CorDA) and `preprocess_loraga` (LoRA-GA) before the adapters are
+built, `initialize_lora_eva_weights` (EVA) after. Nested PEFT configs (eva_config, corda_config,
+lora_ga_config, loftq_config) may be given as mappings in the study file.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 
 from lorasweep.config import build_peft_config
 from lorasweep.methods.base import Attached, Batches, Method, init_head
-from lorasweep.methods.targets import head_module_names, resolve_targets
+from lorasweep.methods.targets import head_module_names, resolve_targets, uses_conv1d
 from lorasweep.space import Cell
 
 DATA_INITS = ("eva", "corda", "lora_ga")  # PEFT inits that look at training batches first
@@ -37,8 +39,10 @@ class PeftPassThrough(Method):
         spec = json.loads(cell.peft)
         config_class = getattr(peft, spec["config"])
         defaults = {"r": cell.rank, "lora_alpha": cell.alpha,
-                    "target_modules": resolve_targets(model, cell.target_modules),
                     "modules_to_save": head_module_names(model) or None}
+        if not names_own_targets(cell):
+            targets = resolve_targets(model, cell.target_modules)
+            defaults |= {"target_modules": targets, "fan_in_fan_out": uses_conv1d(model, targets)}
         accepted = {f.name for f in dataclasses.fields(config_class)}
         arguments = {name: value for name, value in defaults.items() if name in accepted}
         config = build_peft_config(spec["config"], {**arguments, **spec["arguments"]})
@@ -68,6 +72,11 @@ class PeftPassThrough(Method):
 def needs_data(cell: Cell) -> bool:
     """Whether this peft cell's init looks at training batches before training."""
     return json.loads(cell.peft or "{}").get("arguments", {}).get("init_lora_weights") in DATA_INITS
+
+
+def names_own_targets(cell: Cell) -> bool:
+    """Whether this is a peft cell whose arguments name target_modules (PEFT resolves them)."""
+    return "target_modules" in json.loads(cell.peft or "{}").get("arguments", {})
 
 
 def _single_rows(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorasweep.methods.targets import layer_shape, out_in_weight
+
 
 def split_trials(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     """(K*b, ...) -> K views of (b, ...): one row block per trial."""
@@ -21,18 +23,23 @@ def split_trials(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
 
 
 class StackedLoRALinear(nn.Module):
-    """y = W x + s * B_k A_k x for the rows of trial k; W is the shared, frozen base layer."""
+    """y = W x + s * B_k A_k x for the rows of trial k; W is the shared, frozen base layer.
 
-    def __init__(self, base: nn.Linear, rank: int, k: int, scale: float) -> None:
+    The base is an nn.Linear or a Conv1D: A (r, in) and B (out, r) have the same shapes for both
+    (PEFT's fan_in_fan_out only transposes W), so only code that reads W itself orients it.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, k: int, scale: float) -> None:
         super().__init__()
         self.base = base
         self.k = k
         self.rank = rank
         self.scale = scale
+        n_out, n_in = layer_shape(base)
         self.lora_A = nn.ParameterList(
-            nn.Parameter(torch.zeros(rank, base.in_features)) for _ in range(k))
+            nn.Parameter(torch.zeros(rank, n_in)) for _ in range(k))
         self.lora_B = nn.ParameterList(
-            nn.Parameter(torch.zeros(base.out_features, rank)) for _ in range(k))
+            nn.Parameter(torch.zeros(n_out, rank)) for _ in range(k))
 
     def set_init(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Give every trial the same starting A and B (trials of a group share their seed)."""
@@ -64,13 +71,13 @@ class StackedDoRALinear(StackedLoRALinear):
 
     NORM_EPS = 1e-12
 
-    def __init__(self, base: nn.Linear, rank: int, k: int, scale: float) -> None:
+    def __init__(self, base: nn.Module, rank: int, k: int, scale: float) -> None:
         super().__init__(base, rank, k, scale)
         self.magnitude = nn.ParameterList(
-            nn.Parameter(torch.zeros(base.out_features)) for _ in range(k))
+            nn.Parameter(torch.zeros(layer_shape(base)[0])) for _ in range(k))
 
     def weight_norm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        weight = self.base.weight + self.scale * (b @ a).detach()
+        weight = out_in_weight(self.base) + self.scale * (b @ a).detach()
         return torch.linalg.norm(weight, dim=1).clamp(min=self.NORM_EPS).detach()
 
     def set_init(self, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -1,15 +1,26 @@
-"""Which linear layers an adapter goes on, and which modules are the task head."""
+"""Which layers an adapter goes on, and which modules are the task head.
+
+Adapters go on `nn.Linear` layers and on transformers' `Conv1D` (GPT-2 and its relatives), which
+computes x W + b with W stored transposed, (in, out); PEFT adapts it with `fan_in_fan_out=True`.
+`all-linear` selects what PEFT's own `all-linear` selects for the same model and task type.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lorasweep.errors import StudyError
 
-# Path components that mark an attention projection across BERT- and Llama-style models.
-ATTENTION_PARTS = {"attention", "attn", "self_attn", "query", "key", "value",
-                   "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn"}
-# Attribute names transformers uses for a freshly initialized classification head.
+ADAPTABLE = (nn.Linear, Conv1D)
+ADAPTABLE_TEXT = "nn.Linear or transformers' Conv1D"
+# Leaf names (lower-cased) that mark an attention projection even where no parent module's name
+# contains "attn" or "attention".
+ATTENTION_LEAVES = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj",
+                    "c_attn", "query_key_value", "wqkv"}
+# Attribute names transformers uses for a freshly initialized classification head (PEFT's
+# SEQ_CLS_HEAD_NAMES).
 HEAD_NAMES = ("classifier", "score")
 
 
@@ -18,42 +29,117 @@ def head_module_names(model: nn.Module) -> list[str]:
     return [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
 
 
-def block_linears(model: nn.Module) -> list[str]:
-    """Linear layers inside the transformer blocks (a numbered layer in the path), in order.
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) features of an adaptable layer."""
+    if isinstance(module, Conv1D):
+        return module.nf, module.weight.shape[0]
+    return module.out_features, module.in_features
 
-    This leaves out the task head, the pooler and the LM head, as PEFT's `all-linear` does.
+
+def out_in_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as (out, in), like nn.Linear's: a transposed view of a Conv1D's, so
+    in-place edits reach the layer."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def _in_head(name: str, heads: list[str]) -> bool:
+    return any(name == head or name.startswith(head + ".") for head in heads)
+
+
+def adaptable_layers(model: nn.Module) -> list[str]:
+    """Every nn.Linear and Conv1D outside the task head, in model order.
+
+    The task head trains fully under every method (methods/base.py), so no adapter goes on it.
     """
+    heads = head_module_names(model)
     return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and any(part.isdigit() for part in name.split("."))]
+            if isinstance(module, ADAPTABLE) and not _in_head(name, heads)]
+
+
+def all_linear(model: nn.Module) -> list[str]:
+    """PEFT's `all-linear` (tuners_utils._maybe_include_all_linear_layers): every nn.Linear and
+    Conv1D, inside the numbered blocks or not (BERT's pooler.dense, OPT-350m's project_in and
+    project_out), except the layer the model reports as its output embeddings (the LM head) and
+    the task head (PEFT leaves it to modules_to_save for a SEQ_CLS model)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    output = getter() if getter is not None else None
+    return [name for name in adaptable_layers(model)
+            if output is None or model.get_submodule(name) is not output]
+
+
+def is_attention(name: str) -> bool:
+    """Whether a layer is an attention projection: a path component naming attention (attn,
+    self_attn, attention, self_attention, crossattention, ...) or an attention leaf name."""
+    parts = name.lower().split(".")
+    return (any("attn" in part or "attention" in part for part in parts[:-1])
+            or parts[-1] in ATTENTION_LEAVES)
+
+
+def in_block(name: str) -> bool:
+    """Whether a layer sits inside a numbered transformer block (a number in its path)."""
+    return any(part.isdigit() for part in name.split("."))
 
 
 def resolve_targets(model: nn.Module, targets: str) -> list[str]:
-    """Module names for a preset (`attention`, `mlp`, `all-linear`) or comma-joined suffixes."""
-    candidates = block_linears(model)
+    """Module names for a preset or comma-joined names.
 
-    def is_attention(name: str) -> bool:
-        return any(part in ATTENTION_PARTS for part in name.split("."))
-
+    `all-linear`: as PEFT's (see all_linear). `attention` / `mlp`: the layers of the numbered
+    blocks that are / are not attention projections. Names match a layer's full name or its last
+    components (`c_attn`, `attn.c_proj`), as PEFT matches a list, among every nn.Linear and Conv1D
+    outside the task head; a name that reaches another kind of module, or the task head, is
+    refused with that module's name.
+    """
     if targets == "all-linear":
-        chosen = candidates
-    elif targets == "attention":
-        chosen = [name for name in candidates if is_attention(name)]
-    elif targets == "mlp":
-        chosen = [name for name in candidates if not is_attention(name)]
+        chosen = all_linear(model)
+    elif targets in ("attention", "mlp"):
+        chosen = [name for name in adaptable_layers(model)
+                  if in_block(name) and is_attention(name) == (targets == "attention")]
     else:
-        suffixes = targets.split(",")
-        chosen = [name for name in candidates
-                  if any(name == s or name.endswith("." + s) for s in suffixes)]
+        chosen = _named(model, targets.split(","))
     if not chosen:
-        kinds = sorted({name.split(".")[-1] for name in candidates})
-        raise StudyError(f"search.target_modules: '{targets}' matches no linear layer of the "
-                         f"model; its layers end in: {', '.join(kinds)}")
+        raise StudyError(f"search.target_modules: '{targets}' matches no layer of the model; "
+                         f"{_layer_summary(model)}")
     return chosen
+
+
+def _named(model: nn.Module, names: list[str]) -> list[str]:
+    """Layers whose full name is, or ends in, one of `names`; any other module so named is an
+    error that names its type."""
+    heads = head_module_names(model)
+    chosen = []
+    for name, module in model.named_modules():
+        if not any(name == n or name.endswith("." + n) for n in names):
+            continue
+        if _in_head(name, heads):
+            raise StudyError(f"search.target_modules: {name} is part of the task head, which "
+                             "trains fully under every method; name other layers")
+        if not isinstance(module, ADAPTABLE):
+            raise StudyError(f"search.target_modules: {name} is of type "
+                             f"{type(module).__name__}, not an {ADAPTABLE_TEXT} layer, and "
+                             "cannot be adapted")
+        chosen.append(name)
+    return chosen
+
+
+def _layer_summary(model: nn.Module) -> str:
+    """What the model offers instead: its adaptable layers' last names, or the fact it has none."""
+    layers = adaptable_layers(model)
+    if not layers:
+        kinds = sorted({type(m).__name__ for _, m in model.named_modules()})
+        return f"it has no {ADAPTABLE_TEXT} layer outside the task head (its modules: " \
+               f"{', '.join(kinds)})"
+    kinds = sorted({name.split(".")[-1] for name in layers})
+    return f"its layers end in: {', '.join(kinds)}"
+
+
+def uses_conv1d(model: nn.Module, names: list[str]) -> bool:
+    """Whether any of these layers is a Conv1D (PEFT then wants fan_in_fan_out=True)."""
+    return any(isinstance(model.get_submodule(name), Conv1D) for name in names)
 
 
 def adapter_width(model: nn.Module, targets: str) -> int:
     """Sum of in + out features over the targeted layers: a rank-r LoRA trains r times this."""
-    return sum(model.get_submodule(name).in_features + model.get_submodule(name).out_features
+    return sum(sum(layer_shape(model.get_submodule(name)))
                for name in resolve_targets(model, targets))
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from lorasweep.config import TARGETS_AXIS, Study, dump_study, validate_study
 from lorasweep.errors import StudyError
 from lorasweep.methods import get_method
-from lorasweep.methods.peft_passthrough import needs_data
+from lorasweep.methods.peft_passthrough import names_own_targets, needs_data
 from lorasweep.methods.targets import adapter_width, resolve_targets
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.recipe import Recipe, resolve_recipe
@@ -83,7 +83,7 @@ def load_workbench(study: Study) -> Workbench:
         widths = {target_text(t): adapter_width(base, target_text(t))
                   for t in study.search.recipe[TARGETS_AXIS]}
     for cell in {t.cell for t in expand_trials(study, widths)}:
-        if cell.is_adapter:
+        if cell.is_adapter and not names_own_targets(cell):
             resolve_targets(base, cell.target_modules)
         if cell.method == "peft" and not needs_data(cell):
             # PEFT checks its configuration against the model only when it builds it (inits that
