@@ -41,10 +41,10 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours - ref).detach().norm() / ref.detach().norm().clamp(min=1e-30))
 
 
-def build_pair(source: str, kind: str, method: str):
-    tokenizer = load_tokenizer(ModelSpec(source=source))
-    base = load_model(ModelSpec(source=source), kind, 3 if kind == "classification" else None,
-                      tokenizer)
+def build_pair(source: str, kind: str, method: str, quantize: str | None = None):
+    spec = ModelSpec(source=source, quantize=quantize)
+    tokenizer = load_tokenizer(spec)
+    base = load_model(spec, kind, 3 if kind == "classification" else None, tokenizer)
     init = METHOD_INITS.get(method, "kaiming")
     cell = Cell(method=method, rank=4, lora_alpha="8", init=init,
                 target_modules="all-linear", loraplus_ratio=16.0 if method == "loraplus" else None)
@@ -106,7 +106,14 @@ ARCHS = [("tiny:bert", "classification"), ("tiny:llama", "causal_lm")]
 @pytest.mark.parametrize(("source", "kind"), ARCHS)
 @pytest.mark.parametrize("method", list(PEFT_FORMS))
 def test_matches_peft(source, kind, method):
-    ours, ref, cell, attached, ours_params, ref_params = build_pair(source, kind, method)
+    check_against_peft(source, kind, method)
+
+
+def check_against_peft(source: str, kind: str, method: str, quantize: str | None = None):
+    """Outputs, step-0 gradients and STEPS AdamW steps of ours and PEFT's from equal weights;
+    returns both models."""
+    ours, ref, cell, attached, ours_params, ref_params = build_pair(source, kind, method,
+                                                                    quantize)
     lr, weight_decay = 2e-3, 0.01
     recipe = TrainSpec(steps=STEPS, weight_decay=weight_decay)
     trial = TrialSpec(grid_id=0, cell=cell, lr=lr, seed=0)
@@ -138,6 +145,7 @@ def test_matches_peft(source, kind, method):
         ref_opt.zero_grad()
     for key, param in ours_params.items():
         assert rel_err(param, ref_params[key]) < TOL, key
+    return ours, ref
     ids, _ = batch(kind, 99)
     assert rel_err(ours(input_ids=ids).logits, ref(input_ids=ids).logits) < TOL
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorasweep.config import subtracts_from_base
 from lorasweep.methods.base import (
     Attached,
     Batches,
@@ -28,7 +29,7 @@ from lorasweep.methods.base import (
     decay_groups,
     stack_head,
 )
-from lorasweep.methods.stacked import StackedDoRALinear, StackedLoRALinear
+from lorasweep.methods.stacked import StackedDoRALinear, StackedLoRALinear, dense_weight
 from lorasweep.methods.targets import replace_module, resolve_targets
 from lorasweep.space import Cell
 
@@ -39,14 +40,6 @@ class Factors:
 
     a: torch.Tensor
     b: torch.Tensor
-
-
-RESIDUAL_INITS = ("pissa", "milora", "olora", "init_ab")
-
-
-def subtracts_from_base(init: str) -> bool:
-    """Whether an init takes s B0 A0 out of the base weight (so W_res differs from W)."""
-    return init in RESIDUAL_INITS or init.startswith("pissa_niter_")
 
 
 def _kaiming(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
@@ -118,7 +111,8 @@ class LoRA(Method):
         scale = self.scale(cell)
         for name in resolve_targets(model, cell.target_modules):
             base = model.get_submodule(name)
-            factors = initial_factors(cell.init, cell.rank, base.weight.detach(), scale, generator)
+            factors = initial_factors(cell.init, cell.rank, dense_weight(base).detach(), scale,
+                                      generator)
             if subtracts_from_base(cell.init):
                 with torch.no_grad():
                     base.weight -= (scale * factors.b @ factors.a).to(base.weight.dtype)

@@ -15,6 +15,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def dense_weight(layer: nn.Linear) -> torch.Tensor:
+    """The layer's weight as a matrix: dequantized from a 4-bit base (quantize.py), as PEFT's
+    DoRA and OLoRA do."""
+    quant_state = getattr(layer.weight, "quant_state", None)
+    if quant_state is None:
+        return layer.weight
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(layer.weight.data, quant_state)
+
+
 def split_trials(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     """(K*b, ...) -> K views of (b, ...): one row block per trial."""
     return x.chunk(k, dim=0)
@@ -70,7 +81,7 @@ class StackedDoRALinear(StackedLoRALinear):
             nn.Parameter(torch.zeros(base.out_features)) for _ in range(k))
 
     def weight_norm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        weight = self.base.weight + self.scale * (b @ a).detach()
+        weight = dense_weight(self.base) + self.scale * (b @ a).detach()
         return torch.linalg.norm(weight, dim=1).clamp(min=self.NORM_EPS).detach()
 
     def set_init(self, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -1,0 +1,93 @@
+"""QLoRA (`model.quantize: nf4`): bitsandbytes' NF4 base on the CPU, checked against PEFT's
+QLoRA layers over the same quantized model, a whole study over it, and the refusals."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorasweep.cli import main
+from lorasweep.config import ModelSpec
+from lorasweep.methods.stacked import dense_weight
+from lorasweep.models import load_model, load_tokenizer
+from tests.test_peft_equivalence import ARCHS, check_against_peft
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+@pytest.mark.parametrize(("source", "kind"), ARCHS)
+@pytest.mark.parametrize("method", ["lora", "rslora", "loraplus", "dora"])
+def test_matches_peft_over_the_same_4bit_base(source, kind, method):
+    ours, ref = check_against_peft(source, kind, method, quantize="nf4")
+    from peft.tuners.lora.bnb import Linear4bit as PeftQLoRALayer
+
+    assert any(isinstance(m, PeftQLoRALayer) for m in ref.modules())  # PEFT's QLoRA path
+    bases = [m.base for m in ours.modules() if hasattr(m, "lora_A")]
+    assert bases and all(isinstance(b, bnb.nn.Linear4bit) for b in bases)
+
+
+def test_block_linears_are_nf4_and_the_rest_is_not():
+    tokenizer = load_tokenizer(ModelSpec(source="tiny:llama"))
+    dense = load_model(ModelSpec(source="tiny:llama"), "causal_lm", None, tokenizer)
+    four = load_model(ModelSpec(source="tiny:llama", quantize="nf4"), "causal_lm", None,
+                      tokenizer)
+    layer = four.model.layers[0].mlp.up_proj
+    assert isinstance(layer, bnb.nn.Linear4bit) and layer.weight.dtype == torch.uint8
+    assert layer.weight.quant_state.quant_type == "nf4" and layer.weight.quant_state.nested
+    reference = dense.model.layers[0].mlp.up_proj.weight
+    error = (dense_weight(layer) - reference).abs().detach()
+    # NF4 keeps 16 levels per block of 64 weights: close to W, but not W
+    assert 0 < float(error.max()) < 0.5 * float(reference.abs().max())
+    assert type(four.lm_head) is torch.nn.Linear
+    assert four.model.embed_tokens.weight.dtype == torch.float32
+    dense_bytes = sum(p.numel() * p.element_size() for p in dense.model.layers.parameters())
+    four_bytes = sum(p.numel() * p.element_size() for p in four.model.layers.parameters())
+    assert four_bytes < 0.25 * dense_bytes
+
+
+def test_a_study_over_a_4bit_base_runs(tmp_path: Path, study_file):
+    path = study_file(model={"source": "tiny:llama", "quantize": "nf4"},
+                      search={"methods": ["lora", "dora"], "ranks": [4], "lr": [1e-3, 1e-2]})
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--max-group", "2"]) == 0
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"complete"}
+
+
+@pytest.mark.parametrize(("search", "expected"), [
+    ({"methods": ["lora", "full"]}, "method 'full' cannot train it"),
+    ({"methods": ["pissa"]}, "cannot hold init 'pissa'"),
+    ({"methods": ["lora"], "inits": ["olora"]}, "cannot hold init 'olora'"),
+    ({"methods": ["init_ab"]}, "cannot hold init 'init_ab'"),
+])
+def test_nf4_refuses_what_a_4bit_base_cannot_do(tmp_path: Path, study_file, capsys, search,
+                                                 expected):
+    path = study_file(model={"source": "tiny:bert", "quantize": "nf4"}, search=search)
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.quantize" in err and expected in err
+    assert not out.exists()
+
+
+def test_nf4_without_bitsandbytes_is_one_line_before_any_model_loads(
+        tmp_path: Path, study_file, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("transformers.AutoModelForSequenceClassification.from_config", no_loading)
+    path = study_file(model={"source": "tiny:bert", "quantize": "nf4"},
+                      search={"methods": ["lora"]})
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs the bitsandbytes package" in err
+    assert not out.exists()
