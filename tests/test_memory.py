@@ -19,6 +19,7 @@ from lorasweep.study.memory import (
     measure_peak,
     one_step,
     parse_memory,
+    probe_peaks,
     train_fitting,
     without_evaluation,
 )
@@ -95,6 +96,17 @@ def test_a_step_measured_at_k_1_and_2_predicts_k_3(study_file):
     assert peak(3) == pytest.approx(model.at(3), rel=0.05)
 
 
+def test_a_probe_that_runs_out_of_memory_at_two_settles_on_one():
+    def train(group):
+        if len(group) > 1:
+            raise torch.OutOfMemoryError("fake")
+        return torch.zeros(1000)
+
+    peaks = probe_peaks(train, "trial", True, torch.device("cpu"))
+    assert peaks.two is None and peaks.one >= 4000
+    assert peaks.largest_fitting(budget=10**12, ceiling=8) == 1
+
+
 def test_out_of_memory_splits_in_halves_and_keeps_going():
     sizes_tried = []
 
@@ -152,3 +164,9 @@ def test_dry_run_prints_groups_and_peaks_and_writes_nothing(tmp_path: Path, stud
                  "--memory-limit", "1KiB"]) == 0
     assert "over the budget even alone" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+    existing = tmp_path / "existing"
+    assert main(["run", str(path), "--out", str(existing), "--set", "train.steps=2"]) == 0
+    listing = {p: p.stat().st_mtime_ns for p in existing.rglob("*")}
+    assert main(["run", str(path), "--out", str(existing), "--dry-run"]) == 0
+    assert "existing exists" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in existing.rglob("*")} == listing

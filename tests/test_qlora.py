@@ -3,6 +3,7 @@ QLoRA layers over the same quantized model, a whole study over it, and the refus
 
 from __future__ import annotations
 
+import copy
 import csv
 import importlib.util
 from pathlib import Path
@@ -12,8 +13,10 @@ import torch
 
 from lorasweep.cli import main
 from lorasweep.config import ModelSpec
+from lorasweep.methods import get_method
 from lorasweep.methods.stacked import dense_weight
 from lorasweep.models import load_model, load_tokenizer
+from lorasweep.space import Cell
 from tests.test_peft_equivalence import ARCHS, check_against_peft
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -38,6 +41,7 @@ def test_block_linears_are_nf4_and_the_rest_is_not():
     layer = four.model.layers[0].mlp.up_proj
     assert isinstance(layer, bnb.nn.Linear4bit) and layer.weight.dtype == torch.uint8
     assert layer.weight.quant_state.quant_type == "nf4" and layer.weight.quant_state.nested
+    assert layer.weight.quant_state.blocksize == 64 and layer.compute_dtype == torch.float32
     reference = dense.model.layers[0].mlp.up_proj.weight
     error = (dense_weight(layer) - reference).abs().detach()
     # NF4 keeps 16 levels per block of 64 weights: close to W, but not W
@@ -47,6 +51,26 @@ def test_block_linears_are_nf4_and_the_rest_is_not():
     dense_bytes = sum(p.numel() * p.element_size() for p in dense.model.layers.parameters())
     four_bytes = sum(p.numel() * p.element_size() for p in four.model.layers.parameters())
     assert four_bytes < 0.25 * dense_bytes
+
+
+@pytest.mark.parametrize("init", ["gaussian", "mua_a", "mua_b", "random_ab"])
+def test_other_inits_train_fused_over_a_4bit_base(init):
+    """Two fused trials over NF4: B A = 0 inits leave the 4-bit model's outputs as they were
+    (random_ab changes them, by design), and gradients reach each trial's adapters."""
+    spec = ModelSpec(source="tiny:llama", quantize="nf4")
+    base = load_model(spec, "causal_lm", None, load_tokenizer(spec))
+    model = copy.deepcopy(base)
+    cell = Cell(method="lora", rank=4, lora_alpha="8", init=init, target_modules="all-linear")
+    attached = get_method("lora").attach(model, cell, 2, torch.Generator().manual_seed(0))
+    ids = torch.randint(1000, 5000, (2, 8), generator=torch.Generator().manual_seed(1))
+    logits = model(input_ids=ids.repeat(2, 1)).logits
+    same = torch.allclose(logits[:2], base(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    assert same == (init != "random_ab")
+    logits.float().pow(2).mean().backward()
+    for params in attached.trial_params:
+        grads = [p.grad for n, p in params if ".lora_" in n]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
 
 
 def test_a_study_over_a_4bit_base_runs(tmp_path: Path, study_file):

@@ -117,7 +117,7 @@ class PeakModel:
     """Peak memory of a group of K trials, from one step at K = 1 and K = 2."""
 
     one: int
-    two: int | None  # None for a cell that never fuses (full fine-tuning, peft)
+    two: int | None  # None: the cell never fuses (full fine-tuning, peft), or two did not fit
 
     def at(self, k: int) -> int:
         per_trial = 0 if self.two is None else max(self.two - self.one, 0)
@@ -136,10 +136,16 @@ def probe_peaks(train: Callable[[list[T]], object], trial: T, fusable: bool,
     """Measure one step of `train` (a one-step, no-evaluation trainer) at K = 1 and K = 2.
 
     Two copies of the same trial stand for two trials of its group: memory does not depend on
-    which LRs they have."""
+    which LRs they have. Two that do not fit leave the cell at one trial per group."""
     one = measure_peak(lambda: train([trial]), device)
-    two = measure_peak(lambda: train([trial, trial]), device) if fusable else None
-    return PeakModel(one, two)
+    if not fusable:
+        return PeakModel(one, None)
+    try:
+        return PeakModel(one, measure_peak(lambda: train([trial, trial]), device))
+    except torch.OutOfMemoryError:
+        pass
+    release_memory()  # outside the handler, so the failed step's tensors can be freed
+    return PeakModel(one, None)
 
 
 def one_step(recipe):
