@@ -170,3 +170,19 @@ def test_dry_run_prints_groups_and_peaks_and_writes_nothing(tmp_path: Path, stud
     assert main(["run", str(path), "--out", str(existing), "--dry-run"]) == 0
     assert "existing exists" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in existing.rglob("*")} == listing
+
+
+def test_a_memory_limit_probes_k_1_and_2_then_fuses_what_fits(tmp_path: Path, study_file,
+                                                             monkeypatch):
+    path = study_file(train={"steps": 4}, search={"methods": ["lora"], "lr": [1e-3, 3e-3, 1e-2]})
+    real, calls = runner.train_group, []
+
+    def spy(base, task, recipe, trials, device, *args):
+        calls.append((len(trials), recipe.steps))
+        return real(base, task, recipe, trials, device, *args)
+
+    monkeypatch.setattr(runner, "train_group", spy)
+    out = tmp_path / "auto"
+    assert main(["run", str(path), "--out", str(out), "--memory-limit", "1GiB"]) == 0
+    assert calls == [(1, 1), (2, 1), (3, 4)]  # the two one-step probes, then one group of 3
+    assert [r["status"] for r in read_rows(out)] == ["complete"] * 3

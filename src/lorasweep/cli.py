@@ -229,16 +229,16 @@ def _work_options(args: argparse.Namespace):
     if args.patience < 0:
         raise StudyError(f"--patience {args.patience:g}: must be at least 0")
     memory_limit = None if args.memory_limit is None else parse_memory(args.memory_limit)
-    return WorkOptions(device=args.device, max_group=_max_group(args.max_group, args.device),
-                       patience=args.patience, memory_limit=memory_limit)
+    return WorkOptions(device=args.device, patience=args.patience, memory_limit=memory_limit,
+                       max_group=_max_group(args.max_group, args.device, memory_limit))
 
 
-def _max_group(text: str | None, device: str) -> int | None:
-    """--max-group: a count of at least 1, or auto (None)."""
+def _max_group(text: str | None, device: str, memory_limit: int | None) -> int | None:
+    """--max-group: a count of at least 1, or auto (None); a memory limit alone means auto."""
     from lorasweep.study.runner import default_max_group
 
     if text is None:
-        return default_max_group(device)
+        return None if memory_limit is not None else default_max_group(device)
     if text == "auto":
         return None
     if not text.isdigit() or int(text) < 1:

@@ -238,7 +238,7 @@ def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, i
         cell = specs[0].cell
         trials = dict(zip((s.key for s in specs), ids, strict=True))
         with _heartbeat(store, ids):
-            k = sizes.size(cell.key, cell.fusable, lambda: probe_peaks(
+            k = 1 if len(specs) == 1 else sizes.size(cell.key, cell.fusable, lambda: probe_peaks(
                 _trainer(bench, task, recipe, sizes.device, probe=True), specs[0], cell.fusable,
                 sizes.device))
             for group, results in train_fitting(_trainer(bench, task, recipe, sizes.device),
