@@ -16,6 +16,7 @@ from lorasweep.space import expand_trials
 from lorasweep.study.memory import (
     GroupSizes,
     PeakModel,
+    free_memory,
     measure_peak,
     one_step,
     parse_memory,
@@ -46,6 +47,23 @@ def test_bad_memory_or_group_option_is_one_line(tmp_path: Path, study_file, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and flags[0] in err
     assert not out.exists()
+
+
+def test_on_a_gpu_the_allocator_peak_and_the_free_memory_are_read(monkeypatch):
+    """The CUDA readings, without CUDA: the calls are faked, their order and use checked."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: events.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 123)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 5000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 200)
+    cuda = torch.device("cuda")
+    assert measure_peak(lambda: events.append("run"), cuda) == 123
+    assert events == ["sync", "reset", "run", "sync"]
+    assert free_memory(cuda) == 1200  # free, plus what torch's allocator holds cached
+    assert GroupSizes(cuda, None, None).budget() == 1080  # x 0.9 headroom
+    assert GroupSizes(cuda, None, 500).budget() == 500
 
 
 def test_largest_group_that_fits_is_linear_in_k():
