@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -16,6 +17,9 @@ EXIT_BAD_INPUT = 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    # bitsandbytes' CPU backend, imported with PEFT, warns that it cannot fetch an optional hub
+    # kernel for its inference-only packed layout, which quantize.py turns off anyway.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     parser = _parser()
     args = parser.parse_args(argv)
     try:

@@ -11,7 +11,6 @@ QLoRA layers wrap them), so PEFT over the same quantized model is the reference 
 from __future__ import annotations
 
 import importlib.util
-import logging
 
 from torch import nn
 
@@ -38,9 +37,6 @@ def quantize_base(model: nn.Module, quantize: str) -> nn.Module:
     Embeddings, norms, the pooler, the LM head and the task head keep their dtype, as
     transformers keeps the LM head. Each layer computes in the dtype its weight had.
     """
-    # Its CPU backend warns on import that it cannot fetch an optional hub kernel for the
-    # inference-only packed layout, which lorasweep turns off below.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import bitsandbytes as bnb
 
     for name in block_linears(model):

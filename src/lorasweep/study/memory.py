@@ -16,7 +16,7 @@ import re
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -25,6 +25,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
 
 from lorasweep.errors import StudyError
+
+if TYPE_CHECKING:
+    from lorasweep.config import TrainSpec
+    from lorasweep.tasks import Task
 
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
@@ -148,12 +152,12 @@ def probe_peaks(train: Callable[[list[T]], object], trial: T, fusable: bool,
     return PeakModel(one, None)
 
 
-def one_step(recipe):
+def one_step(recipe: TrainSpec) -> TrainSpec:
     """The recipe cut to one step, for probing."""
     return recipe.model_copy(update={"steps": 1, "epochs": None, "eval_every": 0})
 
 
-def without_evaluation(task):
+def without_evaluation(task: Task) -> Task:
     """The task with evaluation skipped, so a probe measures the training step alone."""
     probe = copy.copy(task)
     probe.evaluate = lambda model, split, k, *args: [{"eval_loss": 0.0} for _ in range(k)]
