@@ -340,7 +340,8 @@ def dry_run(study: Study, folder: Path, options: WorkOptions) -> str:
     existing = (f"; {folder} exists: the trials it has recorded are not left out here"
                 if folder.exists() else "")
     return "\n".join([
-        f"dry run of study {study.name}: {len(trials)} trials ({planned}) in {len(lines)} groups "
+        f"dry run of study {study.name}: {len(trials)} trials ({planned}) in "
+        f"{len(lines)} group{'s' if len(lines) != 1 else ''} "
         f"on {options.device}, {size} per group{budget}{existing}",
         f"peak memory: {how_measured(sizes.device)}, predicted for K as "
         "peak(1) + (K-1) x (peak(2) - peak(1))",
