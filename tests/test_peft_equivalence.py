@@ -41,6 +41,7 @@ from lorasweep.methods.targets import (
 )
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.optim import build_optimizer
+from lorasweep.quantize import quantize_base
 from lorasweep.space import Cell, TrialSpec
 
 TOL = 1e-6
@@ -97,7 +98,7 @@ ARCHS = [("tiny:bert", "classification"), ("tiny:llama", "causal_lm"),
          *((name, "causal_lm") for name in DECODERS)]
 
 
-def base_model(source: str, kind: str) -> torch.nn.Module:
+def base_model(source: str, kind: str, quantize: str | None = None) -> torch.nn.Module:
     if source in DECODERS:
         labels = {"num_labels": 3, "pad_token_id": 0} if kind == "classification" else {}
         config = AutoConfig.for_model(**{**DECODERS[source], **labels}, vocab_size=5000)
@@ -105,10 +106,10 @@ def base_model(source: str, kind: str) -> torch.nn.Module:
                 else NOT_AUTO.get(source, AutoModelForCausalLM))
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            return (auto(config) if source in NOT_AUTO else auto.from_config(config)).eval()
-    tokenizer = load_tokenizer(ModelSpec(source=source))
-    return load_model(ModelSpec(source=source), kind, 3 if kind == "classification" else None,
-                      tokenizer)
+            model = (auto(config) if source in NOT_AUTO else auto.from_config(config)).eval()
+        return quantize_base(model, quantize) if quantize else model
+    spec = ModelSpec(source=source, quantize=quantize)
+    return load_model(spec, kind, 3 if kind == "classification" else None, load_tokenizer(spec))
 
 
 def linearized(model: torch.nn.Module) -> torch.nn.Module:
@@ -133,9 +134,9 @@ def peft_key(name: str) -> str:
             .replace(".modules_to_save.default", ""))
 
 
-def build_pair(source: str, kind: str, method: str, k: int = 1):
+def build_pair(source: str, kind: str, method: str, k: int = 1, quantize: str | None = None):
     """Our model with K trials and one PEFT model per trial, all from the same weights."""
-    base = base_model(source, kind)
+    base = base_model(source, kind, quantize)
     init = METHOD_INITS.get(method, "kaiming")
     cell = Cell(method=method, rank=4, lora_alpha="8", init=init,
                 target_modules="all-linear", loraplus_ratio=16.0 if method == "loraplus" else None)
@@ -215,7 +216,14 @@ def peft_optimizer(method: str, ref, lr: float, weight_decay: float) -> torch.op
 @pytest.mark.parametrize(("source", "kind"), ARCHS)
 @pytest.mark.parametrize("method", list(PEFT_FORMS))
 def test_matches_peft(source, kind, method, k):
-    ours, refs, cell, attached, trials = build_pair(source, kind, method, k)
+    check_against_peft(source, kind, method, k)
+
+
+def check_against_peft(source: str, kind: str, method: str, k: int = 1,
+                       quantize: str | None = None):
+    """Outputs, step-0 gradients and STEPS AdamW steps of our K trials, each against its own
+    PEFT model from equal weights; returns our model and the PEFT models."""
+    ours, refs, cell, attached, trials = build_pair(source, kind, method, k, quantize)
     lrs, weight_decay = [2e-3, 6e-3][:k], 0.01
     recipe = TrainSpec(steps=STEPS, weight_decay=weight_decay)
     specs = [TrialSpec(grid_id=i, cell=cell, lr=lr, seed=0) for i, lr in enumerate(lrs)]
@@ -253,6 +261,7 @@ def test_matches_peft(source, kind, method, k):
         some = next(key for key in trials[0] if key.endswith("lora_A"))
         assert rel_err(trials[0][some], trials[1][some]) > 1e-3
     same_outputs(batch(kind, 99)[0])
+    return ours, refs
 
 
 @pytest.mark.parametrize(("source", "kind"), [*ARCHS, ("gpt2", "classification"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -14,6 +15,9 @@ from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS, STORAGE_ENV
 
 
 def main(argv: list[str] | None = None) -> int:
+    # bitsandbytes' CPU backend, imported with PEFT, warns that it cannot fetch an optional hub
+    # kernel for its inference-only packed layout, which quantize.py turns off anyway.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -41,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--lease-seconds", type=float, metavar="S",
                      help="a running trial whose worker has been silent this long is run again "
                           "(default: 180; kept in the study)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the planned trials, groups and predicted peak memory of each "
+                          "group; write nothing")
     run.add_argument("--max-attempts", type=int, metavar="N",
                      help="runs of one trial lost to dead workers before it is marked failed "
                           "(default: 3; kept in the study)")
@@ -110,9 +117,12 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                              "cuda:N (default: cpu)")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads per process (default: the cores shared out)")
-    parser.add_argument("--max-group", type=int, default=None, metavar="K",
-                        help="most trials trained together over one base copy "
-                             "(default: 1 on cpu, 8 on a GPU)")
+    parser.add_argument("--max-group", default=None, metavar="K|auto",
+                        help="most trials trained together over one base copy; auto: as many "
+                             "as fit the memory (default: 1 on cpu, auto on a GPU)")
+    parser.add_argument("--memory-limit", metavar="SIZE",
+                        help="size groups to fit this much device memory, e.g. 40GiB "
+                             "(default: the free memory; with --max-group K, at most K)")
     parser.add_argument("--patience", type=float, default=DEFAULT_PATIENCE_SECONDS, metavar="S",
                         help="how long to wait for an unreachable storage before giving up "
                              f"(default: {DEFAULT_PATIENCE_SECONDS:.0f})")
@@ -178,6 +188,11 @@ def _run(args: argparse.Namespace) -> int:
         if value is not None and value < least:
             raise StudyError(f"{flag} {value:g}: must be at least {least}")
     folder = args.out or Path("lorasweep-studies") / study.name
+    if args.dry_run:
+        from lorasweep.study.runner import dry_run
+
+        print(dry_run(study, folder, options))
+        return 0
     started = time.perf_counter()
     summary = run_study(study, folder, options, retry_failed=args.retry_failed,
                         storage_url=args.storage, workers=args.workers, threads=args.threads,
@@ -202,7 +217,8 @@ def _work_options(args: argparse.Namespace):
     """Check the device, thread and group options shared by `run` and `worker`."""
     import torch
 
-    from lorasweep.study.runner import WorkOptions, default_max_group
+    from lorasweep.study.memory import parse_memory
+    from lorasweep.study.runner import WorkOptions
     from lorasweep.study.storage import check_storage_url
 
     if args.storage is not None:
@@ -212,12 +228,24 @@ def _work_options(args: argparse.Namespace):
     if args.device != "cpu" and not _device_available(args.device):
         raise StudyError(f"--device {args.device}: not available on this machine; allowed: cpu"
                          + (", cuda" if torch.cuda.is_available() else ""))
-    if args.max_group is not None and args.max_group < 1:
-        raise StudyError(f"--max-group {args.max_group}: must be at least 1")
     if args.patience < 0:
         raise StudyError(f"--patience {args.patience:g}: must be at least 0")
-    return WorkOptions(device=args.device, max_group=args.max_group
-                       or default_max_group(args.device), patience=args.patience)
+    memory_limit = None if args.memory_limit is None else parse_memory(args.memory_limit)
+    return WorkOptions(device=args.device, patience=args.patience, memory_limit=memory_limit,
+                       max_group=_max_group(args.max_group, args.device, memory_limit))
+
+
+def _max_group(text: str | None, device: str, memory_limit: int | None) -> int | None:
+    """--max-group: a count of at least 1, or auto (None); a memory limit alone means auto."""
+    from lorasweep.study.runner import default_max_group
+
+    if text is None:
+        return None if memory_limit is not None else default_max_group(device)
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise StudyError(f"--max-group {text}: must be a whole number of at least 1, or auto")
+    return int(text)
 
 
 def _set_threads(threads: int | None) -> None:

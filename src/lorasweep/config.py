@@ -36,6 +36,7 @@ INIT_PATTERN = "^(" + "|".join(INIT_NAMES) + r"|pissa_niter_\d+)$"
 # Methods that are LoRA with a particular init: their cells take this init, not search.inits.
 METHOD_INITS = {"pissa": "pissa", "milora": "milora", "olora": "olora", "init_ab": "init_ab",
                 "random_ab": "random_ab"}
+RESIDUAL_INITS = ("pissa", "milora", "olora", "init_ab")
 TARGET_PRESETS = ("attention", "mlp", "all-linear")
 # The validation metrics each task kind reports that may choose optima (`task.metric`); the first
 # is the default. eval_loss is the only one where lower is better. A code task also reports
@@ -43,6 +44,11 @@ TARGET_PRESETS = ("attention", "mlp", "all-linear")
 KIND_METRICS = {"classification": ("accuracy", "eval_loss"), "causal_lm": ("eval_loss",),
                 "math": ("accuracy_flexible", "accuracy_strict", "eval_loss"),
                 "code": ("pass@1", "eval_loss")}
+
+
+def subtracts_from_base(init: str) -> bool:
+    """Whether an init takes s B0 A0 out of the base weight (so W_res differs from W)."""
+    return init in RESIDUAL_INITS or init.startswith("pissa_niter_")
 
 
 class _Strict(BaseModel):
@@ -59,6 +65,8 @@ class ModelSpec(_Strict):
     source: str = Field(min_length=1)
     revision: str | None = None
     trust_remote_code: bool = False
+    # nf4: the frozen base's block linear layers in 4-bit NormalFloat, as QLoRA (quantize.py)
+    quantize: Literal["nf4"] | None = None
 
 
 class TaskSpec(_Strict):
@@ -398,6 +406,28 @@ class Study(_Strict):
         if self.task.select == "best" and not self.train.eval_every:
             raise ValueError("task.select 'best': needs train.eval_every > 0 (the evaluations "
                              "to choose the best from)")
+        return self
+
+    @model_validator(mode="after")
+    def _quantized_base_stays_frozen(self) -> Study:
+        """A 4-bit base can neither train (full fine-tuning) nor take s B0 A0 out of its weights
+        exactly (the residual inits): PEFT too refuses PiSSA over a 4-bit weight, and asks for
+        the residual model to be made in full precision and quantized afterwards."""
+        if self.model.quantize is None:
+            return self
+        for entry in self.search.methods:
+            if entry.name == "full":
+                raise ValueError(f"model.quantize: {self.model.quantize} freezes the base in 4 "
+                                 "bits, so method 'full' cannot train it; use an adapter method "
+                                 "or drop model.quantize")
+            for init in entry.inits(self.search.inits):
+                if subtracts_from_base(init):
+                    raise ValueError(
+                        f"model.quantize: {self.model.quantize} cannot hold init '{init}' "
+                        f"(method '{entry.display_name}'): it subtracts s B0 A0 from the base "
+                        "weight, which a 4-bit base cannot store exactly (PEFT refuses PiSSA "
+                        "over 4-bit weights too); allowed inits: kaiming, gaussian, mua_a, "
+                        "mua_b, random_ab")
         return self
 
 

@@ -16,9 +16,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
+from lorasweep.config import subtracts_from_base
 from lorasweep.errors import StudyError
 from lorasweep.methods import get_method
-from lorasweep.methods.lora import subtracts_from_base
 from lorasweep.methods.stacked import StackedLoRALinear
 from lorasweep.methods.targets import resolve_targets, uses_conv1d
 from lorasweep.models import load_model, load_tokenizer

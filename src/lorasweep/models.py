@@ -22,6 +22,7 @@ from lorasweep.packaged_models import (
     ModelNotAvailableError,
     packaged_model_path,
 )
+from lorasweep.quantize import check_quantize, quantize_base
 
 # Small random models built from a config: real architectures, seconds to train, for tests.
 TINY_CONFIGS = {
@@ -57,7 +58,9 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
 
 def load_model(spec: ModelSpec, kind: str, num_labels: int | None,
                tokenizer: PreTrainedTokenizerBase) -> nn.Module:
-    """The base model in fp32 on the CPU, in eval mode (dropout off, see train.py)."""
+    """The base model in fp32 on the CPU (its block linears in NF4 with `quantize: nf4`), in
+    eval mode (dropout off, see train.py)."""
+    check_quantize(spec.quantize)
     auto = _auto_class(kind)
     extra = {"num_labels": num_labels} if kind == "classification" else {}
     if spec.source in TINY_CONFIGS:
@@ -75,6 +78,8 @@ def load_model(spec: ModelSpec, kind: str, num_labels: int | None,
             raise StudyError(_load_error(spec, exc)) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if spec.quantize is not None:
+        quantize_base(model, spec.quantize)
     return model.eval()
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorasweep.config import subtracts_from_base
 from lorasweep.methods.base import (
     Attached,
     Batches,
@@ -28,8 +29,8 @@ from lorasweep.methods.base import (
     decay_groups,
     stack_head,
 )
-from lorasweep.methods.stacked import StackedDoRALinear, StackedLoRALinear
-from lorasweep.methods.targets import out_in_weight, replace_module, resolve_targets
+from lorasweep.methods.stacked import StackedDoRALinear, StackedLoRALinear, dense_weight
+from lorasweep.methods.targets import replace_module, resolve_targets
 from lorasweep.space import Cell
 
 
@@ -39,14 +40,6 @@ class Factors:
 
     a: torch.Tensor
     b: torch.Tensor
-
-
-RESIDUAL_INITS = ("pissa", "milora", "olora", "init_ab")
-
-
-def subtracts_from_base(init: str) -> bool:
-    """Whether an init takes s B0 A0 out of the base weight (so W_res differs from W)."""
-    return init in RESIDUAL_INITS or init.startswith("pissa_niter_")
 
 
 def _kaiming(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
@@ -118,7 +111,7 @@ class LoRA(Method):
         scale = self.scale(cell)
         for name in resolve_targets(model, cell.target_modules):
             base = model.get_submodule(name)
-            weight = out_in_weight(base)  # (out, in) for nn.Linear and Conv1D alike
+            weight = dense_weight(base)  # (out, in) for nn.Linear and Conv1D, 4-bit dequantized
             factors = initial_factors(cell.init, cell.rank, weight.detach(), scale, generator)
             if subtracts_from_base(cell.init):
                 with torch.no_grad():

@@ -17,6 +17,18 @@ from torch import nn
 from lorasweep.methods.targets import layer_shape, out_in_weight
 
 
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as an (out, in) matrix: a view of a Conv1D's transposed weight (so
+    in-place edits reach the layer), or dequantized from a 4-bit base (quantize.py), as PEFT's
+    DoRA and OLoRA do."""
+    quant_state = getattr(layer.weight, "quant_state", None)
+    if quant_state is None:
+        return out_in_weight(layer)
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(layer.weight.data, quant_state)
+
+
 def split_trials(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     """(K*b, ...) -> K views of (b, ...): one row block per trial."""
     return x.chunk(k, dim=0)
@@ -76,14 +88,15 @@ class StackedDoRALinear(StackedLoRALinear):
         self.magnitude = nn.ParameterList(
             nn.Parameter(torch.zeros(layer_shape(base)[0])) for _ in range(k))
 
-    def weight_norm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        weight = out_in_weight(self.base) + self.scale * (b @ a).detach()
+    def weight_norm(self, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Row norms of W + s B A, with W the (dequantized) base weight `base`."""
+        weight = base + self.scale * (b @ a).detach()
         return torch.linalg.norm(weight, dim=1).clamp(min=self.NORM_EPS).detach()
 
     def set_init(self, a: torch.Tensor, b: torch.Tensor) -> None:
         super().set_init(a, b)
         with torch.no_grad():
-            norm = self.weight_norm(a, b)
+            norm = self.weight_norm(dense_weight(self.base), a, b)
             for magnitude in self.magnitude:
                 magnitude.copy_(norm)
 
@@ -93,10 +106,11 @@ class StackedDoRALinear(StackedLoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         plain = result if self.base.bias is None else result - self.base.bias
+        base = dense_weight(self.base)  # dequantized once for the K trials
         deltas = []
         for xk, wk, a, b, m in zip(split_trials(x, self.k), split_trials(plain, self.k),
                                    self.lora_A, self.lora_B, self.magnitude, strict=True):
-            ratio = m / self.weight_norm(a, b)
+            ratio = m / self.weight_norm(base, a, b)
             lora = F.linear(F.linear(xk.to(a.dtype), a), b)
             deltas.append((ratio - 1) * wk + ratio * lora * self.scale)
         return result + torch.cat(deltas).to(result.dtype)

@@ -13,12 +13,16 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
 from lorasweep.errors import EXIT_BAD_INPUT, StudyError
 from lorasweep.study.defaults import STORAGE_ENV
 from lorasweep.study.store import Store
+
+if TYPE_CHECKING:
+    from lorasweep.study.runner import WorkOptions
 
 PROGRESS_SECONDS = 2.0
 
@@ -43,19 +47,21 @@ def gpu_assignment(device: str, count: int) -> list[str | None]:
     return [gpus[i % len(gpus)] for i in range(count)]
 
 
-def run_local_workers(store: Store, folder: Path, count: int, device: str, max_group: int,
-                      patience: float, threads: int | None,
-                      storage_url: str | None) -> tuple[int, int]:
+def run_local_workers(store: Store, folder: Path, count: int, options: WorkOptions,
+                      threads: int | None, storage_url: str | None) -> tuple[int, int]:
     """Start `count` workers on the study in `folder`, wait for them; (trained, failed)."""
     before = _finished(store)
     base_env = {**os.environ, "TQDM_DISABLE": "1"}  # one progress bar, this one
     if storage_url is not None:
         base_env[STORAGE_ENV] = storage_url  # the password stays off the command line
     command = [sys.executable, "-m", "lorasweep.cli", "worker", str(folder),
-               "--device", device, "--max-group", str(max_group), "--patience", str(patience),
+               "--device", options.device, "--max-group", str(options.max_group or "auto"),
+               "--patience", str(options.patience),
                "--threads", str(worker_threads(count, threads))]
+    if options.memory_limit is not None:
+        command += ["--memory-limit", str(options.memory_limit)]
     processes = []
-    for gpu in gpu_assignment(device, count):
+    for gpu in gpu_assignment(options.device, count):
         env = base_env if gpu is None else {**base_env, "CUDA_VISIBLE_DEVICES": gpu}
         processes.append(subprocess.Popen(command, env=env))
     bar = tqdm(total=len(store.latest_by_key()), initial=sum(before.values()),

@@ -33,23 +33,32 @@ from lorasweep.space import TrialSpec, expand_trials, recipes_of, target_text
 from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS
 from lorasweep.study.folder import load_folder_study, prepare_folder, save_weights, storage_of
 from lorasweep.study.local_workers import run_local_workers
-from lorasweep.study.plan import planner
+from lorasweep.study.memory import (
+    GroupSizes,
+    format_bytes,
+    how_measured,
+    one_step,
+    probe_peaks,
+    train_fitting,
+    without_evaluation,
+)
+from lorasweep.study.plan import plan_trials, planner
 from lorasweep.study.storage import public_url
 from lorasweep.study.store import Store
 from lorasweep.tasks import Task, build_task, num_labels
-from lorasweep.train import BestOf, train_group
+from lorasweep.train import BestOf, TrialResult, train_group
 
 POLL_SECONDS = 5.0  # how often an idle worker looks for trials that others left behind
 
 
-def default_max_group(device: str) -> int:
-    """Trials per fused group when the user does not say.
+def default_max_group(device: str) -> int | None:
+    """Trials per fused group when the user does not say (None: sized automatically).
 
-    Each trial in a group adds its own activations, so memory grows about linearly in K. On a
-    CPU the work is compute-bound and fusing measured no faster (benchmarks/README.md), so the CPU
-    default is 1; on a GPU a group fills the device that one small trial leaves idle.
+    On a CPU the work is compute-bound and fusing measured no faster (benchmarks/README.md), so
+    the CPU default is 1; on a GPU a group fills the device that one small trial leaves idle, as
+    many trials as fit its memory (study/memory.py).
     """
-    return 1 if device == "cpu" else 8
+    return 1 if device == "cpu" else None
 
 
 @dataclass
@@ -105,11 +114,16 @@ class RunSummary:
 
 @dataclass(frozen=True)
 class WorkOptions:
-    """How one worker trains: its device, its group size, its patience with the storage."""
+    """How one worker trains: its device, its group size (None: as many as fit the memory,
+    or `memory_limit` bytes), its patience with the storage."""
 
     device: str = "cpu"
-    max_group: int = 1
+    max_group: int | None = 1
     patience: float = DEFAULT_PATIENCE_SECONDS
+    memory_limit: int | None = None
+
+    def group_sizes(self) -> GroupSizes:
+        return GroupSizes(torch.device(self.device), self.max_group, self.memory_limit)
 
 
 def open_study_store(study: Study, folder: Path, storage_url: str | None,
@@ -137,8 +151,7 @@ def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
         trained, failed = work(store, bench, study, folder, options)
     else:
         del bench  # checked; each worker process loads its own copy
-        trained, failed = run_local_workers(store, folder, workers, options.device,
-                                            options.max_group, options.patience, threads,
+        trained, failed = run_local_workers(store, folder, workers, options, threads,
                                             storage_url)
     write_study_outputs(folder, store, study)
     return RunSummary(folder=folder, trained=trained, failed=failed)
@@ -179,15 +192,15 @@ def work(store: Store, bench: Workbench, study: Study, folder: Path,
     Returns (trials trained, trials failed).
     """
     plan = _planner(study, store, bench.widths)
-    device = torch.device(options.device)
+    sizes = options.group_sizes()
     trained = failed = 0
     todo = len([s for s, _, _ in store.latest_by_key().values() if s == "waiting"])
     overall = tqdm(total=todo, desc=f"study {study.name}", unit="trial", disable=None)
     try:
         while True:
-            claimed = store.claim_group(options.max_group)
+            claimed = store.claim_group(sizes.claim)
             if not claimed and store.sync(plan()):  # new plan entries, dead runs requeued
-                claimed = store.claim_group(options.max_group)
+                claimed = store.claim_group(sizes.claim)
             if not claimed:
                 if not store.others_running():
                     break
@@ -195,7 +208,7 @@ def work(store: Store, bench: Workbench, study: Study, folder: Path,
                 continue
             ids = [trial_id for trial_id, _ in claimed]
             specs = [spec for _, spec in claimed]
-            failed += _train_claimed(store, bench, study, folder, ids, specs, device)
+            failed += _train_claimed(store, bench, study, folder, ids, specs, sizes)
             trained += len(specs)
             overall.update(len(specs))
             write_trials_csv(folder, store, study.task.objective)
@@ -215,32 +228,36 @@ def _planner(study: Study, store: Store, widths: dict[str, int] | None
 
 
 def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, ids: list[int],
-                   specs: list[TrialSpec], device: torch.device) -> int:
-    """Train one claimed group and record it; returns how many of its trials failed."""
+                   specs: list[TrialSpec], sizes: GroupSizes) -> int:
+    """Train the claimed trials of one group, as many at a time as fit, recording each group as
+    it finishes; returns how many trials failed."""
+    recorded = 0
     try:
         recipe = resolve_recipe(study.train, specs[0].cell.recipe)
+        task = bench.task_for(recipe)
+        cell = specs[0].cell
+        trials = dict(zip((s.key for s in specs), ids, strict=True))
         with _heartbeat(store, ids):
-            results = train_group(bench.base, bench.task_for(recipe), recipe.train, specs, device,
-                                  best_of=_best_of(study))
+            k = 1 if len(specs) == 1 else sizes.size(cell.key, cell.fusable, lambda: probe_peaks(
+                _trainer(bench, task, recipe, sizes.device, probe=True), specs[0], cell.fusable,
+                sizes.device))
+            trainer = _trainer(bench, task, recipe, sizes.device, best_of=_best_of(study))
+            for group, results in train_fitting(trainer, specs, k,
+                                                lambda n: sizes.shrink(cell.key, n)):
+                for spec, result in zip(group, results, strict=True):
+                    _record(store, folder, study, trials[spec.key], spec, result)
+                recorded += len(group)
     except KeyboardInterrupt:
-        for trial_id in ids:
+        for trial_id in ids[recorded:]:
             store.record_failure(trial_id, "interrupted by the user", status="interrupted")
         raise
     except Exception as exc:  # a crash fails these trials; the study goes on
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        tqdm.write(f"trials {[s.grid_id for s in specs]} failed: {message}")
+        tqdm.write(f"trials {[s.grid_id for s in specs[recorded:]]} failed: {message}")
         tqdm.write(traceback.format_exc(limit=-3))
-        for trial_id in ids:
+        for trial_id in ids[recorded:]:
             store.record_failure(trial_id, message)
-        return len(ids)
-    for trial_id, spec, result in zip(ids, specs, results, strict=True):
-        if not store.still_ours(trial_id):  # declared dead and requeued: the rerun records it
-            tqdm.write(f"trial {spec.grid_id}: its lease was taken over; result not recorded")
-            continue
-        if result.weights is not None:
-            save_weights(folder, spec.grid_id, result.weights)
-        if not store.record(trial_id, result, study.task.objective):
-            tqdm.write(f"trial {spec.grid_id}: its lease was taken over; result not recorded")
+        return len(ids) - recorded
     return 0
 
 
@@ -249,6 +266,28 @@ def _best_of(study: Study) -> BestOf | None:
     if study.task.select != "best":
         return None
     return BestOf(study.task.objective, study.task.maximize)
+
+
+def _trainer(bench: Workbench, task: Task, recipe: Recipe, device: torch.device,
+             best_of: BestOf | None = None, probe: bool = False
+             ) -> Callable[[list[TrialSpec]], list[TrialResult]]:
+    """Train a group of trials; a probe trains one step and evaluates nothing."""
+    if probe:
+        task, train, best_of = without_evaluation(task), one_step(recipe.train), None
+    else:
+        train = recipe.train
+    return lambda group: train_group(bench.base, task, train, group, device, best_of=best_of)
+
+
+def _record(store: Store, folder: Path, study: Study, trial_id: int, spec: TrialSpec,
+            result: TrialResult) -> None:
+    if not store.still_ours(trial_id):  # declared dead and requeued: the rerun records it
+        tqdm.write(f"trial {spec.grid_id}: its lease was taken over; result not recorded")
+        return
+    if result.weights is not None:
+        save_weights(folder, spec.grid_id, result.weights)
+    if not store.record(trial_id, result, study.task.objective):
+        tqdm.write(f"trial {spec.grid_id}: its lease was taken over; result not recorded")
 
 
 @contextmanager
@@ -272,3 +311,56 @@ def _heartbeat(store: Store, ids: list[int]):
     finally:
         stop.set()
         thread.join()
+
+
+def dry_run(study: Study, folder: Path, options: WorkOptions) -> str:
+    """`lorasweep run --dry-run`: the trials a fresh run would plan, in the groups a worker would
+    train them, with each group's predicted peak memory. Loads the model and measures; writes
+    nothing anywhere."""
+    bench = load_workbench(study)
+    sizes = options.group_sizes()
+    trials = plan_trials(study, {}, study.task.maximize, bench.widths)
+    groups: dict[str, list[TrialSpec]] = {}
+    for trial in trials:
+        groups.setdefault(trial.group_key, []).append(trial)
+    lines = []
+    for specs in groups.values():
+        cell = specs[0].cell
+        recipe = resolve_recipe(study.train, cell.recipe)
+        probe = _trainer(bench, bench.task_for(recipe), recipe, sizes.device, probe=True)
+        peaks = sizes.peaks.get(cell.key) or probe_peaks(probe, specs[0], cell.fusable,
+                                                         sizes.device)
+        sizes.peaks[cell.key] = peaks
+        k = sizes.size(cell.key, cell.fusable, lambda peaks=peaks: peaks)
+        for start in range(0, len(specs), k):
+            group = specs[start:start + k]
+            lrs = ", ".join(f"{t.lr:.3g}" for t in group)
+            over = (" (over the budget even alone: it may run out of memory)"
+                    if sizes.automatic and peaks.at(len(group)) > sizes.budget() else "")
+            lines.append(f"  {_describe_cell(cell)} seed {specs[0].seed}: K={len(group)}, "
+                         f"lr {lrs}: predicted peak {format_bytes(peaks.at(len(group)))}{over}")
+    size = ("as many as fit" if sizes.automatic and options.max_group is None
+            else f"at most {options.max_group}")
+    budget = (f"; budget {format_bytes(sizes.budget())} "
+              f"({'--memory-limit' if options.memory_limit else 'free memory x 0.9'})"
+              if sizes.automatic else "")
+    planned = ("the whole grid" if study.search.strategy == "grid"
+               else "the first wave of the transfer search; brackets follow its results")
+    existing = (f"; {folder} exists: the trials it has recorded are not left out here"
+                if folder.exists() else "")
+    return "\n".join([
+        f"dry run of study {study.name}: {len(trials)} trials ({planned}) in "
+        f"{len(lines)} group{'s' if len(lines) != 1 else ''} "
+        f"on {options.device}, {size} per group{budget}{existing}",
+        f"peak memory: {how_measured(sizes.device)}, predicted for K as "
+        "peak(1) + (K-1) x (peak(2) - peak(1))",
+        *lines,
+        f"nothing was written (dry run); run without --dry-run to train into {folder}"])
+
+
+def _describe_cell(cell) -> str:
+    if not cell.is_adapter:
+        return cell.label
+    recipe = f" {cell.recipe}" if cell.recipe else ""
+    return (f"{cell.label} r={cell.rank} lora_alpha={cell.alpha:g} {cell.init} "
+            f"{cell.target_modules}{recipe}")
