@@ -186,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
                         lease_seconds=args.lease_seconds, max_attempts=args.max_attempts)
     elapsed = time.perf_counter() - started
     print(f"trained {summary.trained} trials in {elapsed:.0f} s; results in {folder}/trials.csv")
-    _print_status(folder)
+    _print_status(folder, args.storage)  # the full URL: the folder keeps it without its password
     return 1 if summary.failed else 0
 
 
@@ -286,13 +286,13 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_status(folder: Path) -> None:
+def _print_status(folder: Path, storage_url: str | None = None) -> None:
     from lorasweep.analysis.compare import cell_name
     from lorasweep.analysis.optima import find_optima
     from lorasweep.results import trial_rows
     from lorasweep.study.folder import open_folder_store
 
-    study, store = open_folder_store(folder)
+    study, store = open_folder_store(folder, storage_url=storage_url)
     metric = study.task.objective
     rows = trial_rows(store, metric)
     counts = Counter(row["status"] for row in rows)

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from lorasweep.config import Study, dump_study, validate_study
 from lorasweep.errors import StudyError
 from lorasweep.files import atomic_path, write_text
+from lorasweep.redact import redact_argv
 from lorasweep.study.defaults import STORAGE_ENV
 from lorasweep.study.storage import JOURNAL_NAME, public_url
 from lorasweep.study.store import Store
@@ -85,10 +86,17 @@ def _check_same_storage(folder: Path, storage_url: str | None) -> None:
                          "holds a study in its journal file; use another --out")
 
 
-def open_folder_store(folder: Path, create: bool = False) -> tuple[Study, Store]:
-    """A study folder's study and store, wherever its records live; reading never writes."""
+def open_folder_store(folder: Path, create: bool = False,
+                      storage_url: str | None = None) -> tuple[Study, Store]:
+    """A study folder's study and store, wherever its records live; reading never writes.
+
+    `storage_url` is the full URL this process was given (with its password, which the folder
+    does not keep); it is used when it names the database the folder records.
+    """
     study = load_folder_study(folder)
     url = storage_of(folder)
+    if url is not None and storage_url is not None and public_url(storage_url) == public_url(url):
+        url = storage_url
     if url is None and not (folder / JOURNAL_NAME).exists():
         raise StudyError(f"{folder}: the study has not started (no {JOURNAL_NAME})")
     return study, Store(folder, study.name, maximize=study.task.maximize, create=create,
@@ -137,7 +145,7 @@ def describe_environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "packages": versions,
         "git": git_state(),
-        "command": sys.argv,
+        "command": redact_argv(sys.argv),  # a password given on it must not reach the folder
     }
 
 
