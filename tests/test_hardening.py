@@ -3,9 +3,20 @@ would crash or exhaust the machine. Each must be one line (exit 2) and lose noth
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+
+from lorasweep.cli import main
+from lorasweep.config import dump_study, load_study
+from lorasweep.space import expand_trials
 from lorasweep.study.folder import describe_environment
+from lorasweep.study.runner import open_study_store
+from lorasweep.study.storage import JOURNAL_NAME
+from lorasweep.study.store import Store
 
 
 def test_recorded_command_line_hides_secrets(monkeypatch):
@@ -18,3 +29,73 @@ def test_recorded_command_line_hides_secrets(monkeypatch):
     assert not any(f"pw{i}" in arg for arg in command for i in range(1, 7)), command
     assert command[4] == "postgresql://me:***@db/x"
     assert command[-1] == "train.steps=5", "what holds no secret is kept as given"
+
+
+@pytest.fixture
+def started(tmp_path: Path, study_file) -> Path:
+    """A started study folder (its journal holds the study and its queued trials)."""
+    folder = tmp_path / "study"
+    study = load_study(study_file())
+    store = open_study_store(study, folder, None)
+    store.configure(dump_study(study))
+    store.sync(expand_trials(study))
+    return folder
+
+
+def _records(journal: Path) -> list[dict]:
+    data = journal.read_bytes()
+    assert data.endswith(b"\n")
+    return [json.loads(line) for line in data.splitlines()]
+
+
+@pytest.mark.parametrize("tail", [b'{"op_code": 5, "worker_id": "x", "tri', b"garbage\n",
+                                  b"\x00" * 100])
+@pytest.mark.parametrize("when", ["before opening", "while open"])
+def test_torn_journal_tail_is_cut_back(started: Path, tail: bytes, when: str, capsys):
+    """A killed write leaves a cut last line (or junk): it is cut back to the last whole record,
+    said in one line, and the study goes on readable; nothing is appended after a partial line."""
+    journal = started / JOURNAL_NAME
+    whole = journal.read_bytes()
+    study = load_study(started / "study.yaml")
+    store = Store(started, study.name, maximize=True) if when == "while open" else None
+    journal.write_bytes(whole + tail)
+    store = store or Store(started, study.name, maximize=True)
+    store.configure(dump_study(study))  # an append
+    assert main(["status", str(started)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cut" in err[0] and f"byte {len(whole)}" in err[0], err
+    assert journal.read_bytes().startswith(whole)
+    assert len(_records(journal)) > len(whole.splitlines())
+
+
+def test_damage_inside_the_journal_is_refused_with_its_offset(started: Path, capsys):
+    journal = started / JOURNAL_NAME
+    lines = journal.read_bytes().splitlines(keepends=True)
+    offset = len(b"".join(lines[:2]))
+    damaged = b"".join(lines[:2]) + b"{not json\n" + b"".join(lines[2:])
+    journal.write_bytes(damaged)
+    assert main(["status", str(started)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"byte {offset}" in err[0] and JOURNAL_NAME in err[0], err
+    assert journal.read_bytes() == damaged, "nothing is changed or lost"
+
+
+def test_a_dead_processs_journal_lock_is_released_at_once(started: Path):
+    """A worker killed while it holds the journal's lock must not stall the next one."""
+    journal = str(started / JOURNAL_NAME)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from lorasweep.study.storage import SafeJournalFileBackend\n"
+         "SafeJournalFileBackend(sys.argv[1])._lock.acquire()\n"
+         "print('held', flush=True); time.sleep(600)", journal], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
+    appender = subprocess.run(
+        [sys.executable, "-c", "import sys\n"
+         "from pathlib import Path\n"
+         "from lorasweep.study.store import Store\n"
+         "Store(Path(sys.argv[1]), 'tiny', maximize=True).configure('x')\n"
+         "print('appended')", str(started)], capture_output=True, text=True, timeout=300)
+    assert appender.stdout.strip() == "appended", appender.stderr
+    assert "lock" not in appender.stderr, appender.stderr
