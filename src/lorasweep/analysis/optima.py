@@ -99,8 +99,9 @@ def cell_optimum(cell: dict, by_seed: dict[int, dict[float, float]], diverged: i
         stars = []
         for _ in range(BOOTSTRAP_SAMPLES):
             stars.append(bootstrap_lr_star(lrs, table, maximize, rng))
-        low, high = (float(v) for v in np.percentile(np.log10(stars), [2.5, 97.5]))
-        low, high = 10 ** low, 10 ** high
+        # on the LRs themselves, not their logs: when the draws agree the interval is exactly
+        # that LR (a round trip through log10 moved it an ulp, off the side of lr_star)
+        low, high = (float(v) for v in np.percentile(stars, [2.5, 97.5]))
     edge, suggest = "", []
     finite = mean[np.isfinite(mean)]
     if len(finite) > 1 and np.ptp(finite) == 0:
