@@ -3,7 +3,10 @@ would crash or exhaust the machine. Each must be one line (exit 2) and lose noth
 
 from __future__ import annotations
 
+import errno
 import json
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +17,7 @@ from lorasweep.cli import main
 from lorasweep.config import dump_study, load_study
 from lorasweep.space import expand_trials
 from lorasweep.study.folder import describe_environment
-from lorasweep.study.runner import open_study_store
+from lorasweep.study.runner import load_workbench, open_study_store
 from lorasweep.study.storage import JOURNAL_NAME
 from lorasweep.study.store import Store
 
@@ -99,3 +102,37 @@ def test_a_dead_processs_journal_lock_is_released_at_once(started: Path):
          "print('appended')", str(started)], capture_output=True, text=True, timeout=300)
     assert appender.stdout.strip() == "appended", appender.stderr
     assert "lock" not in appender.stderr, appender.stderr
+
+
+def _full_disk() -> None:
+    """A file-size limit below any study file stands in for a disk already full."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+
+
+def test_study_folder_on_a_full_disk_is_one_line_every_time(tmp_path: Path, study_file):
+    path = study_file()
+    load_workbench(load_study(path))  # the data's cache is written before the disk fills
+    out = tmp_path / "study"
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-m", "lorasweep.cli", "run", str(path), "--out",
+                               str(out)], capture_output=True, text=True, timeout=300,
+                              preexec_fn=_full_disk)
+        assert done.returncode == 2, done.stderr
+        err = done.stderr.strip().splitlines()
+        assert len(err) == 1 and "cannot write" in err[0] and str(out) in err[0], done.stderr
+
+
+def test_a_full_disk_at_any_write_is_one_line(tmp_path: Path, study_file, monkeypatch, capsys):
+    """A write with no check of its own (here the adapter weights) meeting a full disk."""
+    import lorasweep.study.runner as runner
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "adapters"))
+
+    monkeypatch.setattr(runner, "save_weights", full)
+    assert main(["run", str(study_file()), "--out", str(tmp_path / "study")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lorasweep: error: {tmp_path / 'adapters'}: cannot write (No space left on "
+                   "device); what was recorded before is intact: free space, then run the same "
+                   "command again"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -13,6 +14,7 @@ from lorasweep.errors import StudyError
 from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS, STORAGE_ENV
 
 EXIT_BAD_INPUT = 2
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +24,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except StudyError as exc:
         print(f"lorasweep: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        # a full disk met by a write that has no check of its own (weights, trials.csv, the
+        # report): every such write is atomic, so nothing recorded is lost
+        if exc.errno not in DISK_FULL_ERRNOS:
+            raise
+        print(f"lorasweep: error: {exc.filename or 'a study file'}: cannot write "
+              f"({exc.strerror}); what was recorded before is intact: free space, then run the "
+              "same command again", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("lorasweep: interrupted; run the same command again to resume", file=sys.stderr)

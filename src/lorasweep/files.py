@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+PROBE_BYTES = 4096  # one file-system block
+
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
@@ -25,3 +27,30 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append `text` whole or not at all: a write that fails half-way (a full disk) is cut back,
+    so the file never keeps a partial line."""
+    with open(path, "ab") as handle:
+        length = handle.tell()
+        try:
+            handle.write(text.encode("utf-8"))
+            handle.flush()
+        except OSError:
+            handle.truncate(length)
+            raise
+
+
+def check_writable(folder: Path) -> None:
+    """Raise OSError unless a block of real bytes can be written in `folder` (an empty file can
+    be created on a full disk, so that probe would pass)."""
+    probe = folder / ".write-test"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * PROBE_BYTES)
+            handle.flush()
+            os.fsync(handle.fileno())
+    finally:
+        if probe.exists():
+            probe.unlink()

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from lorasweep.config import Study, dump_study, validate_study
 from lorasweep.errors import StudyError
-from lorasweep.files import atomic_path, write_text
+from lorasweep.files import append_text, atomic_path, check_writable, write_text
 from lorasweep.redact import redact_argv
 from lorasweep.study.defaults import STORAGE_ENV
 from lorasweep.study.storage import JOURNAL_NAME, public_url
@@ -42,23 +42,24 @@ def prepare_folder(folder: Path, study: Study, storage_url: str | None = None) -
     """Create or reopen a study folder; refuse one that holds a different study."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        check_writable(folder)
     except OSError as exc:
         raise StudyError(f"--out {folder}: cannot write there ({exc.strerror})") from None
     existing = folder / STUDY_FILE
     if existing.exists():
         _check_same_study(existing, study)
     _check_same_storage(folder, storage_url)
-    write_text(existing, dump_study(study))
-    if storage_url is not None:
-        write_text(folder / STORAGE_FILE,
-                   json.dumps({"storage": public_url(storage_url)}, indent=2) + "\n")
     environment = describe_environment()
-    write_text(folder / ENVIRONMENT_FILE, json.dumps(environment, indent=2) + "\n")
-    with open(folder / RUNS_FILE, "a") as runs:
-        runs.write(json.dumps(environment) + "\n")
+    try:  # each write is whole or nothing, so a full disk half-way loses nothing
+        write_text(existing, dump_study(study))
+        if storage_url is not None:
+            write_text(folder / STORAGE_FILE,
+                       json.dumps({"storage": public_url(storage_url)}, indent=2) + "\n")
+        write_text(folder / ENVIRONMENT_FILE, json.dumps(environment, indent=2) + "\n")
+        append_text(folder / RUNS_FILE, json.dumps(environment) + "\n")
+    except OSError as exc:
+        raise StudyError(f"--out {folder}: cannot write there ({exc.strerror}); what was "
+                         "recorded before is intact") from None
 
 
 def storage_of(folder: Path) -> str | None:
