@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lorasweep.cli import main
 from lorasweep.config import dump_study, load_study
@@ -20,6 +21,8 @@ from lorasweep.study.folder import describe_environment
 from lorasweep.study.runner import load_workbench, open_study_store
 from lorasweep.study.storage import JOURNAL_NAME
 from lorasweep.study.store import Store
+
+from .conftest import tiny_study
 
 
 def test_recorded_command_line_hides_secrets(monkeypatch):
@@ -136,3 +139,34 @@ def test_a_full_disk_at_any_write_is_one_line(tmp_path: Path, study_file, monkey
     assert err == [f"lorasweep: error: {tmp_path / 'adapters'}: cannot write (No space left on "
                    "device); what was recorded before is intact: free space, then run the same "
                    "command again"]
+
+
+def _lines(records: list[dict]) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+GOOD = [{"text": f"words {i} here", "label": ["a", "b"][i % 2]} for i in range(40)]
+
+
+@pytest.mark.parametrize(("content", "kind", "expected"), [
+    (_lines(GOOD[:20]) + b'{"text": "caf\xe9", "label": "a"}\n' + _lines(GOOD[20:]),
+     "classification", "train.jsonl: line 21 is not UTF-8"),
+    (_lines(GOOD[:30]) + b'{"text": "cut short", "lab\n' + _lines(GOOD[30:]),
+     "classification", "train.jsonl: line 31 is not valid JSON"),
+    (_lines([{**r, "label": i % 2} for i, r in enumerate(GOOD)])
+     + b'{"text": "no class", "label": NaN}\n', "classification",
+     "has no 'label' (null or NaN)"),
+    (b"\n\n   \n\n", "causal_lm", "has no text"),
+])
+def test_bad_data_file_is_one_line(tmp_path: Path, content: bytes, kind: str, expected: str,
+                                   capsys):
+    train = tmp_path / ("train.txt" if kind == "causal_lm" else "train.jsonl")
+    train.write_bytes(content)
+    study = tiny_study({"train": train, "test": train}, task={"kind": kind, "test_file": None,
+                                                              "validation_size": 0.2},
+                       model={"source": "tiny:llama" if kind == "causal_lm" else "tiny:bert"})
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
