@@ -170,3 +170,53 @@ def test_bad_data_file_is_one_line(tmp_path: Path, content: bytes, kind: str, ex
     assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
+
+
+@pytest.fixture
+def model_folder(tmp_path: Path) -> Path:
+    """tiny:bert saved as a local model folder, with its tokenizer."""
+    from lorasweep.config import ModelSpec
+    from lorasweep.models import load_model, load_tokenizer
+
+    spec = ModelSpec(source="tiny:bert")
+    tokenizer = load_tokenizer(spec)
+    folder = tmp_path / "model"
+    load_model(spec, "classification", 2, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["train.seq_len=10000000"], "train.seq_len 10000000: above the 128 positions"),
+    (["search.recipe={seq_len: [64, 4096]}"], "train.seq_len 4096: above the 128 positions"),
+    (["search.ranks=[4, 64]"], "search.ranks: rank 64 is above the width"),
+])
+def test_what_would_exhaust_the_machine_is_refused_up_front(tmp_path: Path, study_file,
+                                                            overrides, expected, capsys):
+    args = [arg for o in overrides for arg in ("--set", o)]
+    assert main(["run", str(study_file()), "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+def test_pickle_checkpoint_is_one_line(tmp_path: Path, study_file, model_folder, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    weights = model_folder / "model.safetensors"
+    torch.save(load_file(weights), model_folder / "pytorch_model.bin")
+    weights.unlink()
+    assert main(["run", str(study_file(model={"source": str(model_folder)})), "--out",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pickle checkpoints are not loaded; convert to safetensors" in err[0]
+
+
+def test_remote_code_is_announced(model_folder, capsys):
+    from lorasweep.config import ModelSpec
+    from lorasweep.models import load_tokenizer
+
+    load_tokenizer(ModelSpec(source=str(model_folder), trust_remote_code=True))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lorasweep: model.trust_remote_code: the Python code in {model_folder} runs, "
+                   "as you, with your permissions"]

@@ -25,7 +25,7 @@ from lorasweep.errors import StudyError
 from lorasweep.methods import get_method
 from lorasweep.methods.peft_passthrough import needs_data
 from lorasweep.methods.targets import adapter_width, resolve_targets
-from lorasweep.models import load_model, load_tokenizer
+from lorasweep.models import load_model, load_tokenizer, max_positions
 from lorasweep.recipe import Recipe, resolve_recipe
 from lorasweep.report import write_study_outputs
 from lorasweep.results import write_trials_csv
@@ -68,9 +68,10 @@ class Workbench:
 
 
 def load_workbench(study: Study) -> Workbench:
+    recipes = [resolve_recipe(study.train, text) for text in recipes_of(study)]
+    _check_seq_len(study, {r.train.seq_len for r in recipes} | {study.train.seq_len})
     tokenizer = load_tokenizer(study.model)
     task = build_task(study, tokenizer)
-    recipes = [resolve_recipe(study.train, text) for text in recipes_of(study)]
     tasks = {seq_len: build_task(study, tokenizer, seq_len)
              for seq_len in {r.train.seq_len for r in recipes} - {study.train.seq_len}}
     for recipe in recipes:
@@ -84,7 +85,7 @@ def load_workbench(study: Study) -> Workbench:
                   for t in study.search.recipe[TARGETS_AXIS]}
     for cell in {t.cell for t in expand_trials(study, widths)}:
         if cell.is_adapter:
-            resolve_targets(base, cell.target_modules)
+            _check_rank(base, resolve_targets(base, cell.target_modules), cell.rank)
         if cell.method == "peft" and not needs_data(cell):
             # PEFT checks its configuration against the model only when it builds it (inits that
             # need data are built at training time: a dry run would cost a calibration pass)
@@ -94,6 +95,28 @@ def load_workbench(study: Study) -> Workbench:
                 raise StudyError(f"search.methods: peft entry '{cell.label}' cannot be built: "
                                  f"{str(exc).splitlines()[0]}") from None
     return Workbench(task=task, base=base, tasks=tasks, widths=widths)
+
+
+def _check_seq_len(study: Study, lengths: set[int]) -> None:
+    """Sequences longer than the model's positions fail late, after padding every example to
+    that length has exhausted memory; refuse them before any data is tokenized."""
+    limit = max_positions(study.model)
+    if limit is not None and max(lengths) > limit:
+        raise StudyError(f"train.seq_len {max(lengths)}: above the {limit} positions of model "
+                         f"'{study.model.source}'; allowed: 8 to {limit}")
+
+
+def _check_rank(base: nn.Module, names: list[str], rank: int | None) -> None:
+    """A rank above a target layer's narrower side adds nothing a smaller one lacks."""
+    if rank is None:
+        return
+    modules = dict(base.named_modules())
+    name = min(names, key=lambda n: min(modules[n].weight.shape))
+    width = min(modules[name].weight.shape)
+    if rank > width:
+        raise StudyError(f"search.ranks: rank {rank} is above the width of layer {name} "
+                         f"({' x '.join(map(str, modules[name].weight.shape))}); allowed: "
+                         f"at most {width} for these target modules")
 
 
 @dataclass
