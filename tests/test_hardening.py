@@ -9,11 +9,13 @@ import resource
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import yaml
 
+from lorasweep.analysis.optima import find_optima
 from lorasweep.cli import main
 from lorasweep.config import dump_study, load_study
 from lorasweep.space import expand_trials
@@ -220,3 +222,36 @@ def test_remote_code_is_announced(model_folder, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"lorasweep: model.trust_remote_code: the Python code in {model_folder} runs, "
                    "as you, with your permissions"]
+
+
+def test_optima_with_an_lr_not_yet_finished_warn_nothing():
+    rows = [{"method": "lora", "rank": 8, "lora_alpha": 16.0, "alpha_mode": "constant",
+             "init": "kaiming", "target_modules": "all-linear", "lr": lr, "seed": seed,
+             "status": "complete", "metric": 0.5 - abs(lr - 1e-3)}
+            for lr in (1e-4, 1e-3, 1e-2) for seed in (0, 1) if seed == 0 or lr < 1e-2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (optimum,) = find_optima(rows, maximize=True)
+    assert optimum.lr_best == 1e-3
+
+
+def test_a_killed_worker_is_reported(tmp_path: Path, study_file, monkeypatch, capsys):
+    """--workers 2 where the first worker dies at once: the other finishes the study, and the run
+    says that a worker was killed."""
+    import lorasweep.study.local_workers as local_workers
+
+    real = subprocess.Popen
+    started = []
+
+    def popen(command, **kwargs):
+        if "worker" in command:
+            started.append(command)
+        if started == [command]:
+            command = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), 9)"]
+        return real(command, **kwargs)
+
+    monkeypatch.setattr(local_workers.subprocess, "Popen", popen)
+    path = study_file(search={"methods": ["lora"], "lr": [1e-3, 1e-2]})
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--workers", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "worker 1 of 2 was killed (SIGKILL); the others finished its trials" in err, err

@@ -10,6 +10,7 @@ seeds: resample whole seeds (each seed's curve over the grid), redo the refineme
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -65,7 +66,8 @@ def refine(lrs: np.ndarray, values: np.ndarray, maximize: bool) -> tuple[int, fl
 def _mean_curve(table: np.ndarray) -> np.ndarray:
     """Mean over seeds (rows) per LR, skipping missing trials; NaN where an LR has none or a
     diverged seed (stored as inf), so such an LR is never the best."""
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # an LR no seed finished is NaN here, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(table, axis=0)
     return np.where(np.isinf(mean), np.nan, mean)
 
