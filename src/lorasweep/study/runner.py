@@ -119,6 +119,34 @@ def _check_rank(base: nn.Module, names: list[str], rank: int | None) -> None:
                          f"at most {width} for these target modules")
 
 
+def available_memory(device: str) -> int:
+    """Bytes free now for this process's tensors: the GPU's free memory, or the machine's."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    import psutil  # a dependency of accelerate
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(study: Study, bench: Workbench, options: WorkOptions) -> None:
+    """Refuse a step that cannot fit: a lower bound on one training step's activations (each of
+    K trials keeps every layer's hidden states for the backward pass, and a causal LM its
+    logits) against the memory free now. Only a lower bound, so it never refuses what fits."""
+    config = bench.base.config
+    recipes = [resolve_recipe(study.train, text) for text in recipes_of(study)]
+    batch = min(max(r.train.batch_size for r in recipes), len(bench.task.train))
+    seq_len = max(r.train.seq_len for r in recipes)
+    per_token = getattr(config, "hidden_size", 0) * getattr(config, "num_hidden_layers", 0) + (
+        getattr(config, "vocab_size", 0) if study.task.kind != "classification" else 0)
+    need = (options.max_group * batch * seq_len * per_token
+            * (2 if study.train.precision == "bf16" else 4))
+    free = available_memory(options.device)
+    if need > free:
+        raise StudyError(f"train.batch_size x train.seq_len x --max-group ({batch} x {seq_len} x "
+                         f"{options.max_group}): one step needs at least {need / 2**30:.2f} GiB; "
+                         f"{free / 2**30:.2f} GiB is free on {options.device}: lower one of them")
+
+
 @dataclass
 class RunSummary:
     folder: Path
@@ -153,6 +181,7 @@ def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
     worker) or starts `workers` worker processes that share the store and waits for them.
     """
     bench = load_workbench(study)
+    check_memory(study, bench, options)
     store = open_study_store(study, folder, storage_url, options.patience)
     store.configure(dump_study(study), lease_seconds, max_attempts)
     store.sync(_planner(study, store, bench.widths)(), retry_failed=retry_failed)
@@ -188,6 +217,7 @@ def run_worker(options: WorkOptions, folder: Path | None = None,
     else:
         raise StudyError("lorasweep worker: give a study folder, or --storage URL and --study NAME")
     bench = load_workbench(study)
+    check_memory(study, bench, options)
     store = open_study_store(study, folder, storage_url, options.patience)
     trained, failed = work(store, bench, study, folder, options)
     return RunSummary(folder=folder, trained=trained, failed=failed)
