@@ -52,12 +52,26 @@ class PostgresServer:
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
 
-    def new_database(self) -> str:
-        """A fresh, empty database; its SQLAlchemy URL."""
+    def new_database(self, password: str | None = None) -> str:
+        """A fresh, empty database; its SQLAlchemy URL.
+
+        With a password, the database belongs to its own role that must log in with it (the
+        cluster trusts every other role), and the URL carries the password.
+        """
         self.databases += 1
         name = f"study{self.databases}"
-        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", USER, name)
-        return f"postgresql://{USER}@127.0.0.1:{self.port}/{name}"
+        where = ("-h", "127.0.0.1", "-p", str(self.port), "-U", USER)
+        if password is None:
+            self._run("createdb", *where, name)
+            return f"postgresql://{USER}@127.0.0.1:{self.port}/{name}"
+        role = f"{name}_owner"
+        self._run("psql", *where, "-d", "postgres", "-c",
+                  f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        self._run("createdb", *where, "-O", role, name)
+        hba = self.data / "pg_hba.conf"
+        hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+        self._run("pg_ctl", "-D", str(self.data), "reload")
+        return f"postgresql://{role}:{password}@127.0.0.1:{self.port}/{name}"
 
     def remove(self) -> None:
         try:

@@ -149,3 +149,18 @@ def test_cell_names_tell_alpha_modes_apart():
     base = {"method": "lora", "rank": 8, "init": "kaiming"}
     assert cell_name({**base, "lora_alpha": 16.0, "alpha_mode": "per_rank"}) == "lora r=8 a=2r"
     assert cell_name({**base, "lora_alpha": 16.0, "alpha_mode": "constant"}) == "lora r=8 a=16"
+
+
+def test_report_with_one_cell_at_the_grids_edge_and_one_inside(tmp_path):
+    """Every seed agreeing on an edge LR gives an interval of that one LR (it was an ulp off
+    through log10, and the figure refused the negative error bar)."""
+    from lorasweep.report import write_report
+
+    grid = [1e-3, 3e-3, 1e-2, 3e-2]
+    rows = (rows_for(1.0, seeds=(0, 1), rank=4, grid=grid)
+            + rows_for(6e-3, seeds=(0, 1), rank=8, grid=grid))
+    edge, inside = find_optima(rows, maximize=True)
+    assert edge.edge == "high" and edge.lr_star_low == edge.lr_star == edge.lr_star_high == 3e-2
+    assert inside.edge == "" and inside.lr_star_low <= inside.lr_star <= inside.lr_star_high
+    write_report(tmp_path, rows, "accuracy", True, "edge")
+    assert (tmp_path / "lr_star_vs_rank.png").exists()

@@ -259,6 +259,25 @@ def test_each_worker_takes_one_gpu(monkeypatch):
     assert worker_threads(2, None) == max(1, (os.cpu_count() or 1) // 2)
 
 
+def test_storage_password_stays_in_memory(study_path: Path, tmp_path: Path, postgres):
+    """A password in --storage reaches the database for the whole run (the final status too)
+    and never the study folder."""
+    secret = "pw-s3cret"
+    url = postgres.new_database(password=secret)
+    out = tmp_path / "study"
+    done = subprocess.run([sys.executable, "-m", "lorasweep.cli", "run", str(study_path), "--out",
+                           str(out), "--threads", "1", "--storage", url, "--set",
+                           "search.lr=[0.001]", "--set", "search.seeds=[0]"],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "1 complete" in done.stdout
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), f"{path.name} holds the password"
+    recorded = yaml.safe_load((out / "environment.json").read_text())["command"]
+    assert recorded[recorded.index("--storage") + 1] == url.replace(secret, "***")
+
+
 @pytest.mark.parametrize("storage, expected", [
     ("mysql://me@host/db", "--storage mysql://me@host/db: not a database URL; allowed: "),
     ("postgresql://me:secret@127.0.0.1:1/db",

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from lorasweep.errors import EXIT_BAD_INPUT, StudyError
+from lorasweep.files import is_disk_full
 from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS, STORAGE_ENV
 
 
@@ -24,6 +25,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except StudyError as exc:
         print(f"lorasweep: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        # a full disk met by a write that has no check of its own (weights, trials.csv, the
+        # report): every such write is atomic, so nothing recorded is lost
+        if not is_disk_full(exc):
+            raise
+        print(f"lorasweep: error: {exc.filename or 'a study file'}: cannot write "
+              f"({exc.strerror}); what was recorded before is intact: free space, then run the "
+              "same command again", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("lorasweep: interrupted; run the same command again to resume", file=sys.stderr)
@@ -199,7 +209,7 @@ def _run(args: argparse.Namespace) -> int:
                         lease_seconds=args.lease_seconds, max_attempts=args.max_attempts)
     elapsed = time.perf_counter() - started
     print(f"trained {summary.trained} trials in {elapsed:.0f} s; results in {folder}/trials.csv")
-    _print_status(folder)
+    _print_status(folder, args.storage)  # the full URL: the folder keeps it without its password
     return 1 if summary.failed else 0
 
 
@@ -319,7 +329,7 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_status(folder: Path) -> None:
+def _print_status(folder: Path, storage_url: str | None = None) -> None:
     from lorasweep.analysis.compare import cell_name
     from lorasweep.analysis.optima import find_optima
     from lorasweep.report.answer import answer_text, build_answer
@@ -331,7 +341,7 @@ def _print_status(folder: Path) -> None:
         study = load_folder_study(folder)
         rows = read_trials_csv(folder)
     else:
-        study, store = open_folder_store(folder)
+        study, store = open_folder_store(folder, storage_url=storage_url)
         rows = trial_rows(store, study.task.objective)
     metric = study.task.objective
     counts = Counter(row["status"] for row in rows)

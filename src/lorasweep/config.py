@@ -7,6 +7,7 @@ get wrong is checked here, before any model is loaded, so a typo costs a second,
 from __future__ import annotations
 
 import math
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -51,8 +52,17 @@ def subtracts_from_base(init: str) -> bool:
     return init in RESIDUAL_INITS or init.startswith("pissa_niter_")
 
 
+# Most values one list of the search may hold: a grid far beyond any real sweep is a mistake that
+# would otherwise exhaust memory expanding trials.
+MAX_VALUES = 1000
+# Most values a study file's YAML may expand to through its aliases (`*name`): a few nested
+# aliases build billions of values for free, which validation would then walk for hours.
+MAX_YAML_VALUES = 100_000
+NO_INF_NAN = ConfigDict(allow_inf_nan=False)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -245,6 +255,10 @@ class LRRange(_Strict):
     def _ordered(self) -> LRRange:
         if self.high < self.low:
             raise ValueError(f"lr.high ({self.high}) is below lr.low ({self.low})")
+        count = round((math.log10(self.high) - math.log10(self.low)) * self.per_decade) + 1
+        if count > MAX_VALUES:
+            raise ValueError(f"lr {self.low:g} to {self.high:g} at {self.per_decade:g} per "
+                             f"decade is {count} learning rates; at most {MAX_VALUES}")
         return self
 
     def values(self) -> list[float]:
@@ -256,7 +270,19 @@ class LRRange(_Strict):
         return [float(f"{self.low * 10 ** (i * step):.6g}") for i in range(count)]
 
 
-LRGrid = Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] | LRRange
+LRGrid = Annotated[list[Annotated[float, Field(gt=0)]],
+                   Field(min_length=1, max_length=MAX_VALUES)] | LRRange
+
+
+def _lr_grid(value: Any) -> Any:
+    """A mapping is an LR range, validated as one, so its error names what is wrong with it
+    (left to the union, it only said that a list was expected)."""
+    if not isinstance(value, dict):
+        return value
+    try:
+        return LRRange.model_validate(value)
+    except ValidationError as exc:
+        raise ValueError(describe_validation_error(exc).removeprefix("study: ")) from None
 
 
 def lr_values(grid: LRGrid) -> list[float]:
@@ -280,6 +306,8 @@ class MethodEntry(_Strict):
     peft: dict[str, Any] | None = None
     peft_config: str = "LoraConfig"
     label: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.+-]+$")
+
+    _lr_range = field_validator("lr", mode="before")(_lr_grid)
 
     @model_validator(mode="after")
     def _fits(self) -> MethodEntry:
@@ -307,13 +335,15 @@ class MethodEntry(_Strict):
 class SearchSpec(_Strict):
     """The axes swept: every combination of these (and each LR and seed) is one trial."""
 
-    methods: Annotated[list[MethodEntry], Field(min_length=1)]
-    ranks: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [8]
-    lora_alpha: Annotated[list[float | str], Field(min_length=1)] = ["2r"]
-    inits: Annotated[list[InitName], Field(min_length=1)] = ["kaiming"]
+    methods: Annotated[list[MethodEntry], Field(min_length=1, max_length=MAX_VALUES)]
+    ranks: Annotated[list[Annotated[int, Field(gt=0)]],
+                     Field(min_length=1, max_length=MAX_VALUES)] = [8]
+    lora_alpha: Annotated[list[float | str], Field(min_length=1, max_length=MAX_VALUES)] = ["2r"]
+    inits: Annotated[list[InitName], Field(min_length=1, max_length=MAX_VALUES)] = ["kaiming"]
     target_modules: Annotated[list[str], Field(min_length=1)] | str = "all-linear"
     lr: LRGrid | None = None
-    seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = [0]
+    seeds: Annotated[list[Annotated[int, Field(ge=0)]],
+                     Field(min_length=1, max_length=MAX_VALUES)] = [0]
     loraplus_ratio: Annotated[float, Field(gt=0)] = 16.0
     # grid: every trial. transfer: the reference rank over the whole LR grid, the other ranks
     # only at `bracket` grid LRs around muA's prediction, widened while the best is at an edge.
@@ -321,10 +351,13 @@ class SearchSpec(_Strict):
     reference_rank: Annotated[int, Field(gt=0)] | None = None  # default: the middle rank
     bracket: Annotated[int, Field(ge=2)] = 3
     # Recipe axes: a field of `train` (or train_examples, target_modules) -> the values swept.
-    recipe: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
+    recipe: dict[str, Annotated[list[Any], Field(min_length=1, max_length=MAX_VALUES)]] = Field(
+        default_factory=dict)
     # Compare target-module sets at matched trainable-parameter count: each set's rank is scaled
     # so its adapter has as many parameters as the first set's at the rank in `ranks`.
     match_params: bool = False
+
+    _lr_range = field_validator("lr", mode="before")(_lr_grid)
 
     @field_validator("recipe")
     @classmethod
@@ -440,7 +473,7 @@ TARGETS_AXIS = "target_modules"
 RECIPE_AXES = (*RECIPE_TRAIN_AXES, DATA_AXIS, TARGETS_AXIS)
 _AXIS_TYPES = {
     **{name: TypeAdapter(Annotated[(info.annotation, *info.metadata)] if info.metadata
-                         else info.annotation)
+                         else info.annotation, config=NO_INF_NAN)
        for name, info in TrainSpec.model_fields.items() if name in RECIPE_TRAIN_AXES},
     DATA_AXIS: TypeAdapter(Annotated[int, Field(gt=0, strict=True)]),
     TARGETS_AXIS: TypeAdapter(Annotated[list[str], Field(min_length=1)] | str),
@@ -476,6 +509,8 @@ def parse_lora_alpha(value: float | str) -> tuple[str, float]:
     if isinstance(value, bool):
         raise ValueError(f"lora_alpha {value!r}: a number (constant) or 'Nr' (N x rank)")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"lora_alpha {value}: a number (constant) or 'Nr' (N x rank)")
         if value <= 0:
             raise ValueError(f"lora_alpha {value}: must be positive")
         return ("constant", float(value))
@@ -486,7 +521,7 @@ def parse_lora_alpha(value: float | str) -> tuple[str, float]:
             number = float(factor)
         except ValueError:
             number = -1.0
-        if number > 0:
+        if 0 < number < math.inf:
             return ("per_rank", number)
     raise ValueError(f"lora_alpha '{value}': a number (constant) or 'Nr' (N x rank), e.g. '2r'")
 
@@ -545,7 +580,34 @@ def load_study(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Study
         raise StudyError(f"{path}: a study file is a YAML mapping with model, task, train, search")
     for assignment in overrides:
         apply_override(raw, assignment)
+    if expanded_size(raw, {}, set()) > MAX_YAML_VALUES:
+        raise StudyError(f"{path}: its YAML aliases expand to more than {MAX_YAML_VALUES} values "
+                         "(an alias bomb?); a study needs far fewer")
     return validate_study(raw, str(path))
+
+
+def expanded_size(value: Any, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many values `value` holds with every alias expanded, counted without expanding.
+
+    YAML aliases share one object, so each is counted once per id; a container that holds
+    itself counts as too many."""
+    if not isinstance(value, list | dict):
+        return 1
+    key = id(value)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        return MAX_YAML_VALUES + 1
+    open_.add(key)
+    items = list(value.keys()) + list(value.values()) if isinstance(value, dict) else value
+    total = 1
+    for item in items:
+        total += expanded_size(item, sizes, open_)
+        if total > MAX_YAML_VALUES:
+            break
+    open_.discard(key)
+    sizes[key] = total
+    return total
 
 
 def validate_study(raw: dict[str, Any], where: str) -> Study:
@@ -553,6 +615,12 @@ def validate_study(raw: dict[str, Any], where: str) -> Study:
         return Study.model_validate(raw)
     except ValidationError as exc:
         raise StudyError(f"{where}: {describe_validation_error(exc)}") from None
+
+
+# The offending value as the error shows it: cut short, so a huge value stays one short line.
+SHORT_REPR = reprlib.Repr()  # keyword settings need Python 3.12
+SHORT_REPR.maxlevel, SHORT_REPR.maxlist, SHORT_REPR.maxdict = 2, 6, 4
+SHORT_REPR.maxstring = SHORT_REPR.maxother = 60
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -567,7 +635,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     message = error["msg"].removeprefix("Value error, ")
     got = error.get("input")
     shown = "" if error["type"] in {"missing", "value_error"} or isinstance(got, dict) else (
-        f" (got {got!r})"
+        f" (got {SHORT_REPR.repr(got)})"
     )
     more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
     return f"{location or 'study'}: {message}{shown}{more}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from lorasweep.packaged_models import (
 )
 from lorasweep.quantize import check_quantize, quantize_base
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Small random models built from a config: real architectures, seconds to train, for tests.
 TINY_CONFIGS = {
     "tiny:bert": dict(model_type="bert", hidden_size=32, num_hidden_layers=2,
@@ -42,6 +44,9 @@ def _auto_class(kind: str) -> type:
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     """The tokenizer of the model (tiny models borrow MiniLM's, which ships offline)."""
     source = _resolve_source("minilm" if spec.source in TINY_CONFIGS else spec.source)
+    if spec.trust_remote_code:  # the tokenizer is loaded first: said once, before any code runs
+        print(f"lorasweep: model.trust_remote_code: the Python code in {spec.source} runs, as "
+              "you, with your permissions", file=sys.stderr)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision,
                                                   trust_remote_code=spec.trust_remote_code)
@@ -70,6 +75,7 @@ def load_model(spec: ModelSpec, kind: str, num_labels: int | None,
             torch.manual_seed(0)
             model = auto.from_config(config)
     else:
+        _refuse_pickle_only(spec.source)
         try:
             model = auto.from_pretrained(_resolve_source(spec.source), revision=spec.revision,
                                          trust_remote_code=spec.trust_remote_code,
@@ -81,6 +87,35 @@ def load_model(spec: ModelSpec, kind: str, num_labels: int | None,
     if spec.quantize is not None:
         quantize_base(model, spec.quantize)
     return model.eval()
+
+
+def _refuse_pickle_only(source: str) -> None:
+    """A local folder whose weights are only pickle files: loading one can run code, so neither
+    lorasweep nor transformers (with this torch) will; say so instead of a long traceback."""
+    folder = Path(source)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise StudyError(f"model.source: {source} holds only {', '.join(pickles[:3])}: pickle "
+                         "checkpoints are not loaded; convert to safetensors")
+
+
+def max_positions(spec: ModelSpec) -> int | None:
+    """The longest sequence the model's position embeddings cover, from its config alone (None:
+    the config does not say)."""
+    if spec.source in TINY_CONFIGS:
+        return int(TINY_CONFIGS[spec.source]["max_position_embeddings"])
+    try:
+        config = AutoConfig.from_pretrained(_resolve_source(spec.source), revision=spec.revision,
+                                            trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise StudyError(_load_error(spec, exc)) from None
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def model_width(spec: ModelSpec) -> int:

@@ -10,6 +10,7 @@ seeds: resample whole seeds (each seed's curve over the grid), redo the refineme
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -65,7 +66,8 @@ def refine(lrs: np.ndarray, values: np.ndarray, maximize: bool) -> tuple[int, fl
 def _mean_curve(table: np.ndarray) -> np.ndarray:
     """Mean over seeds (rows) per LR, skipping missing trials; NaN where an LR has none or a
     diverged seed (stored as inf), so such an LR is never the best."""
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # an LR no seed finished is NaN here, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(table, axis=0)
     return np.where(np.isinf(mean), np.nan, mean)
 
@@ -99,8 +101,9 @@ def cell_optimum(cell: dict, by_seed: dict[int, dict[float, float]], diverged: i
         stars = []
         for _ in range(BOOTSTRAP_SAMPLES):
             stars.append(bootstrap_lr_star(lrs, table, maximize, rng))
-        low, high = (float(v) for v in np.percentile(np.log10(stars), [2.5, 97.5]))
-        low, high = 10 ** low, 10 ** high
+        # on the LRs themselves, not their logs: when the draws agree the interval is exactly
+        # that LR (a round trip through log10 moved it an ulp, off the side of lr_star)
+        low, high = (float(v) for v in np.percentile(stars, [2.5, 97.5]))
     edge, suggest = "", []
     finite = mean[np.isfinite(mean)]
     if len(finite) > 1 and np.ptp(finite) == 0:

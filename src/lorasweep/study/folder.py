@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from lorasweep.config import Study, dump_study, validate_study
 from lorasweep.errors import StudyError
-from lorasweep.files import atomic_path, write_text
+from lorasweep.files import append_text, atomic_path, check_writable, write_text
+from lorasweep.redact import redact_argv
 from lorasweep.study.defaults import STORAGE_ENV
 from lorasweep.study.storage import JOURNAL_NAME, public_url
 from lorasweep.study.store import Store
@@ -41,23 +42,24 @@ def prepare_folder(folder: Path, study: Study, storage_url: str | None = None) -
     """Create or reopen a study folder; refuse one that holds a different study."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        check_writable(folder)
     except OSError as exc:
         raise StudyError(f"--out {folder}: cannot write there ({exc.strerror})") from None
     existing = folder / STUDY_FILE
     if existing.exists():
         _check_same_study(existing, study)
     _check_same_storage(folder, storage_url)
-    write_text(existing, dump_study(study))
-    if storage_url is not None:
-        write_text(folder / STORAGE_FILE,
-                   json.dumps({"storage": public_url(storage_url)}, indent=2) + "\n")
     environment = describe_environment()
-    write_text(folder / ENVIRONMENT_FILE, json.dumps(environment, indent=2) + "\n")
-    with open(folder / RUNS_FILE, "a") as runs:
-        runs.write(json.dumps(environment) + "\n")
+    try:  # each write is whole or nothing, so a full disk half-way loses nothing
+        write_text(existing, dump_study(study))
+        if storage_url is not None:
+            write_text(folder / STORAGE_FILE,
+                       json.dumps({"storage": public_url(storage_url)}, indent=2) + "\n")
+        write_text(folder / ENVIRONMENT_FILE, json.dumps(environment, indent=2) + "\n")
+        append_text(folder / RUNS_FILE, json.dumps(environment) + "\n")
+    except OSError as exc:
+        raise StudyError(f"--out {folder}: cannot write there ({exc.strerror}); what was "
+                         "recorded before is intact") from None
 
 
 def storage_of(folder: Path) -> str | None:
@@ -90,10 +92,17 @@ def started(folder: Path) -> bool:
     return (folder / STORAGE_FILE).exists() or (folder / JOURNAL_NAME).exists()
 
 
-def open_folder_store(folder: Path, create: bool = False) -> tuple[Study, Store]:
-    """A study folder's study and store, wherever its records live; reading never writes."""
+def open_folder_store(folder: Path, create: bool = False,
+                      storage_url: str | None = None) -> tuple[Study, Store]:
+    """A study folder's study and store, wherever its records live; reading never writes.
+
+    `storage_url` is the full URL this process was given (with its password, which the folder
+    does not keep); it is used when it names the database the folder records.
+    """
     study = load_folder_study(folder)
     url = storage_of(folder)
+    if url is not None and storage_url is not None and public_url(storage_url) == public_url(url):
+        url = storage_url
     if not started(folder):
         raise StudyError(f"{folder}: the study has not started (no {JOURNAL_NAME})")
     return study, Store(folder, study.name, maximize=study.task.maximize, create=create,
@@ -142,7 +151,7 @@ def describe_environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "packages": versions,
         "git": git_state(),
-        "command": sys.argv,
+        "command": redact_argv(sys.argv),  # a password given on it must not reach the folder
     }
 
 

@@ -8,6 +8,7 @@ between them, or take one GPU each when the device is `cuda`.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -78,16 +79,25 @@ def run_local_workers(store: Store, folder: Path, count: int, options: WorkOptio
     finally:
         bar.close()
     codes = [p.returncode for p in processes]
+    unfinished = _unfinished(store)
+    for number, code in enumerate(codes, start=1):
+        if code < 0:  # killed by a signal: its trials went back to the queue for the others
+            taken_over = "" if unfinished else "; the others finished its trials"
+            print(f"lorasweep: worker {number} of {count} was killed "
+                  f"({signal.Signals(-code).name}){taken_over}", file=sys.stderr)
     if EXIT_BAD_INPUT in codes:
         raise StudyError(f"worker {codes.index(EXIT_BAD_INPUT) + 1} of {count} stopped on bad "
                          "input (its message is above); what was recorded is kept")
     after = _finished(store)
     trained = sum(after.values()) - sum(before.values())
-    unfinished = len(store.latest_by_key()) - sum(after.values())
     if unfinished:
         print(f"lorasweep: {unfinished} trials did not finish (worker exit codes {codes}); "
               "run the same command again to resume", file=sys.stderr)
     return trained, after["failed"] - before["failed"] + unfinished
+
+
+def _unfinished(store: Store) -> int:
+    return len(store.latest_by_key()) - sum(_finished(store).values())
 
 
 def _finished(store: Store) -> Counter:

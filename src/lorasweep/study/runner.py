@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from lorasweep.config import TARGETS_AXIS, Study, dump_study, validate_study
 from lorasweep.errors import StudyError
+from lorasweep.files import is_disk_full
 from lorasweep.methods import get_method
 from lorasweep.methods.peft_passthrough import names_own_targets, needs_data
 from lorasweep.methods.targets import adapter_width, resolve_targets
-from lorasweep.models import load_model, load_tokenizer
+from lorasweep.models import load_model, load_tokenizer, max_positions
 from lorasweep.recipe import Recipe, resolve_recipe
 from lorasweep.report import write_study_outputs
 from lorasweep.results import write_trials_csv
@@ -77,9 +78,10 @@ class Workbench:
 
 
 def load_workbench(study: Study) -> Workbench:
+    recipes = [resolve_recipe(study.train, text) for text in recipes_of(study)]
+    _check_seq_len(study, {r.train.seq_len for r in recipes} | {study.train.seq_len})
     tokenizer = load_tokenizer(study.model)
     task = build_task(study, tokenizer)
-    recipes = [resolve_recipe(study.train, text) for text in recipes_of(study)]
     tasks = {seq_len: build_task(study, tokenizer, seq_len)
              for seq_len in {r.train.seq_len for r in recipes} - {study.train.seq_len}}
     for recipe in recipes:
@@ -93,7 +95,7 @@ def load_workbench(study: Study) -> Workbench:
                   for t in study.search.recipe[TARGETS_AXIS]}
     for cell in {t.cell for t in expand_trials(study, widths)}:
         if cell.is_adapter and not names_own_targets(cell):
-            resolve_targets(base, cell.target_modules)
+            _check_rank(base, resolve_targets(base, cell.target_modules), cell.rank)
         if cell.method == "peft" and not needs_data(cell):
             # PEFT checks its configuration against the model only when it builds it (inits that
             # need data are built at training time: a dry run would cost a calibration pass)
@@ -103,6 +105,56 @@ def load_workbench(study: Study) -> Workbench:
                 raise StudyError(f"search.methods: peft entry '{cell.label}' cannot be built: "
                                  f"{str(exc).splitlines()[0]}") from None
     return Workbench(task=task, base=base, tasks=tasks, widths=widths)
+
+
+def _check_seq_len(study: Study, lengths: set[int]) -> None:
+    """Sequences longer than the model's positions fail late, after padding every example to
+    that length has exhausted memory; refuse them before any data is tokenized."""
+    limit = max_positions(study.model)
+    if limit is not None and max(lengths) > limit:
+        raise StudyError(f"train.seq_len {max(lengths)}: above the {limit} positions of model "
+                         f"'{study.model.source}'; allowed: 8 to {limit}")
+
+
+def _check_rank(base: nn.Module, names: list[str], rank: int | None) -> None:
+    """A rank above a target layer's narrower side adds nothing a smaller one lacks."""
+    if rank is None:
+        return
+    modules = dict(base.named_modules())
+    name = min(names, key=lambda n: min(modules[n].weight.shape))
+    width = min(modules[name].weight.shape)
+    if rank > width:
+        raise StudyError(f"search.ranks: rank {rank} is above the width of layer {name} "
+                         f"({' x '.join(map(str, modules[name].weight.shape))}); allowed: "
+                         f"at most {width} for these target modules")
+
+
+def available_memory(device: str) -> int:
+    """Bytes free now for this process's tensors: the GPU's free memory, or the machine's."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    import psutil  # a dependency of accelerate
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(study: Study, bench: Workbench, options: WorkOptions) -> None:
+    """Refuse a step that cannot fit: a lower bound on one training step's activations (each of
+    K trials keeps every layer's hidden states for the backward pass, and a causal LM its
+    logits) against the memory free now. Only a lower bound, so it never refuses what fits."""
+    config = bench.base.config
+    recipes = [resolve_recipe(study.train, text) for text in recipes_of(study)]
+    batch = min(max(r.train.batch_size for r in recipes), len(bench.task.train))
+    seq_len = max(r.train.seq_len for r in recipes)
+    per_token = getattr(config, "hidden_size", 0) * getattr(config, "num_hidden_layers", 0) + (
+        getattr(config, "vocab_size", 0) if study.task.kind != "classification" else 0)
+    need = (options.max_group * batch * seq_len * per_token
+            * (2 if study.train.precision == "bf16" else 4))
+    free = available_memory(options.device)
+    if need > free:
+        raise StudyError(f"train.batch_size x train.seq_len x --max-group ({batch} x {seq_len} x "
+                         f"{options.max_group}): one step needs at least {need / 2**30:.2f} GiB; "
+                         f"{free / 2**30:.2f} GiB is free on {options.device}: lower one of them")
 
 
 @dataclass
@@ -144,6 +196,7 @@ def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
     worker) or starts `workers` worker processes that share the store and waits for them.
     """
     bench = load_workbench(study)
+    check_memory(study, bench, options)
     store = open_study_store(study, folder, storage_url, options.patience)
     store.configure(dump_study(study), lease_seconds, max_attempts)
     store.sync(_planner(study, store, bench.widths)(), retry_failed=retry_failed)
@@ -178,6 +231,7 @@ def run_worker(options: WorkOptions, folder: Path | None = None,
     else:
         raise StudyError("lorasweep worker: give a study folder, or --storage URL and --study NAME")
     bench = load_workbench(study)
+    check_memory(study, bench, options)
     store = open_study_store(study, folder, storage_url, options.patience)
     trained, failed = work(store, bench, study, folder, options)
     return RunSummary(folder=folder, trained=trained, failed=failed)
@@ -252,6 +306,8 @@ def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, i
             store.record_failure(trial_id, "interrupted by the user", status="interrupted")
         raise
     except Exception as exc:  # a crash fails these trials; the study goes on
+        if is_disk_full(exc):  # ...but a full disk stops it (cli.py says so in one line)
+            raise
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
         tqdm.write(f"trials {[s.grid_id for s in specs[recorded:]]} failed: {message}")
         tqdm.write(traceback.format_exc(limit=-3))

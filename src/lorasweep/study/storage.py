@@ -10,25 +10,28 @@ waiting cannot fix (a full disk, a wrong password) become one clear line at once
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import optuna
 import sqlalchemy.exc
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
-from optuna.storages.journal._file import get_lock_file
+from optuna.storages.journal._file import BaseJournalFileLock, get_lock_file
 from sqlalchemy.engine import make_url
 from tqdm.auto import tqdm
 
 from lorasweep.errors import StudyError
 
 JOURNAL_NAME = "optuna.journal"
+LOCK_SUFFIX = ".flock"  # the journal's lock file, beside it
 DATABASE_SCHEMES = ("postgresql", "sqlite")
 # File-system errors that may clear by themselves (NFS hiccups); the rest are the user's to fix.
 TRANSIENT_ERRNOS = {errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR}
@@ -39,20 +42,62 @@ PERMANENT_DB_WORDS = ("authentication failed", "does not exist", "no password su
 T = TypeVar("T")
 
 
-class SafeJournalFileBackend(JournalFileBackend):
-    """Optuna's journal file, except that a failed append (a full disk) is undone.
+class FlockLock(BaseJournalFileLock):
+    """The journal's lock as an flock on a side file, which the kernel releases when its holder
+    dies: a killed worker never stalls the next one (Optuna's own lock files outlive their
+    holder, and the next process waits out a 30 s grace period with warnings)."""
 
-    Optuna appends records under its lock with one write; if that write fails half-way, the
-    journal keeps a partial line and every later read of the study fails. Here the file is cut
-    back to its length before the append, under the same lock, so what was recorded stays
-    readable. (The append is re-stated rather than wrapped because Optuna's lock is not
-    re-entrant and the truncation must happen while it is held.)
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._threads = threading.Lock()  # flock excludes open files, not threads sharing one
+        self._handle: IO[bytes] | None = None
+
+    def acquire(self) -> bool:
+        self._threads.acquire()
+        try:
+            handle = open(self._path, "ab")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except BaseException:
+            self._threads.release()
+            raise
+        self._handle = handle
+        return True
+
+    def release(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.close()  # closing the file releases its flock
+            self._threads.release()
+
+
+class SafeJournalFileBackend(JournalFileBackend):
+    """Optuna's journal file, kept readable through kills, full disks and stray bytes.
+
+    A record cut short at the end (a killed or failed write) or junk after the last whole
+    record is cut back, with one line saying so, when the journal is opened and before any
+    append (which reads the last line only); nothing is ever appended after a partial line.
+    Damage with whole records after it is not guessed at: it is one line naming its byte
+    offset. (The append is re-stated rather than wrapped because the lock is not re-entrant and
+    the checks must happen while it is held.)
     """
+
+    def __init__(self, file_path: str) -> None:
+        super().__init__(file_path, lock_obj=FlockLock(file_path + LOCK_SUFFIX))
+        with get_lock_file(self._lock):
+            self._cut_torn_tail()
+
+    def read_logs(self, log_number_from: int) -> Generator[dict, None, None]:
+        try:
+            yield from super().read_logs(log_number_from)
+        except ValueError:  # Optuna's reader found a line that is no record, records after it
+            raise StudyError(self._describe_damage()) from None
 
     def append_logs(self, logs: list[dict]) -> None:
         text = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs)
         with get_lock_file(self._lock):
             length = os.path.getsize(self._file_path) if os.path.exists(self._file_path) else 0
+            if length and not _last_line_is_record(self._file_path):
+                length = self._cut_torn_tail()
             try:
                 with open(self._file_path, "ab") as handle:
                     handle.write(text.encode("utf-8"))
@@ -62,6 +107,70 @@ class SafeJournalFileBackend(JournalFileBackend):
                 with open(self._file_path, "r+b") as handle:
                     handle.truncate(length)
                 raise
+
+    def _cut_torn_tail(self) -> int:
+        """Cut what follows the last whole record (held under the lock); the new length."""
+        with open(self._file_path, "r+b") as handle:
+            data = handle.read()
+            end = _whole_length(data)
+            if end == len(data):
+                return end
+            if end == 0 and b"\n" in data:
+                raise StudyError(f"{self._file_path}: not an Optuna journal (no whole record "
+                                 "in it); use another --out") from None
+            handle.truncate(end)
+        tqdm.write(f"lorasweep: {self._file_path}: cut {len(data) - end} bytes after byte {end}"
+                   " (a record cut short by a killed or failed write, or junk); the whole "
+                   "records before it are kept", file=sys.stderr)
+        return end
+
+    def _describe_damage(self) -> str:
+        offset = number = 0
+        with open(self._file_path, "rb") as handle:
+            for line in handle:
+                number += 1
+                if not _is_record(line):
+                    break
+                offset += len(line)
+        return (f"{self._file_path}: damaged at byte {offset} (line {number} is not a whole "
+                "journal record) with records after it; not repaired, to lose nothing: restore "
+                f"the file from a backup, or cut it at byte {offset} to keep what precedes it")
+
+
+def _is_record(line: bytes) -> bool:
+    if not line.endswith(b"\n"):
+        return False
+    try:
+        record = json.loads(line)
+    except ValueError:  # also bytes that are not UTF-8
+        return False
+    return isinstance(record, dict) and "op_code" in record
+
+
+def _whole_length(data: bytes) -> int:
+    """How many bytes of a journal's `data` run up to the end of its last whole record."""
+    end = data.rfind(b"\n") + 1
+    while end > 0:
+        start = data.rfind(b"\n", 0, end - 1) + 1
+        if _is_record(data[start:end]):
+            return end
+        end = start
+    return 0
+
+
+def _last_line_is_record(path: str) -> bool:
+    """Whether the journal ends with a whole record, reading only its last line."""
+    with open(path, "rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        span = 4096
+        while True:
+            start = max(0, size - span)
+            handle.seek(start)
+            data = handle.read()
+            cut = data.rfind(b"\n", 0, len(data) - 1)
+            if cut >= 0 or start == 0:
+                return _is_record(data[cut + 1:])
+            span *= 4
 
 
 def open_storage(url: str | None, folder: Path, patience: float) -> BaseStorage:

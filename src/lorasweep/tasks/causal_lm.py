@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from lorasweep.config import TaskSpec
+from lorasweep.errors import StudyError
 from lorasweep.tasks.base import Split, Task, per_trial
 from lorasweep.tasks.data import RawSplits, Records, require_field
 
@@ -52,8 +53,11 @@ def build_causal_lm(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokeniz
         require_field(raw, field, "task.prompt_field/response_field" if paired
                       else "task.text_field")
 
-    def tokenize(records: Records) -> Split:
+    def tokenize(records: Records, split: str) -> Split:
         records = [r for r in records if any(str(r[f]).strip() for f in fields)]
+        if not records:
+            raise StudyError(f"task.{'/'.join(fields)}: the {split} data has no text (every "
+                             "record is blank)")
         if paired:
             prompts = [str(r[spec.prompt_field]) for r in records]
             texts = [p + str(r[spec.response_field]) for p, r in zip(prompts, records, strict=True)]
@@ -69,5 +73,6 @@ def build_causal_lm(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokeniz
                 labels[row, :n] = IGNORE
         return Split(enc["input_ids"], enc["attention_mask"], labels)
 
-    test = None if raw.test is None else tokenize(raw.test)
-    return CausalLMTask(tokenize(raw.train), tokenize(raw.validation), test)
+    test = None if raw.test is None else tokenize(raw.test, "test")
+    return CausalLMTask(tokenize(raw.train, "training"), tokenize(raw.validation, "validation"),
+                        test)

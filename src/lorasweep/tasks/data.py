@@ -10,6 +10,8 @@ reported, never used to choose anything.
 from __future__ import annotations
 
 import glob
+import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,11 +168,32 @@ def _load_file(path: str, field: str) -> Records:
     if missing:
         raise StudyError(f"{field}: {missing[0]}: no such file")
     fmt = formats.pop()
+    for file in map(Path, files):
+        if file.suffix.lower() in (".jsonl", ".txt"):
+            _check_lines(file, field, as_json=file.suffix.lower() == ".jsonl")
     try:
         data = datasets.load_dataset(fmt, data_files=files, split="train")
     except Exception as exc:  # datasets raises many types for a malformed file
         raise StudyError(f"{field}: {path}: cannot parse as {fmt} ({_first_line(exc)})") from None
     return data.to_list()
+
+
+def _check_lines(file: Path, field: str, as_json: bool) -> None:
+    """Name the first line that is not UTF-8 (or, in JSONL, not one JSON object): `datasets`
+    says only that generating the dataset failed, or a later step fails with a traceback."""
+    with open(file, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise StudyError(f"{field}: {file}: line {number} is not UTF-8 (byte "
+                                 f"{exc.start} of the line); save the file as UTF-8") from None
+            if as_json and text.strip():
+                try:
+                    json.loads(text)
+                except ValueError as exc:
+                    raise StudyError(f"{field}: {file}: line {number} is not valid JSON "
+                                     f"({exc.msg} at column {exc.colno})") from None
 
 
 def _load_named(task: TaskSpec) -> Mapping:
@@ -195,6 +218,7 @@ def require_field(raw: RawSplits, field: str, setting: str) -> None:
             raise StudyError(f"{setting}: the {split} data has no field '{field}'; fields: "
                              f"{', '.join(records[0])}")
         for number, record in enumerate(records):
-            if record.get(field) is None:
+            value = record.get(field)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
                 raise StudyError(f"{setting}: record {number} of the {split} data has no "
-                                 f"'{field}'")
+                                 f"'{field}' (null or NaN)")
