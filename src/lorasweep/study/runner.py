@@ -26,6 +26,7 @@ from lorasweep.methods import get_method
 from lorasweep.methods.peft_passthrough import needs_data
 from lorasweep.methods.targets import adapter_width, resolve_targets
 from lorasweep.models import load_model, load_tokenizer
+from lorasweep.precision import base_dtype, check_device_support
 from lorasweep.recipe import Recipe, resolve_recipe
 from lorasweep.report import write_study_outputs
 from lorasweep.results import write_trials_csv
@@ -67,7 +68,9 @@ class Workbench:
         return task.with_train_examples(recipe.train_examples)
 
 
-def load_workbench(study: Study) -> Workbench:
+def load_workbench(study: Study, device: str = "cpu") -> Workbench:
+    """The study's data and base model (stored in the dtype it trains in on `device`)."""
+    check_device_support(study, device)
     tokenizer = load_tokenizer(study.model)
     task = build_task(study, tokenizer)
     recipes = [resolve_recipe(study.train, text) for text in recipes_of(study)]
@@ -77,7 +80,8 @@ def load_workbench(study: Study) -> Workbench:
         if recipe.train_examples is not None and recipe.train_examples > len(task.train):
             raise StudyError(f"search.recipe.train_examples: {recipe.train_examples} is more "
                              f"than the {len(task.train)} training examples (after validation)")
-    base = load_model(study.model, study.task.kind, num_labels(task), tokenizer)
+    base = load_model(study.model, study.task.kind, num_labels(task), tokenizer,
+                      base_dtype(study.model, study.train, device))
     widths = None
     if study.search.match_params:
         widths = {target_text(t): adapter_width(base, target_text(t))
@@ -129,7 +133,7 @@ def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
     The study is created and its grid enqueued here, once; then this process trains (one
     worker) or starts `workers` worker processes that share the store and waits for them.
     """
-    bench = load_workbench(study)
+    bench = load_workbench(study, options.device)
     store = open_study_store(study, folder, storage_url, options.patience)
     store.configure(dump_study(study), lease_seconds, max_attempts)
     store.sync(_planner(study, store, bench.widths)(), retry_failed=retry_failed)
@@ -164,7 +168,7 @@ def run_worker(options: WorkOptions, folder: Path | None = None,
         storage_url = storage_url or storage_of(folder)
     else:
         raise StudyError("lorasweep worker: give a study folder, or --storage URL and --study NAME")
-    bench = load_workbench(study)
+    bench = load_workbench(study, options.device)
     store = open_study_store(study, folder, storage_url, options.patience)
     trained, failed = work(store, bench, study, folder, options)
     return RunSummary(folder=folder, trained=trained, failed=failed)
