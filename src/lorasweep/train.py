@@ -131,22 +131,9 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
     eval_curves: list[list[dict]] = [[] for _ in trials]
     step = 0
     bar = tqdm(total=steps, desc=_describe(trials), leave=False, disable=None)
-    micro_size = recipe.batch_size // recipe.grad_accum
     for step, index in enumerate(batch_order(len(task.train), recipe.batch_size, steps, seed), 1):
         active = torch.tensor([s is None for s in stopped], device=device)
-        losses = torch.zeros(k, device=device)
-        micro = [task.train.batch(part, k) for part in index.split(micro_size)]
-        counts = [task.loss_count(batch["labels"]) for batch in micro]
-        for batch, count in zip(micro, counts, strict=True):
-            # each micro-batch's mean loss weighted by its share of the batch's tokens (examples
-            # for classification): the sum is the whole batch's mean, padding counting nowhere
-            batch = {n: t.to(device) for n, t in batch.items()}
-            with autocast(recipe, device):
-                logits = model(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"]).logits
-                part = task.trial_losses(logits, batch["labels"], k) * (count / max(sum(counts), 1))
-            torch.where(active, part, torch.zeros_like(part)).sum().backward()
-            losses += part.detach()
+        losses = accumulate_gradients(model, task, index, k, recipe, active)
         for i, value in enumerate(losses.detach().cpu().tolist()):
             if stopped[i] is None:
                 curves[i].append(value)
@@ -189,6 +176,31 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
                                        test=test[i], train_loss=_tail_mean(curves[i]),
                                        weights=weights, **common))
     return results
+
+
+def accumulate_gradients(model: nn.Module, task: Task, index: torch.Tensor, k: int,
+                         recipe: TrainSpec, active: torch.Tensor) -> torch.Tensor:
+    """Backward of one step's batch (rows `index`) in `recipe.grad_accum` micro-batches; returns
+    each trial's mean loss over the batch, shape (K,). Trials not `active` get no gradient.
+
+    Each micro-batch's mean loss is weighted by its share of the batch's scored tokens (examples,
+    for classification), so the summed gradient is the whole batch's and padding counts nowhere.
+    With one micro-batch the weight is exactly 1: today's numbers, bit for bit.
+    """
+    device = active.device
+    micro = [task.train.batch(part, k)
+             for part in index.split(recipe.batch_size // recipe.grad_accum)]
+    counts = [task.loss_count(batch["labels"]) for batch in micro]
+    losses = torch.zeros(k, device=device)
+    for batch, count in zip(micro, counts, strict=True):
+        batch = {n: t.to(device) for n, t in batch.items()}
+        with autocast(recipe, device):
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+            part = task.trial_losses(logits, batch["labels"], k) * (count / max(sum(counts), 1))
+        torch.where(active, part, torch.zeros_like(part)).sum().backward()
+        losses += part.detach()
+    return losses
 
 
 def checkpoint_blocks(model: nn.Module) -> None:
