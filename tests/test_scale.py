@@ -296,3 +296,24 @@ def test_folders_written_before_these_fields_still_resume(tmp_path, data_files):
     changed = validate_study(tiny_study(data_files, model={"dtype": "bf16"}), "s")
     with pytest.raises(StudyError, match=r"model\.dtype"):
         prepare_folder(folder, changed)
+
+
+def test_gpu_check_smoke_runs_every_configuration(capsys, monkeypatch):
+    """`benchmarks/gpu_check.py --smoke`: every runner and variant gives a row, fused groups end
+    at K = 1's losses, and the last line is the K = 8 speed-up."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    importlib.import_module("gpu_check").main(["--smoke"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = [line.split(" | ") for line in lines if line.startswith("| tiny:llama")]
+    assert [(r[1], r[2]) for r in rows] == [
+        (variant, runner) for variant in ("plain", "accum 2 + ckpt")
+        for runner in ("stock PEFT, one by one", "lorasweep K = 1", "lorasweep K = 2",
+                       "lorasweep K = 4", "lorasweep K = 8")]
+    for row in rows:
+        assert float(row[3].replace(",", "")) > 0 and float(row[5].replace(",", "")) > 0
+        if row[2].startswith("lorasweep"):
+            assert float(row[7].rstrip(" |")) < 1e-5, row
+    assert lines[-1].startswith("K = 8 speed-up over stock PEFT one by one (plain): tiny:llama ")
