@@ -293,9 +293,11 @@ def test_folders_written_before_these_fields_still_resume(tmp_path, data_files):
     folder.mkdir()
     (folder / "study.yaml").write_text(yaml.safe_dump(old))
     prepare_folder(folder, study)
-    changed = validate_study(tiny_study(data_files, model={"dtype": "bf16"}), "s")
-    with pytest.raises(StudyError, match=r"model\.dtype"):
-        prepare_folder(folder, changed)
+    for section, field, value in (("model", "dtype", "bf16"), ("train", "grad_accum", 2),
+                                  ("train", "gradient_checkpointing", True)):
+        changed = validate_study(tiny_study(data_files, **{section: {field: value}}), "s")
+        with pytest.raises(StudyError, match=rf"{section}\.{field}"):
+            prepare_folder(folder, changed)
 
 
 def test_gpu_check_smoke_runs_every_configuration(capsys, monkeypatch):
