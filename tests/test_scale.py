@@ -207,17 +207,22 @@ def test_bf16_base_trains_fp32_adapters_and_tracks_the_fp32_base():
 
 
 def test_bf16_base_keeps_a_fp32_head_and_full_fine_tuning_trains_fp32():
+    """Over a bf16 base the task head trains in fp32 (native LoRA, and PEFT pass-through whose
+    LoRA weights PEFT itself keeps fp32), and full fine-tuning trains an fp32 model."""
+    import json
+
     base = tiny("tiny:bert", "classification", torch.bfloat16)
     task = classification_task()
-    for method in ("lora", "full"):
-        model, attached = attach_group(base, task, TrainSpec(steps=1, batch_size=8),
-                                       trials(method, [1e-3]))
-        head = [p for n, p in attached.trial_params[0] if n.startswith("classifier")]
-        assert head and {p.dtype for p in head} == {torch.float32}
-        if method == "full":
+    peft_cell = Cell(method="peft", rank=4, lora_alpha="8", target_modules="all-linear",
+                     peft=json.dumps({"config": "LoraConfig", "label": "p", "arguments": {}}))
+    for group in (trials("lora", [1e-3]), trials("full", [1e-3]),
+                  [TrialSpec(grid_id=0, cell=peft_cell, lr=1e-3, seed=0)]):
+        model, attached = attach_group(base, task, TrainSpec(steps=1, batch_size=8), group)
+        assert {p.dtype for _, p in attached.trial_params[0]} == {torch.float32}
+        assert any(n.startswith("classifier") for n, _ in attached.trial_params[0])
+        if group[0].cell.method == "full":
             assert {p.dtype for p in model.parameters()} == {torch.float32}
-        (result,) = train_group(base, task, TrainSpec(steps=3, batch_size=8),
-                                trials(method, [1e-3]), CPU)
+        (result,) = train_group(base, task, TrainSpec(steps=3, batch_size=8), group, CPU)
         assert result.status == "complete"
 
 
