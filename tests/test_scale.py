@@ -324,3 +324,19 @@ def test_gpu_check_smoke_runs_every_configuration(capsys, monkeypatch):
         if row[2].startswith("lorasweep"):
             assert float(row[7].rstrip(" |")) < 1e-5, row
     assert lines[-1].startswith("K = 8 speed-up over stock PEFT one by one (plain): tiny:llama ")
+
+
+def test_a_study_runs_with_the_large_model_recipe(tmp_path, study_file):
+    """The three settings together through `lorasweep run`, recorded in the folder's study."""
+    import csv
+
+    path = study_file(model={"source": "tiny:bert", "dtype": "bf16"},
+                      train={"steps": 2, "batch_size": 8, "grad_accum": 2,
+                             "gradient_checkpointing": True},
+                      search={"methods": ["lora"], "lr": [1e-3]})
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    with open(out / "trials.csv") as handle:
+        assert [row["status"] for row in csv.DictReader(handle)] == ["complete"]
+    saved = yaml.safe_load((out / "study.yaml").read_text())
+    assert saved["model"]["dtype"] == "bf16" and saved["train"]["grad_accum"] == 2
