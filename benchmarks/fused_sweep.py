@@ -49,52 +49,65 @@ def run_lorasweep(args: argparse.Namespace, k: int, group: int) -> dict:
     """lorasweep's own training of K trials, `group` of them fused at a time."""
     import torch
 
+    study, bench, trials = build(args, k)
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    losses = train_fused(bench.base, bench.task, study.train, trials, device, group)
+    return {"seconds": synchronized(device, started), "losses": losses}
+
+
+def train_fused(base, task, recipe, trials, device, group: int) -> list[float]:
+    """Train `trials` with lorasweep, `group` of them fused at a time; their final train losses."""
     from lorasweep.train import train_group
+
+    losses = []
+    for first in range(0, len(trials), group):
+        results = train_group(base, task, recipe, trials[first:first + group], device)
+        losses += [r.train_loss for r in results]
+    return losses
+
+
+def run_peft_loop(args: argparse.Namespace, k: int) -> dict:
+    """Stock PEFT, one trial after another (see `train_peft`)."""
+    import torch
 
     study, bench, trials = build(args, k)
     device = torch.device(args.device)
     started = time.perf_counter()
-    losses = []
-    for first in range(0, len(trials), group):
-        results = train_group(bench.base, bench.task, study.train, trials[first:first + group],
-                              device)
-        losses += [r.train_loss for r in results]
-    return {"seconds": _synchronized(device, started), "losses": losses}
+    losses = train_peft(bench.base, bench.task, study.train, trials, device)
+    return {"seconds": synchronized(device, started), "losses": losses}
 
 
-def run_peft_loop(args: argparse.Namespace, k: int) -> dict:
-    """Stock PEFT, one trial after another: the loop a user would write by hand (under the same
-    autocast as lorasweep for bf16, on the same device)."""
+def train_peft(base, task, recipe, trials, device) -> list[float]:
+    """Stock PEFT, one trial after another: the loop a user would write by hand (AdamW, warmup +
+    cosine) on the same batches, under the same autocast, micro-batches (`train.grad_accum`)
+    and block checkpointing (`train.gradient_checkpointing`) as lorasweep, on the same device.
+    Returns each trial's last train loss."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import get_scheduler
 
     from lorasweep.methods.targets import resolve_targets
-    from lorasweep.train import autocast, batch_order
+    from lorasweep.optim import total_steps
+    from lorasweep.train import accumulate_gradients, autocast, batch_order, checkpoint_blocks
 
-    study, bench, trials = build(args, k)
-    task, recipe, steps = bench.task, study.train, args.steps
-    device = torch.device(args.device)
-    started = time.perf_counter()
+    steps = total_steps(recipe, len(task.train))
+    kind = "SEQ_CLS" if hasattr(task, "label_names") else "CAUSAL_LM"
     losses = []
     for trial in trials:
         torch.manual_seed(trial.seed)
         config = LoraConfig(r=trial.cell.rank, lora_alpha=trial.cell.alpha, lora_dropout=0.0,
-                            target_modules=resolve_targets(bench.base, "all-linear"),
-                            task_type="SEQ_CLS" if study.task.kind == "classification"
-                            else "CAUSAL_LM")
-        peft_model = get_peft_model(copy.deepcopy(bench.base), config).to(device)
+                            target_modules=resolve_targets(base, "all-linear"), task_type=kind)
+        peft_model = get_peft_model(copy.deepcopy(base), config).to(device)
+        if recipe.gradient_checkpointing:
+            checkpoint_blocks(peft_model.get_base_model())
         optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
                                       lr=trial.lr)
         schedule = get_scheduler("cosine", optimizer, num_warmup_steps=int(0.1 * steps),
                                  num_training_steps=steps)
+        everyone = torch.ones(1, dtype=torch.bool, device=device)
         for index in batch_order(len(task.train), recipe.batch_size, steps, trial.seed):
-            batch = {n: t.to(device) for n, t in task.train.batch(index, 1).items()}
-            with autocast(recipe, device):
-                logits = peft_model(input_ids=batch["input_ids"],
-                                    attention_mask=batch["attention_mask"]).logits
-                loss = task.trial_losses(logits, batch["labels"], 1)[0]
-            loss.backward()
+            loss = accumulate_gradients(peft_model, task, index, 1, recipe, everyone)[0]
             torch.nn.utils.clip_grad_norm_(peft_model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
@@ -104,10 +117,11 @@ def run_peft_loop(args: argparse.Namespace, k: int) -> dict:
                 if split is not None:
                     task.evaluate(peft_model, split, 1, recipe.eval_batch_size, device)
         losses.append(float(loss))
-    return {"seconds": _synchronized(device, started), "losses": losses}
+    return losses
 
 
-def _synchronized(device, started: float) -> float:
+def synchronized(device, started: float) -> float:
+    """Seconds since `started`, once the device has finished its queued work."""
     import torch
 
     if device.type == "cuda":

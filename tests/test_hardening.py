@@ -266,7 +266,7 @@ def test_a_step_that_cannot_fit_in_memory_is_refused(tmp_path: Path, study_file,
     out = tmp_path / "out"
     assert main(["run", str(study_file()), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "train.batch_size x train.seq_len x --max-group (8 x 24 x 1)" in err[0]
+    assert len(err) == 1 and "micro-batch x train.seq_len x --max-group (8 x 24 x 1)" in err[0]
     assert not out.exists()
     monkeypatch.setattr(runner, "available_memory", lambda device: 60 * 1024)
     assert main(["run", str(study_file()), "--out", str(out)]) == 0

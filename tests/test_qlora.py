@@ -34,7 +34,7 @@ def test_matches_peft_over_the_same_4bit_base(source, kind, method):
     assert bases and all(isinstance(b, bnb.nn.Linear4bit) for b in bases)
 
 
-def test_block_linears_are_nf4_and_the_rest_is_not():
+def test_adapted_linears_are_nf4_and_the_rest_is_not():
     tokenizer = load_tokenizer(ModelSpec(source="tiny:llama"))
     dense = load_model(ModelSpec(source="tiny:llama"), "causal_lm", None, tokenizer)
     four = load_model(ModelSpec(source="tiny:llama", quantize="nf4"), "causal_lm", None,

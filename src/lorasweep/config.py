@@ -68,13 +68,21 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """Where the base model comes from.
 
-    `source` is a packaged name (`minilm`, `smollm2`), a local folder, a Hugging Face hub id, or
-    `tiny:bert` / `tiny:llama` (random weights from a small config, for tests).
+    `source` is a packaged name (`minilm`, `smollm2`), a local folder, a Hugging Face hub id,
+    `tiny:bert` / `tiny:llama` (random weights from a small config, for tests), or
+    `random:llama-1b` / `random:llama-8b` / `random:qwen2-0.5b` (a published architecture with
+    random weights, for throughput and memory benchmarks at real size).
+
+    `dtype` is how the frozen base weights are stored (adapters, DoRA magnitudes, the task head
+    and the optimizer state stay fp32); None: bf16 when `train.precision` is bf16 on a GPU, else
+    fp32 (see precision.py).
     """
 
     source: str = Field(min_length=1)
     revision: str | None = None
     trust_remote_code: bool = False
+    # the frozen base's dtype (precision.py); None: bf16 with train.precision bf16 on a GPU
+    dtype: Literal["bf16", "fp16", "fp32"] | None = None
     # nf4: the frozen base's block linear layers in 4-bit NormalFloat, as QLoRA (quantize.py)
     quantize: Literal["nf4"] | None = None
 
@@ -234,13 +242,21 @@ class TrainSpec(_Strict):
     eval_every: Annotated[int, Field(ge=0)] = 0
     eval_batch_size: Annotated[int, Field(gt=0)] = 64
     divergence_factor: Annotated[float, Field(gt=1)] = 4.0
-    # bf16: matmuls under autocast in bfloat16; weights, optimizer state and losses stay fp32
+    # bf16: matmuls under autocast in bfloat16; trained weights, optimizer state and losses fp32
     precision: Literal["fp32", "bf16"] = "fp32"
+    # each step's batch as grad_accum micro-batches of batch_size / grad_accum, summed into the
+    # one update the whole batch gives (token-weighted for language tasks; see train.py)
+    grad_accum: Annotated[int, Field(gt=0)] = 1
+    # recompute each transformer block's activations in the backward instead of keeping them
+    gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainSpec:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of train.steps or train.epochs")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.grad_accum {self.grad_accum} does not divide "
+                             f"train.batch_size {self.batch_size}")
         return self
 
 
@@ -461,6 +477,14 @@ class Study(_Strict):
                         "weight, which a 4-bit base cannot store exactly (PEFT refuses PiSSA "
                         "over 4-bit weights too); allowed inits: kaiming, gaussian, mua_a, "
                         "mua_b, random_ab")
+        return self
+
+    @model_validator(mode="after")
+    def _swept_batches_split(self) -> Study:
+        for size in self.search.recipe.get("batch_size", []):
+            if size % self.train.grad_accum:
+                raise ValueError(f"train.grad_accum {self.train.grad_accum} does not divide "
+                                 f"search.recipe.batch_size {size}")
         return self
 
 

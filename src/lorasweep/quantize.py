@@ -15,13 +15,7 @@ import importlib.util
 from torch import nn
 
 from lorasweep.errors import StudyError
-from lorasweep.methods.targets import (
-    adaptable_layers,
-    in_block,
-    layer_shape,
-    out_in_weight,
-    replace_module,
-)
+from lorasweep.methods.targets import all_linear, layer_shape, out_in_weight, replace_module
 
 QUANTIZE_LIBRARY = {"nf4": "bitsandbytes"}
 BLOCKSIZE = 64  # QLoRA's block of weights sharing one scale
@@ -38,16 +32,16 @@ def check_quantize(quantize: str | None) -> None:
 
 
 def quantize_base(model: nn.Module, quantize: str) -> nn.Module:
-    """Store the linear layers of the transformer blocks (those adapters can go on) in NF4.
+    """Store the linear layers that `all-linear` adapts in NF4 (BERT's pooler included).
 
-    Embeddings, norms, the pooler, the LM head and the task head keep their dtype, as
-    transformers keeps the LM head. Each layer computes in the dtype its weight had. A Conv1D
-    (GPT-2) becomes a 4-bit linear layer of its transposed weight, as transformers' own
-    bitsandbytes loading does.
+    Embeddings, norms, the LM head and the task head keep their dtype, as transformers' own
+    bitsandbytes loading keeps the output layer. Each layer computes in the dtype its weight
+    had. A Conv1D (GPT-2) becomes a 4-bit linear layer of its transposed weight, as that
+    loading does too.
     """
     import bitsandbytes as bnb
 
-    for name in [n for n in adaptable_layers(model) if in_block(n)]:
+    for name in all_linear(model):
         dense = model.get_submodule(name)
         n_out, n_in = layer_shape(dense)
         layer = bnb.nn.Linear4bit(n_in, n_out,

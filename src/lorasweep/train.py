@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lorasweep.config import TrainSpec
 from lorasweep.methods import Attached, get_method
@@ -138,6 +139,8 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
     started = time.perf_counter()
     model, attached = attach_group(base, task, recipe, trials)
     model.to(device)
+    if recipe.gradient_checkpointing:
+        checkpoint_blocks(model)
     optimizer = build_optimizer(get_method(cell.method), attached, trials, recipe)
     steps = total_steps(recipe, len(task.train))
     schedule = build_schedule(optimizer, recipe, steps)
@@ -155,13 +158,8 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
     step = 0
     bar = tqdm(total=steps, desc=_describe(trials), leave=False, disable=None)
     for step, index in enumerate(batch_order(len(task.train), recipe.batch_size, steps, seed), 1):
-        batch = {n: t.to(device) for n, t in task.train.batch(index, k).items()}
-        with autocast(recipe, device):
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
-            losses = task.trial_losses(logits, batch["labels"], k)
-        active = torch.tensor([s is None for s in stopped], device=losses.device)
-        torch.where(active, losses, torch.zeros_like(losses)).sum().backward()
+        active = torch.tensor([s is None for s in stopped], device=device)
+        losses = accumulate_gradients(model, task, index, k, recipe, active)
         for i, value in enumerate(losses.detach().cpu().tolist()):
             if stopped[i] is None:
                 curves[i].append(value)
@@ -216,6 +214,44 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
                                        weights=weights, selected_step=selected[i]["step"],
                                        **common))
     return results
+
+
+def accumulate_gradients(model: nn.Module, task: Task, index: torch.Tensor, k: int,
+                         recipe: TrainSpec, active: torch.Tensor) -> torch.Tensor:
+    """Backward of one step's batch (rows `index`) in `recipe.grad_accum` micro-batches; returns
+    each trial's mean loss over the batch, shape (K,). Trials not `active` get no gradient.
+
+    Each micro-batch's mean loss is weighted by its share of the batch's scored tokens (examples,
+    for classification), so the summed gradient is the whole batch's and padding counts nowhere.
+    With one micro-batch the weight is exactly 1: today's numbers, bit for bit.
+    """
+    device = active.device
+    micro = [task.train.batch(part, k)
+             for part in index.split(recipe.batch_size // recipe.grad_accum)]
+    counts = [task.loss_count(batch["labels"]) for batch in micro]
+    losses = torch.zeros(k, device=device)
+    for batch, count in zip(micro, counts, strict=True):
+        batch = {n: t.to(device) for n, t in batch.items()}
+        with autocast(recipe, device):
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+            part = task.trial_losses(logits, batch["labels"], k) * (count / max(sum(counts), 1))
+        torch.where(active, part, torch.zeros_like(part)).sum().backward()
+        losses += part.detach()
+    return losses
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Recompute each transformer block in the backward (torch's non-reentrant checkpoint, through
+    transformers), keeping only the blocks' inputs: the same numbers in less memory.
+
+    transformers checkpoints a block only while the block is in training mode; the model stays in
+    eval mode (dropout off), so only the blocks themselves are flagged, not their dropout layers.
+    """
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.training = True
 
 
 def autocast(recipe: TrainSpec, device: torch.device) -> torch.autocast:

@@ -63,18 +63,26 @@ def decay_groups(params: NamedParams, lr: float, weight_decay: float) -> list[di
 
 def init_head(model: nn.Module, generator: torch.Generator) -> list[tuple[str, nn.Linear]]:
     """Draw the task head's linear layers from the trial seed (N(0, initializer_range), zero
-    bias, as transformers does), rather than keep whatever the model loader left there."""
+    bias, as transformers does), rather than keep whatever the model loader left there.
+
+    The head trains, so it is made fp32 over a half-precision base, and casts its input to fp32.
+    """
     std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
     linears = []
     for head_name in head_module_names(model):
         for name, module in model.get_submodule(head_name).named_modules():
             if isinstance(module, nn.Linear):
+                module.float().register_forward_pre_hook(_inputs_to_fp32)
                 with torch.no_grad():
                     module.weight.normal_(0.0, std, generator=generator)
                     if module.bias is not None:
                         module.bias.zero_()
                 linears.append((f"{head_name}.{name}" if name else head_name, module))
     return linears
+
+
+def _inputs_to_fp32(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 def stack_head(model: nn.Module, k: int, generator: torch.Generator) -> list[NamedParams]:

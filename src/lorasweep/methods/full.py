@@ -12,8 +12,11 @@ from lorasweep.space import Cell
 class FullFineTuning(Method):
     def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator,
                batches: Batches | None = None) -> Attached:
+        """Every weight trains, so every weight is fp32 (master weights) whatever `model.dtype`
+        the study stores its frozen base in."""
         if k != 1:
             raise ValueError("full fine-tuning trains one trial per model copy (k must be 1)")
+        model.float()
         head = stack_head(model, 1, generator)[0]
         in_head = {id(p) for _, p in head}
         body = [(n, p) for n, p in model.named_parameters() if id(p) not in in_head]

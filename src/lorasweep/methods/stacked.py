@@ -117,17 +117,18 @@ class StackedDoRALinear(StackedLoRALinear):
 
 
 class StackedLinear(nn.Module):
-    """K independent, fully trainable copies of a linear layer (the task head of each trial)."""
+    """K independent, fully trainable fp32 copies of a linear layer (the task head of each
+    trial), fed in fp32 whatever dtype the frozen base computes in."""
 
     def __init__(self, template: nn.Linear, k: int) -> None:
         super().__init__()
         self.k = k
         self.weight = nn.ParameterList(
-            nn.Parameter(template.weight.detach().clone()) for _ in range(k))
+            nn.Parameter(template.weight.detach().float().clone()) for _ in range(k))
         self.bias = None if template.bias is None else nn.ParameterList(
-            nn.Parameter(template.bias.detach().clone()) for _ in range(k))
+            nn.Parameter(template.bias.detach().float().clone()) for _ in range(k))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         biases = self.bias if self.bias is not None else [None] * self.k
-        return torch.cat([F.linear(xk, w, b) for xk, w, b in
+        return torch.cat([F.linear(xk.to(w.dtype), w, b) for xk, w, b in
                           zip(split_trials(x, self.k), self.weight, biases, strict=True)])

@@ -25,8 +25,9 @@ from lorasweep.errors import StudyError
 from lorasweep.files import is_disk_full
 from lorasweep.methods import get_method
 from lorasweep.methods.peft_passthrough import names_own_targets, needs_data
-from lorasweep.methods.targets import adapter_width, resolve_targets
+from lorasweep.methods.targets import adapter_width, layer_shape, resolve_targets
 from lorasweep.models import load_model, load_tokenizer, max_positions
+from lorasweep.precision import base_dtype, check_device_support
 from lorasweep.recipe import Recipe, resolve_recipe
 from lorasweep.report import write_study_outputs
 from lorasweep.results import write_trials_csv
@@ -77,7 +78,9 @@ class Workbench:
         return task.with_train_examples(recipe.train_examples)
 
 
-def load_workbench(study: Study) -> Workbench:
+def load_workbench(study: Study, device: str = "cpu") -> Workbench:
+    """The study's data and base model (stored in the dtype it trains in on `device`)."""
+    check_device_support(study, device)
     recipes = [resolve_recipe(study.train, text) for text in recipes_of(study)]
     _check_seq_len(study, {r.train.seq_len for r in recipes} | {study.train.seq_len})
     tokenizer = load_tokenizer(study.model)
@@ -88,7 +91,8 @@ def load_workbench(study: Study) -> Workbench:
         if recipe.train_examples is not None and recipe.train_examples > len(task.train):
             raise StudyError(f"search.recipe.train_examples: {recipe.train_examples} is more "
                              f"than the {len(task.train)} training examples (after validation)")
-    base = load_model(study.model, study.task.kind, num_labels(task), tokenizer)
+    base = load_model(study.model, study.task.kind, num_labels(task), tokenizer,
+                      base_dtype(study.model, study.train, device))
     widths = None
     if study.search.match_params:
         widths = {target_text(t): adapter_width(base, target_text(t))
@@ -120,12 +124,12 @@ def _check_rank(base: nn.Module, names: list[str], rank: int | None) -> None:
     """A rank above a target layer's narrower side adds nothing a smaller one lacks."""
     if rank is None:
         return
-    modules = dict(base.named_modules())
-    name = min(names, key=lambda n: min(modules[n].weight.shape))
-    width = min(modules[name].weight.shape)
+    shapes = {n: layer_shape(base.get_submodule(n)) for n in names}  # (out, in), 4-bit too
+    name = min(names, key=lambda n: min(shapes[n]))
+    width = min(shapes[name])
     if rank > width:
         raise StudyError(f"search.ranks: rank {rank} is above the width of layer {name} "
-                         f"({' x '.join(map(str, modules[name].weight.shape))}); allowed: "
+                         f"({' x '.join(map(str, shapes[name]))}); allowed: "
                          f"at most {width} for these target modules")
 
 
@@ -141,19 +145,23 @@ def available_memory(device: str) -> int:
 def check_memory(study: Study, bench: Workbench, options: WorkOptions) -> None:
     """Refuse a step that cannot fit: a lower bound on one training step's activations (each of
     K trials keeps every layer's hidden states for the backward pass, and a causal LM its
-    logits) against the memory free now. Only a lower bound, so it never refuses what fits."""
+    logits) against the memory free now. Only a lower bound, so it never refuses what fits: a
+    micro-batch (train.grad_accum) is what a step holds, and a group sized automatically
+    (--max-group auto) holds one trial at least."""
     config = bench.base.config
     recipes = [resolve_recipe(study.train, text) for text in recipes_of(study)]
-    batch = min(max(r.train.batch_size for r in recipes), len(bench.task.train))
+    batch = min(max(r.train.batch_size // r.train.grad_accum for r in recipes),
+                len(bench.task.train))
+    group = options.max_group or 1
     seq_len = max(r.train.seq_len for r in recipes)
     per_token = getattr(config, "hidden_size", 0) * getattr(config, "num_hidden_layers", 0) + (
         getattr(config, "vocab_size", 0) if study.task.kind != "classification" else 0)
-    need = (options.max_group * batch * seq_len * per_token
+    need = (group * batch * seq_len * per_token
             * (2 if study.train.precision == "bf16" else 4))
     free = available_memory(options.device)
     if need > free:
-        raise StudyError(f"train.batch_size x train.seq_len x --max-group ({batch} x {seq_len} x "
-                         f"{options.max_group}): one step needs at least {need / 2**30:.2f} GiB; "
+        raise StudyError(f"micro-batch x train.seq_len x --max-group ({batch} x {seq_len} x "
+                         f"{group}): one step needs at least {need / 2**30:.2f} GiB; "
                          f"{free / 2**30:.2f} GiB is free on {options.device}: lower one of them")
 
 
@@ -195,7 +203,7 @@ def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
     The study is created and its grid enqueued here, once; then this process trains (one
     worker) or starts `workers` worker processes that share the store and waits for them.
     """
-    bench = load_workbench(study)
+    bench = load_workbench(study, options.device)
     check_memory(study, bench, options)
     store = open_study_store(study, folder, storage_url, options.patience)
     store.configure(dump_study(study), lease_seconds, max_attempts)
@@ -230,7 +238,7 @@ def run_worker(options: WorkOptions, folder: Path | None = None,
         storage_url = storage_url or storage_of(folder)
     else:
         raise StudyError("lorasweep worker: give a study folder, or --storage URL and --study NAME")
-    bench = load_workbench(study)
+    bench = load_workbench(study, options.device)
     check_memory(study, bench, options)
     store = open_study_store(study, folder, storage_url, options.patience)
     trained, failed = work(store, bench, study, folder, options)

@@ -73,6 +73,11 @@ class Task(ABC):
         """Mean training loss of each trial, shape (K,)."""
 
     @abstractmethod
+    def loss_count(self, labels: torch.Tensor) -> int:
+        """How many items `trial_losses` averages over in a batch with these labels (scored
+        tokens, or examples): a micro-batch's weight in gradient accumulation."""
+
+    @abstractmethod
     def summarize(self, loss_sum: torch.Tensor, count: int, correct: torch.Tensor) -> list[dict]:
         """Per-trial metrics from summed eval loss, the number of scored items and hits."""
 

@@ -32,6 +32,9 @@ class CausalLMTask(Task):
         total, mask = self._token_losses(logits, labels, k)
         return total / mask.sum().clamp(min=1)
 
+    def loss_count(self, labels: torch.Tensor) -> int:
+        return int((labels[:, 1:] != IGNORE).sum())
+
     def eval_terms(self, logits: torch.Tensor, labels: torch.Tensor, k: int
                    ) -> tuple[torch.Tensor, int, torch.Tensor]:
         total, mask = self._token_losses(logits, labels, k)

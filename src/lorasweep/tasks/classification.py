@@ -24,6 +24,9 @@ class ClassificationTask(Task):
         per_item = F.cross_entropy(logits.float(), labels.repeat(k), reduction="none")
         return per_trial(per_item, k, "mean")
 
+    def loss_count(self, labels: torch.Tensor) -> int:
+        return labels.shape[0]
+
     def eval_terms(self, logits: torch.Tensor, labels: torch.Tensor, k: int
                    ) -> tuple[torch.Tensor, int, torch.Tensor]:
         per_item = F.cross_entropy(logits.float(), labels.repeat(k), reduction="none")
