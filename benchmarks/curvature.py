@@ -56,8 +56,7 @@ def load_cell(study_overrides: dict, method: str = "lora"):
     from lorasweep.config import load_study, resolve_study_path, validate_study
     from lorasweep.curvature.measure import select_cells
     from lorasweep.space import TrialSpec
-    from lorasweep.study.runner import load_workbench
-    from lorasweep.train import attach_group
+    from lorasweep.workbench import attach_group, load_workbench
 
     base = load_study(resolve_study_path("examples/learning_rate_matters.yaml")).model_dump(
         mode="json")

@@ -36,7 +36,7 @@ def build(args: argparse.Namespace, k: int):
     """The quickstart's data and recipe on the chosen model, and K LoRA trials of one cell."""
     from lorasweep.config import load_study, resolve_study_path
     from lorasweep.space import expand_trials
-    from lorasweep.study.runner import load_workbench
+    from lorasweep.workbench import load_workbench
 
     overrides = [*MODELS[args.model], f"train.steps={args.steps}", "task.max_eval_examples=128",
                  "task.validation_size=128", f"train.precision={args.precision}",
@@ -89,7 +89,8 @@ def train_peft(base, task, recipe, trials, device) -> list[float]:
 
     from lorasweep.methods.targets import resolve_targets
     from lorasweep.optim import total_steps
-    from lorasweep.train import accumulate_gradients, autocast, batch_order, checkpoint_blocks
+    from lorasweep.train import accumulate_gradients, autocast, checkpoint_blocks
+    from lorasweep.workbench import batch_order
 
     steps = total_steps(recipe, len(task.train))
     kind = "SEQ_CLS" if hasattr(task, "label_names") else "CAUSAL_LM"

@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from lorasweep.config import load_study, resolve_study_path
-    from lorasweep.study.runner import load_workbench
+    from lorasweep.workbench import load_workbench
 
     study = load_study(resolve_study_path("quickstart"))
     bench = load_workbench(study)

@@ -31,7 +31,7 @@ import numpy as np
 from lorasweep.analysis.optima import find_optima
 from lorasweep.analysis.transfer import grid_steps
 from lorasweep.config import Study, load_study, validate_study
-from lorasweep.results import read_trials_csv
+from lorasweep.records import read_trials_csv
 from lorasweep.space import TrialSpec, expand_trials
 from lorasweep.study.plan import Outcome, replay_search
 

@@ -19,8 +19,7 @@ from lorasweep.curvature.lanczos import lanczos
 from lorasweep.curvature.measure import blocks_of, grid_middle, select_cells, warm_up
 from lorasweep.curvature.predict import CellCurvature, predict_lrs
 from lorasweep.space import TrialSpec
-from lorasweep.study.runner import load_workbench
-from lorasweep.train import attach_group, batch_order
+from lorasweep.workbench import attach_group, batch_order, load_workbench
 
 from .conftest import make_records, tiny_study, write_jsonl
 

@@ -11,21 +11,18 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from lorasweep.cli import main
-from lorasweep.methods import get_method
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.space import TrialSpec
 from lorasweep.study.folder import load_folder_study, weights_path
 from lorasweep.study.store import Store
+from lorasweep.workbench import attach_trials
 
 from .conftest import read_rows
 
 
 def trained_model(folder: Path, spec: TrialSpec, base: torch.nn.Module) -> torch.nn.Module:
     """Our model of a finished trial, rebuilt from its cell, seed and saved weights."""
-    model = copy.deepcopy(base)
-    torch.manual_seed(spec.seed)
-    attached = get_method(spec.cell.method).attach(model, spec.cell, 1,
-                                                   torch.Generator().manual_seed(spec.seed))
+    model, attached = attach_trials(base, [spec])
     saved = load_file(str(weights_path(folder, spec.grid_id)))
     with torch.no_grad():
         for name, param in attached.trial_params[0]:

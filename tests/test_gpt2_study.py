@@ -21,8 +21,8 @@ from lorasweep.config import ModelSpec, validate_study
 from lorasweep.errors import StudyError
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.space import TrialSpec
-from lorasweep.study.runner import load_workbench
 from lorasweep.study.store import Store
+from lorasweep.workbench import load_workbench
 
 from .conftest import make_records, tiny_study, write_jsonl
 from .test_export import trained_model

@@ -20,9 +20,10 @@ from lorasweep.cli import main
 from lorasweep.config import dump_study, load_study
 from lorasweep.space import expand_trials
 from lorasweep.study.folder import describe_environment
-from lorasweep.study.runner import load_workbench, open_study_store
+from lorasweep.study.runner import open_study_store
 from lorasweep.study.storage import JOURNAL_NAME
 from lorasweep.study.store import Store
+from lorasweep.workbench import load_workbench
 
 from .conftest import tiny_study
 

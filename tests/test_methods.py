@@ -326,7 +326,7 @@ def test_peft_data_driven_inits_see_training_batches(tmp_path, study_file, monke
 
     from lorasweep.cli import main
     from lorasweep.methods import peft_passthrough
-    from lorasweep.train import CALIBRATION_BATCHES
+    from lorasweep.workbench import CALIBRATION_BATCHES
 
     seen: list[torch.Tensor] = []
     run, eva = peft_passthrough._run, peft.initialize_lora_eva_weights

@@ -20,7 +20,7 @@ from lorasweep.methods import get_method
 from lorasweep.recipe import parse_recipe, recipe_text, resolve_recipe
 from lorasweep.report import write_report
 from lorasweep.space import TrialSpec, cells_of, expand_trials, matched_rank
-from lorasweep.study.runner import load_workbench
+from lorasweep.workbench import load_workbench
 
 from .conftest import tiny_study, write_jsonl
 

@@ -17,7 +17,8 @@ from lorasweep.study.folder import prepare_folder
 from lorasweep.tasks.base import Split
 from lorasweep.tasks.causal_lm import CausalLMTask
 from lorasweep.tasks.classification import ClassificationTask
-from lorasweep.train import attach_group, batch_order, train_group
+from lorasweep.train import train_group
+from lorasweep.workbench import attach_group, batch_order
 from tests.conftest import tiny_study
 
 CPU = torch.device("cpu")
@@ -269,7 +270,7 @@ def test_fp16_base_on_the_cpu_is_refused_before_loading(tmp_path, study_file, ca
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("lorasweep.study.runner.load_tokenizer", no_loading)
+    monkeypatch.setattr("lorasweep.workbench.load_tokenizer", no_loading)
     path = study_file(model={"source": "tiny:bert", "dtype": "fp16"})
     assert main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()

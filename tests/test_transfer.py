@@ -30,8 +30,8 @@ from lorasweep.analysis.transfer import (
 from lorasweep.cli import main
 from lorasweep.config import validate_study
 from lorasweep.errors import StudyError
+from lorasweep.records import COLUMNS, read_trials_csv
 from lorasweep.report import write_report
-from lorasweep.results import COLUMNS, read_trials_csv
 from lorasweep.space import expand_trials
 from lorasweep.study.plan import bracket, plan_trials, replay_search, widened
 

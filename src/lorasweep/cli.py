@@ -307,8 +307,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from lorasweep.records import TRIALS_CSV, read_trials_csv
     from lorasweep.report import write_report, write_study_outputs
-    from lorasweep.results import TRIALS_CSV, read_trials_csv
     from lorasweep.study.folder import load_folder_study, open_folder_store, started
 
     if not started(args.folder) and (args.folder / TRIALS_CSV).exists():
@@ -332,8 +332,8 @@ def _status(args: argparse.Namespace) -> int:
 def _print_status(folder: Path, storage_url: str | None = None) -> None:
     from lorasweep.analysis.compare import cell_name
     from lorasweep.analysis.optima import find_optima
+    from lorasweep.records import TRIALS_CSV, read_trials_csv, trial_rows
     from lorasweep.report.answer import answer_text, build_answer
-    from lorasweep.results import TRIALS_CSV, read_trials_csv, trial_rows
     from lorasweep.study.folder import load_folder_study, open_folder_store, started
 
     store = None

@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 
 from lorasweep.config import subtracts_from_base
 from lorasweep.errors import StudyError
-from lorasweep.methods import get_method
 from lorasweep.methods.stacked import StackedLoRALinear
 from lorasweep.methods.targets import resolve_targets, uses_conv1d
 from lorasweep.models import load_model, load_tokenizer
@@ -26,6 +25,7 @@ from lorasweep.space import TrialSpec
 from lorasweep.study.folder import load_folder_study, weights_path
 from lorasweep.study.store import Store
 from lorasweep.tasks import build_task, num_labels
+from lorasweep.workbench import attach_trials
 
 
 def find_trial(folder: Path, grid_id: int, maximize: bool, name: str) -> TrialSpec:
@@ -86,10 +86,7 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
 
 def _initial_layers(base: torch.nn.Module, spec: TrialSpec) -> dict[str, StackedLoRALinear]:
     """The trial's adapted layers at step 0 (their A0, B0), re-derived from its cell and seed."""
-    model = copy.deepcopy(base)
-    torch.manual_seed(spec.seed)  # what train_group does before attaching (randomized SVD)
-    get_method(spec.cell.method).attach(model, spec.cell, 1,
-                                        torch.Generator().manual_seed(spec.seed))
+    model, _ = attach_trials(base, [spec])
     return {name: module for name, module in model.named_modules()
             if isinstance(module, StackedLoRALinear)}
 

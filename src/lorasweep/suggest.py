@@ -9,7 +9,6 @@ on the studies given (`--check`), else the first that applies in transfer.RULES 
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ import numpy as np
 import yaml
 
 from lorasweep.analysis.compare import cell_name, family_name
-from lorasweep.analysis.optima import CELL_FIELDS, Optimum
 from lorasweep.analysis.recipe import AxisFit, fit_recipe_axes
 from lorasweep.analysis.scaling import alpha_spec
 from lorasweep.analysis.transfer import (
@@ -37,8 +35,8 @@ from lorasweep.analysis.transfer import (
 from lorasweep.config import Study, parse_lora_alpha
 from lorasweep.errors import StudyError
 from lorasweep.files import write_text
-from lorasweep.report import OPTIMA_CSV, series_name
-from lorasweep.results import TRIALS_CSV, read_trials_csv
+from lorasweep.records import OPTIMA_CSV, TRIALS_CSV, Optimum, read_optima_csv, read_trials_csv
+from lorasweep.report import series_name
 
 # PEFT's init_lora_weights for the inits it has; the others are lorasweep's own.
 PEFT_INITS = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
@@ -52,37 +50,18 @@ class FinishedStudy:
     study: Study | None  # None where the folder keeps no study.yaml
 
 
-def _cell(row: dict) -> dict:
-    """A cell's fields from a CSV row, typed as the analysis makes them."""
-    cell = {f: (row.get(f) or None) for f in CELL_FIELDS}
-    cell["rank"] = int(cell["rank"]) if cell["rank"] else None
-    cell["lora_alpha"] = float(cell["lora_alpha"]) if cell["lora_alpha"] else None
-    return cell
-
-
-def _number(text: str | None) -> float | None:
-    return float(text) if text not in (None, "") else None
-
-
 def load_finished(folder: Path) -> FinishedStudy:
     """A finished study's optima, grid steps and recipe; one-line errors for what is missing."""
     for name in (OPTIMA_CSV, TRIALS_CSV):
         if not (folder / name).is_file():
             raise StudyError(f"{folder}: no {name}; give a finished study folder (`lorasweep "
                              f"report {folder}` writes {OPTIMA_CSV})")
+    optima = read_optima_csv(folder / OPTIMA_CSV)
     try:
-        with open(folder / OPTIMA_CSV, newline="") as handle:
-            optima = [Optimum(cell=_cell(r), lr_best=float(r["lr_best"]),
-                              lr_star=float(r["lr_star"]), lr_star_low=_number(r["lr_star_low"]),
-                              lr_star_high=_number(r["lr_star_high"]), peak=float(r["peak"]),
-                              peak_std=_number(r["peak_std"]), n_seeds=int(r["n_seeds"]),
-                              edge=r["edge"], suggest=[float(v) for v in r["suggest"].split()],
-                              n_lrs=int(r["n_lrs"]), diverged=int(r["diverged"]))
-                      for r in csv.DictReader(handle)]
         rows = read_trials_csv(folder)
     except (KeyError, ValueError) as exc:
-        raise StudyError(f"{folder}: {OPTIMA_CSV} or {TRIALS_CSV} is not as lorasweep writes "
-                         f"it ({type(exc).__name__}: {exc})") from None
+        raise StudyError(f"{folder}: {TRIALS_CSV} is not as lorasweep writes it "
+                         f"({type(exc).__name__}: {exc})") from None
     usable = [o for o in optima if o.edge != "flat" and o.lr_star > 0]
     if not usable:
         raise StudyError(f"{folder}/{OPTIMA_CSV}: no cell has a usable optimum (every cell is "

@@ -11,12 +11,11 @@ reproduces its trials run one by one.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,32 +23,14 @@ from tqdm.auto import tqdm
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lorasweep.config import TrainSpec
-from lorasweep.methods import Attached, get_method
+from lorasweep.methods import get_method
 from lorasweep.optim import build_optimizer, build_schedule, total_steps
+from lorasweep.records import TrialResult
 from lorasweep.space import TrialSpec
 from lorasweep.tasks import Split, Task
+from lorasweep.workbench import attach_group, batch_order
 
 DIVERGENCE_WINDOW = 10
-CALIBRATION_BATCHES = 8
-
-
-@dataclass
-class TrialResult:
-    """What one trial produced. `metrics` are on the validation split; `test` never chooses."""
-
-    status: str  # "complete" or "diverged"
-    steps: int
-    seconds: float
-    train_loss: float
-    metrics: dict[str, float] = field(default_factory=dict)
-    test: dict[str, float] = field(default_factory=dict)
-    loss_curve: list[float] = field(default_factory=list)
-    eval_curve: list[dict] = field(default_factory=list)
-    trainable_params: int = 0
-    effective_scale: float | None = None
-    reason: str | None = None
-    selected_step: int | None = None  # the evaluation `metrics` come from (None: diverged)
-    weights: dict[str, torch.Tensor] | None = None  # trained adapter and head, for export
 
 
 @dataclass(frozen=True)
@@ -70,19 +51,6 @@ class BestOf:
         return a > b if self.maximize else a < b
 
 
-def batch_order(train_size: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
-    """Example indices of each step: a fresh seeded permutation every epoch."""
-    generator = torch.Generator().manual_seed(seed)
-    per_epoch = max(1, train_size // batch_size)
-    order = torch.randperm(train_size, generator=generator)
-    position = 0
-    for _ in range(steps):
-        if position == per_epoch:
-            order, position = torch.randperm(train_size, generator=generator), 0
-        yield order[position * batch_size:(position + 1) * batch_size]
-        position += 1
-
-
 class DivergenceWatch:
     """Stops a trial whose loss is not finite or whose recent mean is far above its start."""
 
@@ -101,28 +69,6 @@ class DivergenceWatch:
         if mean > self.factor * self.first:
             return f"mean loss {mean:.4g} over {len(self.recent)} steps > {self.factor:g} x start"
         return None
-
-
-def attach_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[TrialSpec]
-                 ) -> tuple[nn.Module, Attached]:
-    """A fresh copy of the base carrying the group's trainable weights, drawn from the seed.
-
-    Training and `lorasweep curvature` both start here, so "at initialization" means the very
-    weights a trial starts from.
-    """
-    cell, seed = trials[0].cell, trials[0].seed
-    assert all(t.group_key == trials[0].group_key for t in trials), "a group shares cell and seed"
-    torch.manual_seed(seed)
-    model = copy.deepcopy(base)
-
-    def calibration() -> list[dict[str, torch.Tensor]]:
-        """The trial's first training batches, for inits that look at data (on the CPU)."""
-        order = batch_order(len(task.train), recipe.batch_size, CALIBRATION_BATCHES, seed)
-        return [task.train.batch(index, 1) for index in order]
-
-    attached = get_method(cell.method).attach(model, cell, len(trials),
-                                              torch.Generator().manual_seed(seed), calibration)
-    return model, attached
 
 
 def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[TrialSpec],

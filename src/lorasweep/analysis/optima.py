@@ -12,39 +12,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
 
 import numpy as np
 
 from lorasweep.recipe import parse_recipe
+from lorasweep.records import CELL_FIELDS, Optimum
 
-CELL_FIELDS = ("method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules", "recipe")
 BOOTSTRAP_SAMPLES = 1000
-
-
-@dataclass
-class Optimum:
-    """One cell's optimum; lr_star_low/high are None where one seed gives no interval."""
-
-    cell: dict
-    lr_best: float
-    lr_star: float
-    lr_star_low: float | None
-    lr_star_high: float | None
-    peak: float
-    peak_std: float | None
-    n_seeds: int
-    edge: str  # "low"/"high": the best LR is the grid's smallest/largest; "flat": no LR is better
-    suggest: list[float]  # LRs to add when the optimum sits at an edge
-    n_lrs: int
-    diverged: int
-
-    def as_row(self) -> dict:
-        return {**self.cell, "lr_best": self.lr_best, "lr_star": self.lr_star,
-                "lr_star_low": self.lr_star_low, "lr_star_high": self.lr_star_high,
-                "peak": self.peak, "peak_std": self.peak_std, "n_seeds": self.n_seeds,
-                "edge": self.edge, "suggest": " ".join(f"{lr:.3g}" for lr in self.suggest),
-                "n_lrs": self.n_lrs, "diverged": self.diverged}
 
 
 def refine(lrs: np.ndarray, values: np.ndarray, maximize: bool) -> tuple[int, float]:

@@ -3,28 +3,32 @@ return the section's text (with the LR predictions wherever measured optima exis
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable
 from pathlib import Path
 
-from lorasweep.analysis.optima import CELL_FIELDS, find_optima
+from lorasweep.analysis.optima import find_optima
 from lorasweep.config import Study, load_study, resolve_study_path
 from lorasweep.curvature.measure import (
     BLOCK_KINDS,
-    COLUMNS,
     Settings,
     measure_cell,
     select_cells,
 )
 from lorasweep.curvature.predict import cell_key
 from lorasweep.errors import StudyError
-from lorasweep.files import atomic_path, write_text
-from lorasweep.report import OPTIMA_CSV, markdown_report
-from lorasweep.report.curvature import CURVATURE_CSV, curvature_tables, read_curvature
-from lorasweep.results import trial_rows
+from lorasweep.files import write_text
+from lorasweep.records import (
+    OPTIMA_CSV,
+    read_curvature_csv,
+    read_optima_csv,
+    trial_rows,
+    write_curvature_csv,
+)
+from lorasweep.report.curvature import curvature_tables
+from lorasweep.report.tables import markdown_report
 from lorasweep.study.folder import STUDY_FILE, load_folder_study
-from lorasweep.study.runner import load_workbench
 from lorasweep.study.store import JOURNAL_NAME, Store
+from lorasweep.workbench import load_workbench
 
 CURVATURE_MD = "curvature.md"
 
@@ -68,28 +72,15 @@ def check_settings(settings: Settings) -> None:
 def measured_optima(folder: Path, study: Study, optima_file: Path | None) -> list[dict]:
     """Optima rows: from --optima, else from the folder's trials, else from its optima.csv."""
     if optima_file is not None:
-        return _read_optima(optima_file, "--optima")
+        return [o.as_row() for o in read_optima_csv(optima_file, f"--optima {optima_file}")]
     if (folder / JOURNAL_NAME).exists():
         maximize = study.task.maximize
         store = Store(folder, study.name, maximize=maximize, create=False)
         rows = trial_rows(store, study.task.objective)
         return [o.as_row() for o in find_optima(rows, maximize)]
     if (folder / OPTIMA_CSV).exists():
-        return _read_optima(folder / OPTIMA_CSV, str(folder / OPTIMA_CSV))
+        return [o.as_row() for o in read_optima_csv(folder / OPTIMA_CSV)]
     return []
-
-
-def _read_optima(path: Path, where: str) -> list[dict]:
-    if not path.is_file():
-        raise StudyError(f"{where} {path}: no such file")
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        # `recipe` came later: an older optima.csv has none, and its cells have no recipe
-        needed = [c for c in (*CELL_FIELDS, "lr_star") if c != "recipe"]
-        missing = [c for c in needed if c not in (reader.fieldnames or [])]
-        if missing:
-            raise StudyError(f"{where} {path}: not an optima.csv (no column {missing[0]})")
-        return list(reader)
 
 
 def run_curvature(target: str, settings: Settings, out: Path | None = None,
@@ -114,14 +105,10 @@ def run_curvature(target: str, settings: Settings, out: Path | None = None,
         rows += measure_cell(bench, study, cell, lrs, settings, log=log,
                              lr_star=lr_stars.get(cell_key(cell.columns())))
     measured = {cell_key(r) for r in rows}
-    kept = [r for r in read_curvature(folder) if cell_key(r) not in measured]
-    all_rows = kept + rows
-    with atomic_path(folder / CURVATURE_CSV) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: "" if r.get(k) is None else r[k] for k in COLUMNS} for r in all_rows)
+    kept = [r for r in read_curvature_csv(folder) if cell_key(r) not in measured]
+    write_curvature_csv(folder, kept + rows)
     text = markdown_report(f"Curvature: {study.name}",
-                           curvature_tables(read_curvature(folder), optima), [])
+                           curvature_tables(read_curvature_csv(folder), optima), [])
     write_text(folder / CURVATURE_MD, text)
     return folder, text
 

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorasweep.analysis.optima import CELL_FIELDS
 from lorasweep.config import Study, TrainSpec
 from lorasweep.curvature.hvp import LossHessian, adam_scale, block_size, eager_attention
 from lorasweep.curvature.lanczos import lanczos
@@ -32,13 +31,9 @@ from lorasweep.methods.targets import resolve_targets
 from lorasweep.optim import build_optimizer, build_schedule, total_steps
 from lorasweep.recipe import resolve_recipe
 from lorasweep.space import Cell, TrialSpec, cells_of, target_text
-from lorasweep.study.runner import Workbench
 from lorasweep.tasks import Task
-from lorasweep.train import attach_group, batch_order
+from lorasweep.workbench import Workbench, attach_group, batch_order
 
-COLUMNS = (*CELL_FIELDS, "seed", "stage", "steps", "warmup_lr", "preconditioned", "block",
-           "module_type", "params", "lambda_max", "lambda_top", "lambda_min", "products",
-           "converged", "error", "items", "lr_grid_step")
 BLOCK_KINDS = ("modules", "joint")
 JOINT = "joint"
 

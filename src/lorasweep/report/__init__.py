@@ -5,11 +5,7 @@ The same tables go into both documents; the HTML embeds its figures so it opens 
 
 from __future__ import annotations
 
-import base64
-import csv
-import html
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,31 +19,18 @@ from lorasweep.analysis.optima import CELL_FIELDS, Optimum, find_optima
 from lorasweep.analysis.recipe import AxisFit, fit_recipe_axes
 from lorasweep.analysis.scaling import RankFit, fit_rank_scaling
 from lorasweep.analysis.transfer import CheckRow, check_rules, grid_steps, score_rules
-from lorasweep.files import atomic_path, write_text
+from lorasweep.files import write_text
 from lorasweep.recipe import recipe_text
-from lorasweep.report.answer import AnswerPart, build_answer
+from lorasweep.records import OPTIMA_CSV, read_curvature_csv, write_optima_csv, write_trials_csv
+from lorasweep.report.answer import build_answer
+from lorasweep.report.curvature import curvature_tables
 from lorasweep.report.numbers import fmt
 from lorasweep.report.plots import lr_star_vs_axis, lr_star_vs_rank, metric_vs_lr, peaks_plot
-from lorasweep.results import write_trials_csv
+from lorasweep.report.tables import Table, html_report, markdown_report
 
 if TYPE_CHECKING:  # the store pulls in torch; reading a report does not need it
     from lorasweep.config import Study
     from lorasweep.study.store import Store
-
-OPTIMA_CSV = "optima.csv"
-OPTIMA_COLUMNS = ("method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules",
-                  "recipe", "lr_best", "lr_star", "lr_star_low", "lr_star_high", "peak", "peak_std",
-                  "n_seeds", "edge", "suggest", "n_lrs", "diverged")
-
-
-@dataclass
-class Table:
-    """A titled table; one without rows is its note alone (a section with nothing to show)."""
-
-    title: str
-    note: str
-    header: list[str]
-    rows: list[list[str]]
 
 
 def build_tables(rows: list[dict], metric_name: str, maximize: bool) -> tuple[list[Table], dict]:
@@ -118,7 +101,8 @@ def build_tables(rows: list[dict], metric_name: str, maximize: bool) -> tuple[li
             "fine-tuning's (practitioners use about 10).",
             ["cell", "ratio"],
             [[cell_name(o.cell), fmt(o.lr_star / full[0].lr_star)] for o in adapters]))
-    return tables, {"optima_rows": optima_rows, "peaks": peaks, "seeded": seeded, "fits": fits,
+    return tables, {"optima": optima, "optima_rows": optima_rows, "peaks": peaks,
+                    "seeded": seeded, "fits": fits,
                     "recipe_fits": recipe_fits,
                     "answer": build_answer(rows, metric_name, maximize, optima, peaks)}
 
@@ -232,11 +216,7 @@ def write_report(folder: Path, rows: list[dict], metric_name: str, maximize: boo
     """Write optima.csv, the figures, report.md and report.html into the study folder."""
     tables, parts = build_tables(rows, metric_name, maximize)
     tables += _curvature_section(folder, parts["optima_rows"])
-    with atomic_path(folder / OPTIMA_CSV) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=OPTIMA_COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in row.items()}
-                         for row in parts["optima_rows"])
+    write_optima_csv(folder, parts["optima"])
     figures = [("Validation metric against learning rate",
                 metric_vs_lr(rows, metric_name, folder / "metric_vs_lr.png"))]
     if parts["seeded"]:
@@ -254,78 +234,10 @@ def write_report(folder: Path, rows: list[dict], metric_name: str, maximize: boo
                         lr_star_vs_axis(members, [series_name(f) for f in members], metric_name,
                                         folder / f"lr_star_vs_{axis}.png")))
     write_text(folder / "report.md", markdown_report(title, tables, figures, parts["answer"]))
-    write_text(folder / "report.html", _html(title, tables, figures, parts["answer"]))
+    write_text(folder / "report.html", html_report(title, tables, figures, parts["answer"]))
     return [folder / OPTIMA_CSV, folder / "report.md", folder / "report.html"]
 
 
 def _curvature_section(folder: Path, optima_rows: list[dict]) -> list[Table]:
     """The tables of `lorasweep curvature`, where the folder has its curvature.csv."""
-    from lorasweep.report.curvature import curvature_tables, read_curvature  # it imports Table
-
-    return curvature_tables(read_curvature(folder), optima_rows)
-
-
-def markdown_report(title: str, tables: list[Table], figures: list[tuple[str, Path]],
-                    answer: list[AnswerPart] = ()) -> str:
-    """The Markdown text of a report: a title, the answer, its tables, then its figures."""
-    out = [f"# {title}", ""]
-    if answer:
-        out += [f"## {ANSWER_TITLE}", ""]
-        for part in answer:
-            if len(part.lines) == 1:
-                out.append(f"- **{part.label}**: {part.lines[0]}")
-            else:
-                out += [f"- **{part.label}**:", *(f"  - {line}" for line in part.lines)]
-        out.append("")
-    for table in tables:
-        out += [f"## {table.title}", "", table.note, ""]
-        if table.rows:
-            out += ["| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
-            out += ["| " + " | ".join(row) + " |" for row in table.rows]
-            out.append("")
-    for caption, path in figures:
-        out += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
-    return "\n".join(out)
-
-
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em;
-       color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; table-layout: auto; max-width: 100%; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left;
-         overflow-wrap: anywhere; font-size: 0.9em; }
-th { background: #f3f3f3; }
-img { max-width: 100%; height: auto; display: block; margin: 0.5em 0 1.5em; }
-p.note { color: #555; max-width: 60em; }
-#answer { background: #f4f8fc; border: 1px solid #c9d9ea; border-radius: 6px;
-          padding: 0.2em 1.2em 0.8em; margin: 1em 0 2em; }
-#answer dt { font-weight: 600; margin-top: 0.6em; }
-#answer dd { margin: 0.15em 0 0 1.2em; max-width: 60em; }
-"""
-ANSWER_TITLE = "Answer"
-
-
-def _html(title: str, tables: list[Table], figures: list[tuple[str, Path]],
-          answer: list[AnswerPart]) -> str:
-    e = html.escape
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
-           f"<style>{STYLE}</style></head><body><h1>{e(title)}</h1>",
-           f"<section id='answer'><h2>{ANSWER_TITLE}</h2><dl>"]
-    for part in answer:
-        out.append(f"<dt>{e(part.label)}</dt>" + "".join(f"<dd>{e(line)}</dd>"
-                                                         for line in part.lines))
-    out.append("</dl></section>")
-    for table in tables:
-        out.append(f"<h2>{e(table.title)}</h2><p class='note'>{e(table.note)}</p>")
-        if not table.rows:
-            continue
-        out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in table.header) + "</tr>")
-        out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>"
-                for row in table.rows]
-        out.append("</table>")
-    for caption, path in figures:
-        data = base64.b64encode(path.read_bytes()).decode()
-        out.append(f"<h2>{e(caption)}</h2><img alt='{e(caption)}' "
-                   f"src='data:image/png;base64,{data}'>")
-    out.append("</body></html>")
-    return "\n".join(out)
+    return curvature_tables(read_curvature_csv(folder), optima_rows)

@@ -1,13 +1,14 @@
 """The report's curvature section, from curvature.csv (`lorasweep curvature`) and the optima.
 
+Shared by `lorasweep report` and `lorasweep curvature`: it reads curvature.predict and renders
+through report.tables, and imports neither command.
+
 Absent curvature.csv, the section is absent: the rest of the report never depends on it.
 """
 
 from __future__ import annotations
 
-import csv
 import statistics
-from pathlib import Path
 
 from lorasweep.analysis.compare import cell_name
 from lorasweep.curvature.predict import (
@@ -17,17 +18,8 @@ from lorasweep.curvature.predict import (
     cell_key,
     predict_lrs,
 )
-from lorasweep.report import Table, fmt
-
-CURVATURE_CSV = "curvature.csv"
-
-
-def read_curvature(folder: Path) -> list[dict]:
-    path = folder / CURVATURE_CSV
-    if not path.exists():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+from lorasweep.report.numbers import fmt
+from lorasweep.report.tables import Table
 
 
 def _stage_name(row: dict) -> str:

@@ -6,32 +6,25 @@ before the store is touched, so a bad run never disturbs what a study already re
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
-from torch import nn
 from tqdm.auto import tqdm
 
-from lorasweep.config import TARGETS_AXIS, Study, dump_study, validate_study
+from lorasweep.config import Study, dump_study, validate_study
 from lorasweep.errors import StudyError
 from lorasweep.files import is_disk_full
-from lorasweep.methods import get_method
-from lorasweep.methods.peft_passthrough import names_own_targets, needs_data
-from lorasweep.methods.targets import adapter_width, layer_shape, resolve_targets
-from lorasweep.models import load_model, load_tokenizer, max_positions
-from lorasweep.precision import base_dtype, check_device_support
 from lorasweep.recipe import Recipe, resolve_recipe
+from lorasweep.records import TrialResult, write_trials_csv
 from lorasweep.report import write_study_outputs
-from lorasweep.results import write_trials_csv
-from lorasweep.space import TrialSpec, expand_trials, recipes_of, target_text
+from lorasweep.space import TrialSpec, recipes_of
 from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS
 from lorasweep.study.folder import load_folder_study, prepare_folder, save_weights, storage_of
 from lorasweep.study.local_workers import run_local_workers
@@ -47,8 +40,9 @@ from lorasweep.study.memory import (
 from lorasweep.study.plan import plan_trials, planner
 from lorasweep.study.storage import public_url
 from lorasweep.study.store import Store
-from lorasweep.tasks import Task, build_task, num_labels
-from lorasweep.train import BestOf, TrialResult, train_group
+from lorasweep.tasks import Task
+from lorasweep.train import BestOf, train_group
+from lorasweep.workbench import Workbench, load_workbench
 
 POLL_SECONDS = 5.0  # how often an idle worker looks for trials that others left behind
 
@@ -61,76 +55,6 @@ def default_max_group(device: str) -> int | None:
     many trials as fit its memory (study/memory.py).
     """
     return 1 if device == "cpu" else None
-
-
-@dataclass
-class Workbench:
-    """What every group of a study shares, loaded once per process."""
-
-    task: Task
-    base: nn.Module
-    tasks: dict[int, Task] = field(default_factory=dict)  # the task at each swept seq_len
-    widths: dict[str, int] | None = None  # adapter width per target set, for match_params
-
-    def task_for(self, recipe: Recipe) -> Task:
-        """What a trial trains on: the task at its sequence length, cut to its subset."""
-        task = self.tasks.get(recipe.train.seq_len, self.task)
-        return task.with_train_examples(recipe.train_examples)
-
-
-def load_workbench(study: Study, device: str = "cpu") -> Workbench:
-    """The study's data and base model (stored in the dtype it trains in on `device`)."""
-    check_device_support(study, device)
-    recipes = [resolve_recipe(study.train, text) for text in recipes_of(study)]
-    _check_seq_len(study, {r.train.seq_len for r in recipes} | {study.train.seq_len})
-    tokenizer = load_tokenizer(study.model)
-    task = build_task(study, tokenizer)
-    tasks = {seq_len: build_task(study, tokenizer, seq_len)
-             for seq_len in {r.train.seq_len for r in recipes} - {study.train.seq_len}}
-    for recipe in recipes:
-        if recipe.train_examples is not None and recipe.train_examples > len(task.train):
-            raise StudyError(f"search.recipe.train_examples: {recipe.train_examples} is more "
-                             f"than the {len(task.train)} training examples (after validation)")
-    base = load_model(study.model, study.task.kind, num_labels(task), tokenizer,
-                      base_dtype(study.model, study.train, device))
-    widths = None
-    if study.search.match_params:
-        widths = {target_text(t): adapter_width(base, target_text(t))
-                  for t in study.search.recipe[TARGETS_AXIS]}
-    for cell in {t.cell for t in expand_trials(study, widths)}:
-        if cell.is_adapter and not names_own_targets(cell):
-            _check_rank(base, resolve_targets(base, cell.target_modules), cell.rank)
-        if cell.method == "peft" and not needs_data(cell):
-            # PEFT checks its configuration against the model only when it builds it (inits that
-            # need data are built at training time: a dry run would cost a calibration pass)
-            try:
-                get_method("peft").attach(copy.deepcopy(base), cell, 1, torch.Generator())
-            except (TypeError, ValueError, KeyError) as exc:
-                raise StudyError(f"search.methods: peft entry '{cell.label}' cannot be built: "
-                                 f"{str(exc).splitlines()[0]}") from None
-    return Workbench(task=task, base=base, tasks=tasks, widths=widths)
-
-
-def _check_seq_len(study: Study, lengths: set[int]) -> None:
-    """Sequences longer than the model's positions fail late, after padding every example to
-    that length has exhausted memory; refuse them before any data is tokenized."""
-    limit = max_positions(study.model)
-    if limit is not None and max(lengths) > limit:
-        raise StudyError(f"train.seq_len {max(lengths)}: above the {limit} positions of model "
-                         f"'{study.model.source}'; allowed: 8 to {limit}")
-
-
-def _check_rank(base: nn.Module, names: list[str], rank: int | None) -> None:
-    """A rank above a target layer's narrower side adds nothing a smaller one lacks."""
-    if rank is None:
-        return
-    shapes = {n: layer_shape(base.get_submodule(n)) for n in names}  # (out, in), 4-bit too
-    name = min(names, key=lambda n: min(shapes[n]))
-    width = min(shapes[name])
-    if rank > width:
-        raise StudyError(f"search.ranks: rank {rank} is above the width of layer {name} "
-                         f"({' x '.join(map(str, shapes[name]))}); allowed: "
-                         f"at most {width} for these target modules")
 
 
 def available_memory(device: str) -> int:

@@ -33,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import text
 
 from lorasweep.errors import StudyError
+from lorasweep.records import TrialResult
 from lorasweep.space import TrialSpec
 from lorasweep.study.defaults import (
     DEFAULT_LEASE_SECONDS,
@@ -40,7 +41,6 @@ from lorasweep.study.defaults import (
     DEFAULT_PATIENCE_SECONDS,
 )
 from lorasweep.study.storage import JOURNAL_NAME, open_storage, patiently, public_url
-from lorasweep.train import TrialResult
 
 LOCK_NAME = ".sync.lock"
 LOST_REASON = "its worker stopped mid-trial"

@@ -1,0 +1,200 @@
+"""What a study records and the files it writes: one reader and one writer per file.
+
+A low layer: it knows the record shapes (TrialResult, Optimum) and the CSV layouts (trials.csv,
+optima.csv, curvature.csv), but no trainer, model or analysis, so the store, the analysis, the
+report, `suggest` and `curvature` all read and write through it without importing each other.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lorasweep.errors import StudyError
+from lorasweep.files import atomic_path
+from lorasweep.space import TrialSpec
+
+if TYPE_CHECKING:  # the store pulls in optuna and the trainer's weights torch; readers need neither
+    import torch
+
+    from lorasweep.study.store import Store
+
+TRIALS_CSV = "trials.csv"
+OPTIMA_CSV = "optima.csv"
+CURVATURE_CSV = "curvature.csv"
+
+CELL_FIELDS = ("method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules", "recipe")
+COLUMNS = ("trial", "method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules",
+           "recipe", "lr", "seed", "status", "train_loss", "eval_loss", "metric", "test_metric",
+           "steps", "selected_step", "seconds", "trainable_params", "effective_scale", "attempts",
+           "worker", "reason")
+OPTIMA_COLUMNS = (*CELL_FIELDS, "lr_best", "lr_star", "lr_star_low", "lr_star_high", "peak",
+                  "peak_std", "n_seeds", "edge", "suggest", "n_lrs", "diverged")
+CURVATURE_COLUMNS = (*CELL_FIELDS, "seed", "stage", "steps", "warmup_lr", "preconditioned",
+                     "block", "module_type", "params", "lambda_max", "lambda_top", "lambda_min",
+                     "products", "converged", "error", "items", "lr_grid_step")
+
+
+@dataclass
+class TrialResult:
+    """What one trial produced. `metrics` are on the validation split; `test` never chooses."""
+
+    status: str  # "complete" or "diverged"
+    steps: int
+    seconds: float
+    train_loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    loss_curve: list[float] = field(default_factory=list)
+    eval_curve: list[dict] = field(default_factory=list)
+    trainable_params: int = 0
+    effective_scale: float | None = None
+    reason: str | None = None
+    selected_step: int | None = None  # the evaluation `metrics` come from (None: diverged)
+    weights: dict[str, torch.Tensor] | None = None  # trained adapter and head, for export
+
+
+@dataclass
+class Optimum:
+    """One cell's optimum; lr_star_low/high are None where one seed gives no interval."""
+
+    cell: dict
+    lr_best: float
+    lr_star: float
+    lr_star_low: float | None
+    lr_star_high: float | None
+    peak: float
+    peak_std: float | None
+    n_seeds: int
+    edge: str  # "low"/"high": the best LR is the grid's smallest/largest; "flat": no LR is better
+    suggest: list[float]  # LRs to add when the optimum sits at an edge
+    n_lrs: int
+    diverged: int
+
+    def as_row(self) -> dict:
+        return {**self.cell, "lr_best": self.lr_best, "lr_star": self.lr_star,
+                "lr_star_low": self.lr_star_low, "lr_star_high": self.lr_star_high,
+                "peak": self.peak, "peak_std": self.peak_std, "n_seeds": self.n_seeds,
+                "edge": self.edge, "suggest": " ".join(f"{lr:.3g}" for lr in self.suggest),
+                "n_lrs": self.n_lrs, "diverged": self.diverged}
+
+
+def _write_csv(path: Path, columns: tuple[str, ...] | list[str], rows: list[dict]) -> None:
+    """Replace `path` atomically; None is written as a blank."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: "" if row.get(k) is None else row[k] for k in columns}
+                         for row in rows)
+
+
+# trials.csv: one row per trial of the grid, rewritten as trials finish.
+
+def trial_rows(store: Store, metric_name: str) -> list[dict]:
+    """One row per trial of the grid, from the attempt that decides its status."""
+    rows = []
+    for status, trial, attempts in store.latest_by_key().values():
+        spec = TrialSpec.from_attrs(trial.user_attrs)
+        attrs = trial.user_attrs
+        cell = spec.cell
+        rows.append({
+            "trial": spec.grid_id, **cell.columns(), "lr": spec.lr, "seed": spec.seed,
+            "status": status, "train_loss": attrs.get("train_loss"),
+            "eval_loss": attrs.get("val_eval_loss"), "metric": attrs.get(f"val_{metric_name}"),
+            "test_metric": attrs.get(f"test_{metric_name}"), "steps": attrs.get("steps"),
+            "selected_step": attrs.get("selected_step"),
+            "seconds": attrs.get("seconds"), "trainable_params": attrs.get("trainable_params"),
+            "effective_scale": attrs.get("effective_scale"), "attempts": attempts,
+            "worker": attrs.get("worker"), "reason": attrs.get("reason"),
+            **_other_metrics(attrs, metric_name),
+        })
+    return sorted(rows, key=lambda r: r["trial"])
+
+
+def _other_metrics(attrs: dict, metric_name: str) -> dict:
+    """The task's metrics beside the one that chooses (e.g. accuracy_strict, pass@10), as
+    columns after COLUMNS: validation under their own name, test with a `test_` prefix."""
+    out = {}
+    for prefix, column in (("val_", ""), ("test_", "test_")):
+        for key, value in attrs.items():
+            name = key[len(prefix):]
+            shown = (metric_name, "eval_loss") if prefix == "val_" else (metric_name,)
+            if key.startswith(prefix) and name not in shown:  # already in COLUMNS
+                out[column + name] = value
+    return out
+
+
+def write_trials_csv(folder: Path, store: Store, metric_name: str) -> list[dict]:
+    rows = trial_rows(store, metric_name)
+    extra = sorted({key for row in rows for key in row} - set(COLUMNS))
+    _write_csv(folder / TRIALS_CSV, [*COLUMNS, *extra], rows)
+    return rows
+
+
+def read_trials_csv(folder: Path) -> list[dict]:
+    """trials.csv's rows typed as trial_rows makes them (numbers as numbers, blanks as None)."""
+    numbers = {**dict.fromkeys(("trial", "rank", "seed", "steps", "selected_step",
+                                "trainable_params", "attempts"), int),
+               **dict.fromkeys(("lora_alpha", "lr", "train_loss", "eval_loss", "metric",
+                                "test_metric", "seconds", "effective_scale"), float)}
+    with open(folder / TRIALS_CSV, newline="") as handle:  # columns beyond COLUMNS: metrics
+        return [{k: None if v in (None, "") else numbers.get(k, str if k in COLUMNS else float)(v)
+                 for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+# optima.csv: one row per cell, written by the report.
+
+def write_optima_csv(folder: Path, optima: list[Optimum]) -> None:
+    _write_csv(folder / OPTIMA_CSV, OPTIMA_COLUMNS, [o.as_row() for o in optima])
+
+
+def read_optima_csv(path: Path, where: str | None = None) -> list[Optimum]:
+    """The optima as the report found them; a one-line error naming `where` (default: the path)
+    for a missing file, a missing column or a value lorasweep would not write."""
+    where = where or str(path)
+    if not path.is_file():
+        raise StudyError(f"{where}: no such file")
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        # `recipe` came later: an older optima.csv has none, and its cells have no recipe
+        missing = [c for c in OPTIMA_COLUMNS if c != "recipe" and c not in (reader.fieldnames
+                                                                           or [])]
+        if missing:
+            raise StudyError(f"{where}: not an optima.csv (no column {missing[0]})")
+        try:
+            return [_optimum(row) for row in reader]
+        except ValueError as exc:
+            raise StudyError(f"{where}: not as lorasweep writes it ({exc})") from None
+
+
+def _optimum(row: dict) -> Optimum:
+    cell = {f: (row.get(f) or None) for f in CELL_FIELDS}  # typed as the analysis makes them
+    cell["rank"] = int(cell["rank"]) if cell["rank"] else None
+    cell["lora_alpha"] = float(cell["lora_alpha"]) if cell["lora_alpha"] else None
+    return Optimum(cell=cell, lr_best=float(row["lr_best"]), lr_star=float(row["lr_star"]),
+                   lr_star_low=_number(row["lr_star_low"]),
+                   lr_star_high=_number(row["lr_star_high"]), peak=float(row["peak"]),
+                   peak_std=_number(row["peak_std"]), n_seeds=int(row["n_seeds"]),
+                   edge=row["edge"], suggest=[float(v) for v in row["suggest"].split()],
+                   n_lrs=int(row["n_lrs"]), diverged=int(row["diverged"]))
+
+
+def _number(text: str | None) -> float | None:
+    return float(text) if text not in (None, "") else None
+
+
+# curvature.csv: one row per measured block, written by `lorasweep curvature`.
+
+def write_curvature_csv(folder: Path, rows: list[dict]) -> None:
+    _write_csv(folder / CURVATURE_CSV, CURVATURE_COLUMNS, rows)
+
+
+def read_curvature_csv(folder: Path) -> list[dict]:
+    """curvature.csv's rows as text (none where the folder has no curvature.csv)."""
+    path = folder / CURVATURE_CSV
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))

@@ -1,0 +1,144 @@
+"""What a study's trials start from: the base model and data, loaded once per process, and a
+trial's trainable weights drawn from its cell and seed.
+
+Training (`train.py`), `lorasweep curvature` and `lorasweep export` all attach a trial here, so
+"the weights a trial starts from" means one thing everywhere. Depends on models, methods and
+tasks only: no store, no trainer, no worker loop.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lorasweep.config import TARGETS_AXIS, Study, TrainSpec
+from lorasweep.errors import StudyError
+from lorasweep.methods import Attached, get_method
+from lorasweep.methods.peft_passthrough import names_own_targets, needs_data
+from lorasweep.methods.targets import adapter_width, layer_shape, resolve_targets
+from lorasweep.models import load_model, load_tokenizer, max_positions
+from lorasweep.precision import base_dtype, check_device_support
+from lorasweep.recipe import Recipe, resolve_recipe
+from lorasweep.space import TrialSpec, expand_trials, recipes_of, target_text
+from lorasweep.tasks import Task, build_task, num_labels
+
+CALIBRATION_BATCHES = 8
+
+
+@dataclass
+class Workbench:
+    """What every group of a study shares, loaded once per process."""
+
+    task: Task
+    base: nn.Module
+    tasks: dict[int, Task] = field(default_factory=dict)  # the task at each swept seq_len
+    widths: dict[str, int] | None = None  # adapter width per target set, for match_params
+
+    def task_for(self, recipe: Recipe) -> Task:
+        """What a trial trains on: the task at its sequence length, cut to its subset."""
+        task = self.tasks.get(recipe.train.seq_len, self.task)
+        return task.with_train_examples(recipe.train_examples)
+
+
+def load_workbench(study: Study, device: str = "cpu") -> Workbench:
+    """The study's data and base model (stored in the dtype it trains in on `device`)."""
+    check_device_support(study, device)
+    recipes = [resolve_recipe(study.train, text) for text in recipes_of(study)]
+    _check_seq_len(study, {r.train.seq_len for r in recipes} | {study.train.seq_len})
+    tokenizer = load_tokenizer(study.model)
+    task = build_task(study, tokenizer)
+    tasks = {seq_len: build_task(study, tokenizer, seq_len)
+             for seq_len in {r.train.seq_len for r in recipes} - {study.train.seq_len}}
+    for recipe in recipes:
+        if recipe.train_examples is not None and recipe.train_examples > len(task.train):
+            raise StudyError(f"search.recipe.train_examples: {recipe.train_examples} is more "
+                             f"than the {len(task.train)} training examples (after validation)")
+    base = load_model(study.model, study.task.kind, num_labels(task), tokenizer,
+                      base_dtype(study.model, study.train, device))
+    widths = None
+    if study.search.match_params:
+        widths = {target_text(t): adapter_width(base, target_text(t))
+                  for t in study.search.recipe[TARGETS_AXIS]}
+    for cell in {t.cell for t in expand_trials(study, widths)}:
+        if cell.is_adapter and not names_own_targets(cell):
+            _check_rank(base, resolve_targets(base, cell.target_modules), cell.rank)
+        if cell.method == "peft" and not needs_data(cell):
+            # PEFT checks its configuration against the model only when it builds it (inits that
+            # need data are built at training time: a dry run would cost a calibration pass)
+            try:
+                get_method("peft").attach(copy.deepcopy(base), cell, 1, torch.Generator())
+            except (TypeError, ValueError, KeyError) as exc:
+                raise StudyError(f"search.methods: peft entry '{cell.label}' cannot be built: "
+                                 f"{str(exc).splitlines()[0]}") from None
+    return Workbench(task=task, base=base, tasks=tasks, widths=widths)
+
+
+def _check_seq_len(study: Study, lengths: set[int]) -> None:
+    """Sequences longer than the model's positions fail late, after padding every example to
+    that length has exhausted memory; refuse them before any data is tokenized."""
+    limit = max_positions(study.model)
+    if limit is not None and max(lengths) > limit:
+        raise StudyError(f"train.seq_len {max(lengths)}: above the {limit} positions of model "
+                         f"'{study.model.source}'; allowed: 8 to {limit}")
+
+
+def _check_rank(base: nn.Module, names: list[str], rank: int | None) -> None:
+    """A rank above a target layer's narrower side adds nothing a smaller one lacks."""
+    if rank is None:
+        return
+    shapes = {n: layer_shape(base.get_submodule(n)) for n in names}  # (out, in), 4-bit too
+    name = min(names, key=lambda n: min(shapes[n]))
+    width = min(shapes[name])
+    if rank > width:
+        raise StudyError(f"search.ranks: rank {rank} is above the width of layer {name} "
+                         f"({' x '.join(map(str, shapes[name]))}); allowed: "
+                         f"at most {width} for these target modules")
+
+
+def batch_order(train_size: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """Example indices of each step: a fresh seeded permutation every epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    per_epoch = max(1, train_size // batch_size)
+    order = torch.randperm(train_size, generator=generator)
+    position = 0
+    for _ in range(steps):
+        if position == per_epoch:
+            order, position = torch.randperm(train_size, generator=generator), 0
+        yield order[position * batch_size:(position + 1) * batch_size]
+        position += 1
+
+
+def attach_trials(base: nn.Module, trials: list[TrialSpec],
+                  calibration: Callable[[], list[dict[str, torch.Tensor]]] | None = None
+                  ) -> tuple[nn.Module, Attached]:
+    """A fresh copy of the base carrying the trainable weights of `trials` (one cell, one seed),
+    drawn from the seed exactly as training draws them (`calibration`: batches for inits that
+    look at data)."""
+    cell, seed = trials[0].cell, trials[0].seed
+    assert all(t.group_key == trials[0].group_key for t in trials), "a group shares cell and seed"
+    torch.manual_seed(seed)  # for what an init draws from the global generator (randomized SVD)
+    model = copy.deepcopy(base)
+    attached = get_method(cell.method).attach(model, cell, len(trials),
+                                              torch.Generator().manual_seed(seed), calibration)
+    return model, attached
+
+
+def attach_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[TrialSpec]
+                 ) -> tuple[nn.Module, Attached]:
+    """`attach_trials` with the group's first training batches as calibration data.
+
+    Training and `lorasweep curvature` both start here, so "at initialization" means the very
+    weights a trial starts from.
+    """
+    seed = trials[0].seed
+
+    def calibration() -> list[dict[str, torch.Tensor]]:
+        """The trial's first training batches, for inits that look at data (on the CPU)."""
+        order = batch_order(len(task.train), recipe.batch_size, CALIBRATION_BATCHES, seed)
+        return [task.train.batch(index, 1) for index in order]
+
+    return attach_trials(base, trials, calibration)
