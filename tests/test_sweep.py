@@ -58,7 +58,7 @@ def test_task_metric_eval_loss_ranks_by_the_lowest_loss(tmp_path: Path, study_fi
     rows = read_rows(out)
     assert all(float(r["metric"]) == float(r["eval_loss"]) for r in rows)
     assert all(r["accuracy"] != "" for r in rows), "the other metric is still recorded"
-    direction = Store(out, "tiny", maximize=True, create=False).study.direction
+    direction = Store(out, "tiny", maximize=True, create=False).optuna_study.direction
     assert direction == optuna.study.StudyDirection.MINIMIZE
     with open(out / "optima.csv") as handle:
         optimum = next(csv.DictReader(handle))

@@ -10,16 +10,15 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from lorasweep.errors import StudyError
 from lorasweep.files import atomic_path
 from lorasweep.space import TrialSpec
 
-if TYPE_CHECKING:  # the store pulls in optuna and the trainer's weights torch; readers need neither
+if TYPE_CHECKING:  # a trial's weights are tensors; readers of the files need no torch
     import torch
-
-    from lorasweep.study.store import Store
+    from optuna.trial import FrozenTrial
 
 TRIALS_CSV = "trials.csv"
 OPTIMA_CSV = "optima.csv"
@@ -90,9 +89,15 @@ def _write_csv(path: Path, columns: tuple[str, ...] | list[str], rows: list[dict
                          for row in rows)
 
 
+class TrialSource(Protocol):
+    """What trials.csv is made from (study.store.Store), named here so records import no store."""
+
+    def latest_by_key(self) -> dict[str, tuple[str, FrozenTrial, int]]: ...
+
+
 # trials.csv: one row per trial of the grid, rewritten as trials finish.
 
-def trial_rows(store: Store, metric_name: str) -> list[dict]:
+def trial_rows(store: TrialSource, metric_name: str) -> list[dict]:
     """One row per trial of the grid, from the attempt that decides its status."""
     rows = []
     for status, trial, attempts in store.latest_by_key().values():
@@ -126,7 +131,7 @@ def _other_metrics(attrs: dict, metric_name: str) -> dict:
     return out
 
 
-def write_trials_csv(folder: Path, store: Store, metric_name: str) -> list[dict]:
+def write_trials_csv(folder: Path, store: TrialSource, metric_name: str) -> list[dict]:
     rows = trial_rows(store, metric_name)
     extra = sorted({key for row in rows for key in row} - set(COLUMNS))
     _write_csv(folder / TRIALS_CSV, [*COLUMNS, *extra], rows)

@@ -39,6 +39,19 @@ TRANSIENT_ERRNOS = {errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errn
 PERMANENT_DB_WORDS = ("authentication failed", "does not exist", "no password supplied",
                       "permission denied")
 
+
+# Optuna's private attributes, read here and nowhere else (with the journal lock above): the
+# public API reaches the same ids only through one more storage call per trial.
+
+def optuna_study_id(study: optuna.Study) -> int:
+    """The storage's id of `study`, which every storage call takes."""
+    return study._study_id
+
+
+def optuna_trial_id(trial: optuna.trial.FrozenTrial) -> int:
+    """The storage's id of `trial` (unique over studies, unlike its number)."""
+    return trial._trial_id
+
 T = TypeVar("T")
 
 

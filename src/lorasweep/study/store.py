@@ -40,7 +40,14 @@ from lorasweep.study.defaults import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_PATIENCE_SECONDS,
 )
-from lorasweep.study.storage import JOURNAL_NAME, open_storage, patiently, public_url
+from lorasweep.study.storage import (
+    JOURNAL_NAME,
+    open_storage,
+    optuna_study_id,
+    optuna_trial_id,
+    patiently,
+    public_url,
+)
 
 LOCK_NAME = ".sync.lock"
 LOST_REASON = "its worker stopped mid-trial"
@@ -100,8 +107,8 @@ class Store:
         self.where = (f"--storage {public_url(storage_url)}" if storage_url
                       else str(study_dir / JOURNAL_NAME))
         self.storage = open_storage(storage_url, study_dir, patience)
-        self.study = self._open_study(study_name, maximize, create)
-        self.study_id = self.study._study_id
+        self.optuna_study = self._open_study(study_name, maximize, create)
+        self.study_id = optuna_study_id(self.optuna_study)
         self._lock_key = zlib.crc32(study_name.encode())
 
     @_patient
@@ -136,7 +143,8 @@ class Store:
         """The resolved study file the study was created with (for workers elsewhere)."""
         text_ = self.settings().get(STUDY_TEXT_ATTR)
         if text_ is None:
-            raise StudyError(f"{self.where}: the study '{self.study.study_name}' holds no study "
+            name = self.optuna_study.study_name
+            raise StudyError(f"{self.where}: the study '{name}' holds no study "
                              "file; start it with `lorasweep run STUDY.yaml --storage URL`")
         return str(text_)
 
@@ -200,7 +208,7 @@ class Store:
             if "failed" in statuses and not retry_failed:
                 continue
             numbered = replace(spec, grid_id=numbers[spec.key])
-            self.study.enqueue_trial({"lr": spec.lr}, user_attrs=numbered.to_attrs())
+            self.optuna_study.enqueue_trial({"lr": spec.lr}, user_attrs=numbered.to_attrs())
             enqueued += 1
         return enqueued
 
@@ -213,12 +221,13 @@ class Store:
                 break
             status = self._status(earlier)
             losses = 1 if status == "failed" else losses + bool(earlier.user_attrs.get("lost"))
-        self.storage.set_trial_user_attr(trial._trial_id, "lost", True)
+        trial_id = optuna_trial_id(trial)
+        self.storage.set_trial_user_attr(trial_id, "lost", True)
         if losses >= max_attempts:
-            self.record_failure(trial._trial_id, f"{LOST_REASON} {losses} times (killed, frozen "
+            self.record_failure(trial_id, f"{LOST_REASON} {losses} times (killed, frozen "
                                 "or cut off); not run again: --retry-failed runs it")
             return "failed"
-        self.record_failure(trial._trial_id, LOST_REASON, status="interrupted")
+        self.record_failure(trial_id, LOST_REASON, status="interrupted")
         return "interrupted"
 
     @staticmethod
@@ -237,10 +246,11 @@ class Store:
             spec = TrialSpec.from_attrs(trial.user_attrs)
             if group_key is not None and spec.group_key != group_key:
                 continue
-            if not self._claim(trial._trial_id, spec.lr):
+            trial_id = optuna_trial_id(trial)
+            if not self._claim(trial_id, spec.lr):
                 continue
             group_key = spec.group_key
-            claimed.append((trial._trial_id, spec))
+            claimed.append((trial_id, spec))
             if len(claimed) == max_group or not spec.cell.fusable:
                 break
         return claimed

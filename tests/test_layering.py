@@ -1,0 +1,121 @@
+"""The layers of ARCHITECTURE.md hold: no module imports a higher layer, and no import cycles.
+
+Imports are read from the source (function-level ones too, which hide cycles; `if TYPE_CHECKING:`
+blocks are skipped, as they never run), and the heavy libraries a low module must not load are
+checked by importing it in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import ast
+import graphlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# Lowest first; a module may import its own layer and those below (longest prefix decides).
+LAYERS = [
+    ["lorasweep", "lorasweep.errors", "lorasweep.files", "lorasweep.redact",
+     "lorasweep.packaged_models", "lorasweep.sandbox", "lorasweep.study.defaults",
+     "lorasweep.report.numbers"],
+    ["lorasweep.config", "lorasweep.recipe", "lorasweep.precision"],  # the study file
+    ["lorasweep.space"],  # cells and trials
+    ["lorasweep.records"],  # what is recorded, and every CSV
+    ["lorasweep.models", "lorasweep.quantize", "lorasweep.methods", "lorasweep.tasks"],
+    ["lorasweep.workbench", "lorasweep.optim"],  # groups: what a trial starts from
+    ["lorasweep.train", "lorasweep.study.memory", "lorasweep.curvature.hvp",
+     "lorasweep.curvature.lanczos", "lorasweep.curvature.measure"],
+    ["lorasweep.study.storage", "lorasweep.study.store"],
+    ["lorasweep.analysis", "lorasweep.curvature.predict"],
+    ["lorasweep.report"],
+    ["lorasweep.study", "lorasweep.curvature", "lorasweep.export", "lorasweep.suggest",
+     "lorasweep.cli"],  # commands: the worker loop, plan, folder, curvature, export, suggest
+]
+
+# What a low module must not load, even indirectly.
+NOT_LOADED = {
+    "lorasweep.records": ["torch", "optuna", "lorasweep.study", "lorasweep.analysis"],
+    "lorasweep.study.store": ["torch", "peft", "lorasweep.train", "lorasweep.workbench"],
+    "lorasweep.analysis.transfer": ["torch", "optuna", "lorasweep.report"],
+    "lorasweep.report": ["torch", "optuna", "lorasweep.curvature.command"],
+    "lorasweep.workbench": ["optuna", "lorasweep.study", "lorasweep.train", "lorasweep.report"],
+    "lorasweep.curvature.command": ["lorasweep.study.runner", "lorasweep.train"],
+}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in (SRC / "lorasweep").rglob("*.py"):
+        name = ".".join(path.relative_to(SRC).with_suffix("").parts)
+        out[name.removesuffix(".__init__")] = path
+    return out
+
+
+def _skipped(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """The lorasweep modules `path` imports (`from pkg import mod` counts as pkg.mod)."""
+    found: set[str] = set()
+    todo = [ast.parse(path.read_text())]
+    while todo:
+        for node in ast.iter_child_nodes(todo.pop()):
+            if _skipped(node):
+                continue
+            todo.append(node)
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    found.add(sub if sub in known else node.module)
+    return {name for name in found if name in known}
+
+
+def layer(name: str) -> int:
+    matches = [(len(p), i) for i, prefixes in enumerate(LAYERS) for p in prefixes
+               if name == p or name.startswith(p + ".")]
+    assert matches, f"{name}: in no layer of tests/test_layering.py (and ARCHITECTURE.md)"
+    return max(matches)[1]
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports(path, set(known)) for name, path in known.items()}
+
+
+def test_no_module_imports_a_higher_layer():
+    upward = [f"{name} (layer {layer(name)}) imports {dep} (layer {layer(dep)})"
+              for name, deps in graph().items() for dep in deps if layer(dep) > layer(name)]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycles():
+    graphlib.TopologicalSorter(graph()).prepare()  # raises CycleError naming the cycle
+
+
+def test_the_check_sees_an_upward_and_a_hidden_cyclic_import(tmp_path):
+    """The rules above can fail: a lazy import inside a function is seen, TYPE_CHECKING not."""
+    source = tmp_path / "m.py"
+    source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                      "    from lorasweep.train import TrialResult\n"
+                      "def f():\n    from lorasweep.report import tables\n")
+    found = imports(source, set(modules()))
+    assert found == {"lorasweep.report.tables"}
+    assert layer("lorasweep.report.tables") > layer("lorasweep.records")
+    with pytest.raises(graphlib.CycleError):
+        graphlib.TopologicalSorter({"a": {"b"}, "b": {"a"}}).prepare()
+
+
+@pytest.mark.parametrize("module", sorted(NOT_LOADED))
+def test_low_modules_load_no_heavy_layer(module):
+    code = (f"import sys, {module}; print(' '.join(m for m in {NOT_LOADED[module]!r} "
+            "if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert not loaded, f"importing {module} loads {loaded}"
