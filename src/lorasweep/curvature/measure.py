@@ -1,7 +1,7 @@
 """Measure a study's cells: the loss Hessian's extreme eigenvalues per block, at init and after
 warm-up, one row per block for curvature.csv.
 
-A cell starts from exactly the weights its trials start from (train.attach_group with the study's
+A cell starts from the very weights its trials start from (workbench.attach_group with the study's
 first seed). Blocks are each adapted module's parameters together (its (A, B) pair, with DoRA's
 magnitude; a full fine-tuning module's weight and bias), and all trainable parameters jointly
 (the task head included). The data are the trial's first training batches, the same at every
