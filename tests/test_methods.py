@@ -143,7 +143,7 @@ def test_select_best_reports_the_peak_and_final_the_last_evaluation():
                               ["a", "b", "c"])
     base = tiny("tiny:bert")
     cell = Cell(method="lora", rank=4, lora_alpha="8", init="kaiming",
-                target_modules="all-linear")
+                target_modules="attention")  # its loss bottoms out at step 8 of 24
     recipe = TrainSpec(steps=24, batch_size=8, eval_every=4, schedule="constant",
                        warmup_ratio=0.0)
     trial = TrialSpec(grid_id=0, cell=cell, lr=1e-2, seed=0)

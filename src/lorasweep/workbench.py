@@ -63,8 +63,12 @@ def load_workbench(study: Study, device: str = "cpu") -> Workbench:
     if study.search.match_params:
         widths = {target_text(t): adapter_width(base, target_text(t))
                   for t in study.search.recipe[TARGETS_AXIS]}
+    # the ranks the study names are checked against their layers; match_params derives other
+    # target sets' ranks from them, larger ones included, and those are the study's design
+    written = (None if widths is None else target_text(study.search.recipe[TARGETS_AXIS][0]))
     for cell in {t.cell for t in expand_trials(study, widths)}:
-        if cell.is_adapter and not names_own_targets(cell):
+        if (cell.is_adapter and not names_own_targets(cell)
+                and written in (None, cell.target_modules)):
             _check_rank(base, resolve_targets(base, cell.target_modules), cell.rank)
         if cell.method == "peft" and not needs_data(cell):
             # PEFT checks its configuration against the model only when it builds it (inits that
