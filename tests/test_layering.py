@@ -22,7 +22,8 @@ LAYERS = [
     ["lorasweep", "lorasweep.errors", "lorasweep.files", "lorasweep.redact",
      "lorasweep.packaged_models", "lorasweep.sandbox", "lorasweep.study.defaults",
      "lorasweep.report.numbers"],
-    ["lorasweep.config", "lorasweep.recipe", "lorasweep.precision"],  # the study file
+    ["lorasweep.variants", "lorasweep.config", "lorasweep.recipe",
+     "lorasweep.precision"],  # the study file
     ["lorasweep.space"],  # cells and trials
     ["lorasweep.records"],  # what is recorded, and every CSV
     ["lorasweep.models", "lorasweep.quantize", "lorasweep.methods", "lorasweep.tasks"],

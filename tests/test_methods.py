@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from lorasweep.config import METHOD_INITS, METHOD_NAMES, ModelSpec, TrainSpec
+from lorasweep.config import ModelSpec, TrainSpec
 from lorasweep.errors import StudyError
-from lorasweep.methods import METHODS, get_method
-from lorasweep.methods.lora import initial_factors, subtracts_from_base
+from lorasweep.methods import STRATEGIES, get_method
+from lorasweep.methods.inits import FACTORS, initial_factors
 from lorasweep.methods.stacked import StackedDoRALinear
 from lorasweep.methods.targets import resolve_targets
 from lorasweep.models import load_model, load_tokenizer
@@ -19,6 +19,7 @@ from lorasweep.space import Cell, TrialSpec
 from lorasweep.tasks.base import Split
 from lorasweep.tasks.classification import ClassificationTask
 from lorasweep.train import BestOf, train_group
+from lorasweep.variants import INITS, VARIANTS, get_init, variant
 
 from .conftest import read_rows
 
@@ -30,7 +31,10 @@ def tiny(source: str, kind: str = "classification"):
 
 
 def test_registry_matches_the_schema():
-    assert set(METHODS) == set(METHOD_NAMES)
+    """Every registered variant builds through its strategy, and every init has its factors."""
+    assert {v.strategy for v in VARIANTS.values()} <= set(STRATEGIES)
+    assert all(get_method(name).variant is spec for name, spec in VARIANTS.items())
+    assert set(FACTORS) == set(INITS)
 
 
 @pytest.mark.parametrize(("init", "a_std", "b_std"), [
@@ -44,7 +48,7 @@ def test_init_distributions(init, a_std, b_std):
     factors = initial_factors(init, 16, torch.zeros(1024, 512), 2.0,
                               torch.Generator().manual_seed(0))
     a, b = factors.a, factors.b
-    assert subtracts_from_base(init) == (init == "init_ab")
+    assert get_init(init).residual == (init == "init_ab")
     assert a.shape == (16, 512) and b.shape == (1024, 16)
     assert float(a.std()) == pytest.approx(a_std, rel=0.05, abs=1e-12)
     assert float(b.std()) == pytest.approx(b_std, rel=0.05, abs=1e-12)
@@ -116,7 +120,7 @@ def test_fused_group_equals_trials_run_one_by_one(method):
     base = tiny("tiny:bert")
     task = toy_task()
     recipe = TrainSpec(steps=8, batch_size=8, grad_clip=1.0, warmup_ratio=0.25)
-    cell = Cell(method=method, rank=4, lora_alpha="8", init=METHOD_INITS.get(method, "kaiming"),
+    cell = Cell(method=method, rank=4, lora_alpha="8", init=variant(method).inits(["kaiming"])[0],
                 target_modules="all-linear", loraplus_ratio=4.0 if method == "loraplus" else None)
     trials = [TrialSpec(grid_id=i, cell=cell, lr=lr, seed=0)
               for i, lr in enumerate([1e-4, 1e-3, 1e-2, 3e-2])]
@@ -216,7 +220,7 @@ def test_residual_inits_leave_the_model_unchanged(init):
     cell = Cell(method="lora", rank=4, lora_alpha="8", init=init, target_modules="0")
     torch.manual_seed(0)  # pissa_niter_K draws from the global generator
     get_method("lora").attach(model, cell, 1, torch.Generator().manual_seed(0))
-    assert subtracts_from_base(init)
+    assert get_init(init).residual
     layer = model[0]
     assert float((layer.scale * layer.lora_B[0] @ layer.lora_A[0]).norm()) > 0.1
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))

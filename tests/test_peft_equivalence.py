@@ -29,7 +29,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from lorasweep.config import METHOD_INITS, ModelSpec, TrainSpec
+from lorasweep.config import ModelSpec, TrainSpec
 from lorasweep.methods import get_method
 from lorasweep.methods.stacked import StackedLoRALinear
 from lorasweep.methods.targets import (
@@ -43,18 +43,21 @@ from lorasweep.models import load_model, load_tokenizer
 from lorasweep.optim import build_optimizer
 from lorasweep.quantize import quantize_base
 from lorasweep.space import Cell, TrialSpec
+from lorasweep.variants import VARIANTS
 
 TOL = 1e-6
 STEPS = 5
-# our method -> (PEFT LoraConfig arguments, whether the init is deterministic)
-PEFT_FORMS = {
-    "lora": ({}, False),
-    "rslora": ({"use_rslora": True}, False),
-    "loraplus": ({}, False),
-    "dora": ({"use_dora": True}, False),
-    "pissa": ({"init_lora_weights": "pissa"}, True),
-    "olora": ({"init_lora_weights": "olora"}, True),
-}
+# Every method with a PEFT form (its own LoraConfig arguments, variants.Variant.peft_arguments),
+# at the init its cells take (kaiming where the study chooses): a newly registered variant with
+# one is checked here without an edit.
+PEFT_FORMS = [name for name, spec in VARIANTS.items()
+              if spec.peft_arguments(spec.inits(["kaiming"])[0]) is not None]
+DETERMINISTIC_INITS = ("pissa", "olora")  # built from W alone, so ours must equal PEFT's
+
+
+def test_peft_forms_are_the_known_ones():
+    """The registry's PEFT forms are the methods PEFT has: none lost, none invented."""
+    assert PEFT_FORMS == ["lora", "rslora", "loraplus", "dora", "pissa", "olora"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -137,12 +140,13 @@ def peft_key(name: str) -> str:
 def build_pair(source: str, kind: str, method: str, k: int = 1, quantize: str | None = None):
     """Our model with K trials and one PEFT model per trial, all from the same weights."""
     base = base_model(source, kind, quantize)
-    init = METHOD_INITS.get(method, "kaiming")
+    init = VARIANTS[method].inits(["kaiming"])[0]
     cell = Cell(method=method, rank=4, lora_alpha="8", init=init,
                 target_modules="all-linear", loraplus_ratio=16.0 if method == "loraplus" else None)
     ours = copy.deepcopy(base)
     attached = get_method(method).attach(ours, cell, k, torch.Generator().manual_seed(0))
-    extra, deterministic = PEFT_FORMS[method]
+    extra = get_method(method).peft_arguments(cell)
+    deterministic = init in DETERMINISTIC_INITS
     targets = resolve_targets(base, "all-linear")
     config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
                         fan_in_fan_out=uses_conv1d(base, targets), **extra,
@@ -214,7 +218,7 @@ def peft_optimizer(method: str, ref, lr: float, weight_decay: float) -> torch.op
 
 @pytest.mark.parametrize("k", [1, 2], ids=["alone", "fused"])
 @pytest.mark.parametrize(("source", "kind"), ARCHS)
-@pytest.mark.parametrize("method", list(PEFT_FORMS))
+@pytest.mark.parametrize("method", PEFT_FORMS)
 def test_matches_peft(source, kind, method, k):
     check_against_peft(source, kind, method, k)
 

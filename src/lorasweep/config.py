@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -21,23 +22,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from lorasweep.errors import StudyError
+from lorasweep.variants import INITS, VARIANTS, get_init, init_pattern, variant
 
 BUILTIN_STUDIES_DIR = Path(__file__).parent / "studies"
 
-METHOD_NAMES = ("lora", "rslora", "loraplus", "dora", "pissa", "milora", "olora", "init_ab",
-                "random_ab", "full", "peft")
-# Random inits with B A = 0 at the start, and inits that start from the weight's own factors (or
-# random A and B) with s B A subtracted from the base so the model is unchanged at step 0 (random_ab
-# is the control that skips the subtraction). pissa_niter_K is PiSSA by K-iteration randomized SVD.
-INIT_NAMES = ("kaiming", "gaussian", "mua_a", "mua_b", "pissa", "milora", "olora", "init_ab",
-              "random_ab")
-INIT_PATTERN = "^(" + "|".join(INIT_NAMES) + r"|pissa_niter_\d+)$"
-# Methods that are LoRA with a particular init: their cells take this init, not search.inits.
-METHOD_INITS = {"pissa": "pissa", "milora": "milora", "olora": "olora", "init_ab": "init_ab",
-                "random_ab": "random_ab"}
-RESIDUAL_INITS = ("pissa", "milora", "olora", "init_ab")
 TARGET_PRESETS = ("attention", "mlp", "all-linear")
 # The validation metrics each task kind reports that may choose optima (`task.metric`); the first
 # is the default. eval_loss is the only one where lower is better. A code task also reports
@@ -45,11 +36,6 @@ TARGET_PRESETS = ("attention", "mlp", "all-linear")
 KIND_METRICS = {"classification": ("accuracy", "eval_loss"), "causal_lm": ("eval_loss",),
                 "math": ("accuracy_flexible", "accuracy_strict", "eval_loss"),
                 "code": ("pass@1", "eval_loss")}
-
-
-def subtracts_from_base(init: str) -> bool:
-    """Whether an init takes s B0 A0 out of the base weight (so W_res differs from W)."""
-    return init in RESIDUAL_INITS or init.startswith("pissa_niter_")
 
 
 # Most values one list of the search may hold: a grid far beyond any real sweep is a mistake that
@@ -307,14 +293,32 @@ def lr_values(grid: LRGrid) -> list[float]:
     return sorted(set(raw))
 
 
-InitName = Annotated[str, Field(pattern=INIT_PATTERN)]
+def _known_init(name: str) -> str:
+    """An init registered in variants.INITS (read at validation time, so a registration counts)."""
+    if get_init(name) is None:
+        raise PydanticCustomError("string_pattern_mismatch",
+                                  "String should match pattern '{pattern}'",
+                                  {"pattern": init_pattern()})
+    return name
+
+
+def _known_method(name: str) -> str:
+    """A method registered in variants.VARIANTS, with pydantic's own Literal message."""
+    if name not in VARIANTS:
+        names = [repr(n) for n in VARIANTS]
+        raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                  {"expected": ", ".join(names[:-1]) + " or " + names[-1]})
+    return name
+
+
+InitName = Annotated[str, AfterValidator(_known_init)]
 
 
 class MethodEntry(_Strict):
     """A method in the search space, optionally with its own LR grid (full FT wants lower LRs)
     and its own init (e.g. `{name: pissa, init: pissa_niter_4}`)."""
 
-    name: Literal[METHOD_NAMES]  # type: ignore[valid-type]
+    name: Annotated[str, AfterValidator(_known_method)]
     lr: LRGrid | None = None
     init: InitName | None = None
     # For `peft`: the PEFT config class and its keyword arguments, trained as PEFT trains them
@@ -327,7 +331,7 @@ class MethodEntry(_Strict):
 
     @model_validator(mode="after")
     def _fits(self) -> MethodEntry:
-        if self.init is not None and self.name in ("full", "peft"):
+        if self.init is not None and not variant(self.name).takes_init:
             raise ValueError(f"{self.name}: give no init (peft: put it in its arguments)")
         if (self.peft is not None) != (self.name == "peft"):
             raise ValueError("'peft:' arguments go with (and only with) method name 'peft'")
@@ -345,7 +349,7 @@ class MethodEntry(_Strict):
         """The inits this method's cells take."""
         if self.init is not None:
             return [self.init]
-        return [METHOD_INITS[self.name]] if self.name in METHOD_INITS else default
+        return variant(self.name).inits(default)
 
 
 class SearchSpec(_Strict):
@@ -465,18 +469,18 @@ class Study(_Strict):
         if self.model.quantize is None:
             return self
         for entry in self.search.methods:
-            if entry.name == "full":
+            if not variant(entry.name).is_adapter:
                 raise ValueError(f"model.quantize: {self.model.quantize} freezes the base in 4 "
-                                 "bits, so method 'full' cannot train it; use an adapter method "
-                                 "or drop model.quantize")
+                                 f"bits, so method '{entry.name}' cannot train it; use an "
+                                 "adapter method or drop model.quantize")
             for init in entry.inits(self.search.inits):
-                if subtracts_from_base(init):
+                if get_init(init).residual:
                     raise ValueError(
                         f"model.quantize: {self.model.quantize} cannot hold init '{init}' "
                         f"(method '{entry.display_name}'): it subtracts s B0 A0 from the base "
                         "weight, which a 4-bit base cannot store exactly (PEFT refuses PiSSA "
-                        "over 4-bit weights too); allowed inits: kaiming, gaussian, mua_a, "
-                        "mua_b, random_ab")
+                        "over 4-bit weights too); allowed inits: "
+                        + ", ".join(i.name for i in INITS.values() if not i.residual))
         return self
 
     @model_validator(mode="after")

@@ -9,14 +9,12 @@ W_res + s B A = W + s [B, -B0] [A; A0], a rank-2r adapter with the same scale s.
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
-from lorasweep.config import subtracts_from_base
 from lorasweep.errors import StudyError
 from lorasweep.methods.stacked import StackedLoRALinear
 from lorasweep.methods.targets import resolve_targets, uses_conv1d
@@ -25,6 +23,7 @@ from lorasweep.space import TrialSpec
 from lorasweep.study.folder import load_folder_study, weights_path
 from lorasweep.study.store import Store
 from lorasweep.tasks import build_task, num_labels
+from lorasweep.variants import get_init, variant
 from lorasweep.workbench import attach_trials
 
 
@@ -46,11 +45,14 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     cell = spec.cell
     if not cell.is_adapter:
         raise StudyError(f"--trial {grid_id}: full fine-tuning has no adapter to export")
-    if cell.method == "peft":
+    method = variant(cell.method)
+    if method.peft_flags is None:
         raise StudyError(f"--trial {grid_id}: exporting a peft pass-through trial is not "
                          "supported yet")
-    residual = subtracts_from_base(str(cell.init))
-    if cell.method == "dora" and residual:
+    residual = get_init(cell.init).residual
+    # DoRA's magnitude is the row norm of the weight it starts from, so W_res + s B A is not
+    # the rank-2r adapter over W that the conversion below writes.
+    if method.peft_flags.get("use_dora") and residual:
         raise StudyError(f"--trial {grid_id}: DoRA over a {cell.init} residual has no PEFT form")
     path = weights_path(folder, grid_id)
     if not path.exists():
@@ -65,13 +67,12 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     targets = resolve_targets(base, cell.target_modules)
     rank = cell.rank * (2 if residual else 1)
     assert cell.alpha is not None and cell.rank is not None
-    # Keep the scale s: lora_alpha / r (or / sqrt(r) for rsLoRA) at the doubled rank.
-    alpha = cell.alpha * (1 if not residual else math.sqrt(2) if cell.method == "rslora" else 2)
+    # Keep the scale s: lora_alpha / r^p at the doubled rank.
+    alpha = cell.alpha * (1 if not residual else method.alpha_factor(2))
     # fan_in_fan_out: W is stored (in, out) in a Conv1D (GPT-2); PEFT sets it per layer anyway
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
                         fan_in_fan_out=uses_conv1d(base, targets),
-                        use_rslora=cell.method == "rslora", use_dora=cell.method == "dora",
-                        task_type="SEQ_CLS" if classify else "CAUSAL_LM")
+                        **method.peft_flags, task_type="SEQ_CLS" if classify else "CAUSAL_LM")
     peft_model = get_peft_model(copy.deepcopy(base), config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

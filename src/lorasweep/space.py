@@ -9,6 +9,7 @@ from typing import Any
 
 from lorasweep.config import TARGETS_AXIS, Study, alpha_value, parse_lora_alpha
 from lorasweep.recipe import recipe_text
+from lorasweep.variants import variant
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,12 @@ class Cell:
 
     @property
     def is_adapter(self) -> bool:
-        return self.method != "full"
+        return variant(self.method).is_adapter
 
     @property
     def fusable(self) -> bool:
         """Whether trials of this cell can train K at a time over one base copy."""
-        return self.method not in ("full", "peft")
+        return variant(self.method).fusable
 
     @property
     def alpha(self) -> float | None:
@@ -147,10 +148,10 @@ def cells_of(study: Study, widths: dict[str, int] | None = None
     out: list[tuple[Cell, list[float]]] = []
     for entry, recipe in product(search.methods, recipes_of(study)):
         lrs = search.lrs_for(entry)
-        if entry.name == "full":
-            out.append((Cell(method="full", recipe=recipe), lrs))
+        if not variant(entry.name).is_adapter:
+            out.append((Cell(method=entry.name, recipe=recipe), lrs))
             continue
-        ratio = search.loraplus_ratio if entry.name == "loraplus" else None
+        ratio = search.loraplus_ratio if variant(entry.name).b_lr_ratio else None
         peft = None if entry.peft is None else json.dumps(
             {"config": entry.peft_config, "label": entry.display_name, "arguments": entry.peft},
             sort_keys=True)

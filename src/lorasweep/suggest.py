@@ -37,9 +37,7 @@ from lorasweep.errors import StudyError
 from lorasweep.files import write_text
 from lorasweep.records import OPTIMA_CSV, TRIALS_CSV, Optimum, read_optima_csv, read_trials_csv
 from lorasweep.report import series_name
-
-# PEFT's init_lora_weights for the inits it has; the others are lorasweep's own.
-PEFT_INITS = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+from lorasweep.variants import LORA_FLAGS, get_init, get_variant
 
 
 @dataclass
@@ -165,14 +163,17 @@ def settings(prediction: Prediction, study: Study | None) -> dict:
                  "lr_interval": [float(f"{prediction.low:.3g}"),
                                  float(f"{prediction.high:.3g}")]}
     notes = []
-    if cell["method"] != "full":
+    # cell["method"] is the method's display name: a peft entry's label is no variant
+    method = get_variant(cell["method"])
+    if method is None or method.is_adapter:
         alpha = cell["lora_alpha"]
+        flags = method.peft_flags if method is not None and method.peft_flags else LORA_FLAGS
         peft: dict = {"r": cell["rank"], "lora_alpha": int(alpha) if alpha == int(alpha) else alpha,
                       "target_modules": _peft_targets(str(cell["target_modules"])),
-                      "lora_dropout": 0.0, "use_rslora": cell["method"] == "rslora",
-                      "use_dora": cell["method"] == "dora"}
+                      "lora_dropout": 0.0, **flags}
         init = str(cell["init"])
-        peft_init = PEFT_INITS.get(init, init if init.startswith("pissa_niter_") else None)
+        known = get_init(init)
+        peft_init = known.peft if known is not None else None
         if peft_init is None:
             notes.append(f"init '{init}' is not a PEFT init_lora_weights: initialize A and B "
                          "as lorasweep's README says, or train with lorasweep")
@@ -189,7 +190,7 @@ def settings(prediction: Prediction, study: Study | None) -> dict:
                       "weight_decay": train.weight_decay, "schedule": train.schedule,
                       "warmup_ratio": train.warmup_ratio, "grad_clip": train.grad_clip,
                       "batch_size": train.batch_size}
-        if cell["method"] == "loraplus":
+        if method is not None and method.b_lr_ratio:
             optimizer["loraplus_lr_ratio"] = study.search.loraplus_ratio
             notes.append("LoRA+: build the optimizer with peft.optimizers."
                          "create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, "

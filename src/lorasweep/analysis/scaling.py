@@ -23,22 +23,21 @@ import numpy as np
 from scipy import stats
 
 from lorasweep.analysis.optima import Optimum
-
-# Inits with B = 0 and A drawn at a rank-independent scale (gaussian's N(0, 1/r^2) is not).
-A_INITS = ("kaiming", "mua_a")
+from lorasweep.variants import get_init, get_variant
 
 
 def predicted_beta(method: str, alpha_mode: str | None, init: str | None) -> float | None:
-    """The muA exponent of lr_star in rank, where the paper gives one."""
-    if method not in ("lora", "rslora", "loraplus") or alpha_mode is None:
+    """The muA exponent of lr_star in rank, where the paper gives one: for a method with a muA
+    family (variants.Variant.mua_family) and an Init[A] (B = 0, A at a rank-independent scale)
+    or Init[B] init."""
+    variant, kind = get_variant(method), getattr(get_init(init), "mua", None)
+    if variant is None or variant.mua_family is None or alpha_mode is None or kind is None:
         return None
-    if init == "mua_b":
-        return 0.0 if alpha_mode == "per_rank" and method != "rslora" else None
-    if init not in A_INITS:
-        return None
-    # effective alpha ~ r^-gamma
-    gamma = {("per_rank", False): 0.0, ("constant", False): 1.0,
-             ("per_rank", True): -0.5, ("constant", True): 0.5}[(alpha_mode, method == "rslora")]
+    assert variant.rank_power is not None
+    # s = lora_alpha / r^p ~ r^-gamma: lora_alpha ~ r gives gamma = p - 1, a constant gamma = p
+    gamma = variant.rank_power - (1.0 if alpha_mode == "per_rank" else 0.0)
+    if kind == "B":
+        return 0.0 if gamma == 0.0 else None
     return -(1 - gamma) / 2 + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
@@ -46,7 +45,7 @@ def predicted_width_exponent(method: str, alpha_mode: str | None, init: str | No
     """The muA exponent of lr_star in the input width n, for the cells the rank rule covers."""
     if predicted_beta(method, alpha_mode, init) is None:
         return None
-    return -1.0 if init == "mua_b" else -0.5
+    return -1.0 if getattr(get_init(init), "mua", None) == "B" else -0.5
 
 
 def alpha_spec(cell: dict) -> str | None:

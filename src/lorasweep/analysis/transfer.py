@@ -37,11 +37,9 @@ from lorasweep.analysis.scaling import (
     predicted_beta,
     predicted_width_exponent,
 )
+from lorasweep.variants import get_init, get_variant
 
 Z95 = 1.959963984540054  # two-sided 95% of a standard normal
-# Methods and inits of plain LoRA, for which practitioners quote the 10x LoRA / full ratio.
-TEN_X_METHODS = ("lora", "rslora", "loraplus", "dora")
-TEN_X_INITS = ("kaiming", "gaussian")
 LORA_FULL_RATIO = 10.0
 
 
@@ -170,7 +168,9 @@ def init_b_full_rule(family: Family, target: Target,
                      fits: dict[tuple, RankFit]) -> Prediction | None:
     """muA Init[B] with lora_alpha = r: full fine-tuning's LR is the (rank-invariant) LoRA LR."""
     method, mode, spec, init, *_ = family.key
-    if not target.full or (method, mode, spec, init) != ("lora", "per_rank", "1r", "mua_b"):
+    variant = get_variant(method)
+    if not target.full or variant is None or variant.mua_family != "lora" \
+            or (mode, spec, getattr(get_init(init), "mua", None)) != ("per_rank", "1r", "B"):
         return None
     center, sd, _ = _anchored(family, 0.0, family.ranks[0])
     log_lr = center - math.log10(target.width_ratio)
@@ -182,8 +182,9 @@ def init_b_full_rule(family: Family, target: Target,
 def ten_x_rule(family: Family, target: Target, fits: dict[tuple, RankFit]) -> Prediction | None:
     """Practice: full fine-tuning's optimal LR is a tenth of LoRA's (same model, any rank)."""
     method, _, _, init, *_ = family.key
-    if not target.full or target.width_ratio != 1 or method not in TEN_X_METHODS \
-            or init not in TEN_X_INITS:
+    variant, init_spec = get_variant(method), get_init(init)
+    if not target.full or target.width_ratio != 1 or variant is None or not variant.plain \
+            or init_spec is None or not init_spec.plain:
         return None
     center, sd, _ = _anchored(family, 0.0, family.ranks[0])
     return _prediction("lora-10x", family, target, center - math.log10(LORA_FULL_RATIO),

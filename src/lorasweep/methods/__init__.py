@@ -1,4 +1,7 @@
-"""The registry of methods: a cell's method name resolves to its strategy object here."""
+"""The strategies that attach methods: a cell's method name resolves to its object here.
+
+Which strategy a method uses, and everything else about it, is its entry in variants.VARIANTS.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +9,21 @@ from lorasweep.methods.base import Attached, Method
 from lorasweep.methods.full import FullFineTuning
 from lorasweep.methods.lora import DoRA, LoRA, LoRAPlus
 from lorasweep.methods.peft_passthrough import PeftPassThrough
+from lorasweep.variants import variant
 
-METHODS: dict[str, Method] = {
-    "lora": LoRA(),
-    "rslora": LoRA(rank_scaling="sqrt"),
-    "loraplus": LoRAPlus(),
-    "dora": DoRA(),
-    # LoRA with an init of its own (config.METHOD_INITS gives it to their cells)
-    "pissa": LoRA(),
-    "milora": LoRA(),
-    "olora": LoRA(),
-    "init_ab": LoRA(),
-    "random_ab": LoRA(),
-    "full": FullFineTuning(),
-    "peft": PeftPassThrough(),
+STRATEGIES: dict[str, type[Method]] = {
+    "lora": LoRA,
+    "loraplus": LoRAPlus,
+    "dora": DoRA,
+    "full": FullFineTuning,
+    "peft": PeftPassThrough,
 }
 
 
 def get_method(name: str) -> Method:
-    return METHODS[name]
+    """The method of a registered name (a cell's `method`), built around its variant."""
+    spec = variant(name)
+    return STRATEGIES[spec.strategy](spec)
 
 
-__all__ = ["METHODS", "Attached", "Method", "get_method"]
+__all__ = ["STRATEGIES", "Attached", "Method", "get_method"]

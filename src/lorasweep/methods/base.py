@@ -1,7 +1,11 @@
 """What every method does: put trainable weights for K trials on a model, and group them for AdamW.
 
-A method is a small strategy object resolved from the cell by the registry, so adding a variant
-is one module and one registry line, never an `if method == ...` chain in the trainer.
+A method is a strategy object (its class: how it attaches) built around its `variants.Variant`
+(its facts: init, scale, fusable, PEFT arguments, muA family), which every other module asks
+instead of comparing names. A variant that attaches as an existing strategy does (a new init
+or scale) is one `Variant(...)` line in variants.VARIANTS, plus its init's function in
+methods/inits.FACTORS if the init is new; one that attaches differently is one strategy class
+here and one line in methods/__init__.STRATEGIES besides. See ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import nn
 from lorasweep.methods.stacked import StackedLinear
 from lorasweep.methods.targets import head_module_names, replace_module
 from lorasweep.space import Cell
+from lorasweep.variants import Variant
 
 NamedParams = list[tuple[str, nn.Parameter]]
 Batches = Callable[[], list[dict[str, torch.Tensor]]]
@@ -36,6 +41,24 @@ class Attached:
 
 class Method(ABC):
     """A parametrization family: how it adapts a model and how its parameters meet the optimizer."""
+
+    def __init__(self, variant: Variant) -> None:
+        self.variant = variant
+
+    @property
+    def fusable(self) -> bool:
+        """Whether K trials of it train side by side over one base copy."""
+        return self.variant.fusable
+
+    def scale(self, cell: Cell) -> float:
+        """The scale s that multiplies B A at this cell's rank and lora_alpha."""
+        assert cell.rank is not None and cell.alpha is not None
+        return self.variant.scale(cell.alpha, cell.rank)
+
+    def peft_arguments(self, cell: Cell) -> dict | None:
+        """PEFT LoraConfig arguments beyond r, lora_alpha and targets for this cell; None
+        where PEFT has no form of it."""
+        return self.variant.peft_arguments(cell.init)
 
     @abstractmethod
     def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator,
