@@ -196,17 +196,19 @@ def host_probe(uid: int, prefix: str) -> str:
     """A program, without the audit hook, that passes if it sees the sandbox's view of the host
     as `uid`, run by the interpreter installed at `prefix`."""
     under_root = Path(prefix).relative_to("/root").parts[0] if prefix.startswith("/root/") else ""
+    # the checkout is seen read-only, unless it lies under /tmp, which the sample's own tmpfs hides
+    seen = Path("/usr") if REPO.is_relative_to("/tmp") else REPO
     return DISARM + (
         "import os, socket\n"
         "assert [name for _, name in socket.if_nameindex()] == ['lo']\n"
         "assert os.getcwd() == '/tmp' and os.listdir('/tmp') == []\n"
         f"assert os.listdir('/run') == [] and os.listdir('/root') in ([], [{under_root!r}])\n"
         "assert all(int(p) < 10 for p in os.listdir('/proc') if p.isdigit())  # its own only\n"
-        f"assert os.path.isdir({str(REPO)!r}) and os.getuid() == {uid}\n"
+        f"assert os.path.isdir({str(seen)!r}) and os.getuid() == {uid}\n"
         "status = open('/proc/self/status').read()\n"
         "assert 'CapEff:\\t0000000000000000' in status and 'NoNewPrivs:\\t1' in status\n"
         "for path in ('/run/x', '/var/tmp/x', '/root/x', '/dev/x', '/dev/shm/x', "
-        f"{str(REPO / 'x')!r}):\n"
+        f"{str(seen / 'x')!r}):\n"
         "    try:\n        open(path, 'w')\n        raise SystemExit('wrote ' + path)\n"
         "    except OSError:\n        pass\n"
         "assert set(os.listdir('/dev')) <= {'null', 'zero', 'full', 'random', 'urandom', "
