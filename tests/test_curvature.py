@@ -104,6 +104,24 @@ def test_lanczos_matches_the_dense_hessian(setup, method, block_index):
     check_against_dense(spectrum, dense_hessian(model, batches, block), top_k=2)
 
 
+def test_warm_up_takes_the_trainers_own_steps(setup):
+    """Warm-up runs the trainer's step: two micro-batches (train.grad_accum) give the state one
+    whole batch gives, to rounding, and `precision: bf16` computes under autocast, as in
+    training."""
+    study, bench, _, build = setup
+    states = []
+    for update in ({}, {"grad_accum": 2}, {"precision": "bf16"}):
+        model, attached, trial = build("lora")
+        recipe = study.train.model_copy(update=update)
+        optimizer = warm_up(model, attached, trial, recipe, bench.task, steps=2)
+        states.append(torch.cat([optimizer.state[p]["exp_avg_sq"].flatten()
+                                 for _, p in attached.trial_params[0]]))
+    whole, micro, bf16 = states
+    assert torch.allclose(whole, micro, rtol=1e-4, atol=1e-12)
+    assert not torch.allclose(whole, bf16, rtol=1e-4, atol=1e-12)  # autocast ran
+    assert torch.allclose(whole, bf16, rtol=0.2, atol=1e-9)  # ... and tracks fp32
+
+
 def test_adam_preconditioned_sharpness_matches_dense(setup):
     study, bench, batches, build = setup
     model, attached, trial = build("lora")

@@ -44,7 +44,8 @@ NOT_LOADED = {
     "lorasweep.analysis.transfer": ["torch", "optuna", "lorasweep.report"],
     "lorasweep.report": ["torch", "optuna", "lorasweep.curvature.command"],
     "lorasweep.workbench": ["optuna", "lorasweep.study", "lorasweep.train", "lorasweep.report"],
-    "lorasweep.curvature.command": ["lorasweep.study.runner", "lorasweep.train"],
+    # curvature warms up through the trainer's own step, never through the worker loop
+    "lorasweep.curvature.command": ["lorasweep.study.runner", "lorasweep.study.local_workers"],
 }
 
 

@@ -112,7 +112,7 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
                 reason = watches[i].check(value)
                 stopped[i] = None if reason is None else (step, reason)
         for i, params in enumerate(attached.trial_params):
-            _clip_or_drop([p for _, p in params], recipe.grad_clip, stopped[i] is not None)
+            clip_or_drop([p for _, p in params], recipe.grad_clip, stopped[i] is not None)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -206,7 +206,7 @@ def autocast(recipe: TrainSpec, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16")
 
 
-def _clip_or_drop(params: list[nn.Parameter], max_norm: float | None, stopped: bool) -> None:
+def clip_or_drop(params: list[nn.Parameter], max_norm: float | None, stopped: bool) -> None:
     """Clip a trial's gradient on its own norm; a stopped trial takes no more steps."""
     if stopped:
         for param in params:

@@ -32,6 +32,7 @@ from lorasweep.optim import build_optimizer, build_schedule, total_steps
 from lorasweep.recipe import resolve_recipe
 from lorasweep.space import Cell, TrialSpec, cells_of, target_text
 from lorasweep.tasks import Task
+from lorasweep.train import accumulate_gradients, clip_or_drop
 from lorasweep.workbench import Workbench, attach_group, batch_order
 
 BLOCK_KINDS = ("modules", "joint")
@@ -169,17 +170,16 @@ def _measure_block(hessian: LossHessian, name: str, block: list[nn.Parameter],
 
 def warm_up(model: nn.Module, attached: Attached, trial: TrialSpec, recipe: TrainSpec,
             task: Task, steps: int) -> torch.optim.Optimizer:
-    """The trial's own first `steps` training steps (its optimizer, schedule, clipping and data
-    order); returns the optimizer, whose second moment preconditions Adam's sharpness."""
+    """The trial's own first `steps` training steps (its optimizer, schedule, micro-batches,
+    precision, clipping and data order, through the trainer's own step); returns the optimizer,
+    whose second moment preconditions Adam's sharpness."""
     optimizer = build_optimizer(get_method(trial.cell.method), attached, [trial], recipe)
     schedule = build_schedule(optimizer, recipe, total_steps(recipe, len(task.train)))
     params = [p for _, p in attached.trial_params[0]]
+    active = torch.ones(1, dtype=torch.bool, device=params[0].device)
     for index in batch_order(len(task.train), recipe.batch_size, steps, trial.seed):
-        batch = task.train.batch(index, 1)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        task.trial_losses(logits, batch["labels"], 1).sum().backward()
-        if recipe.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        accumulate_gradients(model, task, index, 1, recipe, active)
+        clip_or_drop(params, recipe.grad_clip, stopped=False)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
