@@ -33,9 +33,9 @@ def test_recorded_command_line_hides_secrets(monkeypatch):
         "lorasweep", "run", "s.yaml", "--storage", "postgresql://me:pw1@db/x",
         "--storage=postgresql+psycopg2://me:p%40w2@db:5432/x", "--set",
         "task.dataset=https://u:pw3@example.org/data.jsonl", "--set", "model.hf_token=pw4",
-        "HF_TOKEN=pw5", "--api-key", "pw6", "--set", "train.steps=5"])
+        "HF_TOKEN=pw5", "--api-key", "pw6", "--set", "secret.path=pw7", "--set", "train.steps=5"])
     command = describe_environment()["command"]
-    assert not any(f"pw{i}" in arg for arg in command for i in range(1, 7)), command
+    assert not any(f"pw{i}" in arg for arg in command for i in range(1, 8)), command
     assert command[4] == "postgresql://me:***@db/x"
     assert command[-1] == "train.steps=5", "what holds no secret is kept as given"
 
@@ -263,11 +263,11 @@ def test_a_step_that_cannot_fit_in_memory_is_refused(tmp_path: Path, study_file,
     import lorasweep.study.runner as runner
 
     # tiny:bert keeps at least 8 x 24 x (32 x 2) x 4 bytes = 48 KiB per step at these settings
-    monkeypatch.setattr(runner, "available_memory", lambda device: 40 * 1024)
+    monkeypatch.setattr(runner, "free_memory", lambda device: 40 * 1024)
     out = tmp_path / "out"
     assert main(["run", str(study_file()), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "micro-batch x train.seq_len x --max-group (8 x 24 x 1)" in err[0]
     assert not out.exists()
-    monkeypatch.setattr(runner, "available_memory", lambda device: 60 * 1024)
+    monkeypatch.setattr(runner, "free_memory", lambda device: 60 * 1024)
     assert main(["run", str(study_file()), "--out", str(out)]) == 0

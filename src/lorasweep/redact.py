@@ -32,7 +32,7 @@ def redact_argv(argv: list[str]) -> list[str]:
             hide_next = False
             continue
         name, sep, _ = arg.partition("=")
-        if sep and SECRET_NAME.search(name.rsplit(".", 1)[-1]):
+        if sep and SECRET_NAME.search(name):
             arg = f"{name}={MASK}"
         elif not sep and arg.startswith("--") and SECRET_NAME.search(arg):
             hide_next = True

@@ -27,8 +27,8 @@ UTS namespaces:
 - the audit hook stays as an extra layer (it refuses sockets, subprocesses, fork/exec, ctypes
   and writes outside the working directory), not as the boundary.
 
-Where bwrap cannot set this up (not installed, user namespaces disabled for a non-root user,
-no libseccomp),
+Where bwrap cannot set this up (not installed, as root no setpriv, user namespaces disabled for
+a non-root user, no libseccomp),
 model-written code is refused with one line naming why, unless UNSAFE_ENV=1 asks to run it with
 only the limits and the hook (which a hostile program can remove).
 

@@ -267,8 +267,9 @@ def suggest_recipe(folder: Path, axis: str, value: float) -> list[RecipeSuggesti
     for fit in fits:
         logs = np.log(fit.values)
         nearest = int(np.argmin(np.abs(logs - math.log(value))))
-        anchor, ratio = fit.lr_stars[nearest], value / fit.values[nearest]
-        ends = [anchor * ratio ** k for k in (fit.low, fit.high) if k is not None]
+        anchor = fit.lr_stars[nearest]
+        ends = [fit.transfer(anchor, fit.values[nearest], value, k)
+                for k in (fit.low, fit.high) if k is not None]
         lr = fit.transfer(anchor, fit.values[nearest], value)
         out.append(RecipeSuggestion(fit, value, lr, min(ends, default=lr),
                                     max(ends, default=lr)))

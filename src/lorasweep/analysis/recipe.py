@@ -59,9 +59,12 @@ class AxisFit:
         """The fitted optimal LR at an axis value."""
         return self.coefficient * value ** self.exponent
 
-    def transfer(self, lr: float, from_value: float, to_value: float) -> float:
-        """A tuned LR at `from_value` moved to `to_value` by the fitted exponent."""
-        return lr * (to_value / from_value) ** self.exponent
+    def transfer(self, lr: float, from_value: float, to_value: float,
+                 exponent: float | None = None) -> float:
+        """A tuned LR at `from_value` moved to `to_value` by the fitted exponent (or another,
+        such as an end of its interval)."""
+        k = self.exponent if exponent is None else exponent
+        return lr * (to_value / from_value) ** k
 
     @property
     def references(self) -> dict[str, float]:

@@ -46,6 +46,9 @@ class LoRA(Method):
             weight = dense_weight(base)  # (out, in) for nn.Linear and Conv1D, 4-bit dequantized
             factors = initial_factors(cell.init, cell.rank, weight.detach(), scale, generator)
             if get_init(cell.init).residual:
+                if getattr(base.weight, "quant_state", None) is not None:  # config refuses it too
+                    raise ValueError(f"init '{cell.init}' subtracts from the base weight, which a "
+                                     f"4-bit layer ({name}) cannot hold")
                 with torch.no_grad():
                     weight -= (scale * factors.b @ factors.a).to(weight.dtype)
             layer = self.layer_class(base, cell.rank, k, scale)

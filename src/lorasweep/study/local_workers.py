@@ -84,7 +84,7 @@ def run_local_workers(store: Store, folder: Path, count: int, options: WorkOptio
         if code < 0:  # killed by a signal: its trials went back to the queue for the others
             taken_over = "" if unfinished else "; the others finished its trials"
             print(f"lorasweep: worker {number} of {count} was killed "
-                  f"({signal.Signals(-code).name}){taken_over}", file=sys.stderr)
+                  f"({_signal_name(-code)}){taken_over}", file=sys.stderr)
     if EXIT_BAD_INPUT in codes:
         raise StudyError(f"worker {codes.index(EXIT_BAD_INPUT) + 1} of {count} stopped on bad "
                          "input (its message is above); what was recorded is kept")
@@ -103,3 +103,11 @@ def _unfinished(store: Store) -> int:
 def _finished(store: Store) -> Counter:
     statuses = Counter(status for status, _, _ in store.latest_by_key().values())
     return Counter({s: statuses[s] for s in ("complete", "diverged", "failed")})
+
+
+def _signal_name(number: int) -> str:
+    """SIGKILL, SIGTERM, ...; real-time signals have no name of their own."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

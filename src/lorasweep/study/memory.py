@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import os
 import re
 import weakref
 from collections.abc import Callable, Iterator
@@ -57,11 +56,14 @@ def format_bytes(count: float) -> str:
 
 def free_memory(device: torch.device) -> int:
     """What this process may still use on the device: on a GPU the free memory plus what its
-    allocator holds cached; on the CPU the available physical memory."""
+    allocator holds cached; on the CPU the memory available without swapping (free pages and
+    the page cache the kernel can reclaim, as psutil, a dependency of accelerate, reads it)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device)
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def how_measured(device: torch.device) -> str:

@@ -31,6 +31,7 @@ from lorasweep.study.local_workers import run_local_workers
 from lorasweep.study.memory import (
     GroupSizes,
     format_bytes,
+    free_memory,
     how_measured,
     one_step,
     probe_peaks,
@@ -57,15 +58,6 @@ def default_max_group(device: str) -> int | None:
     return 1 if device == "cpu" else None
 
 
-def available_memory(device: str) -> int:
-    """Bytes free now for this process's tensors: the GPU's free memory, or the machine's."""
-    if device.startswith("cuda"):
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    import psutil  # a dependency of accelerate
-
-    return int(psutil.virtual_memory().available)
-
-
 def check_memory(study: Study, bench: Workbench, options: WorkOptions) -> None:
     """Refuse a step that cannot fit: a lower bound on one training step's activations (each of
     K trials keeps every layer's hidden states for the backward pass, and a causal LM its
@@ -76,17 +68,17 @@ def check_memory(study: Study, bench: Workbench, options: WorkOptions) -> None:
     recipes = [resolve_recipe(study.train, text) for text in recipes_of(study)]
     batch = min(max(r.train.batch_size // r.train.grad_accum for r in recipes),
                 len(bench.task.train))
-    group = options.max_group or 1
+    group = 1 if options.group_sizes().automatic else options.max_group
     seq_len = max(r.train.seq_len for r in recipes)
     per_token = getattr(config, "hidden_size", 0) * getattr(config, "num_hidden_layers", 0) + (
         getattr(config, "vocab_size", 0) if study.task.kind != "classification" else 0)
     need = (group * batch * seq_len * per_token
             * (2 if study.train.precision == "bf16" else 4))
-    free = available_memory(options.device)
+    free = free_memory(torch.device(options.device))
     if need > free:
         raise StudyError(f"micro-batch x train.seq_len x --max-group ({batch} x {seq_len} x "
-                         f"{group}): one step needs at least {need / 2**30:.2f} GiB; "
-                         f"{free / 2**30:.2f} GiB is free on {options.device}: lower one of them")
+                         f"{group}): one step needs at least {format_bytes(need)}; "
+                         f"{format_bytes(free)} is free on {options.device}: lower one of them")
 
 
 @dataclass
@@ -305,7 +297,7 @@ def dry_run(study: Study, folder: Path, options: WorkOptions) -> str:
     """`lorasweep run --dry-run`: the trials a fresh run would plan, in the groups a worker would
     train them, with each group's predicted peak memory. Loads the model and measures; writes
     nothing anywhere."""
-    bench = load_workbench(study)
+    bench = load_workbench(study, options.device)
     sizes = options.group_sizes()
     trials = plan_trials(study, {}, study.task.maximize, bench.widths)
     groups: dict[str, list[TrialSpec]] = {}
