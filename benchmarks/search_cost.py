@@ -31,7 +31,7 @@ import numpy as np
 from lorasweep.analysis.optima import find_optima
 from lorasweep.analysis.transfer import grid_steps
 from lorasweep.config import Study, load_study, validate_study
-from lorasweep.records import read_trials_csv
+from lorasweep.records import TrialRecord, read_trials_csv
 from lorasweep.space import TrialSpec, expand_trials
 from lorasweep.study.plan import Outcome, replay_search
 
@@ -41,33 +41,33 @@ REAL = [("lora_without_regret", "lora-without-regret"),
 
 
 def _match(trial: TrialSpec) -> tuple:
-    return (*trial.cell.columns().values(), trial.lr, trial.seed)
+    return (trial.cell.recorded, trial.lr, trial.seed)
 
 
-def _rows(study: Study, outcomes: dict[str, Outcome]) -> list[dict]:
-    return [{**t.cell.columns(), "lr": t.lr, "seed": t.seed, "status": outcomes[t.key][0],
-             "metric": outcomes[t.key][1]} for t in expand_trials(study) if t.key in outcomes]
+def _records(study: Study, outcomes: dict[str, Outcome]) -> list[TrialRecord]:
+    return [TrialRecord(trial=t.grid_id, cell=t.cell, lr=t.lr, seed=t.seed,
+                        status=outcomes[t.key][0], metric=outcomes[t.key][1])
+            for t in expand_trials(study) if t.key in outcomes]
 
 
 def compare(study: Study, recorded: dict[str, Outcome], maximize: bool) -> dict:
     """Replay the transfer search on a full grid's outcomes; its cost and hits."""
     searched = replay_search(study, recorded, maximize)
-    full_rows = _rows(study, recorded)
-    steps = grid_steps(full_rows)
-    full = {tuple(o.cell.values()): o for o in find_optima(full_rows, maximize)}
-    found = {tuple(o.cell.values()): o for o in find_optima(_rows(study, searched), maximize)}
-    errors = [abs(math.log10(found[key].lr_star / o.lr_star)) / steps[key]
-              if key in found else math.inf for key, o in full.items()]
+    full_records = _records(study, recorded)
+    steps = grid_steps(full_records)
+    full = {o.cell: o for o in find_optima(full_records, maximize)}
+    found = {o.cell: o for o in find_optima(_records(study, searched), maximize)}
+    errors = [abs(math.log10(found[cell].lr_star / o.lr_star)) / steps[cell]
+              if cell in found else math.inf for cell, o in full.items()]
     return {"trials": len(searched), "grid": len(recorded), "cells": len(full),
             "hits": sum(e <= 1 + 1e-9 for e in errors), "worst": max(errors)}
 
 
 def real_study(name: str, folder: str) -> tuple[Study, dict[str, Outcome], bool]:
     study = load_study(ROOT / "examples" / f"{name}.yaml", ["search.strategy=transfer"])
-    by_match = {(*(r[f] for f in ("method", "rank", "lora_alpha", "alpha_mode", "init",
-                                  "target_modules")), r["lr"], r["seed"]): r
+    by_match = {(r.cell, r.lr, r.seed): r
                 for r in read_trials_csv(ROOT / "examples" / "results" / folder)}
-    recorded = {t.key: (by_match[_match(t)]["status"], by_match[_match(t)]["metric"])
+    recorded = {t.key: (by_match[_match(t)].status, by_match[_match(t)].metric)
                 for t in expand_trials(study)}
     return study, recorded, True
 

@@ -34,6 +34,15 @@ def make_records(count: int, seed: int) -> list[dict]:
     return records
 
 
+def trial_records(rows: list) -> list:
+    """Synthetic trials.csv-style rows (dicts, numbered when they have no `trial`) as the
+    analysis takes them; records pass through."""
+    from lorasweep.records import TrialRecord
+
+    return [row if isinstance(row, TrialRecord) else TrialRecord.from_row({"trial": i, **row})
+            for i, row in enumerate(rows)]
+
+
 def read_rows(folder: Path) -> list[dict]:
     """The rows of a study folder's trials.csv."""
     with open(folder / "trials.csv") as handle:

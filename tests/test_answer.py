@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from lorasweep.analysis.summary import StudyAnalysis
 from lorasweep.cli import main
 from lorasweep.report import write_report
-from lorasweep.report.answer import answer_text, build_answer
+from lorasweep.report.answer import answer_text, build_answer, interval_text
 
+from .conftest import trial_records
 from .test_analysis import rows_for
 
 LORA_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
@@ -31,8 +33,16 @@ def study_rows(seeds=(0, 1, 2), full_gap: float = 0.05, full_noise: float = 0.0
     return rows + full
 
 
+def analysis_of(rows: list[dict]) -> StudyAnalysis:
+    return StudyAnalysis(trial_records(rows), "accuracy", maximize=True)
+
+
+def parts_of_analysis(analysis: StudyAnalysis) -> dict[str, list[str]]:
+    return {p.label: p.lines for p in build_answer(analysis)}
+
+
 def parts_of(rows: list[dict]) -> dict[str, list[str]]:
-    return {p.label: p.lines for p in build_answer(rows, "accuracy", maximize=True)}
+    return parts_of_analysis(analysis_of(rows))
 
 
 def test_answer_names_the_best_its_rival_the_lrs_the_ratio_and_the_edge():
@@ -88,9 +98,24 @@ def test_a_tie_names_no_best_and_unfinished_trials_are_counted():
     assert not any("seeds" in a for a in parts["Next"])
 
 
+def test_versus_the_best_reads_the_reports_own_pairwise_differences():
+    """Each rival's interval in the answer is the pairwise table's difference read the other
+    way round (one bootstrap, read twice), so the two can never disagree about 0."""
+    analysis = analysis_of(study_rows(seeds=(0, 1, 2), full_gap=0.001))
+    lines = parts_of_analysis(analysis)["Versus the best"]
+    best = max(range(len(analysis.peaks)), key=lambda i: analysis.peaks[i].mean)
+    rivals = [d if d.j == best else d.flipped() for d in analysis.differences
+              if best in (d.i, d.j)]
+    assert rivals and all(d.low is not None for d in rivals)
+    for rival in rivals:
+        assert any(line.startswith(rival.a) and
+                   f"95% interval {interval_text(rival.low, rival.high)})" in line
+                   for line in lines)
+
+
 def test_no_finished_trial():
     rows = [{**study_rows(seeds=(0,))[0], "status": "waiting", "metric": None}]
-    text = answer_text(build_answer(rows, "accuracy", maximize=True))
+    text = answer_text(build_answer(analysis_of(rows)))
     assert text.splitlines()[:2] == ["answer:", "  Best: no trial has finished yet"]
 
 
@@ -100,7 +125,7 @@ def test_report_opens_with_the_answer_and_explains_empty_sections(tmp_path, seed
     line instead of a table without a winner; one seed drops the pairwise table and the peaks
     figure, saying why."""
     (tmp_path / "peaks.png").write_bytes(b"from an earlier report")
-    write_report(tmp_path, study_rows(seeds=seeds), "accuracy", True, "synthetic")
+    write_report(tmp_path, trial_records(study_rows(seeds=seeds)), "accuracy", True, "synthetic")
     text = (tmp_path / "report.md").read_text()
     assert text.startswith("# synthetic\n\n## Answer\n\n- **Best**: lora r=8 a=2r")
     shared = text[text.index("## At one shared learning rate"):].split("\n## ")[0]
@@ -117,7 +142,7 @@ def test_report_opens_with_the_answer_and_explains_empty_sections(tmp_path, seed
 def test_shared_lr_table_keeps_only_lrs_two_cells_ran(tmp_path):
     rows = study_rows()
     rows += [{**r, "lr": 1e-4} for r in rows if r["method"] == "full" and r["lr"] == 3e-5]
-    write_report(tmp_path, rows, "accuracy", True, "synthetic")
+    write_report(tmp_path, trial_records(rows), "accuracy", True, "synthetic")
     text = (tmp_path / "report.md").read_text()
     shared = text[text.index("## At one shared learning rate"):].split("\n## ")[0]
     lines = [line for line in shared.splitlines() if line.startswith("| 0")]

@@ -18,7 +18,8 @@ from lorasweep.curvature.hvp import LossHessian, adam_scale, eager_attention
 from lorasweep.curvature.lanczos import lanczos
 from lorasweep.curvature.measure import blocks_of, grid_middle, select_cells, warm_up
 from lorasweep.curvature.predict import CellCurvature, predict_lrs
-from lorasweep.space import TrialSpec
+from lorasweep.records import Optimum
+from lorasweep.space import Cell, TrialSpec
 from lorasweep.workbench import attach_group, batch_order, load_workbench
 
 from .conftest import make_records, tiny_study, write_jsonl
@@ -172,17 +173,23 @@ def test_lanczos_finds_the_algebraic_top_of_a_near_symmetric_spectrum():
     assert spectrum.smallest == pytest.approx(-1.0001, rel=1e-6)
 
 
-def _curvature(cell: dict, lam: float, step: float = 0.5) -> CellCurvature:
+def _curvature(cell: Cell, lam: float, step: float = 0.5) -> CellCurvature:
     return CellCurvature(cell=cell, lam=lam, source="modules", grid_step=step)
+
+
+def _optimum(cell: Cell, lr_star: float) -> Optimum:
+    return Optimum(cell=cell, lr_best=lr_star, lr_star=lr_star, lr_star_low=None,
+                   lr_star_high=None, peak=0.5, peak_std=None, n_seeds=1, edge="", suggest=[],
+                   n_lrs=5, diverged=0)
 
 
 def test_prediction_recovers_a_known_exponent():
     """Optima laid on lr = 1e-3 (lambda / lambda_LoRA)^-0.7 exactly: every leave-one-out fit
     finds p = 0.7 and every prediction hits its optimum."""
     lams = {"lora": 2.0, "pissa": 24.0, "milora": 4.4, "dora": 3.0}
-    cells = [{"method": m, "rank": 8, "init": m} for m in lams]
-    optima = [{**c, "lr_star": 1e-3 * (lams[c["method"]] / 2.0) ** -0.7} for c in cells]
-    result, fit = predict_lrs([_curvature(c, lams[c["method"]]) for c in cells], optima)
+    cells = [Cell(m, rank=8, lora_alpha="16", init=m) for m in lams]
+    optima = [_optimum(c, 1e-3 * (lams[c.method] / 2.0) ** -0.7) for c in cells]
+    result, fit = predict_lrs([_curvature(c, lams[c.method]) for c in cells], optima)
     assert fit.p == pytest.approx(0.7) and fit.n == 4
     for item in result[1:]:
         assert item.p_used == pytest.approx(0.7)
@@ -191,9 +198,9 @@ def test_prediction_recovers_a_known_exponent():
 
 
 def test_prediction_with_only_lora_tuned_uses_the_stability_exponent():
-    cells = [{"method": "lora", "rank": 8}, {"method": "pissa", "rank": 8}]
+    cells = [Cell("lora", rank=8), Cell("pissa", rank=8)]
     result, fit = predict_lrs([_curvature(cells[0], 2.0), _curvature(cells[1], 20.0)],
-                              [{**cells[0], "lr_star": "0.001"}])
+                              [_optimum(cells[0], 0.001)])
     assert fit is None
     assert result[1].p_used == 1.0 and result[1].lr_predicted == pytest.approx(1e-4)
     assert result[1].lr_star is None and result[1].error_steps is None

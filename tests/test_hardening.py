@@ -25,7 +25,7 @@ from lorasweep.study.storage import JOURNAL_NAME
 from lorasweep.study.store import Store
 from lorasweep.workbench import load_workbench
 
-from .conftest import tiny_study
+from .conftest import tiny_study, trial_records
 
 
 def test_recorded_command_line_hides_secrets(monkeypatch):
@@ -232,7 +232,7 @@ def test_optima_with_an_lr_not_yet_finished_warn_nothing():
             for lr in (1e-4, 1e-3, 1e-2) for seed in (0, 1) if seed == 0 or lr < 1e-2]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        (optimum,) = find_optima(rows, maximize=True)
+        (optimum,) = find_optima(trial_records(rows), maximize=True)
     assert optimum.lr_best == 1e-3
 
 

@@ -22,7 +22,7 @@ from lorasweep.report import write_report
 from lorasweep.space import TrialSpec, cells_of, expand_trials, matched_rank
 from lorasweep.workbench import load_workbench
 
-from .conftest import tiny_study, write_jsonl
+from .conftest import tiny_study, trial_records, write_jsonl
 
 
 def study_with(data_files, recipe: dict, **search) -> dict:
@@ -184,7 +184,7 @@ def synthetic_rows(exponents: dict[str, float], axes: dict[str, list], seeds=(0,
 
 def test_power_law_fit_recovers_a_known_exponent():
     rows = synthetic_rows({"batch_size": 0.7}, {"batch_size": [8, 16, 32, 64]})
-    (fit,) = fit_recipe_axes(rows, maximize=True)
+    (fit,) = fit_recipe_axes(trial_records(rows), maximize=True)
     assert fit.axis == "batch_size" and fit.values == [8, 16, 32, 64]
     assert fit.exponent == pytest.approx(0.7, abs=1e-6)
     assert fit.predict(8) == pytest.approx(1e-3, rel=1e-5)
@@ -199,8 +199,8 @@ def test_power_law_fit_recovers_a_known_exponent():
 def test_two_axes_give_one_series_per_value_of_the_other():
     axes = {"batch_size": [8, 32, 128], "train_examples": [500, 2000, 8000]}
     rows = synthetic_rows({"batch_size": 0.5, "train_examples": -0.25}, axes, noise=0.03)
-    fits = fit_recipe_axes(rows, maximize=True, samples=300)
-    assert sorted((f.axis, f.fixed[other]) for f, other in
+    fits = fit_recipe_axes(trial_records(rows), maximize=True, samples=300)
+    assert sorted((f.axis, parse_recipe(f.series.recipe)[other]) for f, other in
                   zip(fits, ["train_examples" if f.axis == "batch_size" else "batch_size"
                              for f in fits], strict=True)) == \
         [("batch_size", 500), ("batch_size", 2000), ("batch_size", 8000),
@@ -214,16 +214,16 @@ def test_two_axes_give_one_series_per_value_of_the_other():
 def test_one_seed_gives_the_t_interval_and_two_values_none():
     rows = synthetic_rows({"batch_size": 1.0}, {"batch_size": [8, 16, 32]}, seeds=(0,))
     rows = [r for r in rows if not (r["recipe"] == "batch_size=32" and r["lr"] > 0.01)]
-    (fit,) = fit_recipe_axes(rows, maximize=True)
+    (fit,) = fit_recipe_axes(trial_records(rows), maximize=True)
     assert fit.interval == "t" and fit.low <= fit.exponent <= fit.high
     two = [r for r in rows if r["recipe"] != "batch_size=32"]
-    (fit,) = fit_recipe_axes(two, maximize=True)
+    (fit,) = fit_recipe_axes(trial_records(two), maximize=True)
     assert fit.low is None and fit.interval == "" and fit.exponent == pytest.approx(1.0, abs=1e-6)
 
 
 def test_report_prints_the_fit_beside_sqrt_b_and_b(tmp_path: Path):
     rows = synthetic_rows({"batch_size": 0.7}, {"batch_size": [8, 16, 32, 64]})
-    write_report(tmp_path, rows, "accuracy", True, "batch")
+    write_report(tmp_path, trial_records(rows), "accuracy", True, "batch")
     text = (tmp_path / "report.md").read_text()
     assert "## Optimal LR against batch_size" in text
     assert "| cells | batch_size | k | interval | sqrt(B) | B | LRM v2 |" in text
@@ -264,7 +264,7 @@ def test_report_sets_target_modules_side_by_side_with_their_parameter_counts(tmp
         for row in synthetic_rows({}, {"batch_size": [8]}, seeds=(0,)):
             rows.append({**row, "target_modules": target, "rank": rank, "lora_alpha": float(rank),
                          "trainable_params": count})
-    write_report(tmp_path, rows, "accuracy", True, "targets")
+    write_report(tmp_path, trial_records(rows), "accuracy", True, "targets")
     text = (tmp_path / "report.md").read_text()
     assert "## Target modules compared" in text
     assert "| lora r=24 a=1r attention batch_size=8 | attention | 1008 |" in text

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lorasweep.config import load_study
 from lorasweep.errors import StudyError
 from lorasweep.records import (
     OPTIMA_COLUMNS,
@@ -17,17 +18,18 @@ from lorasweep.records import (
     write_curvature_csv,
     write_optima_csv,
 )
+from lorasweep.space import CELL_FIELDS, Cell, cells_of
 
 CELL = {"method": "lora", "rank": 4, "lora_alpha": 8.0, "alpha_mode": "per_rank",
         "init": "kaiming", "target_modules": "all-linear", "recipe": "batch_size=4"}
 
 
 def optima() -> list[Optimum]:
-    return [Optimum(cell=CELL, lr_best=1e-3, lr_star=1.3e-3, lr_star_low=9e-4, lr_star_high=2e-3,
+    return [Optimum(cell=Cell.from_row(CELL), lr_best=1e-3, lr_star=1.3e-3, lr_star_low=9e-4,
+                    lr_star_high=2e-3,
                     peak=0.8, peak_std=0.01, n_seeds=2, edge="high", suggest=[0.02, 0.04],
                     n_lrs=5, diverged=1),
-            Optimum(cell={**CELL, "method": "full", "rank": None, "lora_alpha": None,
-                          "alpha_mode": None, "init": None, "target_modules": None},
+            Optimum(cell=Cell("full", recipe=CELL["recipe"]),
                     lr_best=1e-4, lr_star=1e-4, lr_star_low=None, lr_star_high=None, peak=0.7,
                     peak_std=None, n_seeds=1, edge="flat", suggest=[], n_lrs=3, diverged=0)]
 
@@ -45,7 +47,7 @@ def test_an_optima_csv_from_before_recipes_reads_with_no_recipe(tmp_path: Path):
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in o.as_row().items()}
                          for o in optima())
-    assert [o.cell["recipe"] for o in read_optima_csv(path)] == [None, None]
+    assert [o.cell.recipe for o in read_optima_csv(path)] == [None, None]
 
 
 @pytest.mark.parametrize(("drop", "message"), [
@@ -75,3 +77,34 @@ def test_curvature_csv_reads_back_as_text(tmp_path: Path):
     (row,) = read_curvature_csv(tmp_path)
     assert row["block"] == "joint" and row["lambda_max"] == "2.5" and row["error"] == ""
     assert row["rank"] == "4" and row["stage"] == ""
+
+
+def test_a_cell_reads_back_from_its_row_typed_or_as_text(tmp_path: Path, study_file):
+    """Cell.to_row / Cell.from_row are the one pair every file goes through: a study's cells
+    (every alpha form, a labelled peft entry, LoRA+, recipe axes, full fine-tuning) come back from
+    their rows, typed or as the CSV's text, equal to the cell as recorded; a row keeps everything
+    it can (a peft entry's label, lora_alpha as the study file writes it)."""
+    study = load_study(study_file(
+        search={"methods": ["lora", "loraplus", "full",
+                            {"name": "peft", "label": "gauss",
+                             "peft": {"init_lora_weights": "gaussian"}}],
+                "ranks": [4, 8], "lora_alpha": ["2r", 16, "0.5r"], "lr": [1e-3],
+                "recipe": {"batch_size": [4, 8]}}))
+    cells = [cell for cell, _ in cells_of(study)]
+    path = tmp_path / "cells.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CELL_FIELDS)
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in c.to_row().items()} for c in cells)
+    with open(path, newline="") as handle:
+        read = [Cell.from_row(row) for row in csv.DictReader(handle)]
+    assert read == [Cell.from_row(c.to_row()) for c in cells] == [c.recorded for c in cells]
+    assert len(set(read)) == len(cells)  # no two cells of the study read back as one
+    for cell, back in zip(cells, read, strict=True):
+        assert back.to_row() == cell.to_row()
+        assert (back.label, back.alpha, back.alpha_spec) == (cell.label, cell.alpha,
+                                                             cell.alpha_spec)
+    gauss = next(c for c in read if c.label == "gauss")
+    assert (gauss.method, gauss.is_adapter, gauss.init) == ("peft", True, "peft")
+    assert next(c for c in read if c.method == "loraplus").loraplus_ratio is None  # study's
+    assert Cell("lora", rank=8, lora_alpha="2.0r").alpha_spec == "2r"

@@ -32,8 +32,10 @@ from lorasweep.config import validate_study
 from lorasweep.errors import StudyError
 from lorasweep.records import COLUMNS, read_trials_csv
 from lorasweep.report import write_report
-from lorasweep.space import expand_trials
+from lorasweep.space import Cell, expand_trials
 from lorasweep.study.plan import bracket, plan_trials, replay_search, widened
+
+from .conftest import trial_records
 
 GRID = [10 ** (-4 + i / 4) for i in range(13)]  # 1e-4 .. 1e-1, four points per decade
 STEP = 0.25
@@ -58,13 +60,13 @@ def curve(fields: dict, lr_star: float, grid=GRID) -> list[dict]:
 
 
 def optimum(fields: dict, lr_star: float) -> Optimum:
-    return Optimum(cell=fields, lr_best=lr_star, lr_star=lr_star, lr_star_low=None,
+    return Optimum(cell=Cell.from_row(fields), lr_best=lr_star, lr_star=lr_star, lr_star_low=None,
                    lr_star_high=None, peak=0.9, peak_std=None, n_seeds=1, edge="", suggest=[],
                    n_lrs=13, diverged=0)
 
 
 def family_of(*optima: Optimum):
-    (family,) = families(list(optima), {tuple(o.cell.values()): STEP for o in optima})
+    (family,) = families(list(optima), {o.cell: STEP for o in optima})
     return family
 
 
@@ -79,12 +81,12 @@ PUBLISHED = [("lora", "1r", "mua_a", -0.5, -0.5), ("lora", "2r", "kaiming", -0.5
 @pytest.mark.parametrize(("method", "alpha", "init", "beta", "omega"), PUBLISHED)
 def test_mua_rule_applies_the_published_exponents(method, alpha, init, beta, omega):
     source = optimum(cell(16, method, alpha, init), 2e-3)
-    assert predicted_width_exponent(method, source.cell["alpha_mode"], init) == omega
+    assert predicted_width_exponent(source.cell) == omega
     (prediction,) = [p for p in predict(family_of(source), Target(rank=256, width_ratio=4.0), {})
                      if p.rule == "muA"]
     assert prediction.lr == pytest.approx(2e-3 * 16 ** beta * 4 ** omega, rel=1e-12)
-    assert prediction.target["rank"] == 256
-    assert prediction.target["lora_alpha"] == source.cell["lora_alpha"] / 16 * 256 \
+    assert prediction.target.rank == 256
+    assert prediction.target.alpha == source.cell.alpha / 16 * 256 \
         if alpha.endswith("r") else float(alpha)
 
 
@@ -103,7 +105,7 @@ def test_full_fine_tuning_rules():
     assert wider.lr == pytest.approx(1.5e-3)  # full fine-tuning ~ n^-1
     (ten,) = predict(family_of(optimum(cell(8, alpha="16"), 2e-3)), Target(full=True), {})
     assert ten.rule == "lora-10x" and ten.lr == pytest.approx(2e-4)
-    assert ten.target["method"] == "full"
+    assert ten.target == Cell("full")
     # width changes are muA's to predict, not the rule of thumb's
     assert predict(family_of(optimum(cell(8, alpha="16"), 2e-3)),
                    Target(full=True, width_ratio=2.0), {}) == []
@@ -118,8 +120,8 @@ def synthetic(beta: float, base: float, alpha="2r", ranks=(4, 8, 16, 32, 64)) ->
 
 def test_leave_one_rank_out_on_a_study_that_scales_as_mua_says():
     rows = synthetic(-0.5, 3e-3) + synthetic(0.0, 2e-3, alpha="16") + curve(FULL, 2e-4)
-    optima = find_optima(rows, maximize=True)
-    checks = check_rules([(optima, grid_steps(rows))])
+    optima = find_optima(trial_records(rows), maximize=True)
+    checks = check_rules([(optima, grid_steps(trial_records(rows)))])
     scores = {s.rule: s for s in score_rules(checks)}
     assert scores["muA"].n == 10 and scores["muA"].max_abs < 1e-6
     assert scores["fitted"].max_abs < 1e-6
@@ -131,8 +133,9 @@ def test_leave_one_rank_out_on_a_study_that_scales_as_mua_says():
 
 def test_fitted_rule_beats_mua_where_the_study_departs_from_it():
     rows = synthetic(-0.3, 3e-3)  # muA says -0.5
-    optima = find_optima(rows, maximize=True)
-    scores = {s.rule: s for s in score_rules(check_rules([(optima, grid_steps(rows))]))}
+    optima = find_optima(trial_records(rows), maximize=True)
+    steps = grid_steps(trial_records(rows))
+    scores = {s.rule: s for s in score_rules(check_rules([(optima, steps)]))}
     assert scores["fitted"].max_abs < 1e-6
     # holding out rank 4 (or 64), muA's slope is off by 0.2 over the distance (log10) from the
     # mean rank of the others
@@ -141,8 +144,8 @@ def test_fitted_rule_beats_mua_where_the_study_departs_from_it():
 
 
 def test_one_exponent_pooled_over_studies_with_their_own_intercepts():
-    small = find_optima(synthetic(-0.4, 1e-2, ranks=(4, 8)), maximize=True)
-    large = find_optima(synthetic(-0.4, 1e-3, ranks=(32, 64)), maximize=True)
+    small = find_optima(trial_records(synthetic(-0.4, 1e-2, ranks=(4, 8))), maximize=True)
+    large = find_optima(trial_records(synthetic(-0.4, 1e-3, ranks=(32, 64))), maximize=True)
     (fit,) = fit_rank_scaling(small, large)
     assert fit.beta == pytest.approx(-0.4, abs=1e-9)
     assert set(fit.intercepts) == {0, 1}
@@ -169,7 +172,7 @@ def write_study(folder: Path, rows: list[dict]) -> Path:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in t.items()} for t in trials)
-    write_report(folder, rows, "accuracy", True, "synthetic")
+    write_report(folder, trial_records(rows), "accuracy", True, "synthetic")
     return folder
 
 
@@ -304,12 +307,12 @@ def test_transfer_search_end_to_end(tmp_path, study_file):
                               "reference_rank": 8, "bracket": 2})
     out = tmp_path / "study"
     assert main(["run", str(path), "--out", str(out)]) == 0
-    rows = read_trials_csv(out)
-    ranks = [r["rank"] for r in rows]
+    records = read_trials_csv(out)
+    ranks = [r.cell.rank for r in records]
     assert ranks.count(8) == 4 and 2 <= ranks.count(2) < 4
-    assert {r["status"] for r in rows} <= {"complete", "diverged"}
+    assert {r.status for r in records} <= {"complete", "diverged"}
     # the runner ran exactly what the plan asks for, given what it ran: its fixpoint
     study = validate_study(yaml.safe_load((out / "study.yaml").read_text()), "s")
-    outcomes = {t.key: (r["status"], r["metric"]) for t in expand_trials(study) for r in rows
-                if (r["rank"], r["lr"]) == (t.cell.rank, t.lr)}
+    outcomes = {t.key: (r.status, r.metric) for t in expand_trials(study) for r in records
+                if (r.cell.rank, r.lr) == (t.cell.rank, t.lr)}
     assert {t.key for t in plan_trials(study, outcomes, False)} == set(outcomes)

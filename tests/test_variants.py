@@ -42,7 +42,7 @@ def test_a_registered_variant_reaches_every_consumer(monkeypatch, study_file, tm
     assert method.fusable and method.scale(cell) == 8 / 2  # lora_alpha / sqrt(r)
     assert method.peft_arguments(cell) == {"use_rslora": True, "use_dora": False,
                                            "init_lora_weights": True}
-    assert predicted_beta("toy", "constant", "kaiming") == -0.25  # rsLoRA's muA exponent
+    assert predicted_beta(replace(cell, lora_alpha="8")) == -0.25  # rsLoRA's muA exponent
 
     folder = tmp_path / "study"
     assert main(["run", str(path), "--out", str(folder)]) == 0
@@ -60,8 +60,7 @@ def test_a_registered_variant_reaches_every_consumer(monkeypatch, study_file, tm
               if isinstance(getattr(m, "scaling", None), dict) and m.scaling}
     assert scales == {4.0}
 
-    columns = {**cell.columns(), "method": "toy"}
-    suggested = settings(Prediction("fitted", columns, columns, 1e-3, 1e-3, 1e-3, ""), None)
+    suggested = settings(Prediction("fitted", cell.family, cell, 1e-3, 1e-3, 1e-3, ""), None)
     assert suggested["peft_config"]["use_rslora"] is True
     assert suggested["peft_config"]["init_lora_weights"] is True
 
@@ -92,4 +91,4 @@ def test_a_registered_init_is_one_fact_and_one_function(monkeypatch, study_file)
     a = dict(attached.trial_params[0])["0.lora_A"]
     expected = FACTORS["kaiming"](4, linear[0].weight, 1.0, torch.Generator().manual_seed(0)).a
     assert torch.equal(a.detach(), expected / 2)
-    assert predicted_beta("lora", "per_rank", "half") == -0.5  # an Init[A] to muA
+    assert predicted_beta(replace(cell, lora_alpha="2r")) == -0.5  # an Init[A] to muA

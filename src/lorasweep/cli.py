@@ -331,31 +331,32 @@ def _status(args: argparse.Namespace) -> int:
 
 def _print_status(folder: Path, storage_url: str | None = None) -> None:
     from lorasweep.analysis.compare import cell_name
-    from lorasweep.analysis.optima import find_optima
-    from lorasweep.records import TRIALS_CSV, read_trials_csv, trial_rows
+    from lorasweep.analysis.summary import StudyAnalysis
+    from lorasweep.records import TRIALS_CSV, TrialRecord, read_trials_csv, trial_rows
     from lorasweep.report.answer import answer_text, build_answer
     from lorasweep.study.folder import load_folder_study, open_folder_store, started
 
     store = None
     if not started(folder) and (folder / TRIALS_CSV).exists():  # results without records
         study = load_folder_study(folder)
-        rows = read_trials_csv(folder)
+        records = read_trials_csv(folder)
     else:
         study, store = open_folder_store(folder, storage_url=storage_url)
         rows = trial_rows(store, study.task.objective)
+        records = [TrialRecord.from_row(row) for row in rows]
     metric = study.task.objective
-    counts = Counter(row["status"] for row in rows)
-    print(f"study {study.name}: {len(rows)} trials: "
+    counts = Counter(record.status for record in records)
+    print(f"study {study.name}: {len(records)} trials: "
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    optima = find_optima(rows, study.task.maximize)
-    for optimum in optima:
+    analysis = StudyAnalysis(records, metric, study.task.maximize)
+    for optimum in analysis.optima:
         edge = f" ({optimum.edge} edge of the grid)" if optimum.edge else ""
         print(f"  {cell_name(optimum.cell):32s} best lr {optimum.lr_best:.3g}"
               f" (refined {optimum.lr_star:.3g}){edge}  {metric} {optimum.peak:.4f}"
               f" over {optimum.n_seeds} seed{'s' if optimum.n_seeds > 1 else ''}")
     if store is not None:
         _print_workers(rows, store)
-    print(answer_text(build_answer(rows, metric, study.task.maximize, optima)))
+    print(answer_text(build_answer(analysis)))
 
 
 def _print_workers(rows: list[dict], store) -> None:

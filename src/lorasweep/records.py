@@ -1,8 +1,9 @@
 """What a study records and the files it writes: one reader and one writer per file.
 
-A low layer: it knows the record shapes (TrialResult, Optimum) and the CSV layouts (trials.csv,
-optima.csv, curvature.csv), but no trainer, model or analysis, so the store, the analysis, the
-report, `suggest` and `curvature` all read and write through it without importing each other.
+A low layer: it knows the record shapes (TrialResult, TrialRecord, Optimum) and the CSV layouts
+(trials.csv, optima.csv, curvature.csv), but no trainer, model or analysis, so the store, the
+analysis, the report, `suggest` and `curvature` all read and write through it without importing
+each other. A row's cell columns are space.Cell's `to_row`, read back by its `from_row`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lorasweep.errors import StudyError
 from lorasweep.files import atomic_path
-from lorasweep.space import TrialSpec
+from lorasweep.space import CELL_FIELDS, Cell, TrialSpec
 
 if TYPE_CHECKING:  # a trial's weights are tensors; readers of the files need no torch
     import torch
@@ -24,7 +25,6 @@ TRIALS_CSV = "trials.csv"
 OPTIMA_CSV = "optima.csv"
 CURVATURE_CSV = "curvature.csv"
 
-CELL_FIELDS = ("method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules", "recipe")
 COLUMNS = ("trial", "method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules",
            "recipe", "lr", "seed", "status", "train_loss", "eval_loss", "metric", "test_metric",
            "steps", "selected_step", "seconds", "trainable_params", "effective_scale", "attempts",
@@ -55,11 +55,35 @@ class TrialResult:
     weights: dict[str, torch.Tensor] | None = None  # trained adapter and head, for export
 
 
+@dataclass(frozen=True)
+class TrialRecord:
+    """What the analysis reads of one trial (a row of trials.csv, typed)."""
+
+    trial: int
+    cell: Cell
+    lr: float
+    seed: int
+    status: str  # "complete", "diverged", "failed", "running" or "waiting"
+    metric: float | None  # on the validation split; None until complete
+    trainable_params: int | None = None
+
+    @classmethod
+    def from_row(cls, row: dict) -> TrialRecord:
+        """From a trials.csv row, as written (text) or as trial_rows makes it (typed)."""
+        def number(name: str, kind: type) -> Any:
+            value = row.get(name)
+            return None if value is None or value == "" else kind(float(value))
+        return cls(trial=number("trial", int), cell=Cell.from_row(row), lr=float(row["lr"]),
+                   seed=int(float(row["seed"])), status=str(row["status"]),
+                   metric=number("metric", float),
+                   trainable_params=number("trainable_params", int))
+
+
 @dataclass
 class Optimum:
     """One cell's optimum; lr_star_low/high are None where one seed gives no interval."""
 
-    cell: dict
+    cell: Cell
     lr_best: float
     lr_star: float
     lr_star_low: float | None
@@ -73,7 +97,7 @@ class Optimum:
     diverged: int
 
     def as_row(self) -> dict:
-        return {**self.cell, "lr_best": self.lr_best, "lr_star": self.lr_star,
+        return {**self.cell.to_row(), "lr_best": self.lr_best, "lr_star": self.lr_star,
                 "lr_star_low": self.lr_star_low, "lr_star_high": self.lr_star_high,
                 "peak": self.peak, "peak_std": self.peak_std, "n_seeds": self.n_seeds,
                 "edge": self.edge, "suggest": " ".join(f"{lr:.3g}" for lr in self.suggest),
@@ -105,7 +129,7 @@ def trial_rows(store: TrialSource, metric_name: str) -> list[dict]:
         attrs = trial.user_attrs
         cell = spec.cell
         rows.append({
-            "trial": spec.grid_id, **cell.columns(), "lr": spec.lr, "seed": spec.seed,
+            "trial": spec.grid_id, **cell.to_row(), "lr": spec.lr, "seed": spec.seed,
             "status": status, "train_loss": attrs.get("train_loss"),
             "eval_loss": attrs.get("val_eval_loss"), "metric": attrs.get(f"val_{metric_name}"),
             "test_metric": attrs.get(f"test_{metric_name}"), "steps": attrs.get("steps"),
@@ -131,22 +155,27 @@ def _other_metrics(attrs: dict, metric_name: str) -> dict:
     return out
 
 
-def write_trials_csv(folder: Path, store: TrialSource, metric_name: str) -> list[dict]:
+def trial_records(store: TrialSource, metric_name: str) -> list[TrialRecord]:
+    """The grid's trials as the analysis reads them, straight from the store."""
+    return [TrialRecord.from_row(row) for row in trial_rows(store, metric_name)]
+
+
+def write_trials_csv(folder: Path, store: TrialSource, metric_name: str) -> list[TrialRecord]:
     rows = trial_rows(store, metric_name)
     extra = sorted({key for row in rows for key in row} - set(COLUMNS))
     _write_csv(folder / TRIALS_CSV, [*COLUMNS, *extra], rows)
-    return rows
+    return [TrialRecord.from_row(row) for row in rows]
 
 
-def read_trials_csv(folder: Path) -> list[dict]:
-    """trials.csv's rows typed as trial_rows makes them (numbers as numbers, blanks as None)."""
-    numbers = {**dict.fromkeys(("trial", "rank", "seed", "steps", "selected_step",
-                                "trainable_params", "attempts"), int),
-               **dict.fromkeys(("lora_alpha", "lr", "train_loss", "eval_loss", "metric",
-                                "test_metric", "seconds", "effective_scale"), float)}
-    with open(folder / TRIALS_CSV, newline="") as handle:  # columns beyond COLUMNS: metrics
-        return [{k: None if v in (None, "") else numbers.get(k, str if k in COLUMNS else float)(v)
-                 for k, v in row.items()} for row in csv.DictReader(handle)]
+def read_trials_csv(folder: Path) -> list[TrialRecord]:
+    """trials.csv's trials; a one-line error naming the file where it is not as written."""
+    path = folder / TRIALS_CSV
+    with open(path, newline="") as handle:
+        try:
+            return [TrialRecord.from_row(row) for row in csv.DictReader(handle)]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise StudyError(f"{path}: not as lorasweep writes it "
+                             f"({type(exc).__name__}: {exc})") from None
 
 
 # optima.csv: one row per cell, written by the report.
@@ -175,11 +204,8 @@ def read_optima_csv(path: Path, where: str | None = None) -> list[Optimum]:
 
 
 def _optimum(row: dict) -> Optimum:
-    cell = {f: (row.get(f) or None) for f in CELL_FIELDS}  # typed as the analysis makes them
-    cell["rank"] = int(cell["rank"]) if cell["rank"] else None
-    cell["lora_alpha"] = float(cell["lora_alpha"]) if cell["lora_alpha"] else None
-    return Optimum(cell=cell, lr_best=float(row["lr_best"]), lr_star=float(row["lr_star"]),
-                   lr_star_low=_number(row["lr_star_low"]),
+    return Optimum(cell=Cell.from_row(row), lr_best=float(row["lr_best"]),
+                   lr_star=float(row["lr_star"]), lr_star_low=_number(row["lr_star_low"]),
                    lr_star_high=_number(row["lr_star_high"]), peak=float(row["peak"]),
                    peak_std=_number(row["peak_std"]), n_seeds=int(row["n_seeds"]),
                    edge=row["edge"], suggest=[float(v) for v in row["suggest"].split()],

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
-from itertools import product
+import math
+import statistics
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from itertools import pairwise, product
 from typing import Any
 
 from lorasweep.config import TARGETS_AXIS, Study, alpha_value, parse_lora_alpha
 from lorasweep.recipe import recipe_text
-from lorasweep.variants import variant
+from lorasweep.variants import get_variant, variant
+
+# The columns that name a cell in trials.csv, optima.csv and curvature.csv (Cell.to_row).
+CELL_FIELDS = ("method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules", "recipe")
 
 
 @dataclass(frozen=True)
 class Cell:
-    """What is held fixed while the LR varies: the thing whose optimal LR we want."""
+    """What is held fixed while the LR varies: the thing whose optimal LR we want.
+
+    The one currency of a cell from the study file to the report: the store keeps its fields,
+    the files name it by `to_row`, and everything that reads those files gets it back by
+    `from_row`. A row carries less than a cell (see `from_row`), so a study's cell is compared
+    with a read one through `recorded`.
+    """
 
     method: str
     rank: int | None = None
@@ -47,16 +59,65 @@ class Cell:
         return alpha_value(_alpha_spec(self.lora_alpha), self.rank)
 
     @property
+    def alpha_spec(self) -> str | None:
+        """lora_alpha as the study file writes it, in its shortest form: "16" or "2r"."""
+        if self.lora_alpha is None:
+            return None
+        mode, number = parse_lora_alpha(_alpha_spec(self.lora_alpha))
+        return f"{number:g}r" if mode == "per_rank" else f"{number:g}"
+
+    @property
     def alpha_mode(self) -> str | None:
         if self.lora_alpha is None:
             return None
         return parse_lora_alpha(_alpha_spec(self.lora_alpha))[0]
 
-    def columns(self) -> dict[str, Any]:
-        """The cell as trials.csv and optima.csv name it (analysis.optima.CELL_FIELDS)."""
+    def to_row(self) -> dict[str, Any]:
+        """The cell as the files name it (CELL_FIELDS): the method by its label, lora_alpha as
+        its number at this rank beside its mode."""
         return {"method": self.label, "rank": self.rank, "lora_alpha": self.alpha,
                 "alpha_mode": self.alpha_mode, "init": self.init,
                 "target_modules": self.target_modules, "recipe": self.recipe}
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Cell:
+        """The cell a file's row names, from typed values or their text (blank: none).
+
+        A row names a peft entry by its label only, so it comes back as method `peft` holding
+        that label (no configuration), and LoRA+'s ratio (the study's, not the cell's) is not in
+        a row; lora_alpha comes back as the study file writes it ("16", or "2r" per rank).
+        """
+        def text(name: str) -> str | None:
+            value = row.get(name)
+            return None if value is None or value == "" else str(value)
+        label, rank_text, alpha = text("method"), text("rank"), text("lora_alpha")
+        if label is None:
+            raise ValueError("a cell's row names no method")
+        rank = int(float(rank_text)) if rank_text is not None else None
+        spec = None
+        if alpha is not None and rank is not None:
+            spec = (f"{float(alpha) / rank:g}r" if text("alpha_mode") == "per_rank"
+                    else f"{float(alpha):g}")
+        known = get_variant(label) is not None
+        return cls(method=label if known else "peft", rank=rank, lora_alpha=spec,
+                   init=text("init"), target_modules=text("target_modules"),
+                   peft=None if known else json.dumps({"label": label}),
+                   recipe=text("recipe"))
+
+    @property
+    def recorded(self) -> Cell:
+        """This cell as read back from its records: what a study's cell is compared by."""
+        return Cell.from_row(self.to_row())
+
+    @property
+    def family(self) -> Cell:
+        """The cell without its rank: what a rank fit holds fixed (its recipe included)."""
+        return replace(self, rank=None)
+
+    def at_rank(self, rank: int) -> Cell:
+        """The cell of this family at another rank (lora_alpha kept as written: "2r" follows the
+        rank, a constant does not)."""
+        return replace(self, rank=rank)
 
     @property
     def key(self) -> str:
@@ -120,6 +181,14 @@ def recipes_of(study: Study) -> list[str | None]:
     axes = {axis: values for axis, values in study.search.recipe.items() if axis != TARGETS_AXIS}
     return [recipe_text(dict(zip(axes, combo, strict=True)))
             for combo in product(*axes.values())]
+
+
+def grid_step(lrs: list[float]) -> float | None:
+    """One step of an LR grid: log10 of the median ratio between neighbouring LRs (ascending);
+    None for a grid of one LR. Errors of predicted LRs are counted in it."""
+    if len(lrs) < 2:
+        return None
+    return statistics.median(math.log10(b / a) for a, b in pairwise(lrs))
 
 
 def matched_rank(rank: int, reference_width: int, width: int) -> int:

@@ -19,7 +19,6 @@ import yaml
 
 from lorasweep.analysis.compare import cell_name, family_name
 from lorasweep.analysis.recipe import AxisFit, fit_recipe_axes
-from lorasweep.analysis.scaling import alpha_spec
 from lorasweep.analysis.transfer import (
     RULES,
     CheckRow,
@@ -37,14 +36,15 @@ from lorasweep.errors import StudyError
 from lorasweep.files import write_text
 from lorasweep.records import OPTIMA_CSV, TRIALS_CSV, Optimum, read_optima_csv, read_trials_csv
 from lorasweep.report import series_name
-from lorasweep.variants import LORA_FLAGS, get_init, get_variant
+from lorasweep.space import Cell
+from lorasweep.variants import LORA_FLAGS, get_init, variant
 
 
 @dataclass
 class FinishedStudy:
     folder: Path
     optima: list[Optimum]
-    steps: dict[tuple, float]  # each cell's LR grid step, log10
+    steps: dict[Cell, float]  # each cell's LR grid step, log10
     study: Study | None  # None where the folder keeps no study.yaml
 
 
@@ -55,11 +55,7 @@ def load_finished(folder: Path) -> FinishedStudy:
             raise StudyError(f"{folder}: no {name}; give a finished study folder (`lorasweep "
                              f"report {folder}` writes {OPTIMA_CSV})")
     optima = read_optima_csv(folder / OPTIMA_CSV)
-    try:
-        rows = read_trials_csv(folder)
-    except (KeyError, ValueError) as exc:
-        raise StudyError(f"{folder}: {TRIALS_CSV} is not as lorasweep writes it "
-                         f"({type(exc).__name__}: {exc})") from None
+    records = read_trials_csv(folder)
     usable = [o for o in optima if o.edge != "flat" and o.lr_star > 0]
     if not usable:
         raise StudyError(f"{folder}/{OPTIMA_CSV}: no cell has a usable optimum (every cell is "
@@ -67,7 +63,7 @@ def load_finished(folder: Path) -> FinishedStudy:
     from lorasweep.study.folder import STUDY_FILE, load_folder_study  # imports torch
 
     study = load_folder_study(folder) if (folder / STUDY_FILE).exists() else None
-    return FinishedStudy(folder, usable, grid_steps(rows), study)
+    return FinishedStudy(folder, usable, grid_steps(records), study)
 
 
 def check(folders: list[Path]) -> list[CheckRow]:
@@ -112,10 +108,10 @@ def suggest(folders: list[Path], target: Target, method: str | None = None,
               score_rules(check_rules([(s.optima, s.steps) for s in studies]))}
     wanted = None if lora_alpha is None else _alpha_text(lora_alpha)
     chosen = [f for f in families(source.optima, source.steps)
-              if (method is None or f.cell["method"] == method)
-              and (wanted is None or alpha_spec(f.cell) == wanted)]
+              if (method is None or f.cell.label == method)
+              and (wanted is None or f.cell.alpha_spec == wanted)]
     if not chosen:
-        have = sorted({f"{f.cell['method']} a={alpha_spec(f.cell)}"
+        have = sorted({f"{f.cell.label} a={f.cell.alpha_spec}"
                        for f in families(source.optima, source.steps)})
         raise StudyError(f"--from {source.folder}: no adapter cells"
                          + ("" if method is None and wanted is None else " match --method/"
@@ -163,15 +159,15 @@ def settings(prediction: Prediction, study: Study | None) -> dict:
                  "lr_interval": [float(f"{prediction.low:.3g}"),
                                  float(f"{prediction.high:.3g}")]}
     notes = []
-    # cell["method"] is the method's display name: a peft entry's label is no variant
-    method = get_variant(cell["method"])
-    if method is None or method.is_adapter:
-        alpha = cell["lora_alpha"]
-        flags = method.peft_flags if method is not None and method.peft_flags else LORA_FLAGS
-        peft: dict = {"r": cell["rank"], "lora_alpha": int(alpha) if alpha == int(alpha) else alpha,
-                      "target_modules": _peft_targets(str(cell["target_modules"])),
+    method = variant(cell.method)
+    if method.is_adapter:
+        alpha = cell.alpha
+        assert alpha is not None
+        flags = method.peft_flags or LORA_FLAGS
+        peft: dict = {"r": cell.rank, "lora_alpha": int(alpha) if alpha == int(alpha) else alpha,
+                      "target_modules": _peft_targets(str(cell.target_modules)),
                       "lora_dropout": 0.0, **flags}
-        init = str(cell["init"])
+        init = str(cell.init)
         known = get_init(init)
         peft_init = known.peft if known is not None else None
         if peft_init is None:
@@ -179,8 +175,8 @@ def settings(prediction: Prediction, study: Study | None) -> dict:
                          "as lorasweep's README says, or train with lorasweep")
         else:
             peft["init_lora_weights"] = peft_init
-        if cell["target_modules"] in ("attention", "mlp"):
-            notes.append(f"target_modules '{cell['target_modules']}' is a lorasweep preset: "
+        if cell.target_modules in ("attention", "mlp"):
+            notes.append(f"target_modules '{cell.target_modules}' is a lorasweep preset: "
                          "name the modules for PEFT")
         doc["peft_config"] = peft
     optimizer: dict = {"name": "AdamW", "lr": doc["lr"]}
@@ -190,7 +186,7 @@ def settings(prediction: Prediction, study: Study | None) -> dict:
                       "weight_decay": train.weight_decay, "schedule": train.schedule,
                       "warmup_ratio": train.warmup_ratio, "grad_clip": train.grad_clip,
                       "batch_size": train.batch_size}
-        if method is not None and method.b_lr_ratio:
+        if method.b_lr_ratio:
             optimizer["loraplus_lr_ratio"] = study.search.loraplus_ratio
             notes.append("LoRA+: build the optimizer with peft.optimizers."
                          "create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, "

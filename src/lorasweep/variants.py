@@ -69,6 +69,12 @@ def get_init(name: str | None) -> Init | None:
     return INITS.get(name)
 
 
+def mua_kind(name: str | None) -> str | None:
+    """The init's muA kind ("A": B = 0, A random; "B": the reverse), None where muA has none."""
+    init = get_init(name)
+    return init.mua if init is not None else None
+
+
 def init_pattern() -> str:
     """The init names allowed, as a regular expression (an error message shows it)."""
     return "^(" + "|".join(INITS) + r"|pissa_niter_\d+)$"

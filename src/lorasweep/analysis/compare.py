@@ -14,28 +14,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lorasweep.analysis.optima import CELL_FIELDS, Optimum
+from lorasweep.analysis.optima import Optimum
+from lorasweep.records import TrialRecord
+from lorasweep.space import Cell
 
 BOOTSTRAP_SAMPLES = 2000
 
 
-def cell_name(cell: dict) -> str:
-    """A short, readable name of a cell for tables and legends."""
-    recipe = cell.get("recipe")
-    recipe_text = f" {recipe.replace(';', ' ')}" if recipe not in (None, "") else ""
-    if cell.get("rank") in (None, ""):
-        return f"{cell['method']}{recipe_text}"
-    alpha = cell.get("lora_alpha")
-    alpha_text = ""
-    if alpha not in (None, ""):
-        per_rank = cell.get("alpha_mode") == "per_rank"
-        alpha_text = (f" a={float(alpha) / int(cell['rank']):g}r" if per_rank
-                      else f" a={float(alpha):g}")
-    init = cell.get("init")
-    init_text = f" {init}" if init not in (None, "", "kaiming", cell["method"]) else ""
-    targets = cell.get("target_modules")
-    target_text = f" {targets}" if targets not in (None, "", "all-linear") else ""
-    return f"{cell['method']} r={cell['rank']}{alpha_text}{init_text}{target_text}{recipe_text}"
+def cell_name(cell: Cell, with_rank: bool = True) -> str:
+    """A short, readable name of a cell for tables and legends (without its rank: its family's
+    name)."""
+    recipe = f" {cell.recipe.replace(';', ' ')}" if cell.recipe else ""
+    if not cell.is_adapter or (cell.rank is None and with_rank):
+        return f"{cell.label}{recipe}"
+    rank = f" r={cell.rank}" if with_rank else ""
+    alpha = f" a={cell.alpha_spec}" if cell.alpha_spec else ""
+    init = f" {cell.init}" if cell.init not in (None, "kaiming", cell.label) else ""
+    targets = (f" {cell.target_modules}" if cell.target_modules not in (None, "all-linear")
+               else "")
+    return f"{cell.label}{rank}{alpha}{init}{targets}{recipe}"
 
 
 @dataclass
@@ -50,9 +47,9 @@ class Peak:
         return float(np.mean(self.values))
 
 
-def family_name(cell: dict) -> str:
+def family_name(cell: Cell) -> str:
     """A rank family's name: its cells' name without the rank."""
-    return cell_name(cell).replace(f" r={cell['rank']}", "")
+    return cell_name(cell, with_rank=False)
 
 
 def _interval(samples: np.ndarray) -> tuple[float, float]:
@@ -60,14 +57,14 @@ def _interval(samples: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def tuned_peaks(rows: list[dict], optima: list[Optimum], seed: int = 0) -> list[Peak]:
+def tuned_peaks(records: list[TrialRecord], optima: list[Optimum], seed: int = 0) -> list[Peak]:
     """Each cell's metric at its best LR, per seed, with a bootstrap interval of the mean."""
     rng = np.random.default_rng(seed)
     peaks = []
     for optimum in optima:
-        values = [float(r["metric"]) for r in rows
-                  if r["status"] == "complete" and float(r["lr"]) == optimum.lr_best
-                  and all(r.get(f) == optimum.cell[f] for f in CELL_FIELDS)]
+        values = [r.metric for r in records
+                  if r.status == "complete" and r.metric is not None and r.lr == optimum.lr_best
+                  and r.cell == optimum.cell]
         low = high = None
         if len(values) > 1:
             draws = rng.choice(values, (BOOTSTRAP_SAMPLES, len(values))).mean(axis=1)
@@ -76,35 +73,61 @@ def tuned_peaks(rows: list[dict], optima: list[Optimum], seed: int = 0) -> list[
     return peaks
 
 
-def pairwise(peaks: list[Peak], seed: int = 0) -> list[dict]:
+@dataclass(frozen=True)
+class Difference:
+    """Peak a minus peak b (their indices in the peaks compared), with a 95% interval where both
+    have two seeds or more."""
+
+    i: int
+    j: int
+    a: str
+    b: str
+    difference: float
+    low: float | None
+    high: float | None
+
+    def flipped(self) -> Difference:
+        """b minus a, from the same bootstrap draws."""
+        def negated(value: float | None) -> float | None:
+            return None if value is None else 0.0 - value  # 0.0 - 0.0 is 0.0, not -0.0
+        return Difference(self.j, self.i, self.b, self.a, 0.0 - self.difference,
+                          negated(self.high), negated(self.low))
+
+
+def pairwise(peaks: list[Peak], seed: int = 0) -> list[Difference]:
     """Differences of peak means for every pair, with bootstrap intervals; each cell's seeds are
     resampled on their own (conservative: it ignores any noise two cells share through a seed)."""
     rng = np.random.default_rng(seed)
     out = []
     for i, a in enumerate(peaks):
-        for b in peaks[i + 1:]:
-            row = {"a": a.name, "b": b.name, "difference": a.mean - b.mean, "low": None,
-                   "high": None}
+        for j in range(i + 1, len(peaks)):
+            b = peaks[j]
+            low = high = None
             if len(a.values) > 1 and len(b.values) > 1:
                 draws_a = rng.choice(a.values, (BOOTSTRAP_SAMPLES, len(a.values))).mean(axis=1)
                 draws_b = rng.choice(b.values, (BOOTSTRAP_SAMPLES, len(b.values))).mean(axis=1)
-                row["low"], row["high"] = _interval(draws_a - draws_b)
-            out.append(row)
+                low, high = _interval(draws_a - draws_b)
+            out.append(Difference(i, j, a.name, b.name, a.mean - b.mean, low, high))
     return out
 
 
-def fixed_lr_table(rows: list[dict], maximize: bool) -> tuple[list[str], list[dict]]:
+def versus(differences: list[Difference], k: int) -> list[Difference]:
+    """Every other peak minus peak `k`, from the pairwise differences."""
+    return [d if d.j == k else d.flipped() for d in differences if k in (d.i, d.j)]
+
+
+def fixed_lr_table(records: list[TrialRecord], maximize: bool) -> tuple[list[str], list[dict]]:
     """Per LR: each cell's mean metric there and the winning cell. Returns (cell names, rows)."""
     by_lr: dict[float, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     names: list[str] = []
-    for row in rows:
-        name = cell_name({f: row.get(f) for f in CELL_FIELDS})
+    for record in records:
+        name = cell_name(record.cell)
         if name not in names:
             names.append(name)
-        if row["status"] == "complete" and row.get("metric") is not None:
-            by_lr[float(row["lr"])][name].append(float(row["metric"]))
-        elif row["status"] == "diverged":
-            by_lr[float(row["lr"])][name].append(math.nan)
+        if record.status == "complete" and record.metric is not None:
+            by_lr[record.lr][name].append(record.metric)
+        elif record.status == "diverged":
+            by_lr[record.lr][name].append(math.nan)
     table = []
     for lr in sorted(by_lr):
         means = {name: float(np.mean(v)) for name, v in by_lr[lr].items()}

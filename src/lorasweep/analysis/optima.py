@@ -16,7 +16,8 @@ from collections import defaultdict
 import numpy as np
 
 from lorasweep.recipe import parse_recipe
-from lorasweep.records import CELL_FIELDS, Optimum
+from lorasweep.records import Optimum, TrialRecord
+from lorasweep.space import Cell
 
 BOOTSTRAP_SAMPLES = 1000
 
@@ -60,7 +61,7 @@ def bootstrap_lr_star(lrs: np.ndarray, table: np.ndarray, maximize: bool,
     return refine(lrs, _mean_curve(sample), maximize)[1]
 
 
-def cell_optimum(cell: dict, by_seed: dict[int, dict[float, float]], diverged: int,
+def cell_optimum(cell: Cell, by_seed: dict[int, dict[float, float]], diverged: int,
                  maximize: bool, rng: np.random.Generator) -> Optimum:
     """The optimum of one cell from {seed: {lr: metric}} of its complete trials."""
     lrs, table = curve_table(by_seed)
@@ -94,38 +95,36 @@ def cell_optimum(cell: dict, by_seed: dict[int, dict[float, float]], diverged: i
                    diverged=diverged)
 
 
-def _cell_order(key: tuple) -> tuple:
+def cell_order(cell: Cell) -> tuple:
     """Cells by method, then rank as a number, then the rest (recipe values as numbers too)."""
-    values = [v for field, value in zip(CELL_FIELDS, key, strict=True)
+    values = [v for field, value in cell.to_row().items()
               for v in (parse_recipe(value).values() if field == "recipe" else [value])]
     return tuple((0, float(v), "") if isinstance(v, int | float) else (1, 0.0, str(v))
                  for v in values)
 
 
-Curves = dict[tuple, dict[int, dict[float, float]]]
+Curves = dict[Cell, dict[int, dict[float, float]]]
 
 
-def cell_curves(rows: list[dict]) -> tuple[Curves, dict[tuple, int]]:
-    """Per cell (a tuple of CELL_FIELDS): {seed: {lr: metric}} with diverged trials as inf, and
-    the number of diverged trials."""
+def cell_curves(records: list[TrialRecord]) -> tuple[Curves, dict[Cell, int]]:
+    """Per cell: {seed: {lr: metric}} with diverged trials as inf, and the number of diverged
+    trials."""
     curves: Curves = defaultdict(lambda: defaultdict(dict))
-    diverged: dict[tuple, int] = defaultdict(int)
-    for row in rows:
-        key = tuple(row.get(field) for field in CELL_FIELDS)
-        if row["status"] == "diverged":  # part of the grid, but never an optimum
-            diverged[key] += 1
-            curves[key][int(row["seed"])][float(row["lr"])] = math.inf
-        metric = row.get("metric")
-        if row["status"] == "complete" and metric is not None and math.isfinite(float(metric)):
-            curves[key][int(row["seed"])][float(row["lr"])] = float(metric)
+    diverged: dict[Cell, int] = defaultdict(int)
+    for record in records:
+        if record.status == "diverged":  # part of the grid, but never an optimum
+            diverged[record.cell] += 1
+            curves[record.cell][record.seed][record.lr] = math.inf
+        if (record.status == "complete" and record.metric is not None
+                and math.isfinite(record.metric)):
+            curves[record.cell][record.seed][record.lr] = record.metric
     return curves, diverged
 
 
-def find_optima(rows: list[dict], maximize: bool, seed: int = 0) -> list[Optimum]:
-    """Optima of every cell with a complete trial, from trials.csv-style rows."""
-    curves, diverged = cell_curves(rows)
+def find_optima(records: list[TrialRecord], maximize: bool, seed: int = 0) -> list[Optimum]:
+    """Optima of every cell with a complete trial."""
+    curves, diverged = cell_curves(records)
     rng = np.random.default_rng(seed)
-    return [cell_optimum(dict(zip(CELL_FIELDS, key, strict=True)), curves[key], diverged[key],
-                         maximize, rng)
-            for key in sorted(curves, key=_cell_order)
-            if any(math.isfinite(v) for curve in curves[key].values() for v in curve.values())]
+    return [cell_optimum(cell, curves[cell], diverged[cell], maximize, rng)
+            for cell in sorted(curves, key=cell_order)
+            if any(math.isfinite(v) for curve in curves[cell].values() for v in curve.values())]

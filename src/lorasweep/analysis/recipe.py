@@ -15,20 +15,22 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import stats
 
 from lorasweep.analysis.optima import (
-    CELL_FIELDS,
     Optimum,
     bootstrap_lr_star,
     cell_curves,
+    cell_order,
     curve_table,
     find_optima,
 )
-from lorasweep.recipe import is_numeric, parse_recipe
+from lorasweep.recipe import is_numeric, parse_recipe, recipe_text
+from lorasweep.records import TrialRecord
+from lorasweep.space import Cell
 
 BOOTSTRAP_SAMPLES = 1000
 # Exponents to print beside a fit. Batch size: the square-root and linear rules, and "Learning
@@ -42,10 +44,10 @@ REFERENCES: dict[str, dict[str, float]] = {
 
 @dataclass
 class AxisFit:
-    """lr_star against one recipe axis, for cells equal in everything else (`fixed`)."""
+    """lr_star against one recipe axis, for cells equal in everything else (`series`)."""
 
     axis: str
-    fixed: dict  # the cell fields and other recipe values shared by the series
+    series: Cell  # what the series' cells share: every field, the axis left out of the recipe
     values: list[float]  # the axis values, ascending
     lr_stars: list[float]
     peaks: list[float]  # each cell's metric at its best grid LR (mean over seeds)
@@ -70,22 +72,17 @@ class AxisFit:
     def references(self) -> dict[str, float]:
         return REFERENCES.get(self.axis, {})
 
-    def as_row(self) -> dict:
-        return {"axis": self.axis, **self.fixed, "values": " ".join(f"{v:g}" for v in self.values),
-                "exponent": self.exponent, "exponent_low": self.low, "exponent_high": self.high,
-                "coefficient": self.coefficient, "interval": self.interval}
 
-
-def _series(optima: list[Optimum]) -> dict[tuple[str, tuple], list[tuple[float, Optimum]]]:
+def _series(optima: list[Optimum]) -> dict[tuple[str, Cell], list[tuple[float, Optimum]]]:
     """(axis, what else is fixed) -> [(axis value, optimum)] for every numeric recipe axis."""
-    series: dict[tuple[str, tuple], list[tuple[float, Optimum]]] = defaultdict(list)
+    series: dict[tuple[str, Cell], list[tuple[float, Optimum]]] = defaultdict(list)
     for optimum in optima:
-        values = parse_recipe(optimum.cell.get("recipe"))
-        fixed_cell = tuple((f, optimum.cell.get(f)) for f in CELL_FIELDS if f != "recipe")
+        values = parse_recipe(optimum.cell.recipe)
         for axis, value in values.items():
             if is_numeric(value):
-                others = tuple(sorted((a, v) for a, v in values.items() if a != axis))
-                series[(axis, fixed_cell + others)].append((float(value), optimum))
+                others = recipe_text({a: v for a, v in values.items() if a != axis})
+                series[(axis, replace(optimum.cell, recipe=others))].append((float(value),
+                                                                             optimum))
     return series
 
 
@@ -95,22 +92,23 @@ def fit_power_law(values: np.ndarray, lr_stars: np.ndarray) -> tuple[float, floa
     return float(k), float(10 ** log_c)
 
 
-def fit_recipe_axes(rows: list[dict], maximize: bool, seed: int = 0,
+def fit_recipe_axes(records: list[TrialRecord], maximize: bool, seed: int = 0,
                     samples: int = BOOTSTRAP_SAMPLES) -> list[AxisFit]:
     """One power-law fit of lr_star per swept numeric recipe axis and per series of cells that
-    differ only in it (two axis values or more), from trials.csv-style rows."""
-    optima = find_optima(rows, maximize, seed)
-    curves, _ = cell_curves(rows)
+    differ only in it (two axis values or more)."""
+    optima = find_optima(records, maximize, seed)
+    curves, _ = cell_curves(records)
     rng = np.random.default_rng(seed)
     fits = []
-    for (axis, fixed), members in sorted(_series(optima).items(), key=lambda s: str(s[0])):
+    for (axis, series), members in sorted(_series(optima).items(),
+                                          key=lambda s: (s[0][0], cell_order(s[0][1]))):
         members.sort(key=lambda m: m[0])
         if len(members) < 2:
             continue
         x = np.array([value for value, _ in members])
         stars = np.array([o.lr_star for _, o in members])
         k, c = fit_power_law(x, stars)
-        tables = [curve_table(curves[tuple(o.cell[f] for f in CELL_FIELDS)]) for _, o in members]
+        tables = [curve_table(curves[o.cell]) for _, o in members]
         low = high = None
         kind = ""
         if all(len(table) > 1 for _, table in tables):
@@ -123,7 +121,7 @@ def fit_recipe_axes(rows: list[dict], maximize: bool, seed: int = 0,
             fit = stats.linregress(np.log10(x), np.log10(stars))
             half = stats.t.ppf(0.975, len(members) - 2) * fit.stderr
             low, high, kind = k - half, k + half, "t"
-        fits.append(AxisFit(axis=axis, fixed=dict(fixed), values=x.tolist(),
+        fits.append(AxisFit(axis=axis, series=series, values=x.tolist(),
                             lr_stars=stars.tolist(), peaks=[o.peak for _, o in members],
                             exponent=k, coefficient=c, low=low, high=high, interval=kind))
     return fits

@@ -23,54 +23,41 @@ import numpy as np
 from scipy import stats
 
 from lorasweep.analysis.optima import Optimum
-from lorasweep.variants import get_init, get_variant
+from lorasweep.space import Cell
+from lorasweep.variants import get_variant, mua_kind
 
 
-def predicted_beta(method: str, alpha_mode: str | None, init: str | None) -> float | None:
+def predicted_beta(cell: Cell) -> float | None:
     """The muA exponent of lr_star in rank, where the paper gives one: for a method with a muA
     family (variants.Variant.mua_family) and an Init[A] (B = 0, A at a rank-independent scale)
     or Init[B] init."""
-    variant, kind = get_variant(method), getattr(get_init(init), "mua", None)
-    if variant is None or variant.mua_family is None or alpha_mode is None or kind is None:
+    variant, kind, mode = get_variant(cell.method), mua_kind(cell.init), cell.alpha_mode
+    if variant is None or variant.mua_family is None or mode is None or kind is None:
         return None
     assert variant.rank_power is not None
     # s = lora_alpha / r^p ~ r^-gamma: lora_alpha ~ r gives gamma = p - 1, a constant gamma = p
-    gamma = variant.rank_power - (1.0 if alpha_mode == "per_rank" else 0.0)
+    gamma = variant.rank_power - (1.0 if mode == "per_rank" else 0.0)
     if kind == "B":
         return 0.0 if gamma == 0.0 else None
     return -(1 - gamma) / 2 + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
-def predicted_width_exponent(method: str, alpha_mode: str | None, init: str | None) -> float | None:
+def predicted_width_exponent(cell: Cell) -> float | None:
     """The muA exponent of lr_star in the input width n, for the cells the rank rule covers."""
-    if predicted_beta(method, alpha_mode, init) is None:
+    if predicted_beta(cell) is None:
         return None
-    return -1.0 if getattr(get_init(init), "mua", None) == "B" else -0.5
+    return -1.0 if mua_kind(cell.init) == "B" else -0.5
 
 
-def alpha_spec(cell: dict) -> str | None:
-    """lora_alpha as the study file writes it: "16" (constant) or "2r" (per rank)."""
-    alpha, rank = cell.get("lora_alpha"), cell.get("rank")
-    if alpha in (None, "") or rank in (None, ""):
-        return None
-    if cell.get("alpha_mode") == "per_rank":
-        return f"{float(alpha) / int(rank):g}r"
-    return f"{float(alpha):g}"
-
-
-def family_key(cell: dict) -> tuple:
-    """What a rank fit holds fixed: everything of a cell but its rank (its recipe included)."""
-    return (cell["method"], cell.get("alpha_mode"), alpha_spec(cell), cell.get("init"),
-            cell.get("target_modules"), cell.get("recipe"))
+def family_order(family: Cell) -> str:
+    """Families in a stable order: by label, alpha mode and lora_alpha, then the rest."""
+    return str((family.label, family.alpha_mode, family.alpha_spec, family.init,
+                family.target_modules, family.recipe))
 
 
 @dataclass
 class RankFit:
-    key: tuple  # family_key of its cells
-    method: str
-    alpha_mode: str | None
-    alpha: str | None
-    init: str | None
+    family: Cell  # its cells without their rank
     ranks: list[int]
     beta: float
     beta_low: float | None
@@ -79,12 +66,17 @@ class RankFit:
     predicted: float | None
     intercepts: dict[int, float]  # per study (its index in the fit's arguments)
 
-    def as_row(self) -> dict:
-        return {"method": self.method, "alpha_mode": self.alpha_mode, "lora_alpha": self.alpha,
-                "init": self.init,
-                "ranks": " ".join(map(str, self.ranks)), "beta": self.beta,
-                "beta_low": self.beta_low, "beta_high": self.beta_high,
-                "beta_muA": self.predicted}
+    @property
+    def method(self) -> str:
+        return self.family.label
+
+    @property
+    def alpha(self) -> str | None:
+        return self.family.alpha_spec
+
+    @property
+    def init(self) -> str | None:
+        return self.family.init
 
 
 def pooled_slope(x: np.ndarray, y: np.ndarray, groups: np.ndarray
@@ -112,15 +104,15 @@ def pooled_slope(x: np.ndarray, y: np.ndarray, groups: np.ndarray
 
 def fit_rank_scaling(*studies: list[Optimum]) -> list[RankFit]:
     """One fit per family with optima at two or more ranks (in one study, or over several)."""
-    groups: dict[tuple, list[tuple[int, Optimum]]] = defaultdict(list)
+    groups: dict[Cell, list[tuple[int, Optimum]]] = defaultdict(list)
     for index, optima in enumerate(studies):
         for optimum in optima:
-            if optimum.cell.get("rank") not in (None, ""):
-                groups[family_key(optimum.cell)].append((index, optimum))
+            if optimum.cell.rank is not None:
+                groups[optimum.cell.family].append((index, optimum))
     fits = []
-    for key, members in sorted(groups.items(), key=lambda g: str(g[0])):
-        ranks = sorted({int(o.cell["rank"]) for _, o in members})
-        fit = pooled_slope(np.log10([int(o.cell["rank"]) for _, o in members]),
+    for family, members in sorted(groups.items(), key=lambda g: family_order(g[0])):
+        ranks = sorted({o.cell.rank for _, o in members})
+        fit = pooled_slope(np.log10([o.cell.rank for _, o in members]),
                            np.log10([o.lr_star for _, o in members]),
                            np.array([index for index, _ in members]))
         if fit is None:
@@ -130,9 +122,7 @@ def fit_rank_scaling(*studies: list[Optimum]) -> list[RankFit]:
         if math.isfinite(stderr):
             half = stats.t.ppf(0.975, dof) * stderr
             low, high = beta - half, beta + half
-        method, mode, alpha, init, *_ = key
-        fits.append(RankFit(key=key, method=method, alpha_mode=mode, alpha=alpha, init=init,
-                            ranks=ranks, beta=beta, beta_low=low, beta_high=high,
+        fits.append(RankFit(family=family, ranks=ranks, beta=beta, beta_low=low, beta_high=high,
                             intercept=intercepts[min(intercepts)],
-                            predicted=predicted_beta(method, mode, init), intercepts=intercepts))
+                            predicted=predicted_beta(family), intercepts=intercepts))
     return fits

@@ -28,16 +28,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from lorasweep.analysis.compare import cell_name, family_name
-from lorasweep.analysis.optima import CELL_FIELDS, Optimum
+from lorasweep.analysis.optima import Optimum
 from lorasweep.analysis.scaling import (
     RankFit,
-    alpha_spec,
-    family_key,
+    family_order,
     fit_rank_scaling,
     predicted_beta,
     predicted_width_exponent,
 )
-from lorasweep.variants import get_init, get_variant
+from lorasweep.records import TrialRecord
+from lorasweep.space import Cell, grid_step
+from lorasweep.variants import get_init, get_variant, mua_kind
 
 Z95 = 1.959963984540054  # two-sided 95% of a standard normal
 LORA_FULL_RATIO = 10.0
@@ -60,52 +61,45 @@ class Target:
 class Family:
     """One study's optima of cells that differ only in rank, and their LR grid step (log10)."""
 
-    key: tuple
+    cell: Cell  # its cells without their rank
     optima: list[Optimum]
     steps: list[float]  # each optimum's grid step, in the same order
 
     @property
-    def cell(self) -> dict:
-        return self.optima[0].cell
-
-    @property
     def ranks(self) -> list[int]:
-        return [int(o.cell["rank"]) for o in self.optima]
+        return [o.cell.rank for o in self.optima]
 
 
 @dataclass
 class Prediction:
     rule: str
-    source: dict  # a cell of the family it came from
-    target: dict  # the predicted cell
+    source: Cell  # the family it came from (no rank)
+    target: Cell  # the predicted cell
     lr: float
     low: float
     high: float
     basis: str
 
 
-def grid_steps(rows: list[dict]) -> dict[tuple, float]:
-    """Each cell's LR grid step in log10 (the median spacing of the LRs it has trials at)."""
-    lrs: dict[tuple, set[float]] = defaultdict(set)
-    for row in rows:
-        lrs[tuple(row.get(f) for f in CELL_FIELDS)].add(float(row["lr"]))
-    return {key: float(np.median(np.diff(np.log10(sorted(values))))) if len(values) > 1
-            else math.nan for key, values in lrs.items()}
+def grid_steps(records: list[TrialRecord]) -> dict[Cell, float]:
+    """Each cell's LR grid step (space.grid_step of the LRs it has trials at; NaN for one LR)."""
+    lrs: dict[Cell, set[float]] = defaultdict(set)
+    for record in records:
+        lrs[record.cell].add(record.lr)
+    return {cell: grid_step(sorted(values)) or math.nan for cell, values in lrs.items()}
 
 
-def families(optima: list[Optimum], steps: dict[tuple, float]) -> list[Family]:
+def families(optima: list[Optimum], steps: dict[Cell, float]) -> list[Family]:
     """The adapter families of one study's optima, ranks in order."""
-    groups: dict[tuple, list[Optimum]] = defaultdict(list)
+    groups: dict[Cell, list[Optimum]] = defaultdict(list)
     for optimum in optima:
-        if optimum.cell.get("rank") not in (None, ""):
-            groups[family_key(optimum.cell)].append(optimum)
+        if optimum.cell.rank is not None:
+            groups[optimum.cell.family].append(optimum)
     out = []
-    for key, members in groups.items():
-        members.sort(key=lambda o: int(o.cell["rank"]))
-        out.append(Family(key, members,
-                          [steps.get(tuple(o.cell.get(f) for f in CELL_FIELDS), math.nan)
-                           for o in members]))
-    return sorted(out, key=lambda f: str(f.key))
+    for family, members in groups.items():
+        members.sort(key=lambda o: o.cell.rank)
+        out.append(Family(family, members, [steps.get(o.cell, math.nan) for o in members]))
+    return sorted(out, key=lambda f: family_order(f.cell))
 
 
 def _log_sd(optimum: Optimum, step: float) -> float:
@@ -128,49 +122,38 @@ def _anchored(family: Family, beta: float, rank: float) -> tuple[float, float, f
 
 def _prediction(rule: str, family: Family, target: Target, log_lr: float, half: float,
                 basis: str) -> Prediction:
-    cell = ({"method": "full", **{f: None for f in CELL_FIELDS if f != "method"}} if target.full
-            else {**family.cell, "rank": target.rank,
-                  "lora_alpha": _alpha_at(family.cell, target.rank)})
+    cell = Cell(method="full") if target.full else family.cell.at_rank(target.rank)
     return Prediction(rule, family.cell, cell, 10 ** log_lr, 10 ** (log_lr - half),
                       10 ** (log_lr + half), basis)
 
 
-def _alpha_at(cell: dict, rank: int | None) -> float | None:
-    spec = alpha_spec(cell)
-    if spec is None or rank is None:
-        return None
-    return float(spec[:-1]) * rank if spec.endswith("r") else float(spec)
-
-
 def _sources(family: Family) -> str:
-    edges = [str(o.cell["rank"]) for o in family.optima if o.edge in ("low", "high")]
+    edges = [str(o.cell.rank) for o in family.optima if o.edge in ("low", "high")]
     return ("from rank" + ("s " if len(family.ranks) > 1 else " ")
             + " ".join(map(str, family.ranks))
             + (f" (rank {', '.join(edges)} at its grid's edge: a bound, not an optimum)"
                if edges else ""))
 
 
-def mua_rule(family: Family, target: Target, fits: dict[tuple, RankFit]) -> Prediction | None:
+def mua_rule(family: Family, target: Target, fits: dict[Cell, RankFit]) -> Prediction | None:
     """muA's exponents in rank and width for the family's init and alpha mode."""
-    method, mode, _, init, *_ = family.key
-    beta = predicted_beta(method, mode, init)
-    omega = predicted_width_exponent(method, mode, init)
+    beta, omega = predicted_beta(family.cell), predicted_width_exponent(family.cell)
     if target.full or beta is None or omega is None:
         return None
     center, sd, _ = _anchored(family, beta, target.rank)
     log_lr = center + omega * math.log10(target.width_ratio)
     return _prediction("muA", family, target, log_lr, Z95 * sd,
-                       f"muA: lr ~ r^{beta:+g} n^{omega:+g} for {init} init, lora_alpha "
-                       f"{family.key[2]}; {_sources(family)}")
+                       f"muA: lr ~ r^{beta:+g} n^{omega:+g} for {family.cell.init} init, "
+                       f"lora_alpha {family.cell.alpha_spec}; {_sources(family)}")
 
 
 def init_b_full_rule(family: Family, target: Target,
-                     fits: dict[tuple, RankFit]) -> Prediction | None:
+                     fits: dict[Cell, RankFit]) -> Prediction | None:
     """muA Init[B] with lora_alpha = r: full fine-tuning's LR is the (rank-invariant) LoRA LR."""
-    method, mode, spec, init, *_ = family.key
-    variant = get_variant(method)
+    cell = family.cell
+    variant = get_variant(cell.method)
     if not target.full or variant is None or variant.mua_family != "lora" \
-            or (mode, spec, getattr(get_init(init), "mua", None)) != ("per_rank", "1r", "B"):
+            or (cell.alpha_spec, mua_kind(cell.init)) != ("1r", "B"):
         return None
     center, sd, _ = _anchored(family, 0.0, family.ranks[0])
     log_lr = center - math.log10(target.width_ratio)
@@ -179,10 +162,9 @@ def init_b_full_rule(family: Family, target: Target,
                        f"(both ~ n^-1); {_sources(family)}")
 
 
-def ten_x_rule(family: Family, target: Target, fits: dict[tuple, RankFit]) -> Prediction | None:
+def ten_x_rule(family: Family, target: Target, fits: dict[Cell, RankFit]) -> Prediction | None:
     """Practice: full fine-tuning's optimal LR is a tenth of LoRA's (same model, any rank)."""
-    method, _, _, init, *_ = family.key
-    variant, init_spec = get_variant(method), get_init(init)
+    variant, init_spec = get_variant(family.cell.method), get_init(family.cell.init)
     if not target.full or target.width_ratio != 1 or variant is None or not variant.plain \
             or init_spec is None or not init_spec.plain:
         return None
@@ -192,9 +174,9 @@ def ten_x_rule(family: Family, target: Target, fits: dict[tuple, RankFit]) -> Pr
                        f"{LORA_FULL_RATIO:g}; {_sources(family)} (their mean)")
 
 
-def fitted_rule(family: Family, target: Target, fits: dict[tuple, RankFit]) -> Prediction | None:
+def fitted_rule(family: Family, target: Target, fits: dict[Cell, RankFit]) -> Prediction | None:
     """The rank exponent fitted on the studies given, anchored on this family's optima."""
-    fit = fits.get(family.key)
+    fit = fits.get(family.cell)
     if target.full or target.width_ratio != 1 or fit is None:
         return None
     center, sd, distance = _anchored(family, fit.beta, target.rank)
@@ -207,20 +189,20 @@ def fitted_rule(family: Family, target: Target, fits: dict[tuple, RankFit]) -> P
                        f"{' '.join(map(str, fit.ranks))}; {_sources(family)}")
 
 
-Rule = Callable[[Family, Target, dict[tuple, RankFit]], Prediction | None]
+Rule = Callable[[Family, Target, dict[Cell, RankFit]], Prediction | None]
 # Every rule, in the order a suggestion prefers them when no check has measured them: theory
 # first, then the fit, then the rule of thumb. A new rule (e.g. in batch size) is one entry here.
 RULES: dict[str, Rule] = {"muA": mua_rule, "muA-init-b": init_b_full_rule,
                           "fitted": fitted_rule, "lora-10x": ten_x_rule}
 
 
-def predict(family: Family, target: Target, fits: dict[tuple, RankFit]) -> list[Prediction]:
+def predict(family: Family, target: Target, fits: dict[Cell, RankFit]) -> list[Prediction]:
     """What every applicable rule predicts for the target from this family."""
     return [p for rule in RULES.values() if (p := rule(family, target, fits)) is not None]
 
 
-def fits_by_family(*studies: list[Optimum]) -> dict[tuple, RankFit]:
-    return {fit.key: fit for fit in fit_rank_scaling(*studies)}
+def fits_by_family(*studies: list[Optimum]) -> dict[Cell, RankFit]:
+    return {fit.family: fit for fit in fit_rank_scaling(*studies)}
 
 
 @dataclass
@@ -235,7 +217,7 @@ class CheckRow:
     covered: bool  # the measured optimum lies in the prediction's interval
 
 
-def check_rules(studies: list[tuple[list[Optimum], dict[tuple, float]]]) -> list[CheckRow]:
+def check_rules(studies: list[tuple[list[Optimum], dict[Cell, float]]]) -> list[CheckRow]:
     """Leave one rank out: predict each measured adapter optimum from the family's other ranks
     (fitted rules refitted without it), and full fine-tuning's from each family; errors are in
     the held-out cell's grid steps. `studies` are (optima, grid_steps) pairs."""
@@ -246,22 +228,22 @@ def check_rules(studies: list[tuple[list[Optimum], dict[tuple, float]]]) -> list
                 if len(family.optima) < 2 or not math.isfinite(step):
                     continue
                 rest = [o for o in family.optima if o is not held]
-                reduced = Family(family.key, rest,
+                reduced = Family(family.cell, rest,
                                  [s for o, s in zip(family.optima, family.steps, strict=True)
                                   if o is not held])
                 others = [s[0] if i != index else [o for o in s[0] if o is not held]
                           for i, s in enumerate(studies)]
-                target = Target(rank=int(held.cell["rank"]))
+                target = Target(rank=held.cell.rank)
                 rows += _scored(predict(reduced, target, fits_by_family(*others)), held, step)
-            for full in (o for o in optima if o.cell["method"] == "full"):
-                step = steps.get(tuple(full.cell.get(f) for f in CELL_FIELDS), math.nan)
+            for full in (o for o in optima if o.cell.method == "full"):
+                step = steps.get(full.cell, math.nan)
                 if math.isfinite(step):
                     rows += _scored(predict(family, Target(full=True), {}), full, step)
     return rows
 
 
 def _scored(predictions: list[Prediction], held: Optimum, step: float) -> list[CheckRow]:
-    return [CheckRow(p.rule, cell_name(held.cell) if held.cell.get("rank") not in (None, "")
+    return [CheckRow(p.rule, cell_name(held.cell) if held.cell.rank is not None
                      else f"full from {family_name(p.source)}",
                      held.lr_star, p.lr, math.log10(p.lr / held.lr_star) / step,
                      p.low <= held.lr_star <= p.high) for p in predictions]

@@ -14,18 +14,19 @@ from lorasweep.curvature.measure import (
     measure_cell,
     select_cells,
 )
-from lorasweep.curvature.predict import cell_key
 from lorasweep.errors import StudyError
 from lorasweep.files import write_text
 from lorasweep.records import (
     OPTIMA_CSV,
+    Optimum,
     read_curvature_csv,
     read_optima_csv,
-    trial_rows,
+    trial_records,
     write_curvature_csv,
 )
 from lorasweep.report.curvature import curvature_tables
 from lorasweep.report.tables import markdown_report
+from lorasweep.space import Cell
 from lorasweep.study.folder import STUDY_FILE, load_folder_study
 from lorasweep.study.store import JOURNAL_NAME, Store
 from lorasweep.workbench import load_workbench
@@ -69,17 +70,16 @@ def check_settings(settings: Settings) -> None:
                          "before its first step)")
 
 
-def measured_optima(folder: Path, study: Study, optima_file: Path | None) -> list[dict]:
-    """Optima rows: from --optima, else from the folder's trials, else from its optima.csv."""
+def measured_optima(folder: Path, study: Study, optima_file: Path | None) -> list[Optimum]:
+    """Optima: from --optima, else from the folder's trials, else from its optima.csv."""
     if optima_file is not None:
-        return [o.as_row() for o in read_optima_csv(optima_file, f"--optima {optima_file}")]
+        return read_optima_csv(optima_file, f"--optima {optima_file}")
     if (folder / JOURNAL_NAME).exists():
         maximize = study.task.maximize
         store = Store(folder, study.name, maximize=maximize, create=False)
-        rows = trial_rows(store, study.task.objective)
-        return [o.as_row() for o in find_optima(rows, maximize)]
+        return find_optima(trial_records(store, study.task.objective), maximize)
     if (folder / OPTIMA_CSV).exists():
-        return [o.as_row() for o in read_optima_csv(folder / OPTIMA_CSV)]
+        return read_optima_csv(folder / OPTIMA_CSV)
     return []
 
 
@@ -92,8 +92,7 @@ def run_curvature(target: str, settings: Settings, out: Path | None = None,
     study, folder = open_target(target, out, overrides or [])
     cells = select_cells(study, methods, rank)
     optima = measured_optima(folder, study, optima_file)
-    lr_stars = {cell_key(row): float(row["lr_star"]) for row in optima
-                if row.get("lr_star") not in (None, "")}
+    lr_stars = {optimum.cell: optimum.lr_star for optimum in optima}
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -103,9 +102,9 @@ def run_curvature(target: str, settings: Settings, out: Path | None = None,
     for cell, lrs in cells:
         log(f"measuring {cell.label}" + (f" r={cell.rank}" if cell.rank else ""))
         rows += measure_cell(bench, study, cell, lrs, settings, log=log,
-                             lr_star=lr_stars.get(cell_key(cell.columns())))
-    measured = {cell_key(r) for r in rows}
-    kept = [r for r in read_curvature_csv(folder) if cell_key(r) not in measured]
+                             lr_star=lr_stars.get(cell.recorded))
+    measured = {Cell.from_row(r) for r in rows}
+    kept = [r for r in read_curvature_csv(folder) if Cell.from_row(r) not in measured]
     write_curvature_csv(folder, kept + rows)
     text = markdown_report(f"Curvature: {study.name}",
                            curvature_tables(read_curvature_csv(folder), optima), [])

@@ -15,7 +15,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import pairwise
 
 import torch
 from torch import nn
@@ -30,7 +29,7 @@ from lorasweep.methods.base import NamedParams
 from lorasweep.methods.targets import resolve_targets
 from lorasweep.optim import build_optimizer, build_schedule, total_steps
 from lorasweep.recipe import resolve_recipe
-from lorasweep.space import Cell, TrialSpec, cells_of, target_text
+from lorasweep.space import Cell, TrialSpec, cells_of, grid_step, target_text
 from lorasweep.tasks import Task
 from lorasweep.train import accumulate_gradients, clip_or_drop
 from lorasweep.workbench import Workbench, attach_group, batch_order
@@ -103,13 +102,6 @@ def grid_middle(lrs: list[float]) -> float:
     return float(math.exp(statistics.mean(math.log(lr) for lr in lrs)))
 
 
-def grid_step(lrs: list[float]) -> float | None:
-    """log10 of the grid's typical LR ratio between neighbours: one 'grid step'."""
-    if len(lrs) < 2:
-        return None
-    return statistics.median(math.log10(b / a) for a, b in pairwise(lrs))
-
-
 def measure_cell(bench: Workbench, study: Study, cell: Cell, lrs: list[float], settings: Settings,
                  lr_star: float | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """curvature.csv rows of one cell: every block at init, and after warm-up when asked."""
@@ -123,7 +115,7 @@ def measure_cell(bench: Workbench, study: Study, cell: Cell, lrs: list[float], s
     blocks = blocks_of(bench.base, study, cell, params, settings.blocks)
     batches = [task.train.batch(index, 1) for index in
                batch_order(len(task.train), recipe.train.batch_size, settings.batches, seed)]
-    common = {**cell.columns(), "seed": seed, "lr_grid_step": grid_step(lrs)}
+    common = {**cell.to_row(), "seed": seed, "lr_grid_step": grid_step(lrs)}
 
     def stage(name: str, steps: int, optimizer: torch.optim.Optimizer | None) -> list[dict]:
         """Every block, plain and (given AdamW) preconditioned, over one gradient graph."""

@@ -22,22 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from lorasweep.analysis.optima import CELL_FIELDS
+from lorasweep.records import Optimum
+from lorasweep.space import Cell
 
 DEFAULT_P = 1.0
 ANCHOR_METHOD = "lora"
-
-
-def cell_key(row: dict) -> tuple[str, ...]:
-    """A cell's identity that is the same read from a CSV (strings) or from memory."""
-    def norm(value: object) -> str:
-        if value is None or value == "":
-            return ""
-        try:
-            return f"{float(value):g}"  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            return str(value)
-    return tuple(norm(row.get(field)) for field in CELL_FIELDS)
 
 
 def _true(value: object) -> bool:
@@ -46,7 +35,7 @@ def _true(value: object) -> bool:
 
 @dataclass
 class CellCurvature:
-    cell: dict
+    cell: Cell
     lam: float
     source: str  # "modules" (median over module blocks) or "joint"
     grid_step: float | None
@@ -66,23 +55,21 @@ class ExponentFit:
 
 def cell_curvatures(rows: list[dict]) -> list[CellCurvature]:
     """One curvature per cell from curvature.csv rows (init, not preconditioned), in file order."""
-    found: dict[tuple, dict[str, list[float]]] = {}
-    cells: dict[tuple, dict] = {}
-    steps: dict[tuple, float | None] = {}
+    found: dict[Cell, dict[str, list[float]]] = {}
+    steps: dict[Cell, float | None] = {}
     for row in rows:
         if row["stage"] != "init" or _true(row["preconditioned"]):
             continue
-        key = cell_key(row)
-        cells.setdefault(key, {f: row.get(f) for f in CELL_FIELDS})
+        cell = Cell.from_row(row)
         step = row.get("lr_grid_step")
-        steps[key] = float(step) if step not in (None, "") else None
+        steps[cell] = float(step) if step not in (None, "") else None
         kind = "joint" if row["block"] == "joint" else "modules"
-        found.setdefault(key, {}).setdefault(kind, []).append(float(row["lambda_max"]))
+        found.setdefault(cell, {}).setdefault(kind, []).append(float(row["lambda_max"]))
     out = []
-    for key, kinds in found.items():
+    for cell, kinds in found.items():
         source = "modules" if "modules" in kinds else "joint"
-        out.append(CellCurvature(cell=cells[key], lam=statistics.median(kinds[source]),
-                                 source=source, grid_step=steps[key]))
+        out.append(CellCurvature(cell=cell, lam=statistics.median(kinds[source]),
+                                 source=source, grid_step=steps[cell]))
     return out
 
 
@@ -100,18 +87,17 @@ def fit_exponent(points: list[tuple[float, float]]) -> ExponentFit | None:
     return ExponentFit(p=float(-fit.slope), low=low, high=high, n=len(points))
 
 
-def predict_lrs(curvatures: list[CellCurvature], optima: list[dict]
+def predict_lrs(curvatures: list[CellCurvature], optima: list[Optimum]
                 ) -> tuple[list[CellCurvature], ExponentFit | None]:
     """Fill each cell's measured and curvature-predicted LR; returns the cells and the fit of p
     over every cell with both numbers. Predictions need a LoRA cell with a measured optimum."""
-    measured = {cell_key(row): float(row["lr_star"]) for row in optima
-                if row.get("lr_star") not in (None, "")}
+    measured = {optimum.cell: optimum.lr_star for optimum in optima}
     for item in curvatures:
-        item.lr_star = measured.get(cell_key(item.cell))
+        item.lr_star = measured.get(item.cell)
     usable = [c for c in curvatures if c.lam > 0]
     known = [c for c in usable if c.lr_star is not None]
     fit = fit_exponent([(c.lam, c.lr_star) for c in known])
-    anchors = [c for c in known if c.cell["method"] == ANCHOR_METHOD]
+    anchors = [c for c in known if c.cell.method == ANCHOR_METHOD]
     if not anchors:
         return curvatures, fit
     anchor = anchors[0]

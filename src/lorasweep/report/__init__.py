@@ -9,19 +9,20 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorasweep.analysis.compare import (
-    cell_name,
-    fixed_lr_table,
-    pairwise,
-    tuned_peaks,
-)
-from lorasweep.analysis.optima import CELL_FIELDS, Optimum, find_optima
-from lorasweep.analysis.recipe import AxisFit, fit_recipe_axes
-from lorasweep.analysis.scaling import RankFit, fit_rank_scaling
-from lorasweep.analysis.transfer import CheckRow, check_rules, grid_steps, score_rules
+from lorasweep.analysis.compare import cell_name, fixed_lr_table
+from lorasweep.analysis.optima import Optimum
+from lorasweep.analysis.recipe import AxisFit
+from lorasweep.analysis.scaling import RankFit
+from lorasweep.analysis.summary import StudyAnalysis
+from lorasweep.analysis.transfer import CheckRow, score_rules
 from lorasweep.files import write_text
-from lorasweep.recipe import recipe_text
-from lorasweep.records import OPTIMA_CSV, read_curvature_csv, write_optima_csv, write_trials_csv
+from lorasweep.records import (
+    OPTIMA_CSV,
+    TrialRecord,
+    read_curvature_csv,
+    write_optima_csv,
+    write_trials_csv,
+)
 from lorasweep.report.answer import build_answer
 from lorasweep.report.curvature import curvature_tables
 from lorasweep.report.numbers import fmt
@@ -33,18 +34,25 @@ if TYPE_CHECKING:  # the store pulls in torch; reading a report does not need it
     from lorasweep.study.store import Store
 
 
-def build_tables(rows: list[dict], metric_name: str, maximize: bool) -> tuple[list[Table], dict]:
-    """Every table of the report, and what the figures and the answer need."""
-    optima = find_optima(rows, maximize)
-    optima_rows = [o.as_row() for o in optima]
-    peaks = tuned_peaks(rows, optima)
-    seeded = any(p.low is not None for p in peaks)  # some peak has an interval over seeds
-    fits = fit_rank_scaling(optima)
-    counts = Counter(r["status"] for r in rows)
-    tables = [Table(
+def build_tables(analysis: StudyAnalysis) -> list[Table]:
+    """Every table of the report, in the order it shows them."""
+    a = analysis
+    return [_trials_table(a.records), _optima_table(a.optima, a.metric_name),
+            *_peak_tables(a), *_shared_lr_tables(a.records, a.maximize),
+            *_rank_tables(a.rank_fits), *transfer_tables(a.transfer_checks),
+            *_recipe_tables(a.recipe_fits, a.metric_name),
+            *_target_tables(a.records, a.optima, a.metric_name), *_full_ratio_tables(a.optima)]
+
+
+def _trials_table(records: list[TrialRecord]) -> Table:
+    counts = Counter(r.status for r in records)
+    return Table(
         "Trials", "Every trial of the grid by status; diverged and failed trials are results too.",
-        ["status", "trials"], [[status, str(n)] for status, n in sorted(counts.items())])]
-    tables.append(Table(
+        ["status", "trials"], [[status, str(n)] for status, n in sorted(counts.items())])
+
+
+def _optima_table(optima: list[Optimum], metric_name: str) -> Table:
+    return Table(
         "Optimal learning rate per cell",
         "lr_best is the best grid LR; lr_star refines it with a parabola in log-LR; the interval "
         "is a bootstrap over seeds (none with one seed). edge: the optimum sits at the end of the "
@@ -57,59 +65,64 @@ def build_tables(rows: list[dict], metric_name: str, maximize: bool) -> tuple[li
           fmt(o.peak), fmt(o.peak_std), str(o.n_seeds),
           str(o.n_lrs) + (" (too few)" if o.n_lrs < 3 else ""), str(o.diverged),
           f"{o.edge}: add {', '.join(map(fmt, o.suggest))}" if o.suggest else o.edge]
-         for o in optima]))
-    if peaks:
-        spread = max(p.mean for p in peaks) - min(p.mean for p in peaks)
-        tables.append(Table(
-            "Compared at each cell's own tuned LR",
-            (f"Peaks with 95% bootstrap intervals over seeds; spread (max - min) {fmt(spread)}."
-             if seeded else
-             f"One seed per cell: each peak is a single run, so it has no interval and the "
-             f"spread (max - min) {fmt(spread)} may be seed noise; add seeds (search.seeds) to "
-             "tell. The pairwise differences and the peaks figure need seeds and are left out."),
-            ["cell", f"peak {metric_name}", "interval", "seeds"],
-            [[p.name, fmt(p.mean), f"{fmt(p.low)} - {fmt(p.high)}" if p.low is not None
-              else "-", str(len(p.values))] for p in peaks]))
-        diffs = pairwise(peaks) if seeded else []
-        if diffs:
-            tables.append(Table(
-                "Pairwise differences at tuned LR", "a - b, with 95% bootstrap intervals.",
-                ["a", "b", "difference", "interval"],
-                [[d["a"], d["b"], fmt(d["difference"]),
-                  f"{fmt(d['low'])} - {fmt(d['high'])}" if d["low"] is not None else "-"]
-                 for d in diffs]))
-    tables += _shared_lr_tables(rows, maximize)
-    if fits:
-        tables.append(Table(
-            "Optimal LR against rank",
-            "log lr_star = a + beta log r per method, lora_alpha and init, with a 95% interval "
-            "for beta (three ranks or more), beside the slope muA predicts.",
-            ["method", "lora_alpha", "init", "ranks", "beta", "interval", "muA"],
-            [[_family_name(f), str(f.alpha), str(f.init), " ".join(map(str, f.ranks)),
-              f"{f.beta:+.3f}", f"{f.beta_low:+.3f} - {f.beta_high:+.3f}"
-              if f.beta_low is not None else "-",
-              f"{f.predicted:+.3f}" if f.predicted is not None else "-"] for f in fits]))
-    tables += transfer_tables(check_rules([(optima, grid_steps(rows))]))
-    recipe_fits = fit_recipe_axes(rows, maximize)
-    tables += _recipe_tables(recipe_fits, metric_name)
-    tables += _target_tables(rows, optima, metric_name)
-    full = [o for o in optima if o.cell["method"] == "full"]
-    adapters = [o for o in optima if o.cell["method"] != "full" and o.cell.get("rank")]
-    if full and adapters:
-        tables.append(Table(
-            "LoRA / full fine-tuning LR ratio", "lr_star of each adapter cell over full "
-            "fine-tuning's (practitioners use about 10).",
-            ["cell", "ratio"],
-            [[cell_name(o.cell), fmt(o.lr_star / full[0].lr_star)] for o in adapters]))
-    return tables, {"optima": optima, "optima_rows": optima_rows, "peaks": peaks,
-                    "seeded": seeded, "fits": fits,
-                    "recipe_fits": recipe_fits,
-                    "answer": build_answer(rows, metric_name, maximize, optima, peaks)}
+         for o in optima])
 
 
-def _shared_lr_tables(rows: list[dict], maximize: bool) -> list[Table]:
+def _peak_tables(analysis: StudyAnalysis) -> list[Table]:
+    """The cells at their own tuned LR, and (with seeds) their pairwise differences."""
+    peaks, metric_name = analysis.peaks, analysis.metric_name
+    if not peaks:
+        return []
+    spread = max(p.mean for p in peaks) - min(p.mean for p in peaks)
+    tables = [Table(
+        "Compared at each cell's own tuned LR",
+        (f"Peaks with 95% bootstrap intervals over seeds; spread (max - min) {fmt(spread)}."
+         if analysis.seeded else
+         f"One seed per cell: each peak is a single run, so it has no interval and the "
+         f"spread (max - min) {fmt(spread)} may be seed noise; add seeds (search.seeds) to "
+         "tell. The pairwise differences and the peaks figure need seeds and are left out."),
+        ["cell", f"peak {metric_name}", "interval", "seeds"],
+        [[p.name, fmt(p.mean), f"{fmt(p.low)} - {fmt(p.high)}" if p.low is not None
+          else "-", str(len(p.values))] for p in peaks])]
+    if analysis.seeded and analysis.differences:
+        tables.append(Table(
+            "Pairwise differences at tuned LR", "a - b, with 95% bootstrap intervals.",
+            ["a", "b", "difference", "interval"],
+            [[d.a, d.b, fmt(d.difference),
+              f"{fmt(d.low)} - {fmt(d.high)}" if d.low is not None else "-"]
+             for d in analysis.differences]))
+    return tables
+
+
+def _rank_tables(fits: list[RankFit]) -> list[Table]:
+    if not fits:
+        return []
+    return [Table(
+        "Optimal LR against rank",
+        "log lr_star = a + beta log r per method, lora_alpha and init, with a 95% interval "
+        "for beta (three ranks or more), beside the slope muA predicts.",
+        ["method", "lora_alpha", "init", "ranks", "beta", "interval", "muA"],
+        [[_family_name(f), str(f.alpha), str(f.init), " ".join(map(str, f.ranks)),
+          f"{f.beta:+.3f}", f"{f.beta_low:+.3f} - {f.beta_high:+.3f}"
+          if f.beta_low is not None else "-",
+          f"{f.predicted:+.3f}" if f.predicted is not None else "-"] for f in fits])]
+
+
+def _full_ratio_tables(optima: list[Optimum]) -> list[Table]:
+    full = [o for o in optima if o.cell.method == "full"]
+    adapters = [o for o in optima if o.cell.method != "full" and o.cell.rank]
+    if not (full and adapters):
+        return []
+    return [Table(
+        "LoRA / full fine-tuning LR ratio", "lr_star of each adapter cell over full "
+        "fine-tuning's (practitioners use about 10).",
+        ["cell", "ratio"],
+        [[cell_name(o.cell), fmt(o.lr_star / full[0].lr_star)] for o in adapters])]
+
+
+def _shared_lr_tables(records: list[TrialRecord], maximize: bool) -> list[Table]:
     """What one shared LR would conclude, over only the LRs that two or more cells ran."""
-    names, fixed = fixed_lr_table(rows, maximize)
+    names, fixed = fixed_lr_table(records, maximize)
     if len(names) < 2:
         return []
     shared = [r for r in fixed if r["winner"]]
@@ -128,32 +141,30 @@ def _shared_lr_tables(rows: list[dict], maximize: bool) -> list[Table]:
 
 def _family_name(fit: RankFit) -> str:
     """A rank fit's method, with its target set and recipe when they are not the defaults."""
-    extras = [str(o) for o in fit.key[4:] if o not in (None, "", "all-linear")]
+    extras = [value for value in (fit.family.target_modules, fit.family.recipe)
+              if value not in (None, "all-linear")]
     return " ".join([fit.method, *extras])
 
 
 def series_name(fit: AxisFit) -> str:
     """The cells of a recipe fit, named by what they share."""
-    cell = {f: fit.fixed.get(f) for f in CELL_FIELDS}
-    cell["recipe"] = recipe_text({k: v for k, v in fit.fixed.items() if k not in CELL_FIELDS})
-    return cell_name(cell)
+    return cell_name(fit.series)
 
 
-def _target_tables(rows: list[dict], optima: list[Optimum], metric_name: str) -> list[Table]:
+def _target_tables(records: list[TrialRecord], optima: list[Optimum],
+                   metric_name: str) -> list[Table]:
     """Adapters on different target modules side by side with their trainable parameter counts
     (equal, to a rank, under search.match_params)."""
-    adapters = [o for o in optima if o.cell.get("target_modules") not in (None, "")]
-    if len({o.cell["target_modules"] for o in adapters}) < 2:
+    adapters = [o for o in optima if o.cell.target_modules is not None]
+    if len({o.cell.target_modules for o in adapters}) < 2:
         return []
-    params = {tuple(r.get(f) for f in CELL_FIELDS): r.get("trainable_params") for r in rows
-              if r.get("trainable_params") not in (None, "")}
+    params = {r.cell: r.trainable_params for r in records if r.trainable_params is not None}
     return [Table(
         "Target modules compared",
         "Each target set at its own tuned LR, with the trainable parameters of one trial "
         "(search.match_params scales each set's rank to the first set's count).",
         ["cell", "target modules", "trainable params", "lr_star", f"peak {metric_name}"],
-        [[cell_name(o.cell), str(o.cell["target_modules"]),
-          fmt(params.get(tuple(o.cell.get(f) for f in CELL_FIELDS))), fmt(o.lr_star),
+        [[cell_name(o.cell), str(o.cell.target_modules), fmt(params.get(o.cell)), fmt(o.lr_star),
           fmt(o.peak)] for o in adapters])]
 
 
@@ -207,37 +218,41 @@ def transfer_tables(checks: list[CheckRow]) -> list[Table]:
 
 def write_study_outputs(folder: Path, store: Store, study: Study) -> list[Path]:
     """trials.csv from the store, then the report on it, ranked by the study's metric."""
-    rows = write_trials_csv(folder, store, study.task.objective)
-    return write_report(folder, rows, study.task.objective, study.task.maximize, study.name)
+    records = write_trials_csv(folder, store, study.task.objective)
+    return write_report(folder, records, study.task.objective, study.task.maximize, study.name)
 
 
-def write_report(folder: Path, rows: list[dict], metric_name: str, maximize: bool,
+def write_report(folder: Path, records: list[TrialRecord], metric_name: str, maximize: bool,
                  title: str) -> list[Path]:
     """Write optima.csv, the figures, report.md and report.html into the study folder."""
-    tables, parts = build_tables(rows, metric_name, maximize)
-    tables += _curvature_section(folder, parts["optima_rows"])
-    write_optima_csv(folder, parts["optima"])
-    figures = [("Validation metric against learning rate",
-                metric_vs_lr(rows, metric_name, folder / "metric_vs_lr.png"))]
-    if parts["seeded"]:
-        figures.append(("Peaks at tuned LR",
-                        peaks_plot(parts["peaks"], metric_name, folder / "peaks.png")))
-    else:  # one seed: no intervals to draw; a figure from an earlier report would mislead
-        (folder / "peaks.png").unlink(missing_ok=True)
-    if parts["fits"]:
-        figures.append(("Optimal LR against rank",
-                        lr_star_vs_rank(parts["fits"], parts["optima_rows"],
-                                        folder / "lr_star_vs_rank.png")))
-    for axis in dict.fromkeys(f.axis for f in parts["recipe_fits"]):
-        members = [f for f in parts["recipe_fits"] if f.axis == axis]
-        figures.append((f"Optimal LR and peak against {axis}",
-                        lr_star_vs_axis(members, [series_name(f) for f in members], metric_name,
-                                        folder / f"lr_star_vs_{axis}.png")))
-    write_text(folder / "report.md", markdown_report(title, tables, figures, parts["answer"]))
-    write_text(folder / "report.html", html_report(title, tables, figures, parts["answer"]))
+    analysis = StudyAnalysis(records, metric_name, maximize)
+    tables = build_tables(analysis) + curvature_tables(read_curvature_csv(folder),
+                                                       analysis.optima)
+    write_optima_csv(folder, analysis.optima)
+    answer = build_answer(analysis)
+    figures = _figures(folder, analysis)
+    write_text(folder / "report.md", markdown_report(title, tables, figures, answer))
+    write_text(folder / "report.html", html_report(title, tables, figures, answer))
     return [folder / OPTIMA_CSV, folder / "report.md", folder / "report.html"]
 
 
-def _curvature_section(folder: Path, optima_rows: list[dict]) -> list[Table]:
-    """The tables of `lorasweep curvature`, where the folder has its curvature.csv."""
-    return curvature_tables(read_curvature_csv(folder), optima_rows)
+def _figures(folder: Path, analysis: StudyAnalysis) -> list[tuple[str, Path]]:
+    """Draw the report's figures into the folder; (caption, file) of each."""
+    metric_name = analysis.metric_name
+    figures = [("Validation metric against learning rate",
+                metric_vs_lr(analysis.records, metric_name, folder / "metric_vs_lr.png"))]
+    if analysis.seeded:
+        figures.append(("Peaks at tuned LR",
+                        peaks_plot(analysis.peaks, metric_name, folder / "peaks.png")))
+    else:  # one seed: no intervals to draw; a figure from an earlier report would mislead
+        (folder / "peaks.png").unlink(missing_ok=True)
+    if analysis.rank_fits:
+        figures.append(("Optimal LR against rank",
+                        lr_star_vs_rank(analysis.rank_fits, analysis.optima,
+                                        folder / "lr_star_vs_rank.png")))
+    for axis in dict.fromkeys(f.axis for f in analysis.recipe_fits):
+        members = [f for f in analysis.recipe_fits if f.axis == axis]
+        figures.append((f"Optimal LR and peak against {axis}",
+                        lr_star_vs_axis(members, [series_name(f) for f in members], metric_name,
+                                        folder / f"lr_star_vs_{axis}.png")))
+    return figures

@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from lorasweep.analysis.compare import Peak, cell_name, pairwise, tuned_peaks
-from lorasweep.analysis.optima import Optimum, find_optima
+from lorasweep.analysis.compare import Difference, Peak, cell_name, versus
+from lorasweep.analysis.optima import Optimum
+from lorasweep.analysis.summary import StudyAnalysis
 from lorasweep.recipe import parse_recipe
+from lorasweep.records import TrialRecord
 from lorasweep.report.numbers import fmt
 
 UNFINISHED = ("waiting", "running", "interrupted")
@@ -28,34 +30,30 @@ class AnswerPart:
     lines: list[str]
 
 
-def build_answer(rows: list[dict], metric_name: str, maximize: bool,
-                 optima: list[Optimum] | None = None,
-                 peaks: list[Peak] | None = None) -> list[AnswerPart]:
-    """The answer of a study from its trials.csv-style rows (optima and peaks when the caller
-    has them already)."""
-    optima = find_optima(rows, maximize) if optima is None else optima
+def build_answer(analysis: StudyAnalysis) -> list[AnswerPart]:
+    """The answer of a study, from the same optima, peaks and differences as its report."""
+    optima, metric_name, records = analysis.optima, analysis.metric_name, analysis.records
     if not optima:
-        return [AnswerPart("Best", ["no trial has finished yet"]), _next(rows, optima, [])]
-    peaks = tuned_peaks(rows, optima) if peaks is None else peaks
-    pick = max if maximize else min
+        return [AnswerPart("Best", ["no trial has finished yet"]), _next(records, optima, [])]
+    peaks = analysis.peaks
+    pick = max if analysis.maximize else min
     best = pick(range(len(peaks)), key=lambda i: peaks[i].mean)
     if len(peaks) > 1 and len({p.mean for p in peaks}) == 1:  # a tie: nothing to tell apart
         parts = [AnswerPart("Best", [f"none: every cell scored {metric_name} "
                                      f"{fmt(peaks[best].mean)} at its tuned LR"])]
-        versus = []
+        rivals = []
     else:
         parts = [AnswerPart("Best", [_best_line(optima[best], peaks[best], metric_name)])]
-        versus = [{**pairwise([peaks[i], peaks[best]])[0], "peak": peaks[i].mean}
-                  for i in range(len(peaks)) if i != best]
-    if versus:
-        parts.append(AnswerPart("Versus the best", _versus_lines(versus)))
+        rivals = versus(analysis.differences, best)
+    if rivals:
+        parts.append(AnswerPart("Versus the best", _versus_lines(rivals, peaks)))
     by_method = _best_per_method(optima, peaks, pick)
     parts.append(AnswerPart("Recommended LR (refined between grid LRs)", [
         _lr_line(method, optimum, optima) for method, optimum in by_method.items()]))
     ratio = _ratio_lines(by_method, optima)
     if ratio:
         parts.append(AnswerPart("LoRA / full-FT LR ratio", ratio))
-    parts.append(_next(rows, optima, versus))
+    parts.append(_next(records, optima, rivals))
     return parts
 
 
@@ -88,24 +86,24 @@ def _best_line(optimum: Optimum, peak: Peak, metric_name: str) -> str:
             f"{fmt(optimum.lr_best)}, {where}")
 
 
-def _versus_lines(versus: list[dict]) -> list[str]:
+def _versus_lines(rivals: list[Difference], peaks: list[Peak]) -> list[str]:
     """The other cells, closest first: each one's peak, its difference from the best and whether
     the 95% interval of that difference excludes 0 (a line first saying what one seed means)."""
-    versus = sorted(versus, key=lambda d: abs(d["difference"]))
+    rivals = sorted(rivals, key=lambda d: abs(d.difference))
     lines = []
-    if any(d["low"] is None for d in versus):
+    if any(d.low is None for d in rivals):
         lines.append("one seed, so no interval: seed noise alone may explain these differences; "
                      "add seeds to tell")
-    for d in versus[:SHOWN_OTHERS]:
-        if d["low"] is None:
-            lines.append(f"{d['a']} {fmt(d['peak'])} (difference {fmt(d['difference'])})")
+    for d in rivals[:SHOWN_OTHERS]:
+        peak = fmt(peaks[d.i].mean)
+        if d.low is None or d.high is None:
+            lines.append(f"{d.a} {peak} (difference {fmt(d.difference)})")
             continue
-        verdict = ("distinguishable" if d["low"] > 0 or d["high"] < 0
-                   else "not distinguishable")
-        lines.append(f"{d['a']} {fmt(d['peak'])}: {verdict} (difference {fmt(d['difference'])}, "
-                     f"95% interval {interval_text(d['low'], d['high'])})")
-    if len(versus) > SHOWN_OTHERS:
-        more = len(versus) - SHOWN_OTHERS
+        verdict = "distinguishable" if d.low > 0 or d.high < 0 else "not distinguishable"
+        lines.append(f"{d.a} {peak}: {verdict} (difference {fmt(d.difference)}, "
+                     f"95% interval {interval_text(d.low, d.high)})")
+    if len(rivals) > SHOWN_OTHERS:
+        more = len(rivals) - SHOWN_OTHERS
         lines.append(f"and {more} more cell{'s' if more > 1 else ''}, further from the best")
     return lines
 
@@ -114,7 +112,7 @@ def _best_per_method(optima: list[Optimum], peaks: list[Peak], pick) -> dict[str
     """Each method's best cell (by its peak at tuned LR), methods in the report's order."""
     cells: dict[str, list[int]] = defaultdict(list)
     for i, optimum in enumerate(optima):
-        cells[optimum.cell["method"]].append(i)
+        cells[optimum.cell.label].append(i)
     return {method: optima[pick(members, key=lambda i: peaks[i].mean)]
             for method, members in cells.items()}
 
@@ -130,11 +128,11 @@ def _edge_warning(optimum: Optimum) -> str:
 def _span(method: str, optima: list[Optimum], scale: float = 1.0) -> str:
     """The range of a method's lr_star over its cells (divided by `scale`), when it has several
     that differ, naming the recipe axes they differ in (their own section of the report)."""
-    cells = [o for o in optima if o.cell["method"] == method]
+    cells = [o for o in optima if o.cell.label == method]
     low, high = (fmt(f(o.lr_star for o in cells) / scale) for f in (min, max))
     if low == high:
         return ""
-    axes = sorted({axis for o in cells for axis in parse_recipe(o.cell.get("recipe"))})
+    axes = sorted({axis for o in cells for axis in parse_recipe(o.cell.recipe)})
     see = f" (with {', '.join(axes)}: see Optimal LR against {axes[0]})" if axes else ""
     return f"; its {len(cells)} cells range {low} to {high}{see}"
 
@@ -145,7 +143,7 @@ def _lr_line(method: str, optimum: Optimum, optima: list[Optimum]) -> str:
                 "so it has no optimum")
     spread = (f"95% interval {interval_text(optimum.lr_star_low, optimum.lr_star_high)}"
               if optimum.lr_star_low is not None else "one seed: no interval")
-    several = sum(o.cell["method"] == method for o in optima) > 1
+    several = sum(o.cell.label == method for o in optima) > 1
     where = f" at its best cell {cell_name(optimum.cell)}" if several else ""
     return (f"{method}: {fmt(optimum.lr_star)}{where} ({spread}){_span(method, optima)}"
             f"{_edge_warning(optimum)}")
@@ -183,10 +181,11 @@ def _ratio_lines(by_method: dict[str, Optimum], optima: list[Optimum]) -> list[s
     return lines
 
 
-def _next(rows: list[dict], optima: list[Optimum], versus: list[dict]) -> AnswerPart:
+def _next(records: list[TrialRecord], optima: list[Optimum],
+          rivals: list[Difference]) -> AnswerPart:
     """What to run next: finish, rerun failures, widen grids at an edge, add seeds, train
     longer where every LR scored the same."""
-    counts = Counter(r["status"] for r in rows)
+    counts = Counter(r.status for r in records)
     actions = []
     unfinished = sum(counts[s] for s in UNFINISHED)
     if unfinished:
@@ -200,10 +199,10 @@ def _next(rows: list[dict], optima: list[Optimum], versus: list[dict]) -> Answer
     widen: dict[tuple[str, str], set[float]] = defaultdict(set)
     for optimum in optima:
         if optimum.edge in ("low", "high"):
-            widen[optimum.cell["method"], optimum.edge].update(optimum.suggest)
+            widen[optimum.cell.label, optimum.edge].update(optimum.suggest)
     for (method, edge), lrs in widen.items():
         cells = [cell_name(o.cell) for o in optima
-                 if o.cell["method"] == method and o.edge == edge]
+                 if o.cell.label == method and o.edge == edge]
         actions.append(f"widen {method}'s LR grid {'down' if edge == 'low' else 'up'}: add "
                        f"{', '.join(fmt(lr) for lr in sorted(lrs))} ({', '.join(cells)} "
                        f"{'peaks' if len(cells) == 1 else 'peak'} at the {edge} edge)")
@@ -211,11 +210,13 @@ def _next(rows: list[dict], optima: list[Optimum], versus: list[dict]) -> Answer
     if flat:
         actions.append(f"train longer (train.steps) or widen the grid: {', '.join(flat)} scored "
                        "the same at every LR")
-    if any(d["low"] is None for d in versus):
+    overlapping = [d for d in rivals
+                   if d.low is not None and d.high is not None and d.low <= 0 <= d.high]
+    if any(d.low is None for d in rivals):
         actions.append("add seeds (search.seeds, e.g. [0, 1, 2]) to tell the cells apart: "
                        "with one seed no difference has an interval")
-    elif any(d["low"] <= 0 <= d["high"] for d in versus):
-        overlap = sum(d["low"] <= 0 <= d["high"] for d in versus)
+    elif overlapping:
+        overlap = len(overlapping)
         actions.append(f"add seeds (search.seeds) to separate the best from the {overlap} "
                        f"cell{'s' if overlap > 1 else ''} whose difference interval includes 0")
     if not actions:

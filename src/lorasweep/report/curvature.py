@@ -15,11 +15,12 @@ from lorasweep.curvature.predict import (
     ANCHOR_METHOD,
     DEFAULT_P,
     cell_curvatures,
-    cell_key,
     predict_lrs,
 )
+from lorasweep.records import Optimum
 from lorasweep.report.numbers import fmt
 from lorasweep.report.tables import Table
+from lorasweep.space import Cell
 
 
 def _stage_name(row: dict) -> str:
@@ -33,11 +34,11 @@ def _stage_name(row: dict) -> str:
 def eigenvalue_table(rows: list[dict]) -> Table:
     """lambda_max per cell and stage: joint, median over modules, and per module type."""
     types = list(dict.fromkeys(r["module_type"] for r in rows if r["block"] != "joint"))
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple[Cell, str], list[dict]] = {}
     for row in rows:
-        groups.setdefault((cell_key(row), _stage_name(row)), []).append(row)
+        groups.setdefault((Cell.from_row(row), _stage_name(row)), []).append(row)
     table_rows = []
-    for (_, stage), members in groups.items():
+    for (cell, stage), members in groups.items():
         joint = [r for r in members if r["block"] == "joint"]
         modules = [r for r in members if r["block"] != "joint"]
 
@@ -47,7 +48,7 @@ def eigenvalue_table(rows: list[dict]) -> Table:
 
         done = sum(str(r["converged"]) == "True" for r in members)
         table_rows.append([
-            cell_name(members[0]), stage,
+            cell_name(cell), stage,
             fmt(float(joint[0]["lambda_max"])) if joint else "-",
             fmt(float(joint[0]["lambda_min"])) if joint else "-",
             median(modules),
@@ -67,12 +68,12 @@ def eigenvalue_table(rows: list[dict]) -> Table:
         table_rows)
 
 
-def prediction_table(rows: list[dict], optima_rows: list[dict]) -> Table | None:
+def prediction_table(rows: list[dict], optima: list[Optimum]) -> Table | None:
     """lambda against each cell's measured optimum, and the LR the curvature predicts."""
-    curvatures, fit = predict_lrs(cell_curvatures(rows), optima_rows)
+    curvatures, fit = predict_lrs(cell_curvatures(rows), optima)
     if not curvatures or not any(c.lr_star is not None for c in curvatures):
         return None
-    anchor = next((c for c in curvatures if c.cell["method"] == ANCHOR_METHOD), None)
+    anchor = next((c for c in curvatures if c.cell.method == ANCHOR_METHOD), None)
     if fit is None:
         fitted = "p cannot be fitted (fewer than two cells with an optimum and a curvature)"
     else:
@@ -93,9 +94,9 @@ def prediction_table(rows: list[dict], optima_rows: list[dict]) -> Table | None:
           f"{c.error_steps:+.2f}" if c.error_steps is not None else "-"] for c in curvatures])
 
 
-def curvature_tables(rows: list[dict], optima_rows: list[dict]) -> list[Table]:
+def curvature_tables(rows: list[dict], optima: list[Optimum]) -> list[Table]:
     """The section's tables; none without curvature rows."""
     if not rows:
         return []
-    prediction = prediction_table(rows, optima_rows)
+    prediction = prediction_table(rows, optima)
     return [eigenvalue_table(rows), *([prediction] if prediction else [])]

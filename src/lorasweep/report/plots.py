@@ -12,10 +12,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from lorasweep.analysis.compare import Peak, cell_name
-from lorasweep.analysis.optima import CELL_FIELDS
 from lorasweep.analysis.recipe import AxisFit
-from lorasweep.analysis.scaling import RankFit, family_key
+from lorasweep.analysis.scaling import RankFit
 from lorasweep.files import atomic_path
+from lorasweep.records import Optimum, TrialRecord
 
 
 def _save(fig, path: Path) -> Path:
@@ -26,29 +26,29 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def metric_vs_lr(rows: list[dict], metric_name: str, path: Path) -> Path:
+def metric_vs_lr(records: list[TrialRecord], metric_name: str, path: Path) -> Path:
     """One panel per rank (full fine-tuning, rank-less, appears in every panel, dashed): the mean
     over seeds as a line, the seeds' range as a band, diverged trials as x on the axis."""
     curves: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     diverged: dict[str, list[float]] = defaultdict(list)
-    rank_of: dict[str, object] = {}
-    for row in rows:
-        name = cell_name({f: row.get(f) for f in CELL_FIELDS})
-        rank_of[name] = row.get("rank")
-        if row["status"] == "complete" and row.get("metric") is not None:
-            curves[name][float(row["lr"])].append(float(row["metric"]))
-        elif row["status"] == "diverged":
-            diverged[name].append(float(row["lr"]))
-    ranks = sorted({r for r in rank_of.values() if r not in (None, "")}, key=int) or [None]
+    rank_of: dict[str, int | None] = {}
+    for record in records:
+        name = cell_name(record.cell)
+        rank_of[name] = record.cell.rank
+        if record.status == "complete" and record.metric is not None:
+            curves[name][record.lr].append(record.metric)
+        elif record.status == "diverged":
+            diverged[name].append(record.lr)
+    ranks: list[int | None] = sorted({r for r in rank_of.values() if r is not None}) or [None]
     fig, axes = plt.subplots(1, len(ranks), figsize=(5.2 * len(ranks), 4.2), squeeze=False,
                              sharey=True)
     colors = dict(zip(sorted(rank_of), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10,
                       strict=False))
     for ax, rank in zip(axes[0], ranks, strict=True):
         for name in sorted(rank_of):
-            if rank_of[name] not in (None, "") and rank_of[name] != rank:
+            if rank_of[name] is not None and rank_of[name] != rank:
                 continue
-            style = "--" if rank_of[name] in (None, "") else "-"
+            style = "--" if rank_of[name] is None else "-"
             points = sorted(curves[name].items())
             if points:
                 lrs = [lr for lr, _ in points]
@@ -69,17 +69,17 @@ def metric_vs_lr(rows: list[dict], metric_name: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def lr_star_vs_rank(fits: list[RankFit], optima_rows: list[dict], path: Path) -> Path:
+def lr_star_vs_rank(fits: list[RankFit], optima: list[Optimum], path: Path) -> Path:
     """Optimal LR against rank on log-log axes, the fitted slope solid, muA's dashed."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for fit in fits:
-        members = [o for o in optima_rows
-                   if o["rank"] not in (None, "") and family_key(o) == fit.key]
-        members.sort(key=lambda o: int(o["rank"]))
-        ranks = np.array([int(o["rank"]) for o in members])
-        stars = np.array([o["lr_star"] for o in members])
-        low = np.array([o["lr_star_low"] or s for o, s in zip(members, stars, strict=True)])
-        high = np.array([o["lr_star_high"] or s for o, s in zip(members, stars, strict=True)])
+        members = sorted((o for o in optima
+                          if o.cell.rank is not None and o.cell.family == fit.family),
+                         key=lambda o: o.cell.rank)
+        ranks = np.array([o.cell.rank for o in members])
+        stars = np.array([o.lr_star for o in members])
+        low = np.array([o.lr_star_low or s for o, s in zip(members, stars, strict=True)])
+        high = np.array([o.lr_star_high or s for o, s in zip(members, stars, strict=True)])
         label = f"{fit.method} a={fit.alpha} {fit.init}"
         bars = ax.errorbar(ranks, stars, yerr=[stars - low, high - stars], fmt="o", capsize=3,
                            label=f"{label}: beta {fit.beta:+.2f}")

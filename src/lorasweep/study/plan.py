@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lorasweep.analysis.optima import Optimum, find_optima
-from lorasweep.analysis.scaling import family_key
 from lorasweep.analysis.transfer import Family, Target, predict
 from lorasweep.config import Study
+from lorasweep.records import TrialRecord
 from lorasweep.space import Cell, TrialSpec, expand_trials
 
 if TYPE_CHECKING:
@@ -60,15 +60,16 @@ def widened(lrs: list[float], ran: list[float], edge: str) -> list[float]:
     return ran
 
 
-def _rows(trials: list[TrialSpec], outcomes: dict[str, Outcome]) -> list[dict]:
-    """trials.csv-style rows of the trials that have an outcome, for analysis.optima."""
-    return [{**t.cell.columns(), "lr": t.lr, "seed": t.seed, "status": outcomes[t.key][0],
-             "metric": outcomes[t.key][1]} for t in trials if t.key in outcomes]
+def _records(trials: list[TrialSpec], outcomes: dict[str, Outcome]) -> list[TrialRecord]:
+    """The trials that have an outcome, as the analysis reads them."""
+    return [TrialRecord(trial=t.grid_id, cell=t.cell, lr=t.lr, seed=t.seed,
+                        status=outcomes[t.key][0], metric=outcomes[t.key][1])
+            for t in trials if t.key in outcomes]
 
 
 def _optimum(trials: list[TrialSpec], outcomes: dict[str, Outcome],
              maximize: bool) -> Optimum | None:
-    found = find_optima(_rows(trials, outcomes), maximize)
+    found = find_optima(_records(trials, outcomes), maximize)
     return found[0] if found else None
 
 
@@ -125,7 +126,7 @@ def _lrs_for(trials: list[TrialSpec], sources: list[list[TrialSpec]], target: Ta
     for source in sources:
         optimum = _optimum(source, outcomes, maximize)
         if optimum is not None and optimum.edge != "flat":
-            family = Family(family_key(optimum.cell), [optimum], [math.nan])
+            family = Family(optimum.cell.family, [optimum], [math.nan])
             predicted += [p.lr for p in predict(family, target, {})[:1]]
     if not predicted:
         return None
