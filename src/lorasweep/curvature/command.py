@@ -26,8 +26,7 @@ from lorasweep.records import (
 )
 from lorasweep.report.curvature import curvature_tables
 from lorasweep.report.tables import markdown_report
-from lorasweep.study.folder import STUDY_FILE, load_folder_study
-from lorasweep.study.store import JOURNAL_NAME, Store
+from lorasweep.study.folder import STUDY_FILE, load_folder_study, open_for_reading, started
 from lorasweep.workbench import load_workbench
 
 CURVATURE_MD = "curvature.md"
@@ -73,11 +72,10 @@ def measured_optima(folder: Path, study: Study, optima_file: Path | None) -> lis
     """Optima rows: from --optima, else from the folder's trials, else from its optima.csv."""
     if optima_file is not None:
         return [o.as_row() for o in read_optima_csv(optima_file, f"--optima {optima_file}")]
-    if (folder / JOURNAL_NAME).exists():
-        maximize = study.task.maximize
-        store = Store(folder, study.name, maximize=maximize, create=False)
+    if started(folder):  # its records, in its journal or its database
+        _, store = open_for_reading(folder)
         rows = trial_rows(store, study.task.objective)
-        return [o.as_row() for o in find_optima(rows, maximize)]
+        return [o.as_row() for o in find_optima(rows, study.task.maximize)]
     if (folder / OPTIMA_CSV).exists():
         return [o.as_row() for o in read_optima_csv(folder / OPTIMA_CSV)]
     return []
