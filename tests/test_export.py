@@ -19,8 +19,7 @@ from lorasweep.records import OPTIMA_CSV
 from lorasweep.space import TrialSpec
 from lorasweep.study.backend import JOURNAL_NAME
 from lorasweep.study.defaults import STORAGE_ENV
-from lorasweep.study.folder import STORAGE_FILE, load_folder_study, weights_path
-from lorasweep.study.store import Store
+from lorasweep.study.folder import STORAGE_FILE, load_folder_study, open_for_reading, weights_path
 from lorasweep.workbench import attach_trials
 
 from .conftest import make_records, read_rows, tiny_study, write_jsonl
@@ -63,8 +62,9 @@ def test_export_reproduces_outputs(finished_study: Path, tmp_path: Path, method)
     study = load_folder_study(finished_study)
     tokenizer = load_tokenizer(study.model)
     base = load_model(study.model, "classification", 3, tokenizer)
-    spec = next(TrialSpec.from_attrs(t.user_attrs) for t in Store(finished_study, "tiny", True)
-                .trials() if t.user_attrs["grid_id"] == int(row["trial"]))
+    _, store = open_for_reading(finished_study)
+    spec = next(TrialSpec.from_attrs(t.user_attrs) for t in store.trials()
+                if t.user_attrs["grid_id"] == int(row["trial"]))
     ours = trained_model(finished_study, spec, base)
     theirs = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
     ids = torch.randint(1000, 3000, (4, 10), generator=torch.Generator().manual_seed(0))
