@@ -77,6 +77,23 @@ def tiny_study(data: dict[str, Path], **sections: dict) -> dict:
     return study
 
 
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL server of the module's own (skipped where PostgreSQL is not installed,
+    failed instead with LORASWEEP_REQUIRE_POSTGRES set, as in .ci/run)."""
+    from .postgres_server import PostgresServer, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        if os.environ.get("LORASWEEP_REQUIRE_POSTGRES"):
+            pytest.fail("PostgreSQL's binaries are missing (Debian package postgresql)")
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
+    server = PostgresServer(bindir)
+    server.start()
+    yield server
+    server.remove()
+
+
 @pytest.fixture
 def study_file(tmp_path: Path, data_files: dict[str, Path]):
     """Write a tiny study (with optional section overrides) and return its path."""

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 
 from lorasweep.cli import main
+from lorasweep.curvature.command import measured_optima
 from lorasweep.models import load_model, load_tokenizer
+from lorasweep.records import OPTIMA_CSV
 from lorasweep.space import TrialSpec
-from lorasweep.study.folder import load_folder_study, weights_path
-from lorasweep.study.store import Store
+from lorasweep.study.backend import JOURNAL_NAME
+from lorasweep.study.defaults import STORAGE_ENV
+from lorasweep.study.folder import STORAGE_FILE, load_folder_study, open_for_reading, weights_path
 from lorasweep.workbench import attach_trials
 
-from .conftest import read_rows
+from .conftest import make_records, read_rows, tiny_study, write_jsonl
 
 
 def trained_model(folder: Path, spec: TrialSpec, base: torch.nn.Module) -> torch.nn.Module:
@@ -32,8 +37,6 @@ def trained_model(folder: Path, spec: TrialSpec, base: torch.nn.Module) -> torch
 
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory, request) -> Path:
-    from .conftest import make_records, tiny_study, write_jsonl
-
     root = tmp_path_factory.mktemp("export")
     data = {"train": write_jsonl(root / "train.jsonl", make_records(120, 0)),
             "test": write_jsonl(root / "test.jsonl", make_records(30, 1))}
@@ -41,8 +44,6 @@ def finished_study(tmp_path_factory, request) -> Path:
                        search={"methods": ["lora", "rslora", "loraplus", "dora", "pissa",
                                            "olora", "init_ab", "random_ab", "full"],
                                "lr": [3e-3]})
-    import yaml
-
     path = root / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     assert main(["run", str(path), "--out", str(root / "study")]) == 0
@@ -61,8 +62,9 @@ def test_export_reproduces_outputs(finished_study: Path, tmp_path: Path, method)
     study = load_folder_study(finished_study)
     tokenizer = load_tokenizer(study.model)
     base = load_model(study.model, "classification", 3, tokenizer)
-    spec = next(TrialSpec.from_attrs(t.user_attrs) for t in Store(finished_study, "tiny", True)
-                .trials() if t.user_attrs["grid_id"] == int(row["trial"]))
+    _, store = open_for_reading(finished_study)
+    spec = next(TrialSpec.from_attrs(t.user_attrs) for t in store.trials()
+                if t.user_attrs["grid_id"] == int(row["trial"]))
     ours = trained_model(finished_study, spec, base)
     theirs = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
     ids = torch.randint(1000, 3000, (4, 10), generator=torch.Generator().manual_seed(0))
@@ -78,3 +80,72 @@ def test_export_refuses_full_fine_tuning_and_unknown_trials(finished_study, tmp_
     assert "full fine-tuning" in capsys.readouterr().err
     assert main(["export", str(finished_study), "--trial", "999", str(tmp_path / "y")]) == 2
     assert "no such trial" in capsys.readouterr().err
+
+
+def adapter(out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An exported adapter folder's config and tensors."""
+    return (json.loads((out / "adapter_config.json").read_text()),
+            load_file(str(out / "adapter_model.safetensors")))
+
+
+@pytest.fixture(scope="module")
+def in_database_and_journal(tmp_path_factory, postgres) -> tuple[Path, Path, str]:
+    """One LoRA trial run twice: its records in PostgreSQL (a password-protected role), then in
+    the folder's journal; the two folders and the database URL with its password."""
+    root = tmp_path_factory.mktemp("storages")
+    data = {"train": write_jsonl(root / "train.jsonl", make_records(120, 0)),
+            "test": write_jsonl(root / "test.jsonl", make_records(30, 1))}
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(tiny_study(data, train={"steps": 6},
+                                              search={"methods": ["lora"], "lr": [3e-3]})))
+    url = postgres.new_database(password="pw-export")
+    assert main(["run", str(path), "--out", str(root / "database"), "--storage", url]) == 0
+    assert main(["run", str(path), "--out", str(root / "journal")]) == 0
+    assert (root / "database" / STORAGE_FILE).exists()
+    assert not (root / "database" / JOURNAL_NAME).exists(), "its records are in the database"
+    return root / "database", root / "journal", url
+
+
+def test_export_reads_a_postgres_backed_folder(in_database_and_journal, tmp_path, monkeypatch,
+                                               capsys):
+    """`export` finds the trial in the database the folder names (the password from
+    $LORASWEEP_STORAGE, as `status` and `report` take it) and writes the adapter the same
+    study's journal-backed folder exports."""
+    in_database, in_journal, url = in_database_and_journal
+    assert main(["export", str(in_database), "--trial", "0", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "password" in err[0] and "pw-export" not in err[0], err
+    monkeypatch.setenv(STORAGE_ENV, url)
+    for folder in (in_database, in_journal):
+        assert main(["export", str(folder), "--trial", "0", str(tmp_path / folder.name)]) == 0
+    config, tensors = adapter(tmp_path / "database")
+    journal_config, journal_tensors = adapter(tmp_path / "journal")
+    assert config == journal_config and tensors.keys() == journal_tensors.keys()
+    assert all(torch.equal(tensors[name], journal_tensors[name]) for name in tensors)
+
+
+def test_curvature_reads_optima_from_a_postgres_backed_folder(in_database_and_journal,
+                                                              monkeypatch):
+    """`lorasweep curvature DIR` takes measured optima from the folder's records wherever they
+    live, not from the journal file only."""
+    in_database, in_journal, url = in_database_and_journal
+    monkeypatch.setenv(STORAGE_ENV, url)
+    (in_database / OPTIMA_CSV).unlink(missing_ok=True)  # only its records can answer
+    study = load_folder_study(in_database)
+    from_database = measured_optima(in_database, study, None)
+    assert len(from_database) == 1
+    # repr: NaN (one LR, no refinement) compares equal only as text
+    assert repr(from_database) == repr(measured_optima(in_journal, study, None))
+
+
+def test_export_of_a_study_not_started_is_one_line(tmp_path, capsys):
+    """A folder with its study file but no records: one line, exit 2, and nothing written."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    data = {"train": tmp_path / "train.jsonl", "test": tmp_path / "test.jsonl"}
+    (folder / "study.yaml").write_text(yaml.safe_dump(tiny_study(data)))
+    assert main(["export", str(folder), "--trial", "0", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lorasweep: error: {folder}: the study has not started (no {JOURNAL_NAME})"]
+    assert sorted(p.name for p in folder.iterdir()) == ["study.yaml"]
+    assert not (tmp_path / "out").exists()

@@ -19,9 +19,8 @@ from lorasweep.analysis.optima import find_optima
 from lorasweep.cli import main
 from lorasweep.config import dump_study, load_study
 from lorasweep.space import expand_trials
-from lorasweep.study.folder import describe_environment
-from lorasweep.study.runner import open_study_store
-from lorasweep.study.storage import JOURNAL_NAME
+from lorasweep.study.backend import JOURNAL_NAME
+from lorasweep.study.folder import describe_environment, open_for_running
 from lorasweep.study.store import Store
 from lorasweep.workbench import load_workbench
 
@@ -45,7 +44,7 @@ def started(tmp_path: Path, study_file) -> Path:
     """A started study folder (its journal holds the study and its queued trials)."""
     folder = tmp_path / "study"
     study = load_study(study_file())
-    store = open_study_store(study, folder, None)
+    store = open_for_running(study, folder, None)
     store.configure(dump_study(study))
     store.sync(expand_trials(study))
     return folder
@@ -94,8 +93,8 @@ def test_a_dead_processs_journal_lock_is_released_at_once(started: Path):
     journal = str(started / JOURNAL_NAME)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\n"
-         "from lorasweep.study.storage import SafeJournalFileBackend\n"
-         "SafeJournalFileBackend(sys.argv[1])._lock.acquire()\n"
+         "from lorasweep.study.backend import journal_lock\n"
+         "journal_lock(sys.argv[1]).acquire()\n"
          "print('held', flush=True); time.sleep(600)", journal], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     holder.kill()

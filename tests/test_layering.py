@@ -30,7 +30,7 @@ LAYERS = [
     ["lorasweep.workbench", "lorasweep.optim"],  # groups: what a trial starts from
     ["lorasweep.train", "lorasweep.study.memory", "lorasweep.curvature.hvp",
      "lorasweep.curvature.lanczos", "lorasweep.curvature.measure"],
-    ["lorasweep.study.storage", "lorasweep.study.store"],
+    ["lorasweep.study.backend", "lorasweep.study.store"],
     ["lorasweep.analysis", "lorasweep.curvature.predict"],
     ["lorasweep.report"],
     ["lorasweep.study", "lorasweep.curvature", "lorasweep.export", "lorasweep.suggest",

@@ -24,12 +24,11 @@ from optuna.trial import TrialState
 from lorasweep.config import dump_study, load_study
 from lorasweep.errors import StudyError
 from lorasweep.space import expand_trials
+from lorasweep.study.folder import open_for_running
 from lorasweep.study.local_workers import gpu_assignment, worker_threads
-from lorasweep.study.runner import open_study_store
 from lorasweep.study.store import Store
 
 from .conftest import make_records, tiny_study, write_jsonl
-from .postgres_server import PostgresServer, find_bindir
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
 RESULT_ATTRS = ("train_loss", "val_accuracy", "val_eval_loss", "steps")
@@ -78,24 +77,11 @@ def results(store: Store) -> dict[str, dict]:
             for t in finished}
 
 
-@pytest.fixture(scope="module")
-def postgres():
-    bindir = find_bindir()
-    if bindir is None:
-        if os.environ.get("LORASWEEP_REQUIRE_POSTGRES"):
-            pytest.fail("PostgreSQL's binaries are missing (Debian package postgresql)")
-        pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
-    server = PostgresServer(bindir)
-    server.start()
-    yield server
-    server.remove()
-
-
 def create_study(study_path: Path, folder: Path, url: str | None, lease: float,
                  max_attempts: int) -> Store:
     """What `lorasweep run` does before its workers start: the study and its queue, once."""
     study = load_study(study_path)
-    store = open_study_store(study, folder, url)
+    store = open_for_running(study, folder, url)
     store.configure(dump_study(study), lease_seconds=lease, max_attempts=max_attempts)
     store.sync(expand_trials(study))
     return store

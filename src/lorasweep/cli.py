@@ -227,9 +227,9 @@ def _work_options(args: argparse.Namespace):
     """Check the device, thread and group options shared by `run` and `worker`."""
     import torch
 
+    from lorasweep.study.backend import check_storage_url
     from lorasweep.study.memory import parse_memory
     from lorasweep.study.runner import WorkOptions
-    from lorasweep.study.storage import check_storage_url
 
     if args.storage is not None:
         check_storage_url(args.storage)  # before any model is loaded
@@ -309,7 +309,7 @@ def _export(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from lorasweep.records import TRIALS_CSV, read_trials_csv
     from lorasweep.report import write_report, write_study_outputs
-    from lorasweep.study.folder import load_folder_study, open_folder_store, started
+    from lorasweep.study.folder import load_folder_study, open_for_reading, started
 
     if not started(args.folder) and (args.folder / TRIALS_CSV).exists():
         # a folder of results without its records (a copy, an example): report its trials.csv
@@ -317,7 +317,7 @@ def _report(args: argparse.Namespace) -> int:
         paths = write_report(args.folder, read_trials_csv(args.folder), study.task.objective,
                              study.task.maximize, study.name)
     else:
-        study, store = open_folder_store(args.folder)
+        study, store = open_for_reading(args.folder)
         paths = write_study_outputs(args.folder, store, study)
     for path in paths:
         print(f"wrote {path}")
@@ -334,14 +334,14 @@ def _print_status(folder: Path, storage_url: str | None = None) -> None:
     from lorasweep.analysis.summary import StudyAnalysis
     from lorasweep.records import TRIALS_CSV, TrialRecord, read_trials_csv, trial_rows
     from lorasweep.report.answer import answer_text, build_answer
-    from lorasweep.study.folder import load_folder_study, open_folder_store, started
+    from lorasweep.study.folder import load_folder_study, open_for_reading, started
 
     store = None
     if not started(folder) and (folder / TRIALS_CSV).exists():  # results without records
         study = load_folder_study(folder)
         records = read_trials_csv(folder)
     else:
-        study, store = open_folder_store(folder, storage_url=storage_url)
+        study, store = open_for_reading(folder, storage_url=storage_url)
         rows = trial_rows(store, study.task.objective)
         records = [TrialRecord.from_row(row) for row in rows]
     metric = study.task.objective

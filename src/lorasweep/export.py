@@ -20,28 +20,31 @@ from lorasweep.methods.stacked import StackedLoRALinear
 from lorasweep.methods.targets import resolve_targets, uses_conv1d
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.space import TrialSpec
-from lorasweep.study.folder import load_folder_study, weights_path
+from lorasweep.study.folder import open_for_reading, weights_path
 from lorasweep.study.store import Store
 from lorasweep.tasks import build_task, num_labels
 from lorasweep.variants import get_init, variant
 from lorasweep.workbench import attach_trials
 
 
-def find_trial(folder: Path, grid_id: int, maximize: bool, name: str) -> TrialSpec:
-    store = Store(folder, name, maximize=maximize, create=False)
+def find_trial(store: Store, grid_id: int) -> TrialSpec:
+    """The spec of a complete trial, by its number (trials.csv's `trial`)."""
     for status, trial, _ in store.latest_by_key().values():
         spec = TrialSpec.from_attrs(trial.user_attrs)
         if spec.grid_id == grid_id:
             if status != "complete":
                 raise StudyError(f"--trial {grid_id}: the trial is {status}, not complete")
             return spec
-    raise StudyError(f"--trial {grid_id}: no such trial in {folder}")
+    raise StudyError(f"--trial {grid_id}: no such trial in {store.folder}")
 
 
 def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
-    """Write the PEFT adapter of trial `grid_id` of the study in `folder` to `out`."""
-    study = load_folder_study(folder)
-    spec = find_trial(folder, grid_id, study.task.maximize, study.name)
+    """Write the PEFT adapter of trial `grid_id` of the study in `folder` to `out`.
+
+    The folder's records are read wherever they live (its journal, or its database).
+    """
+    study, store = open_for_reading(folder)
+    spec = find_trial(store, grid_id)
     cell = spec.cell
     if not cell.is_adapter:
         raise StudyError(f"--trial {grid_id}: full fine-tuning has no adapter to export")

@@ -27,8 +27,7 @@ from lorasweep.records import (
 from lorasweep.report.curvature import curvature_tables
 from lorasweep.report.tables import markdown_report
 from lorasweep.space import Cell
-from lorasweep.study.folder import STUDY_FILE, load_folder_study
-from lorasweep.study.store import JOURNAL_NAME, Store
+from lorasweep.study.folder import STUDY_FILE, load_folder_study, open_for_reading, started
 from lorasweep.workbench import load_workbench
 
 CURVATURE_MD = "curvature.md"
@@ -74,10 +73,9 @@ def measured_optima(folder: Path, study: Study, optima_file: Path | None) -> lis
     """Optima: from --optima, else from the folder's trials, else from its optima.csv."""
     if optima_file is not None:
         return read_optima_csv(optima_file, f"--optima {optima_file}")
-    if (folder / JOURNAL_NAME).exists():
-        maximize = study.task.maximize
-        store = Store(folder, study.name, maximize=maximize, create=False)
-        return find_optima(trial_records(store, study.task.objective), maximize)
+    if started(folder):  # its records, in its journal or its database
+        _, store = open_for_reading(folder)
+        return find_optima(trial_records(store, study.task.objective), study.task.maximize)
     if (folder / OPTIMA_CSV).exists():
         return read_optima_csv(folder / OPTIMA_CSV)
     return []

@@ -23,8 +23,8 @@ from lorasweep.config import Study, dump_study, validate_study
 from lorasweep.errors import StudyError
 from lorasweep.files import append_text, atomic_path, check_writable, write_text
 from lorasweep.redact import redact_argv
-from lorasweep.study.defaults import STORAGE_ENV
-from lorasweep.study.storage import JOURNAL_NAME, public_url
+from lorasweep.study.backend import JOURNAL_NAME, public_url
+from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS, STORAGE_ENV
 from lorasweep.study.store import Store
 
 STUDY_FILE = "study.yaml"
@@ -92,21 +92,45 @@ def started(folder: Path) -> bool:
     return (folder / STORAGE_FILE).exists() or (folder / JOURNAL_NAME).exists()
 
 
-def open_folder_store(folder: Path, create: bool = False,
-                      storage_url: str | None = None) -> tuple[Study, Store]:
-    """A study folder's study and store, wherever its records live; reading never writes.
+def open_for_reading(folder: Path | None, storage_url: str | None = None, *,
+                     study_name: str | None = None,
+                     patience: float = DEFAULT_PATIENCE_SECONDS) -> tuple[Study, Store]:
+    """An existing study and its store, for reading: nothing is created.
 
-    `storage_url` is the full URL this process was given (with its password, which the folder
-    does not keep); it is used when it names the database the folder records.
+    From a started study folder: its study.yaml, and its journal or the database its storage
+    file names. `storage_url` is the full URL this process was given (with the password the
+    folder does not keep); it is used when it names that database.
+    With `study_name`: that study in the database `storage_url`, whose resolved study file the
+    store keeps (a worker on another machine has no folder to read it from).
     """
+    if study_name is not None:
+        if storage_url is None:
+            raise StudyError("--study: needs --storage URL (the database the study lives in)")
+        store = Store(folder or Path("."), study_name, maximize=True, create=False,
+                      storage_url=storage_url, patience=patience)
+        where = f"--storage {public_url(storage_url)} study {study_name}"
+        return validate_study(yaml.safe_load(store.study_text()), where), store
+    assert folder is not None, "a study folder or a study name"
     study = load_folder_study(folder)
     url = storage_of(folder)
     if url is not None and storage_url is not None and public_url(storage_url) == public_url(url):
         url = storage_url
     if not started(folder):
         raise StudyError(f"{folder}: the study has not started (no {JOURNAL_NAME})")
-    return study, Store(folder, study.name, maximize=study.task.maximize, create=create,
-                        storage_url=url)
+    return study, Store(folder, study.name, maximize=study.task.maximize, create=False,
+                        storage_url=url, patience=patience)
+
+
+def open_for_running(study: Study, folder: Path, storage_url: str | None = None,
+                     patience: float = DEFAULT_PATIENCE_SECONDS) -> Store:
+    """Prepare the folder and open (creating once) the study's store, for workers to train from.
+
+    The records stay where the folder keeps them: `storage_url`, or the database its storage
+    file names, or its journal.
+    """
+    prepare_folder(folder, study, storage_url)
+    return Store(folder, study.name, maximize=study.task.maximize, create=True,
+                 storage_url=storage_url or storage_of(folder), patience=patience)
 
 
 def load_folder_study(folder: Path) -> Study:

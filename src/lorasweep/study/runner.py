@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from lorasweep.config import Study, dump_study, validate_study
+from lorasweep.config import Study, dump_study
 from lorasweep.errors import StudyError
 from lorasweep.files import is_disk_full
 from lorasweep.recipe import Recipe, resolve_recipe
@@ -26,7 +25,12 @@ from lorasweep.records import TrialResult, write_trials_csv
 from lorasweep.report import write_study_outputs
 from lorasweep.space import TrialSpec, recipes_of
 from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS
-from lorasweep.study.folder import load_folder_study, prepare_folder, save_weights, storage_of
+from lorasweep.study.folder import (
+    load_folder_study,
+    open_for_reading,
+    open_for_running,
+    save_weights,
+)
 from lorasweep.study.local_workers import run_local_workers
 from lorasweep.study.memory import (
     GroupSizes,
@@ -39,7 +43,6 @@ from lorasweep.study.memory import (
     without_evaluation,
 )
 from lorasweep.study.plan import plan_trials, planner
-from lorasweep.study.storage import public_url
 from lorasweep.study.store import Store
 from lorasweep.tasks import Task
 from lorasweep.train import BestOf, train_group
@@ -102,14 +105,6 @@ class WorkOptions:
         return GroupSizes(torch.device(self.device), self.max_group, self.memory_limit)
 
 
-def open_study_store(study: Study, folder: Path, storage_url: str | None,
-                     patience: float = DEFAULT_PATIENCE_SECONDS) -> Store:
-    """Prepare the folder and open (creating once) the study's store."""
-    prepare_folder(folder, study, storage_url)
-    return Store(folder, study.name, maximize=study.task.maximize, storage_url=storage_url or
-                 storage_of(folder), patience=patience)
-
-
 def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
               retry_failed: bool = False, storage_url: str | None = None,
               workers: int = 1, threads: int | None = None,
@@ -121,7 +116,7 @@ def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
     """
     bench = load_workbench(study, options.device)
     check_memory(study, bench, options)
-    store = open_study_store(study, folder, storage_url, options.patience)
+    store = open_for_running(study, folder, storage_url, options.patience)
     store.configure(dump_study(study), lease_seconds, max_attempts)
     store.sync(_planner(study, store, bench.widths)(), retry_failed=retry_failed)
     if workers == 1:
@@ -142,21 +137,16 @@ def run_worker(options: WorkOptions, folder: Path | None = None,
     worker writes its own folder (adapters, trials.csv, the environment it ran in).
     """
     if study_name is not None:
-        if storage_url is None:
-            raise StudyError("--study: needs --storage URL (the database the study lives in)")
-        source = Store(Path("."), study_name, maximize=True, create=False,
-                       storage_url=storage_url, patience=options.patience)
-        study = validate_study(yaml.safe_load(source.study_text()),
-                               f"--storage {public_url(storage_url)} study {study_name}")
+        study, _ = open_for_reading(folder, storage_url, study_name=study_name,
+                                    patience=options.patience)
         folder = folder or Path("lorasweep-studies") / study.name
     elif folder is not None:
         study = load_folder_study(folder)
-        storage_url = storage_url or storage_of(folder)
     else:
         raise StudyError("lorasweep worker: give a study folder, or --storage URL and --study NAME")
     bench = load_workbench(study, options.device)
     check_memory(study, bench, options)
-    store = open_study_store(study, folder, storage_url, options.patience)
+    store = open_for_running(study, folder, storage_url, options.patience)
     trained, failed = work(store, bench, study, folder, options)
     return RunSummary(folder=folder, trained=trained, failed=failed)
 

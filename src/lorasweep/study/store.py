@@ -35,18 +35,18 @@ from sqlalchemy import text
 from lorasweep.errors import StudyError
 from lorasweep.records import TrialResult
 from lorasweep.space import TrialSpec
-from lorasweep.study.defaults import (
-    DEFAULT_LEASE_SECONDS,
-    DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_PATIENCE_SECONDS,
-)
-from lorasweep.study.storage import (
+from lorasweep.study.backend import (
     JOURNAL_NAME,
     open_storage,
     optuna_study_id,
     optuna_trial_id,
     patiently,
     public_url,
+)
+from lorasweep.study.defaults import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_PATIENCE_SECONDS,
 )
 
 LOCK_NAME = ".sync.lock"

@@ -1,7 +1,9 @@
-"""Opening a study's Optuna storage, and riding out the moments it cannot be reached.
+"""Where a study's records live (its Optuna storage backend), and riding out outages there.
 
-The default storage is a journal file inside the study folder (one machine, or a shared file
-system). `--storage postgresql://USER@HOST/DB` puts the study in a database that workers on many
+This module is the one place that touches Optuna's storage internals: the journal file backend
+(its flock lock, its torn-tail repair) and the private ids every storage call takes. The default
+storage is a journal file inside the study folder (one machine, or a shared file system).
+`--storage postgresql://USER@HOST/DB` puts the study in a database that workers on many
 machines share. A database restart or a network blip must not end a day-long sweep, so every
 storage call goes through `patiently`, which retries transient errors for a while; errors that
 waiting cannot fix (a full disk, a wrong password) become one clear line at once.
@@ -83,6 +85,11 @@ class FlockLock(BaseJournalFileLock):
             self._threads.release()
 
 
+def journal_lock(journal: str) -> FlockLock:
+    """The lock every process holds to append to (or repair) the journal file `journal`."""
+    return FlockLock(journal + LOCK_SUFFIX)
+
+
 class SafeJournalFileBackend(JournalFileBackend):
     """Optuna's journal file, kept readable through kills, full disks and stray bytes.
 
@@ -95,7 +102,7 @@ class SafeJournalFileBackend(JournalFileBackend):
     """
 
     def __init__(self, file_path: str) -> None:
-        super().__init__(file_path, lock_obj=FlockLock(file_path + LOCK_SUFFIX))
+        super().__init__(file_path, lock_obj=journal_lock(file_path))
         with get_lock_file(self._lock):
             self._cut_torn_tail()
 
