@@ -51,11 +51,11 @@ def main() -> None:
     print(f"{args.source} ({args.dtype} base) on {args.device}: one LoRA trial, {args.steps} "
           f"steps of {args.batch_size} x {args.seq_len} tokens")
     for flag in (False, True):
-        recipe = TrainSpec(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+        train = TrainSpec(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                            eval_batch_size=args.batch_size, gradient_checkpointing=flag)
         reset_peak(device)
         started = time.perf_counter()
-        (result,) = train_group(base, task, recipe, [trial], device)
+        (result,) = train_group(base, task, train, [trial], device)
         seconds = synchronized(device, started)
         print(f"  gradient_checkpointing {flag!s:5s}: peak {peak_mb(device):8,.0f} MB, "
               f"{seconds:6.1f} s, losses {result.loss_curve}")

@@ -56,13 +56,13 @@ def run_lorasweep(args: argparse.Namespace, k: int, group: int) -> dict:
     return {"seconds": synchronized(device, started), "losses": losses}
 
 
-def train_fused(base, task, recipe, trials, device, group: int) -> list[float]:
+def train_fused(base, task, train, trials, device, group: int) -> list[float]:
     """Train `trials` with lorasweep, `group` of them fused at a time; their final train losses."""
     from lorasweep.train import train_group
 
     losses = []
     for first in range(0, len(trials), group):
-        results = train_group(base, task, recipe, trials[first:first + group], device)
+        results = train_group(base, task, train, trials[first:first + group], device)
         losses += [r.train_loss for r in results]
     return losses
 
@@ -78,7 +78,7 @@ def run_peft_loop(args: argparse.Namespace, k: int) -> dict:
     return {"seconds": synchronized(device, started), "losses": losses}
 
 
-def train_peft(base, task, recipe, trials, device) -> list[float]:
+def train_peft(base, task, train, trials, device) -> list[float]:
     """Stock PEFT, one trial after another: the loop a user would write by hand (AdamW, warmup +
     cosine) on the same batches, under the same autocast, micro-batches (`train.grad_accum`)
     and block checkpointing (`train.gradient_checkpointing`) as lorasweep, on the same device.
@@ -92,7 +92,7 @@ def train_peft(base, task, recipe, trials, device) -> list[float]:
     from lorasweep.train import accumulate_gradients, autocast, checkpoint_blocks
     from lorasweep.workbench import batch_order
 
-    steps = total_steps(recipe, len(task.train))
+    steps = total_steps(train, len(task.train))
     kind = "SEQ_CLS" if hasattr(task, "label_names") else "CAUSAL_LM"
     losses = []
     for trial in trials:
@@ -100,23 +100,23 @@ def train_peft(base, task, recipe, trials, device) -> list[float]:
         config = LoraConfig(r=trial.cell.rank, lora_alpha=trial.cell.alpha, lora_dropout=0.0,
                             target_modules=resolve_targets(base, "all-linear"), task_type=kind)
         peft_model = get_peft_model(copy.deepcopy(base), config).to(device)
-        if recipe.gradient_checkpointing:
+        if train.gradient_checkpointing:
             checkpoint_blocks(peft_model.get_base_model())
         optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
                                       lr=trial.lr)
         schedule = get_scheduler("cosine", optimizer, num_warmup_steps=int(0.1 * steps),
                                  num_training_steps=steps)
         everyone = torch.ones(1, dtype=torch.bool, device=device)
-        for index in batch_order(len(task.train), recipe.batch_size, steps, trial.seed):
-            loss = accumulate_gradients(peft_model, task, index, 1, recipe, everyone)[0]
+        for index in batch_order(len(task.train), train.batch_size, steps, trial.seed):
+            loss = accumulate_gradients(peft_model, task, index, 1, train, everyone)[0]
             torch.nn.utils.clip_grad_norm_(peft_model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad()
-        with autocast(recipe, device):
+        with autocast(train, device):
             for split in (task.validation, task.test):
                 if split is not None:
-                    task.evaluate(peft_model, split, 1, recipe.eval_batch_size, device)
+                    task.evaluate(peft_model, split, 1, train.eval_batch_size, device)
         losses.append(float(loss))
     return losses
 
@@ -162,11 +162,11 @@ def report(args: argparse.Namespace, model: str) -> None:
         runs[group] = measure(args, model, "lorasweep", group)
     from lorasweep.config import load_study, resolve_study_path
 
-    recipe = load_study(resolve_study_path("quickstart")).train
-    tokens = args.k * args.steps * recipe.batch_size * recipe.seq_len
+    train = load_study(resolve_study_path("quickstart")).train
+    tokens = args.k * args.steps * train.batch_size * train.seq_len
     memory = "GPU memory" if args.device.startswith("cuda") else "peak RSS"
     print(f"\n{model} on {args.device} ({args.precision}): K = {args.k} LoRA trials, "
-          f"{args.steps} steps of {recipe.batch_size} x {recipe.seq_len} tokens each")
+          f"{args.steps} steps of {train.batch_size} x {train.seq_len} tokens each")
     peft, single = runs["peft"], runs["single"]
     rows = [("stock PEFT, one by one", peft)]
     rows += [("lorasweep, one by one" if g == 1 else f"lorasweep, groups of {g}", runs[g])

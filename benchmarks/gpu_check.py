@@ -110,7 +110,7 @@ def check_model(source: str, size: Size, device: torch.device) -> list[dict]:
     tokens = len(trials) * size.steps * size.batch_size * size.seq_len
     rows = []
     for variant, settings in size.variants().items():
-        recipe = TrainSpec(steps=size.steps, batch_size=size.batch_size, seq_len=size.seq_len,
+        train = TrainSpec(steps=size.steps, batch_size=size.batch_size, seq_len=size.seq_len,
                            warmup_ratio=0.1, precision=size.precision, eval_batch_size=8,
                            **settings)
         runners = [("stock PEFT, one by one", None)] + [(f"lorasweep K = {k}", k) for k in GROUPS]
@@ -118,9 +118,9 @@ def check_model(source: str, size: Size, device: torch.device) -> list[dict]:
             reset_peak(device)
             started = time.perf_counter()
             if group is None:
-                losses = train_peft(base, task, recipe, trials, device)
+                losses = train_peft(base, task, train, trials, device)
             else:
-                losses = train_fused(base, task, recipe, trials, device, group)
+                losses = train_fused(base, task, train, trials, device, group)
             seconds = synchronized(device, started)
             rows.append(dict(model=source, variant=variant, runner=runner, group=group,
                              tokens_per_s=tokens / seconds, peak_mb=peak_mb(device),

@@ -35,9 +35,9 @@ def trajectory(base, alpha: float, a_scale: float, b_scale: float, lr_a: float,
             else:  # B starts non-zero: with eps = 0 a zero gradient would make Adam divide 0/0
                 param.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
                 param.mul_(b_scale)
-    recipe = TrainSpec(steps=STEPS, adam_eps=0.0, weight_decay=0.0, grad_clip=None)
+    train = TrainSpec(steps=STEPS, adam_eps=0.0, weight_decay=0.0, grad_clip=None)
     optimizer = build_optimizer(get_method("loraplus"), attached,
-                                [TrialSpec(grid_id=0, cell=cell, lr=lr_a, seed=0)], recipe)
+                                [TrialSpec(grid_id=0, cell=cell, lr=lr_a, seed=0)], train)
     outputs = []
     ids = torch.randint(1000, 5000, (4, 16), generator=torch.Generator().manual_seed(1))
     for _ in range(STEPS):

@@ -11,7 +11,7 @@ import torch
 import lorasweep.study.runner as runner
 from lorasweep.cli import main
 from lorasweep.config import load_study
-from lorasweep.recipe import resolve_recipe
+from lorasweep.recipe import resolve_training
 from lorasweep.space import expand_trials
 from lorasweep.study.memory import (
     GroupSizes,
@@ -100,12 +100,12 @@ def test_a_step_measured_at_k_1_and_2_predicts_k_3(study_file):
     study = load_study(study_file(search={"methods": ["lora"], "lr": [1e-3]}))
     bench = runner.load_workbench(study)
     trial = expand_trials(study)[0]
-    recipe = resolve_recipe(study.train, trial.cell.recipe)
+    training = resolve_training(study.train, trial.cell.recipe)
     task = without_evaluation(bench.task)
     device = torch.device("cpu")
 
     def peak(k):
-        return measure_peak(lambda: train_group(bench.base, task, one_step(recipe.train),
+        return measure_peak(lambda: train_group(bench.base, task, one_step(training.train),
                                                 [trial] * k, device), device)
 
     model = PeakModel(peak(1), peak(2))
@@ -149,11 +149,11 @@ def test_trials_lost_to_memory_are_recorded_with_the_numbers_of_single_runs(
     assert main(["run", str(path), "--out", str(tmp_path / "alone"), "--max-group", "1"]) == 0
     real, sizes = runner.train_group, []
 
-    def small_device(base, task, recipe, trials, device, *args, **options):
+    def small_device(base, task, train, trials, device, *args, **options):
         sizes.append(len(trials))
         if len(trials) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (fake: more than 1 trial)")
-        return real(base, task, recipe, trials, device, *args, **options)
+        return real(base, task, train, trials, device, *args, **options)
 
     monkeypatch.setattr(runner, "train_group", small_device)
     assert main(["run", str(path), "--out", str(tmp_path / "split"), "--max-group", "3"]) == 0
@@ -195,9 +195,9 @@ def test_a_memory_limit_probes_k_1_and_2_then_fuses_what_fits(tmp_path: Path, st
     path = study_file(train={"steps": 4}, search={"methods": ["lora"], "lr": [1e-3, 3e-3, 1e-2]})
     real, calls = runner.train_group, []
 
-    def spy(base, task, recipe, trials, device, *args, **options):
-        calls.append((len(trials), recipe.steps))
-        return real(base, task, recipe, trials, device, *args, **options)
+    def spy(base, task, train, trials, device, *args, **options):
+        calls.append((len(trials), train.steps))
+        return real(base, task, train, trials, device, *args, **options)
 
     monkeypatch.setattr(runner, "train_group", spy)
     out = tmp_path / "auto"

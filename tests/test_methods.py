@@ -119,14 +119,14 @@ def test_fused_group_equals_trials_run_one_by_one(method):
     """Every fusable variant, those that change the base weight or add a magnitude included."""
     base = tiny("tiny:bert")
     task = toy_task()
-    recipe = TrainSpec(steps=8, batch_size=8, grad_clip=1.0, warmup_ratio=0.25)
+    train = TrainSpec(steps=8, batch_size=8, grad_clip=1.0, warmup_ratio=0.25)
     cell = Cell(method=method, rank=4, lora_alpha="8", init=variant(method).inits(["kaiming"])[0],
                 target_modules="all-linear", loraplus_ratio=4.0 if method == "loraplus" else None)
     trials = [TrialSpec(grid_id=i, cell=cell, lr=lr, seed=0)
               for i, lr in enumerate([1e-4, 1e-3, 1e-2, 3e-2])]
-    fused = train_group(base, task, recipe, trials, torch.device("cpu"))
+    fused = train_group(base, task, train, trials, torch.device("cpu"))
     for trial, together in zip(trials, fused, strict=True):
-        (alone,) = train_group(copy.deepcopy(base), task, recipe, [trial], torch.device("cpu"))
+        (alone,) = train_group(copy.deepcopy(base), task, train, [trial], torch.device("cpu"))
         curve_a, curve_b = torch.tensor(together.loss_curve), torch.tensor(alone.loss_curve)
         assert torch.allclose(curve_a, curve_b, rtol=1e-5, atol=0), (trial.lr, curve_a, curve_b)
         assert together.metrics["accuracy"] == alone.metrics["accuracy"]
@@ -148,12 +148,12 @@ def test_select_best_reports_the_peak_and_final_the_last_evaluation():
     base = tiny("tiny:bert")
     cell = Cell(method="lora", rank=4, lora_alpha="8", init="kaiming",
                 target_modules="attention")  # its loss bottoms out at step 8 of 24
-    recipe = TrainSpec(steps=24, batch_size=8, eval_every=4, schedule="constant",
+    train = TrainSpec(steps=24, batch_size=8, eval_every=4, schedule="constant",
                        warmup_ratio=0.0)
     trial = TrialSpec(grid_id=0, cell=cell, lr=1e-2, seed=0)
-    (best,) = train_group(base, task, recipe, [trial], torch.device("cpu"),
+    (best,) = train_group(base, task, train, [trial], torch.device("cpu"),
                           best_of=BestOf("eval_loss", maximize=False))
-    (final,) = train_group(base, task, recipe, [trial], torch.device("cpu"))
+    (final,) = train_group(base, task, train, [trial], torch.device("cpu"))
     losses = {e["step"]: e["eval_loss"] for e in best.eval_curve}
     assert sorted(losses) == [4, 8, 12, 16, 20, 24]
     peak_step = min(losses, key=losses.get)
@@ -187,13 +187,13 @@ def test_bf16_autocast_keeps_fp32_weights_and_tracks_fp32_training():
 def test_diverging_trial_leaves_its_group_untouched():
     base = tiny("tiny:bert")
     task = toy_task()
-    recipe = TrainSpec(steps=8, batch_size=8, grad_clip=None, warmup_ratio=0.0)
+    train = TrainSpec(steps=8, batch_size=8, grad_clip=None, warmup_ratio=0.0)
     cell = Cell(method="lora", rank=4, lora_alpha="8", init="kaiming",
                 target_modules="all-linear")
     calm = TrialSpec(grid_id=0, cell=cell, lr=1e-3, seed=0)
     wild = TrialSpec(grid_id=1, cell=cell, lr=1e4, seed=0)
-    together = train_group(base, task, recipe, [calm, wild], torch.device("cpu"))
-    (alone,) = train_group(base, task, recipe, [calm], torch.device("cpu"))
+    together = train_group(base, task, train, [calm, wild], torch.device("cpu"))
+    (alone,) = train_group(base, task, train, [calm], torch.device("cpu"))
     assert together[1].status == "diverged" and together[1].steps < 8
     assert together[0].status == "complete"
     assert torch.allclose(torch.tensor(together[0].loss_curve), torch.tensor(alone.loss_curve),
@@ -370,12 +370,12 @@ def test_fused_causal_lm_group_equals_trials_run_one_by_one():
     mask[::3, 9:] = 0  # some padded rows, whose positions are not scored
     split = Split(ids, mask, ids.masked_fill(mask == 0, -100))
     task = CausalLMTask(split, split, None)
-    recipe = TrainSpec(steps=6, batch_size=8)
+    train = TrainSpec(steps=6, batch_size=8)
     cell = Cell(method="lora", rank=4, lora_alpha="8", init="kaiming", target_modules="all-linear")
     trials = [TrialSpec(grid_id=i, cell=cell, lr=lr, seed=0) for i, lr in enumerate([1e-3, 1e-2])]
-    fused = train_group(base, task, recipe, trials, torch.device("cpu"))
+    fused = train_group(base, task, train, trials, torch.device("cpu"))
     for trial, together in zip(trials, fused, strict=True):
-        (alone,) = train_group(base, task, recipe, [trial], torch.device("cpu"))
+        (alone,) = train_group(base, task, train, [trial], torch.device("cpu"))
         assert torch.allclose(torch.tensor(together.loss_curve), torch.tensor(alone.loss_curve),
                               rtol=1e-5, atol=0)
         assert together.metrics["eval_loss"] == pytest.approx(alone.metrics["eval_loss"],

@@ -229,9 +229,9 @@ def check_against_peft(source: str, kind: str, method: str, k: int = 1,
     PEFT model from equal weights; returns our model and the PEFT models."""
     ours, refs, cell, attached, trials = build_pair(source, kind, method, k, quantize)
     lrs, weight_decay = [2e-3, 6e-3][:k], 0.01
-    recipe = TrainSpec(steps=STEPS, weight_decay=weight_decay)
+    train = TrainSpec(steps=STEPS, weight_decay=weight_decay)
     specs = [TrialSpec(grid_id=i, cell=cell, lr=lr, seed=0) for i, lr in enumerate(lrs)]
-    our_opt = build_optimizer(get_method(method), attached, specs, recipe)
+    our_opt = build_optimizer(get_method(method), attached, specs, train)
     ref_opts = [peft_optimizer(method, ref, lr, weight_decay)
                 for ref, lr in zip(refs, lrs, strict=True)]
     ref_params = [trainable(ref) for ref in refs]

@@ -17,7 +17,7 @@ from lorasweep.analysis.recipe import REFERENCES, fit_power_law, fit_recipe_axes
 from lorasweep.cli import main
 from lorasweep.config import validate_study
 from lorasweep.methods import get_method
-from lorasweep.recipe import parse_recipe, recipe_text, resolve_recipe
+from lorasweep.recipe import parse_recipe, recipe_text, resolve_training
 from lorasweep.report import write_report
 from lorasweep.space import TrialSpec, cells_of, expand_trials, matched_rank
 from lorasweep.workbench import load_workbench
@@ -72,10 +72,10 @@ def test_the_trial_recipe_is_the_train_section_with_the_cell_values():
         "test")
     texts = [cell.recipe for cell, _ in cells_of(study)]
     assert texts == ["batch_size=4;epochs=1", "batch_size=4;epochs=2.5"]
-    recipe = resolve_recipe(study.train, texts[1])
-    assert recipe.train.steps is None and recipe.train.epochs == 2.5
-    assert recipe.train.batch_size == 4 and recipe.train.seq_len == study.train.seq_len
-    assert resolve_recipe(study.train, None).train == study.train
+    training = resolve_training(study.train, texts[1])
+    assert training.train.steps is None and training.train.epochs == 2.5
+    assert training.train.batch_size == 4 and training.train.seq_len == study.train.seq_len
+    assert resolve_training(study.train, None).train == study.train
     values = {"grad_clip": None, "schedule": "linear", "warmup_ratio": 0.03, "adam_eps": 1e-10}
     assert parse_recipe(recipe_text(values)) == values
 
@@ -121,8 +121,8 @@ def test_training_subsets_are_nested_and_apart_from_validation(tmp_path: Path):
     study = validate_study(raw, "test")
     subsets = {}
     for text in {cell.recipe for cell, _ in cells_of(study)}:
-        recipe = resolve_recipe(study.train, text)
-        subsets[(recipe.train_examples, recipe.train.seq_len)] = bench.task_for(recipe)
+        training = resolve_training(study.train, text)
+        subsets[(training.train_examples, training.train.seq_len)] = bench.task_for(training)
     for seq_len in (12, 16):
         small, middle, large = (subsets[(n, seq_len)] for n in (10, 30, 70))
         assert [len(t.train) for t in (small, middle, large)] == [10, 30, 70]

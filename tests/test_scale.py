@@ -193,14 +193,14 @@ def test_bf16_base_trains_fp32_adapters_and_tracks_the_fp32_base():
     sizes = {dtype: sum(p.numel() * p.element_size() for p in base.parameters())
              for dtype, base in bases.items()}
     assert sizes[torch.bfloat16] * 2 == sizes[torch.float32]
-    recipe = TrainSpec(steps=6, batch_size=8)
-    runs = {dtype: train_group(base, lm_task(), recipe, trials("dora", [1e-2]), CPU)[0]
+    train = TrainSpec(steps=6, batch_size=8)
+    runs = {dtype: train_group(base, lm_task(), train, trials("dora", [1e-2]), CPU)[0]
             for dtype, base in bases.items()}
     fp32, bf16 = (torch.tensor(runs[d].loss_curve) for d in (torch.float32, torch.bfloat16))
     assert not torch.equal(fp32, bf16)
     assert torch.allclose(fp32, bf16, rtol=2e-2), (fp32, bf16)
     assert {w.dtype for w in runs[torch.bfloat16].weights.values()} == {torch.float32}
-    model, attached = attach_group(bases[torch.bfloat16], lm_task(), recipe,
+    model, attached = attach_group(bases[torch.bfloat16], lm_task(), train,
                                    trials("dora", [1e-2]))
     trained = {id(p) for _, p in attached.trial_params[0]}
     assert {p.dtype for _, p in attached.trial_params[0]} == {torch.float32}

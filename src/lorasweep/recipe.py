@@ -1,11 +1,12 @@
 """Recipe axes: what a cell changes in the study's train section, and the data it trains on.
 
-A cell carries its recipe values as canonical text (`batch_size=32;train_examples=1000`, axes in
-name order). The text is part of the cell key, so trials of different recipes never share a
-fused group (batch size, sequence length and data subset change shapes and data order) and a
-cell with no recipe axes keeps the key it always had. A trial's recipe is the study's `train`
-section with the cell's values put in; `train_examples` picks the first N of the seeded shuffle
-of the training examples, so a larger subset contains a smaller one.
+A cell's `recipe` is only ever its values on the study's `search.recipe` axes, as canonical
+text (`batch_size=32;train_examples=1000`, axes in name order). The text is part of the cell
+key, so trials of different recipes never share a fused group (batch size, sequence length and
+data subset change shapes and data order) and a cell with no recipe axes keeps the key it always
+had. How a trial trains (`Training`) is the study's `train` section (a `TrainSpec`, named `train`
+wherever it is passed) with the cell's values put in; `train_examples` picks the first N of the
+seeded shuffle of the training examples, so a larger subset contains a smaller one.
 """
 
 from __future__ import annotations
@@ -57,16 +58,16 @@ def parse_recipe(text: str | None) -> dict[str, Value]:
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Training:
     """How one trial trains: the resolved train section and the size of its training subset."""
 
     train: TrainSpec
     train_examples: int | None = None
 
 
-def resolve_recipe(train: TrainSpec, text: str | None) -> Recipe:
+def resolve_training(train: TrainSpec, recipe: str | None) -> Training:
     """The study's train section with a cell's recipe values put in."""
-    values = parse_recipe(text)
+    values = parse_recipe(recipe)
     update: dict[str, Any] = {k: v for k, v in values.items() if k in RECIPE_TRAIN_AXES}
     # Sweeping the training length in one unit replaces the other.
     if "steps" in update:
@@ -75,7 +76,7 @@ def resolve_recipe(train: TrainSpec, text: str | None) -> Recipe:
         update["steps"] = None
     resolved = TrainSpec.model_validate({**train.model_dump(), **update})
     examples = values.get(DATA_AXIS)
-    return Recipe(train=resolved, train_examples=None if examples is None else int(examples))
+    return Training(train=resolved, train_examples=None if examples is None else int(examples))
 
 
 def is_numeric(value: Value) -> bool:

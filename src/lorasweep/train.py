@@ -71,7 +71,7 @@ class DivergenceWatch:
         return None
 
 
-def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[TrialSpec],
+def train_group(base: nn.Module, task: Task, train: TrainSpec, trials: list[TrialSpec],
                 device: torch.device, progress: Callable[[int], None] | None = None,
                 best_of: BestOf | None = None) -> list[TrialResult]:
     """Train `trials` (one cell, one seed, several LRs) together; one result per trial.
@@ -83,19 +83,19 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
     k = len(trials)
     cell, seed = trials[0].cell, trials[0].seed
     started = time.perf_counter()
-    model, attached = attach_group(base, task, recipe, trials)
+    model, attached = attach_group(base, task, train, trials)
     model.to(device)
-    if recipe.gradient_checkpointing:
+    if train.gradient_checkpointing:
         checkpoint_blocks(model)
-    optimizer = build_optimizer(get_method(cell.method), attached, trials, recipe)
-    steps = total_steps(recipe, len(task.train))
-    schedule = build_schedule(optimizer, recipe, steps)
+    optimizer = build_optimizer(get_method(cell.method), attached, trials, train)
+    steps = total_steps(train, len(task.train))
+    schedule = build_schedule(optimizer, train, steps)
 
     def evaluate(split: Split) -> list[dict]:
-        with autocast(recipe, device):
-            return task.evaluate(model, split, k, recipe.eval_batch_size, device)
+        with autocast(train, device):
+            return task.evaluate(model, split, k, train.eval_batch_size, device)
 
-    watches = [DivergenceWatch(recipe.divergence_factor) for _ in trials]
+    watches = [DivergenceWatch(train.divergence_factor) for _ in trials]
     stopped: list[tuple[int, str] | None] = [None] * k
     curves: list[list[float]] = [[] for _ in trials]
     eval_curves: list[list[dict]] = [[] for _ in trials]
@@ -103,16 +103,16 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
     kept: list[list[torch.Tensor] | None] = [None] * k  # ... and its weights then (on the CPU)
     step = 0
     bar = tqdm(total=steps, desc=_describe(trials), leave=False, disable=None)
-    for step, index in enumerate(batch_order(len(task.train), recipe.batch_size, steps, seed), 1):
+    for step, index in enumerate(batch_order(len(task.train), train.batch_size, steps, seed), 1):
         active = torch.tensor([s is None for s in stopped], device=device)
-        losses = accumulate_gradients(model, task, index, k, recipe, active)
+        losses = accumulate_gradients(model, task, index, k, train, active)
         for i, value in enumerate(losses.detach().cpu().tolist()):
             if stopped[i] is None:
                 curves[i].append(value)
                 reason = watches[i].check(value)
                 stopped[i] = None if reason is None else (step, reason)
         for i, params in enumerate(attached.trial_params):
-            clip_or_drop([p for _, p in params], recipe.grad_clip, stopped[i] is not None)
+            clip_or_drop([p for _, p in params], train.grad_clip, stopped[i] is not None)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -121,7 +121,7 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
             progress(step)
         if all(s is not None for s in stopped):
             break
-        if recipe.eval_every and step % recipe.eval_every == 0 and step < steps:
+        if train.eval_every and step % train.eval_every == 0 and step < steps:
             for i, metrics in enumerate(evaluate(task.validation)):
                 if stopped[i] is None:
                     eval_curves[i].append({"step": step, **metrics})
@@ -163,7 +163,7 @@ def train_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tri
 
 
 def accumulate_gradients(model: nn.Module, task: Task, index: torch.Tensor, k: int,
-                         recipe: TrainSpec, active: torch.Tensor) -> torch.Tensor:
+                         train: TrainSpec, active: torch.Tensor) -> torch.Tensor:
     """Backward of one step's batch (rows `index`) in `recipe.grad_accum` micro-batches; returns
     each trial's mean loss over the batch, shape (K,). Trials not `active` get no gradient.
 
@@ -173,12 +173,12 @@ def accumulate_gradients(model: nn.Module, task: Task, index: torch.Tensor, k: i
     """
     device = active.device
     micro = [task.train.batch(part, k)
-             for part in index.split(recipe.batch_size // recipe.grad_accum)]
+             for part in index.split(train.batch_size // train.grad_accum)]
     counts = [task.loss_count(batch["labels"]) for batch in micro]
     losses = torch.zeros(k, device=device)
     for batch, count in zip(micro, counts, strict=True):
         batch = {n: t.to(device) for n, t in batch.items()}
-        with autocast(recipe, device):
+        with autocast(train, device):
             logits = model(input_ids=batch["input_ids"],
                            attention_mask=batch["attention_mask"]).logits
             part = task.trial_losses(logits, batch["labels"], k) * (count / max(sum(counts), 1))
@@ -200,10 +200,10 @@ def checkpoint_blocks(model: nn.Module) -> None:
             module.training = True
 
 
-def autocast(recipe: TrainSpec, device: torch.device) -> torch.autocast:
+def autocast(train: TrainSpec, device: torch.device) -> torch.autocast:
     """bf16 autocast for `precision: bf16` (parameters stay fp32: the adapters' small updates
     would vanish in bf16 rounding); a no-op for fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16")
 
 
 def clip_or_drop(params: list[nn.Parameter], max_norm: float | None, stopped: bool) -> None:

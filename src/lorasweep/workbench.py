@@ -22,7 +22,7 @@ from lorasweep.methods.peft_passthrough import names_own_targets, needs_data
 from lorasweep.methods.targets import adapter_width, layer_shape, resolve_targets
 from lorasweep.models import load_model, load_tokenizer, max_positions
 from lorasweep.precision import base_dtype, check_device_support
-from lorasweep.recipe import Recipe, resolve_recipe
+from lorasweep.recipe import Training, resolve_training
 from lorasweep.space import TrialSpec, expand_trials, recipes_of, target_text
 from lorasweep.tasks import Task, build_task, num_labels
 
@@ -38,24 +38,24 @@ class Workbench:
     tasks: dict[int, Task] = field(default_factory=dict)  # the task at each swept seq_len
     widths: dict[str, int] | None = None  # adapter width per target set, for match_params
 
-    def task_for(self, recipe: Recipe) -> Task:
+    def task_for(self, training: Training) -> Task:
         """What a trial trains on: the task at its sequence length, cut to its subset."""
-        task = self.tasks.get(recipe.train.seq_len, self.task)
-        return task.with_train_examples(recipe.train_examples)
+        task = self.tasks.get(training.train.seq_len, self.task)
+        return task.with_train_examples(training.train_examples)
 
 
 def load_workbench(study: Study, device: str = "cpu") -> Workbench:
     """The study's data and base model (stored in the dtype it trains in on `device`)."""
     check_device_support(study, device)
-    recipes = [resolve_recipe(study.train, text) for text in recipes_of(study)]
-    _check_seq_len(study, {r.train.seq_len for r in recipes} | {study.train.seq_len})
+    trainings = [resolve_training(study.train, text) for text in recipes_of(study)]
+    _check_seq_len(study, {r.train.seq_len for r in trainings} | {study.train.seq_len})
     tokenizer = load_tokenizer(study.model)
     task = build_task(study, tokenizer)
     tasks = {seq_len: build_task(study, tokenizer, seq_len)
-             for seq_len in {r.train.seq_len for r in recipes} - {study.train.seq_len}}
-    for recipe in recipes:
-        if recipe.train_examples is not None and recipe.train_examples > len(task.train):
-            raise StudyError(f"search.recipe.train_examples: {recipe.train_examples} is more "
+             for seq_len in {r.train.seq_len for r in trainings} - {study.train.seq_len}}
+    for training in trainings:
+        if training.train_examples is not None and training.train_examples > len(task.train):
+            raise StudyError(f"search.recipe.train_examples: {training.train_examples} is more "
                              f"than the {len(task.train)} training examples (after validation)")
     base = load_model(study.model, study.task.kind, num_labels(task), tokenizer,
                       base_dtype(study.model, study.train, device))
@@ -131,7 +131,7 @@ def attach_trials(base: nn.Module, trials: list[TrialSpec],
     return model, attached
 
 
-def attach_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[TrialSpec]
+def attach_group(base: nn.Module, task: Task, train: TrainSpec, trials: list[TrialSpec]
                  ) -> tuple[nn.Module, Attached]:
     """`attach_trials` with the group's first training batches as calibration data.
 
@@ -142,7 +142,7 @@ def attach_group(base: nn.Module, task: Task, recipe: TrainSpec, trials: list[Tr
 
     def calibration() -> list[dict[str, torch.Tensor]]:
         """The trial's first training batches, for inits that look at data (on the CPU)."""
-        order = batch_order(len(task.train), recipe.batch_size, CALIBRATION_BATCHES, seed)
+        order = batch_order(len(task.train), train.batch_size, CALIBRATION_BATCHES, seed)
         return [task.train.batch(index, 1) for index in order]
 
     return attach_trials(base, trials, calibration)

@@ -28,7 +28,7 @@ from lorasweep.methods import Attached, get_method
 from lorasweep.methods.base import NamedParams
 from lorasweep.methods.targets import resolve_targets
 from lorasweep.optim import build_optimizer, build_schedule, total_steps
-from lorasweep.recipe import resolve_recipe
+from lorasweep.recipe import resolve_training
 from lorasweep.space import Cell, TrialSpec, cells_of, grid_step, target_text
 from lorasweep.tasks import Task
 from lorasweep.train import accumulate_gradients, clip_or_drop
@@ -108,13 +108,13 @@ def measure_cell(bench: Workbench, study: Study, cell: Cell, lrs: list[float], s
     seed = study.search.seeds[0]
     warmup_lr = settings.warmup_lr or lr_star or grid_middle(lrs)
     trial = TrialSpec(grid_id=-1, cell=cell, lr=warmup_lr, seed=seed)
-    recipe = resolve_recipe(study.train, cell.recipe)  # the cell's own training, as the runner's
-    task = bench.task_for(recipe)
-    model, attached = attach_group(bench.base, task, recipe.train, [trial])
+    training = resolve_training(study.train, cell.recipe)  # as the runner trains the cell
+    task = bench.task_for(training)
+    model, attached = attach_group(bench.base, task, training.train, [trial])
     params = attached.trial_params[0]
     blocks = blocks_of(bench.base, study, cell, params, settings.blocks)
     batches = [task.train.batch(index, 1) for index in
-               batch_order(len(task.train), recipe.train.batch_size, settings.batches, seed)]
+               batch_order(len(task.train), training.train.batch_size, settings.batches, seed)]
     common = {**cell.to_row(), "seed": seed, "lr_grid_step": grid_step(lrs)}
 
     def stage(name: str, steps: int, optimizer: torch.optim.Optimizer | None) -> list[dict]:
@@ -143,7 +143,7 @@ def measure_cell(bench: Workbench, study: Study, cell: Cell, lrs: list[float], s
 
     rows = stage("init", 0, None)
     if settings.warmup_steps:
-        optimizer = warm_up(model, attached, trial, recipe.train, task, settings.warmup_steps)
+        optimizer = warm_up(model, attached, trial, training.train, task, settings.warmup_steps)
         rows += stage("warmup", settings.warmup_steps, optimizer if settings.adam else None)
     return rows
 
@@ -160,18 +160,18 @@ def _measure_block(hessian: LossHessian, name: str, block: list[nn.Parameter],
             "converged": spectrum.converged, "error": spectrum.error}
 
 
-def warm_up(model: nn.Module, attached: Attached, trial: TrialSpec, recipe: TrainSpec,
+def warm_up(model: nn.Module, attached: Attached, trial: TrialSpec, train: TrainSpec,
             task: Task, steps: int) -> torch.optim.Optimizer:
     """The trial's own first `steps` training steps (its optimizer, schedule, micro-batches,
     precision, clipping and data order, through the trainer's own step); returns the optimizer,
     whose second moment preconditions Adam's sharpness."""
-    optimizer = build_optimizer(get_method(trial.cell.method), attached, [trial], recipe)
-    schedule = build_schedule(optimizer, recipe, total_steps(recipe, len(task.train)))
+    optimizer = build_optimizer(get_method(trial.cell.method), attached, [trial], train)
+    schedule = build_schedule(optimizer, train, total_steps(train, len(task.train)))
     params = [p for _, p in attached.trial_params[0]]
     active = torch.ones(1, dtype=torch.bool, device=params[0].device)
-    for index in batch_order(len(task.train), recipe.batch_size, steps, trial.seed):
-        accumulate_gradients(model, task, index, 1, recipe, active)
-        clip_or_drop(params, recipe.grad_clip, stopped=False)
+    for index in batch_order(len(task.train), train.batch_size, steps, trial.seed):
+        accumulate_gradients(model, task, index, 1, train, active)
+        clip_or_drop(params, train.grad_clip, stopped=False)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)

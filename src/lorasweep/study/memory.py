@@ -154,9 +154,9 @@ def probe_peaks(train: Callable[[list[T]], object], trial: T, fusable: bool,
     return PeakModel(one, None)
 
 
-def one_step(recipe: TrainSpec) -> TrainSpec:
+def one_step(train: TrainSpec) -> TrainSpec:
     """The recipe cut to one step, for probing."""
-    return recipe.model_copy(update={"steps": 1, "epochs": None, "eval_every": 0})
+    return train.model_copy(update={"steps": 1, "epochs": None, "eval_every": 0})
 
 
 def without_evaluation(task: Task) -> Task:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from lorasweep.config import Study, dump_study
 from lorasweep.errors import StudyError
 from lorasweep.files import is_disk_full
-from lorasweep.recipe import Recipe, resolve_recipe
+from lorasweep.recipe import Training, resolve_training
 from lorasweep.records import TrialResult, write_trials_csv
 from lorasweep.report import write_study_outputs
 from lorasweep.space import TrialSpec, recipes_of
@@ -68,11 +68,11 @@ def check_memory(study: Study, bench: Workbench, options: WorkOptions) -> None:
     micro-batch (train.grad_accum) is what a step holds, and a group sized automatically
     (--max-group auto) holds one trial at least."""
     config = bench.base.config
-    recipes = [resolve_recipe(study.train, text) for text in recipes_of(study)]
-    batch = min(max(r.train.batch_size // r.train.grad_accum for r in recipes),
+    trainings = [resolve_training(study.train, text) for text in recipes_of(study)]
+    batch = min(max(r.train.batch_size // r.train.grad_accum for r in trainings),
                 len(bench.task.train))
     group = 1 if options.group_sizes().automatic else options.max_group
-    seq_len = max(r.train.seq_len for r in recipes)
+    seq_len = max(r.train.seq_len for r in trainings)
     per_token = getattr(config, "hidden_size", 0) * getattr(config, "num_hidden_layers", 0) + (
         getattr(config, "vocab_size", 0) if study.task.kind != "classification" else 0)
     need = (group * batch * seq_len * per_token
@@ -201,15 +201,15 @@ def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, i
     it finishes; returns how many trials failed."""
     recorded = 0
     try:
-        recipe = resolve_recipe(study.train, specs[0].cell.recipe)
-        task = bench.task_for(recipe)
+        training = resolve_training(study.train, specs[0].cell.recipe)
+        task = bench.task_for(training)
         cell = specs[0].cell
         trials = dict(zip((s.key for s in specs), ids, strict=True))
         with _heartbeat(store, ids):
             k = 1 if len(specs) == 1 else sizes.size(cell.key, cell.fusable, lambda: probe_peaks(
-                _trainer(bench, task, recipe, sizes.device, probe=True), specs[0], cell.fusable,
+                _trainer(bench, task, training, sizes.device, probe=True), specs[0], cell.fusable,
                 sizes.device))
-            trainer = _trainer(bench, task, recipe, sizes.device, best_of=_best_of(study))
+            trainer = _trainer(bench, task, training, sizes.device, best_of=_best_of(study))
             for group, results in train_fitting(trainer, specs, k,
                                                 lambda n: sizes.shrink(cell.key, n)):
                 for spec, result in zip(group, results, strict=True):
@@ -238,14 +238,14 @@ def _best_of(study: Study) -> BestOf | None:
     return BestOf(study.task.objective, study.task.maximize)
 
 
-def _trainer(bench: Workbench, task: Task, recipe: Recipe, device: torch.device,
+def _trainer(bench: Workbench, task: Task, training: Training, device: torch.device,
              best_of: BestOf | None = None, probe: bool = False
              ) -> Callable[[list[TrialSpec]], list[TrialResult]]:
     """Train a group of trials; a probe trains one step and evaluates nothing."""
     if probe:
-        task, train, best_of = without_evaluation(task), one_step(recipe.train), None
+        task, train, best_of = without_evaluation(task), one_step(training.train), None
     else:
-        train = recipe.train
+        train = training.train
     return lambda group: train_group(bench.base, task, train, group, device, best_of=best_of)
 
 
@@ -296,8 +296,8 @@ def dry_run(study: Study, folder: Path, options: WorkOptions) -> str:
     lines = []
     for specs in groups.values():
         cell = specs[0].cell
-        recipe = resolve_recipe(study.train, cell.recipe)
-        probe = _trainer(bench, bench.task_for(recipe), recipe, sizes.device, probe=True)
+        training = resolve_training(study.train, cell.recipe)
+        probe = _trainer(bench, bench.task_for(training), training, sizes.device, probe=True)
         peaks = sizes.peaks.get(cell.key) or probe_peaks(probe, specs[0], cell.fusable,
                                                          sizes.device)
         sizes.peaks[cell.key] = peaks
