@@ -157,7 +157,8 @@ GOOD = [{"text": f"words {i} here", "label": ["a", "b"][i % 2]} for i in range(4
      "classification", "train.jsonl: line 31 is not valid JSON"),
     (_lines([{**r, "label": i % 2} for i, r in enumerate(GOOD)])
      + b'{"text": "no class", "label": NaN}\n', "classification",
-     "has no 'label' (null or NaN)"),
+     # numbered as stored, although the training data is shuffled (and carved) before the check
+     "task.label_field: row 40 of the training data has no 'label' (null or NaN)"),
     (b"\n\n   \n\n", "causal_lm", "has no text"),
 ])
 def test_bad_data_file_is_one_line(tmp_path: Path, content: bytes, kind: str, expected: str,

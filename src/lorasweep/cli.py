@@ -306,18 +306,26 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
-    from lorasweep.records import TRIALS_CSV, read_trials_csv
-    from lorasweep.report import write_report, write_study_outputs
+def _open_results(folder: Path, storage_url: str | None = None):
+    """A folder's study and its store; no store for a folder of results without its records (a
+    copy, an example), whose trials.csv is read instead."""
+    from lorasweep.records import TRIALS_CSV
     from lorasweep.study.folder import load_folder_study, open_for_reading, started
 
-    if not started(args.folder) and (args.folder / TRIALS_CSV).exists():
-        # a folder of results without its records (a copy, an example): report its trials.csv
-        study = load_folder_study(args.folder)
+    if not started(folder) and (folder / TRIALS_CSV).exists():
+        return load_folder_study(folder), None
+    return open_for_reading(folder, storage_url=storage_url)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lorasweep.records import read_trials_csv
+    from lorasweep.report import write_report, write_study_outputs
+
+    study, store = _open_results(args.folder)
+    if store is None:
         paths = write_report(args.folder, read_trials_csv(args.folder), study.task.objective,
                              study.task.maximize, study.name)
     else:
-        study, store = open_for_reading(args.folder)
         paths = write_study_outputs(args.folder, store, study)
     for path in paths:
         print(f"wrote {path}")
@@ -332,19 +340,14 @@ def _status(args: argparse.Namespace) -> int:
 def _print_status(folder: Path, storage_url: str | None = None) -> None:
     from lorasweep.analysis.compare import cell_name
     from lorasweep.analysis.summary import StudyAnalysis
-    from lorasweep.records import TRIALS_CSV, TrialRecord, read_trials_csv, trial_rows
+    from lorasweep.records import TrialRecord, read_trials_csv, trial_rows
     from lorasweep.report.answer import answer_text, build_answer
-    from lorasweep.study.folder import load_folder_study, open_for_reading, started
 
-    store = None
-    if not started(folder) and (folder / TRIALS_CSV).exists():  # results without records
-        study = load_folder_study(folder)
-        records = read_trials_csv(folder)
-    else:
-        study, store = open_for_reading(folder, storage_url=storage_url)
-        rows = trial_rows(store, study.task.objective)
-        records = [TrialRecord.from_row(row) for row in rows]
+    study, store = _open_results(folder, storage_url)
     metric = study.task.objective
+    rows = trial_rows(store, metric) if store is not None else []
+    records = ([TrialRecord.from_row(row) for row in rows] if store is not None
+               else read_trials_csv(folder))
     counts = Counter(record.status for record in records)
     print(f"study {study.name}: {len(records)} trials: "
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))

@@ -257,19 +257,21 @@ class LRRange(_Strict):
     def _ordered(self) -> LRRange:
         if self.high < self.low:
             raise ValueError(f"lr.high ({self.high}) is below lr.low ({self.low})")
-        count = round((math.log10(self.high) - math.log10(self.low)) * self.per_decade) + 1
-        if count > MAX_VALUES:
+        if self.count > MAX_VALUES:
             raise ValueError(f"lr {self.low:g} to {self.high:g} at {self.per_decade:g} per "
-                             f"decade is {count} learning rates; at most {MAX_VALUES}")
+                             f"decade is {self.count} learning rates; at most {MAX_VALUES}")
         return self
 
+    @property
+    def count(self) -> int:
+        """How many LRs the range holds, both ends included."""
+        return round(math.log10(self.high / self.low) * self.per_decade) + 1
+
     def values(self) -> list[float]:
-        decades = math.log10(self.high / self.low)
-        count = round(decades * self.per_decade) + 1
-        if count == 1:
+        if self.count == 1:
             return [self.low]
-        step = decades / (count - 1)
-        return [float(f"{self.low * 10 ** (i * step):.6g}") for i in range(count)]
+        step = math.log10(self.high / self.low) / (self.count - 1)
+        return [float(f"{self.low * 10 ** (i * step):.6g}") for i in range(self.count)]
 
 
 LRGrid = Annotated[list[Annotated[float, Field(gt=0)]],

@@ -113,17 +113,20 @@ class Variant:
         """The inits its cells take when the study gives `default` (search.inits)."""
         return [self.init] if self.init is not None else default
 
+    def rank_divisor(self, rank: float) -> float:
+        """r^p, the divisor of lora_alpha in s (math.sqrt for p = 1/2, as PEFT's rsLoRA computes
+        it: r ** 0.5 can differ from it in the last bit)."""
+        assert self.rank_power is not None
+        return math.sqrt(rank) if self.rank_power == 0.5 else rank ** self.rank_power
+
     def scale(self, alpha: float, rank: int) -> float:
         """s = lora_alpha / r^p."""
-        assert self.rank_power is not None
-        divisor = math.sqrt(rank) if self.rank_power == 0.5 else rank ** self.rank_power
-        return alpha / divisor
+        return alpha / self.rank_divisor(rank)
 
     def alpha_factor(self, rank_factor: int) -> float:
         """What lora_alpha is multiplied by to keep s when the rank is multiplied by
         `rank_factor` (export's rank-2r adapter of a residual init)."""
-        assert self.rank_power is not None
-        return math.sqrt(rank_factor) if self.rank_power == 0.5 else rank_factor ** self.rank_power
+        return self.rank_divisor(rank_factor)
 
     def peft_arguments(self, init: str | None) -> dict[str, Any] | None:
         """PEFT LoraConfig arguments beyond r, lora_alpha and targets for a cell of this

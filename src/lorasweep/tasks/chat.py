@@ -181,4 +181,4 @@ def as_pairs(spec: TaskSpec, raw: RawSplits) -> tuple[TaskSpec, RawSplits]:
                                      "loss_on": "all" if spec.loss_on == "all" else "response"})
     test = None if raw.test is None else convert(raw.test, "test")
     return paired, RawSplits(convert(raw.train, "training"),
-                             convert(raw.validation, "validation"), test)
+                             convert(raw.validation, "validation"), test, raw.stored)

@@ -9,11 +9,11 @@ reported, never used to choose anything.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -35,11 +35,21 @@ SAVED_MARKERS = ("dataset_dict.json", "state.json")
 Records = list[dict]
 
 
-@dataclass
+@dataclasses.dataclass
 class RawSplits:
+    """The records of each split, in the order the study uses them (training shuffled)."""
+
     train: Records
     validation: Records
     test: Records | None
+    # Where each record is stored, by split ("training", "validation", "test"): (the data it
+    # came from, its row there), so an error names the row a person finds in their file.
+    stored: dict[str, list[tuple[str, int]]] = dataclasses.field(default_factory=dict)
+
+    def where(self, split: str, index: int) -> str:
+        """The record's place as stored: "row 17 of the training data"."""
+        source, row = self.stored[split][index] if split in self.stored else (split, index)
+        return f"row {row} of the {source} data"
 
 
 # Checks the rows a study uses: check(records, numbers, source) looks at records[i] for each i in
@@ -81,9 +91,14 @@ def load_splits(task: TaskSpec, seed: int, check: RowCheck | None = None) -> Raw
         for records, source in ((validation, "validation"), (test, "test")):
             if records is not None:
                 check(records, range(len(records)), source)
+    stored = {"training": [("training", int(i)) for i in order],
+              "validation": ([("training", int(i)) for i in carved] if validation is None
+                             else [("validation", i) for i in range(len(validation))]),
+              "test": [("test", i) for i in range(len(test or []))]}
     if validation is None:
         validation = [train[i] for i in carved]
-    return RawSplits(train=[train[i] for i in order], validation=validation, test=test)
+    return RawSplits(train=[train[i] for i in order], validation=validation, test=test,
+                     stored=stored)
 
 
 def _validation_setting(task: TaskSpec) -> str:
@@ -217,8 +232,8 @@ def require_field(raw: RawSplits, field: str, setting: str) -> None:
         if records and field not in records[0]:
             raise StudyError(f"{setting}: the {split} data has no field '{field}'; fields: "
                              f"{', '.join(records[0])}")
-        for number, record in enumerate(records):
+        for index, record in enumerate(records):
             value = record.get(field)
             if value is None or (isinstance(value, float) and math.isnan(value)):
-                raise StudyError(f"{setting}: record {number} of the {split} data has no "
-                                 f"'{field}' (null or NaN)")
+                raise StudyError(f"{setting}: {raw.where(split, index)} has no '{field}' "
+                                 "(null or NaN)")

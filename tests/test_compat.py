@@ -1,0 +1,61 @@
+"""A study folder written before a refactor keeps working: tests/data/compat-849cdad was written by
+lorasweep at commit 849cdad (the main before issue 18's typed cells and store refactors) from
+tests/data/compat-849cdad.yaml (tiny:llama, causal LM; LoRA, LoRA+, full fine-tuning and a
+labelled peft entry; two ranks, two lora_alpha forms, a batch-size recipe axis), then measured
+by `lorasweep curvature` (LoRA, full and the peft entry at rank 4). Its report.html, figures and
+all but two adapters are left out to keep the repository small; everything else is as written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lorasweep.cli import main
+
+FIXTURE = Path(__file__).resolve().parent / "data" / "compat-849cdad"
+WRITTEN = ("trials.csv", "optima.csv", "report.md")
+
+
+@pytest.fixture
+def old_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "compat"
+    shutil.copytree(FIXTURE, folder)
+    return folder
+
+
+def test_an_earlier_folder_reports_byte_for_byte_the_same(old_folder: Path):
+    """trials.csv from its journal, optima.csv and report.md (with the curvature section read
+    from its curvature.csv, every lr_star matched, the peft entry's by its label) come out
+    exactly as the earlier lorasweep wrote them."""
+    for name in WRITTEN:
+        (old_folder / name).unlink()
+    assert main(["report", str(old_folder)]) == 0
+    for name in WRITTEN:
+        assert (old_folder / name).read_text() == (FIXTURE / name).read_text(), name
+    assert "| gauss r=4 a=2r peft batch_size=4 | 0.02662 | 1.12 | 0.03057 |" in \
+        (old_folder / "report.md").read_text()
+
+
+def test_an_earlier_folder_resumes_with_nothing_to_train(old_folder: Path, capsys):
+    assert main(["run", str(old_folder / "study.yaml"), "--out", str(old_folder)]) == 0
+    out = capsys.readouterr().out
+    assert "trained 0 trials" in out and "78 trials: 78 complete" in out
+    assert (old_folder / "trials.csv").read_text() == (FIXTURE / "trials.csv").read_text()
+    assert main(["status", str(old_folder)]) == 0
+    assert "Best: full batch_size=8: eval_loss 7.443" in capsys.readouterr().out
+
+
+def test_an_earlier_folder_exports_and_suggests(old_folder: Path, tmp_path: Path, capsys):
+    for trial, flags in (("7", {"use_rslora": False, "init_lora_weights": True}),
+                         ("55", {"init_lora_weights": "gaussian"})):
+        out = tmp_path / f"adapter-{trial}"
+        assert main(["export", str(old_folder), "--trial", trial, str(out)]) == 0
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert {k: config[k] for k in flags} == flags
+    capsys.readouterr()
+    assert main(["suggest", "--from", str(old_folder), "--rank", "8", "--method", "lora"]) == 0
+    assert "lora a=2r" in capsys.readouterr().out
