@@ -263,14 +263,19 @@ class LRRange(_Strict):
         return self
 
     @property
+    def decades(self) -> float:
+        # a difference of logs: high / low itself can overflow (1e300 / 1e-300)
+        return math.log10(self.high) - math.log10(self.low)
+
+    @property
     def count(self) -> int:
         """How many LRs the range holds, both ends included."""
-        return round(math.log10(self.high / self.low) * self.per_decade) + 1
+        return round(self.decades * self.per_decade) + 1
 
     def values(self) -> list[float]:
         if self.count == 1:
             return [self.low]
-        step = math.log10(self.high / self.low) / (self.count - 1)
+        step = self.decades / (self.count - 1)
         return [float(f"{self.low * 10 ** (i * step):.6g}") for i in range(self.count)]
 
 

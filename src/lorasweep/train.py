@@ -24,6 +24,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lorasweep.config import TrainSpec
 from lorasweep.methods import get_method
+from lorasweep.methods.base import NamedParams
 from lorasweep.optim import build_optimizer, build_schedule, total_steps
 from lorasweep.records import TrialResult
 from lorasweep.space import TrialSpec
@@ -71,6 +72,64 @@ class DivergenceWatch:
         return None
 
 
+class TrialCourse:
+    """One trial's course through a fused run: its losses, its evaluations, its best evaluation
+    so far (with `best_of`) and the weights it had then, and whether (and why) it stopped."""
+
+    def __init__(self, watch: DivergenceWatch, params: NamedParams) -> None:
+        self.watch = watch
+        self.params = params
+        self.curve: list[float] = []
+        self.evals: list[dict] = []
+        self.stopped: tuple[int, str] | None = None  # (step, reason)
+        self.best: dict | None = None
+        self.kept: list[torch.Tensor] | None = None  # the weights at `best`, on the CPU
+
+    def trained(self, step: int, loss: float) -> None:
+        """One step's loss; a trial whose loss runs away stops here."""
+        if self.stopped is None:
+            self.curve.append(loss)
+            reason = self.watch.check(loss)
+            self.stopped = None if reason is None else (step, reason)
+
+    def evaluated(self, step: int, metrics: dict, best_of: BestOf | None) -> None:
+        if self.stopped is not None:
+            return
+        self.evals.append({"step": step, **metrics})
+        if best_of is not None and best_of.better(metrics, self.best):
+            self.best = {"step": step, **metrics}
+            self.kept = [p.detach().cpu().clone() for _, p in self.params]
+
+    def select(self, step: int, final: dict, best_of: BestOf | None) -> dict:
+        """The evaluation the trial reports: its final one, or an earlier best (its weights
+        then put back, so its test metrics and weights are of that step too)."""
+        if self.stopped is None and self.best is not None and best_of is not None \
+                and not best_of.better(final, self.best):
+            assert self.kept is not None
+            with torch.no_grad():
+                for (_, param), value in zip(self.params, self.kept, strict=True):
+                    param.copy_(value)
+            return self.best
+        return {"step": step, **final}
+
+    def result(self, step: int, final: dict, selected: dict, test: dict, keep_weights: bool,
+               **common: object) -> TrialResult:
+        if self.stopped is None and not math.isfinite(final["eval_loss"]):
+            self.stopped = (step, "validation loss is not finite")
+        if self.stopped is not None:
+            return TrialResult(status="diverged", steps=self.stopped[0], reason=self.stopped[1],
+                               train_loss=self.curve[-1], loss_curve=self.curve,
+                               eval_curve=self.evals, **common)
+        self.evals.append({"step": step, **final})
+        weights = ({name: p.detach().cpu().clone() for name, p in self.params}
+                   if keep_weights else None)
+        return TrialResult(status="complete", steps=step,
+                           metrics={n: v for n, v in selected.items() if n != "step"},
+                           test=test, train_loss=_tail_mean(self.curve), weights=weights,
+                           selected_step=selected["step"], loss_curve=self.curve,
+                           eval_curve=self.evals, **common)
+
+
 def train_group(base: nn.Module, task: Task, train: TrainSpec, trials: list[TrialSpec],
                 device: torch.device, progress: Callable[[int], None] | None = None,
                 best_of: BestOf | None = None) -> list[TrialResult]:
@@ -95,76 +154,45 @@ def train_group(base: nn.Module, task: Task, train: TrainSpec, trials: list[Tria
         with autocast(train, device):
             return task.evaluate(model, split, k, train.eval_batch_size, device)
 
-    watches = [DivergenceWatch(train.divergence_factor) for _ in trials]
-    stopped: list[tuple[int, str] | None] = [None] * k
-    curves: list[list[float]] = [[] for _ in trials]
-    eval_curves: list[list[dict]] = [[] for _ in trials]
-    best: list[dict | None] = [None] * k  # with best_of: each trial's best evaluation so far
-    kept: list[list[torch.Tensor] | None] = [None] * k  # ... and its weights then (on the CPU)
+    courses = [TrialCourse(DivergenceWatch(train.divergence_factor), params)
+               for params in attached.trial_params]
     step = 0
     bar = tqdm(total=steps, desc=_describe(trials), leave=False, disable=None)
     for step, index in enumerate(batch_order(len(task.train), train.batch_size, steps, seed), 1):
-        active = torch.tensor([s is None for s in stopped], device=device)
+        active = torch.tensor([c.stopped is None for c in courses], device=device)
         losses = accumulate_gradients(model, task, index, k, train, active)
-        for i, value in enumerate(losses.detach().cpu().tolist()):
-            if stopped[i] is None:
-                curves[i].append(value)
-                reason = watches[i].check(value)
-                stopped[i] = None if reason is None else (step, reason)
-        for i, params in enumerate(attached.trial_params):
-            clip_or_drop([p for _, p in params], train.grad_clip, stopped[i] is not None)
+        for course, loss in zip(courses, losses.detach().cpu().tolist(), strict=True):
+            course.trained(step, loss)
+        for course in courses:
+            clip_or_drop([p for _, p in course.params], train.grad_clip,
+                         course.stopped is not None)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         bar.update(1)
         if progress is not None:
             progress(step)
-        if all(s is not None for s in stopped):
+        if all(c.stopped is not None for c in courses):
             break
         if train.eval_every and step % train.eval_every == 0 and step < steps:
-            for i, metrics in enumerate(evaluate(task.validation)):
-                if stopped[i] is None:
-                    eval_curves[i].append({"step": step, **metrics})
-                    if best_of is not None and best_of.better(metrics, best[i]):
-                        best[i] = {"step": step, **metrics}
-                        kept[i] = [p.detach().cpu().clone() for _, p in attached.trial_params[i]]
+            for course, metrics in zip(courses, evaluate(task.validation), strict=True):
+                course.evaluated(step, metrics, best_of)
     bar.close()
 
     final = evaluate(task.validation)
-    selected = [{"step": step, **final[i]} for i in range(k)]
-    for i in range(k):
-        if stopped[i] is None and best[i] is not None and not best_of.better(final[i], best[i]):
-            selected[i] = best[i]
-            with torch.no_grad():
-                for (_, param), value in zip(attached.trial_params[i], kept[i], strict=True):
-                    param.copy_(value)
+    selected = [c.select(step, metrics, best_of) for c, metrics in zip(courses, final,
+                                                                       strict=True)]
     test = evaluate(task.test) if task.test is not None else [{} for _ in trials]
     seconds = (time.perf_counter() - started) / k
-    results = []
-    for i in range(k):
-        if stopped[i] is None and not math.isfinite(final[i]["eval_loss"]):
-            stopped[i] = (step, "validation loss is not finite")
-        common = dict(seconds=seconds, loss_curve=curves[i], eval_curve=eval_curves[i],
-                      trainable_params=attached.trainable_count,
-                      effective_scale=attached.effective_scale)
-        if stopped[i] is not None:
-            results.append(TrialResult(status="diverged", steps=stopped[i][0],
-                                       reason=stopped[i][1], train_loss=curves[i][-1], **common))
-        else:
-            eval_curves[i].append({"step": step, **final[i]})
-            weights = ({name: p.detach().cpu().clone() for name, p in attached.trial_params[i]}
-                       if cell.is_adapter else None)
-            chosen = {name: v for name, v in selected[i].items() if name != "step"}
-            results.append(TrialResult(status="complete", steps=step, metrics=chosen,
-                                       test=test[i], train_loss=_tail_mean(curves[i]),
-                                       weights=weights, selected_step=selected[i]["step"],
-                                       **common))
-    return results
+    return [course.result(step, final[i], selected[i], test[i], cell.is_adapter,
+                          seconds=seconds, trainable_params=attached.trainable_count,
+                          effective_scale=attached.effective_scale)
+            for i, course in enumerate(courses)]
 
 
 def accumulate_gradients(model: nn.Module, task: Task, index: torch.Tensor, k: int,
                          train: TrainSpec, active: torch.Tensor) -> torch.Tensor:
-    """Backward of one step's batch (rows `index`) in `recipe.grad_accum` micro-batches; returns
+    """Backward of one step's batch (rows `index`) in `train.grad_accum` micro-batches; returns
     each trial's mean loss over the batch, shape (K,). Trials not `active` get no gradient.
 
     Each micro-batch's mean loss is weighted by its share of the batch's scored tokens (examples,
