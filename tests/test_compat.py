@@ -50,7 +50,8 @@ def test_an_earlier_folder_resumes_with_nothing_to_train(old_folder: Path, capsy
 
 
 def test_an_earlier_folder_exports_and_suggests(old_folder: Path, tmp_path: Path, capsys):
-    for trial, flags in (("7", {"use_rslora": False, "init_lora_weights": True}),):
+    for trial, flags in (("7", {"use_rslora": False, "init_lora_weights": True}),
+                         ("55", {"init_lora_weights": "gaussian"})):  # a peft entry
         out = tmp_path / f"adapter-{trial}"
         assert main(["export", str(old_folder), "--trial", trial, str(out)]) == 0
         config = json.loads((out / "adapter_config.json").read_text())

@@ -20,7 +20,7 @@ from lorasweep.space import TrialSpec
 from lorasweep.study.backend import JOURNAL_NAME
 from lorasweep.study.defaults import STORAGE_ENV
 from lorasweep.study.folder import STORAGE_FILE, load_folder_study, open_for_reading, weights_path
-from lorasweep.workbench import attach_trials
+from lorasweep.workbench import attach_group, attach_trials, load_workbench
 
 from .conftest import make_records, read_rows, tiny_study, write_jsonl
 
@@ -149,3 +149,59 @@ def test_export_of_a_study_not_started_is_one_line(tmp_path, capsys):
     assert err == [f"lorasweep: error: {folder}: the study has not started (no {JOURNAL_NAME})"]
     assert sorted(p.name for p in folder.iterdir()) == ["study.yaml"]
     assert not (tmp_path / "out").exists()
+
+
+PEFT_ENTRIES = [{"name": "peft", "label": "gauss", "peft": {"init_lora_weights": "gaussian"}},
+                {"name": "peft", "label": "peft-pissa", "peft": {"init_lora_weights": "pissa"}},
+                {"name": "peft", "label": "loha", "peft_config": "LoHaConfig",
+                 "peft": {"r": 4, "alpha": 8}},
+                {"name": "peft", "label": "corda", "peft": {
+                    "init_lora_weights": "corda", "corda_config": {"corda_method": "kpm"}}}]
+
+
+@pytest.fixture(scope="module")
+def peft_study(tmp_path_factory) -> Path:
+    """Trials of peft entries: PEFT's plain LoRA, PEFT's PiSSA (it changes the base weight), a
+    config that is no LoRA (LoHa) and CorDA (it looks at training batches and changes the base
+    weight; on attention, as PEFT's CorDA hooks cannot take BERT's pooler)."""
+    root = tmp_path_factory.mktemp("peft-export")
+    data = {"train": write_jsonl(root / "train.jsonl", make_records(120, 0)),
+            "test": write_jsonl(root / "test.jsonl", make_records(30, 1))}
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(tiny_study(data, train={"steps": 6},
+                                              search={"methods": PEFT_ENTRIES, "lr": [1e-2],
+                                                      "target_modules": "attention"})))
+    assert main(["run", str(path), "--out", str(root / "study")]) == 0
+    return root / "study"
+
+
+@pytest.mark.parametrize("label", [e["label"] for e in PEFT_ENTRIES])
+def test_a_peft_entry_exports_the_model_it_trained(peft_study: Path, tmp_path: Path, label):
+    """The trial rebuilt as training built it, with its saved weights, scores the validation
+    loss its run recorded; PEFT loads the export over the untouched base with the same outputs
+    (PiSSA's through PEFT's conversion to plain LoRA, whose rank doubles)."""
+    row = next(r for r in read_rows(peft_study) if r["method"] == label)
+    out = tmp_path / "adapter"
+    assert main(["export", str(peft_study), "--trial", row["trial"], str(out)]) == 0
+
+    study, store = open_for_reading(peft_study)
+    spec = next(TrialSpec.from_attrs(t.user_attrs) for t in store.trials()
+                if t.user_attrs["grid_id"] == int(row["trial"]))
+    bench = load_workbench(study)
+    ours, attached = attach_group(bench.base, bench.task, study.train, [spec])
+    saved = load_file(str(weights_path(peft_study, spec.grid_id)))
+    with torch.no_grad():
+        for name, param in attached.trial_params[0]:
+            param.copy_(saved[name])
+    ours.eval()
+    (metrics,) = bench.task.evaluate(ours, bench.task.validation, 1, 8, torch.device("cpu"))
+    assert metrics["eval_loss"] == pytest.approx(float(row["eval_loss"]), rel=1e-5)
+
+    theirs = PeftModel.from_pretrained(copy.deepcopy(bench.base), str(out)).eval()
+    ids = torch.randint(1000, 3000, (4, 10), generator=torch.Generator().manual_seed(0))
+    a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+    assert float((a - b).norm() / b.norm()) < 1e-5
+    assert not torch.allclose(a, bench.base(input_ids=ids).logits, atol=1e-4)
+    config, _ = adapter(out)
+    if label in ("peft-pissa", "corda"):  # converted to plain LoRA: rank 4, doubled
+        assert (config["r"], config["init_lora_weights"]) == (8, True)

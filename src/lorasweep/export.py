@@ -4,27 +4,40 @@ The adapter is assembled in a real PEFT model (so its file layout is PEFT's own)
 saved weights. Methods that change the base weight (PiSSA, MiLoRA, OLoRA, Init[AB]) export as
 plain LoRA over the original W through PEFT's conversion identity: with W_res = W - s B0 A0,
 W_res + s B A = W + s [B, -B0] [A; A0], a rank-2r adapter with the same scale s.
+
+A peft entry's trial is PEFT's own model: it is rebuilt as training built it (from its seed, and
+its first training batches for inits that look at data), given its trained weights and saved by
+PEFT; a LoRA init that changes the base weight (PiSSA, OLoRA, CorDA, LoRA-GA) is saved through
+PEFT's own conversion to plain LoRA over the original weights.
 """
 
 from __future__ import annotations
 
 import copy
+import tempfile
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import load_file, save_file
 
+from lorasweep.config import Study
 from lorasweep.errors import StudyError
 from lorasweep.methods.stacked import StackedLoRALinear
 from lorasweep.methods.targets import resolve_targets, uses_conv1d
 from lorasweep.models import load_model, load_tokenizer
+from lorasweep.recipe import resolve_training
 from lorasweep.space import TrialSpec
 from lorasweep.study.folder import open_for_reading, weights_path
 from lorasweep.study.store import Store
 from lorasweep.tasks import build_task, num_labels
 from lorasweep.variants import get_init, variant
-from lorasweep.workbench import attach_trials
+from lorasweep.workbench import attach_group, attach_trials, load_workbench
+
+# The LoRA inits whose PEFT adapter holds the base weight's change (W_res = W - ...), which
+# PEFT's save_pretrained converts to plain LoRA given the adapter at step 0 (its own list).
+BASE_CHANGING_INITS = ("pissa", "corda", "olora", "lora_ga")
 
 
 def find_trial(store: Store, grid_id: int) -> TrialSpec:
@@ -49,18 +62,17 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     if not cell.is_adapter:
         raise StudyError(f"--trial {grid_id}: full fine-tuning has no adapter to export")
     method = variant(cell.method)
-    if method.peft_flags is None:
-        raise StudyError(f"--trial {grid_id}: exporting a peft pass-through trial is not "
-                         "supported yet")
+    path = weights_path(folder, grid_id)
+    if not path.exists():
+        raise StudyError(f"--trial {grid_id}: its weights are missing ({path})")
+    trained = load_file(str(path))
+    if method.peft_flags is None:  # a peft entry: PEFT's own model
+        return _export_peft_entry(study, spec, trained, out)
     residual = get_init(cell.init).residual
     # DoRA's magnitude is the row norm of the weight it starts from, so W_res + s B A is not
     # the rank-2r adapter over W that the conversion below writes.
     if method.peft_flags.get("use_dora") and residual:
         raise StudyError(f"--trial {grid_id}: DoRA over a {cell.init} residual has no PEFT form")
-    path = weights_path(folder, grid_id)
-    if not path.exists():
-        raise StudyError(f"--trial {grid_id}: its weights are missing ({path})")
-    trained = load_file(str(path))
 
     tokenizer = load_tokenizer(study.model)
     classify = study.task.kind == "classification"
@@ -81,10 +93,51 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
         for name, param in peft_model.named_parameters():
             if param.requires_grad:
                 param.copy_(_peft_value(name, trained, start, residual))
+    return _save(peft_model, out)
+
+
+def _export_peft_entry(study: Study, spec: TrialSpec, trained: dict[str, torch.Tensor],
+                       out: Path) -> Path:
+    bench = load_workbench(study)
+    training = resolve_training(study.train, spec.cell.recipe)
+    _, attached = attach_group(bench.base, bench.task_for(training), training.train, [spec])
+    peft_model = attached.peft_model
+    assert peft_model is not None
+    config = peft_model.peft_config["default"]
+    init = str(getattr(config, "init_lora_weights", "")).lower()
+    converts = isinstance(config, LoraConfig) and init.startswith(BASE_CHANGING_INITS)
+    with tempfile.TemporaryDirectory() as scratch:
+        initial = Path(scratch) / "initial"
+        if converts:  # the adapter at step 0, which PEFT subtracts (saved as a plain init)
+            config.init_lora_weights = True
+            peft_model.save_pretrained(str(initial))
+        with torch.no_grad():
+            for name, param in attached.trial_params[0]:
+                param.copy_(trained[name])
+        _save(peft_model, out, initial if converts else None)
+    if converts:
+        _restore_non_lora(peft_model, out)
+    return out
+
+
+def _restore_non_lora(peft_model: torch.nn.Module, out: Path) -> None:
+    """PEFT's conversion (`subtract_mutated_init`) keeps only the LoRA tensors, so the rest of
+    what the adapter saves (modules_to_save: the trained task head) is put back beside them."""
+    path = out / SAFETENSORS_WEIGHTS_NAME
+    tensors = load_file(str(path))
+    tensors |= {name: value.contiguous() for name, value in
+                get_peft_model_state_dict(peft_model).items() if "lora_" not in name}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _save(peft_model: torch.nn.Module, out: Path, initial: Path | None = None) -> Path:
     try:
-        peft_model.save_pretrained(str(out))
+        peft_model.save_pretrained(
+            str(out), path_initial_model_for_weight_conversion=str(initial) if initial else None)
     except OSError as exc:
         raise StudyError(f"{out}: cannot write the adapter there ({exc.strerror})") from None
+    except ValueError as exc:  # a conversion PEFT refuses (rsLoRA with rank or alpha patterns)
+        raise StudyError(f"{out}: PEFT cannot write this adapter ({exc})") from None
     return out
 
 

@@ -32,6 +32,7 @@ class Attached:
 
     trial_params: list[NamedParams]
     effective_scale: float | None = None
+    peft_model: nn.Module | None = None  # the PeftModel of a method PEFT builds (export saves it)
 
     @property
     def trainable_count(self) -> int:

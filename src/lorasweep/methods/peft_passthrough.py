@@ -66,7 +66,8 @@ class PeftPassThrough(Method):
                   for name, p in peft_model.named_parameters() if p.requires_grad]
         scales = [scale["default"] for module in model.modules()
                   if isinstance(scale := getattr(module, "scaling", None), dict) and scale]
-        return Attached(trial_params=[params], effective_scale=scales[0] if scales else None)
+        return Attached(trial_params=[params], effective_scale=scales[0] if scales else None,
+                        peft_model=peft_model)
 
 
 def needs_data(cell: Cell) -> bool:
