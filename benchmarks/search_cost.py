@@ -104,11 +104,11 @@ def synthetic_study(rng: np.random.Generator, noise: float) -> tuple[Study, dict
     return study, recorded, True
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=20, help="synthetic studies per noise")
     parser.add_argument("--noise", type=float, nargs="+", default=[0.005, 0.02])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print("| study | grid trials | search trials | fraction | cells within 1 step | "
           "worst (steps) |")
     print("|---|---|---|---|---|---|")

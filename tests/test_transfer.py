@@ -316,3 +316,16 @@ def test_transfer_search_end_to_end(tmp_path, study_file):
     outcomes = {t.key: (r.status, r.metric) for t in expand_trials(study) for r in records
                 if (r.cell.rank, r.lr) == (t.cell.rank, t.lr)}
     assert {t.key for t in plan_trials(study, outcomes, False)} == set(outcomes)
+
+
+def test_search_cost_benchmark_replays_the_shipped_studies(capsys, monkeypatch):
+    """`benchmarks/search_cost.py` (once broken by a cell column it did not match) replays the
+    transfer search on the shipped examples' full grids with the figures benchmarks/README.md
+    records: every cell within one grid step, in 27 of 42 and 75 of 75 trials."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    importlib.import_module("search_cost").main(["--studies", "1", "--noise", "0.005"])
+    rows = [line.split(" | ")[1:5] for line in capsys.readouterr().out.splitlines()
+            if "(real)" in line]
+    assert rows == [["42", "27", "64%", "7/7 (100%)"], ["75", "75", "100%", "5/5 (100%)"]]
