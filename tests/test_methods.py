@@ -380,3 +380,24 @@ def test_fused_causal_lm_group_equals_trials_run_one_by_one():
                               rtol=1e-5, atol=0)
         assert together.metrics["eval_loss"] == pytest.approx(alone.metrics["eval_loss"],
                                                               rel=1e-5)
+
+
+def test_a_final_validation_loss_that_is_not_finite_is_divergence_under_either_rule():
+    """With task.select best, an earlier good evaluation is restored and chosen, but a trial
+    whose final validation loss is not finite is still reported diverged (README, task.select)."""
+    from lorasweep.train import BestOf, DivergenceWatch, TrialCourse
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    course = TrialCourse(DivergenceWatch(10.0), [("w", weight)])
+    best_of = BestOf("eval_loss", maximize=False)
+    for step, loss in ((1, 1.0), (2, 0.9)):
+        course.trained(step, loss)
+    course.evaluated(1, {"eval_loss": 0.5}, best_of)
+    with torch.no_grad():
+        weight += 1.0  # trained on after that evaluation
+    final = {"eval_loss": math.nan}
+    selected = course.select(2, final, best_of)
+    assert selected == {"step": 1, "eval_loss": 0.5} and torch.equal(weight, torch.zeros(2))
+    result = course.result(2, final, selected, {}, keep_weights=True, seconds=0.0)
+    assert (result.status, result.steps, result.reason) == ("diverged", 2,
+                                                            "validation loss is not finite")
