@@ -12,6 +12,7 @@ from lorasweep.errors import StudyError
 from lorasweep.records import (
     OPTIMA_COLUMNS,
     OPTIMA_CSV,
+    CurvatureRecord,
     Optimum,
     read_curvature_csv,
     read_optima_csv,
@@ -71,12 +72,21 @@ def test_a_bad_value_and_a_missing_file_are_one_line(tmp_path: Path):
         read_optima_csv(tmp_path / "nowhere.csv")
 
 
-def test_curvature_csv_reads_back_as_text(tmp_path: Path):
+def test_curvature_csv_reads_back_as_written(tmp_path: Path):
     assert read_curvature_csv(tmp_path) == []
-    write_curvature_csv(tmp_path, [{**CELL, "block": "joint", "lambda_max": 2.5, "error": None}])
-    (row,) = read_curvature_csv(tmp_path)
-    assert row["block"] == "joint" and row["lambda_max"] == "2.5" and row["error"] == ""
-    assert row["rank"] == "4" and row["stage"] == ""
+    records = [CurvatureRecord(
+        cell=Cell.from_row(CELL), seed=0, stage=stage, steps=steps, warmup_lr=warmup_lr,
+        preconditioned=steps > 0, block=block, module_type=kind, params=96,
+        lambda_max=2.5, lambda_top="2.5 1.25", lambda_min=-0.125, products=12,
+        converged=block == "joint", error=None if block == "joint" else 1e-3, items=40,
+        lr_grid_step=0.25)
+        for stage, steps, warmup_lr in (("init", 0, None), ("warmup", 2, 3e-3))
+        for block, kind in (("joint", ""), ("encoder.layer.0.query", "query"))]
+    write_curvature_csv(tmp_path, records)
+    assert read_curvature_csv(tmp_path) == records
+    (tmp_path / "curvature.csv").write_text("method,rank\nlora,four\n")
+    with pytest.raises(StudyError, match=r"curvature.csv: not as lorasweep writes it"):
+        read_curvature_csv(tmp_path)
 
 
 def test_a_cell_reads_back_from_its_row_typed_or_as_text(tmp_path: Path, study_file):

@@ -218,14 +218,66 @@ def _number(text: str | None) -> float | None:
 
 # curvature.csv: one row per measured block, written by `lorasweep curvature`.
 
-def write_curvature_csv(folder: Path, rows: list[dict]) -> None:
-    _write_csv(folder / CURVATURE_CSV, CURVATURE_COLUMNS, rows)
+@dataclass(frozen=True)
+class CurvatureRecord:
+    """One block of one cell measured at one stage (a row of curvature.csv, typed)."""
+
+    cell: Cell  # as recorded (Cell.recorded)
+    seed: int
+    stage: str  # "init", or "warmup" after `steps` steps at `warmup_lr`
+    steps: int
+    warmup_lr: float | None
+    preconditioned: bool  # Adam's P^-1/2 H P^-1/2 rather than H
+    block: str  # an adapted module's name, or "joint" (every trainable parameter)
+    module_type: str  # the module's last name part ("" for the joint block)
+    params: int
+    lambda_max: float
+    lambda_top: str  # the largest eigenvalues, space-separated
+    lambda_min: float
+    products: int  # Hessian-vector products Lanczos used
+    converged: bool
+    error: float | None  # Lanczos' residual bound, relative to the spectral radius
+    items: int | None  # what the loss averages over (examples, or scored tokens)
+    lr_grid_step: float | None  # the cell's LR grid step, for errors in grid steps
+
+    def to_row(self) -> dict:
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__
+                  if name != "cell"}
+        return {**self.cell.to_row(), **fields}
+
+    @classmethod
+    def from_row(cls, row: dict) -> CurvatureRecord:
+        """From a curvature.csv row as written (text) or as measured (typed)."""
+        def value(name: str, kind: type) -> Any:
+            text = row.get(name)
+            if text is None or text == "":
+                return None
+            if kind is bool:
+                return text is True or str(text) == "True"
+            return kind(float(text)) if kind is int else kind(text)
+        return cls(cell=Cell.from_row(row), seed=value("seed", int), stage=value("stage", str),
+                   steps=value("steps", int), warmup_lr=value("warmup_lr", float),
+                   preconditioned=value("preconditioned", bool), block=value("block", str),
+                   module_type=value("module_type", str) or "", params=value("params", int),
+                   lambda_max=value("lambda_max", float), lambda_top=value("lambda_top", str),
+                   lambda_min=value("lambda_min", float), products=value("products", int),
+                   converged=value("converged", bool), error=value("error", float),
+                   items=value("items", int), lr_grid_step=value("lr_grid_step", float))
 
 
-def read_curvature_csv(folder: Path) -> list[dict]:
-    """curvature.csv's rows as text (none where the folder has no curvature.csv)."""
+def write_curvature_csv(folder: Path, records: list[CurvatureRecord]) -> None:
+    _write_csv(folder / CURVATURE_CSV, CURVATURE_COLUMNS, [r.to_row() for r in records])
+
+
+def read_curvature_csv(folder: Path) -> list[CurvatureRecord]:
+    """curvature.csv's records (none where the folder has none); a one-line error naming the
+    file where it is not as written."""
     path = folder / CURVATURE_CSV
     if not path.exists():
         return []
     with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+        try:
+            return [CurvatureRecord.from_row(row) for row in csv.DictReader(handle)]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise StudyError(f"{path}: not as lorasweep writes it "
+                             f"({type(exc).__name__}: {exc})") from None

@@ -18,6 +18,7 @@ from lorasweep.errors import StudyError
 from lorasweep.files import write_text
 from lorasweep.records import (
     OPTIMA_CSV,
+    CurvatureRecord,
     Optimum,
     read_curvature_csv,
     read_optima_csv,
@@ -26,7 +27,6 @@ from lorasweep.records import (
 )
 from lorasweep.report.curvature import curvature_tables
 from lorasweep.report.tables import markdown_report
-from lorasweep.space import Cell
 from lorasweep.study.folder import STUDY_FILE, load_folder_study, open_for_reading, started
 from lorasweep.workbench import load_workbench
 
@@ -96,14 +96,14 @@ def run_curvature(target: str, settings: Settings, out: Path | None = None,
     except OSError as exc:
         raise StudyError(f"--out {folder}: cannot write there ({exc.strerror})") from None
     bench = load_workbench(study)
-    rows: list[dict] = []
+    records: list[CurvatureRecord] = []
     for cell, lrs in cells:
         log(f"measuring {cell.label}" + (f" r={cell.rank}" if cell.rank else ""))
-        rows += measure_cell(bench, study, cell, lrs, settings, log=log,
-                             lr_star=lr_stars.get(cell.recorded))
-    measured = {Cell.from_row(r) for r in rows}
-    kept = [r for r in read_curvature_csv(folder) if Cell.from_row(r) not in measured]
-    write_curvature_csv(folder, kept + rows)
+        records += measure_cell(bench, study, cell, lrs, settings, log=log,
+                                lr_star=lr_stars.get(cell.recorded))
+    measured = {r.cell for r in records}
+    kept = [r for r in read_curvature_csv(folder) if r.cell not in measured]
+    write_curvature_csv(folder, kept + records)
     text = markdown_report(f"Curvature: {study.name}",
                            curvature_tables(read_curvature_csv(folder), optima), [])
     write_text(folder / CURVATURE_MD, text)

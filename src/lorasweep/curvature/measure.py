@@ -29,6 +29,7 @@ from lorasweep.methods.base import NamedParams
 from lorasweep.methods.targets import resolve_targets
 from lorasweep.optim import build_optimizer, build_schedule, total_steps
 from lorasweep.recipe import resolve_training
+from lorasweep.records import CurvatureRecord
 from lorasweep.space import Cell, TrialSpec, cells_of, grid_step, target_text
 from lorasweep.tasks import Task
 from lorasweep.train import accumulate_gradients, clip_or_drop
@@ -103,8 +104,9 @@ def grid_middle(lrs: list[float]) -> float:
 
 
 def measure_cell(bench: Workbench, study: Study, cell: Cell, lrs: list[float], settings: Settings,
-                 lr_star: float | None = None, log: Callable[[str], None] = print) -> list[dict]:
-    """curvature.csv rows of one cell: every block at init, and after warm-up when asked."""
+                 lr_star: float | None = None, log: Callable[[str], None] = print
+                 ) -> list[CurvatureRecord]:
+    """One cell's curvature records: every block at init, and after warm-up when asked."""
     seed = study.search.seeds[0]
     warmup_lr = settings.warmup_lr or lr_star or grid_middle(lrs)
     trial = TrialSpec(grid_id=-1, cell=cell, lr=warmup_lr, seed=seed)
@@ -115,11 +117,10 @@ def measure_cell(bench: Workbench, study: Study, cell: Cell, lrs: list[float], s
     blocks = blocks_of(bench.base, study, cell, params, settings.blocks)
     batches = [task.train.batch(index, 1) for index in
                batch_order(len(task.train), training.train.batch_size, settings.batches, seed)]
-    common = {**cell.to_row(), "seed": seed, "lr_grid_step": grid_step(lrs)}
-
-    def stage(name: str, steps: int, optimizer: torch.optim.Optimizer | None) -> list[dict]:
+    def stage(name: str, steps: int, optimizer: torch.optim.Optimizer | None
+              ) -> list[CurvatureRecord]:
         """Every block, plain and (given AdamW) preconditioned, over one gradient graph."""
-        rows: list[dict] = []
+        records: list[CurvatureRecord] = []
         with eager_attention(model):
             hessian = LossHessian(model, task, batches, [p for _, p in params])
             loss = float(hessian.loss.detach())
@@ -128,28 +129,30 @@ def measure_cell(bench: Workbench, study: Study, cell: Cell, lrs: list[float], s
                                  f"steps at lr {warmup_lr:g}; give a lower --warmup-lr")
             for adam in [None, optimizer] if optimizer is not None else [None]:
                 started = time.perf_counter()
-                done = [{**common, "stage": name, "steps": steps,
-                         "warmup_lr": warmup_lr if steps else None,
-                         "preconditioned": adam is not None, "items": hessian.items,
-                         **_measure_block(hessian, block_name, block, settings, adam)}
-                        for block_name, block in tqdm(blocks, desc=f"{cell.label} {name}",
-                                                      leave=False, disable=None)]
-                shown = next((r for r in done if r["block"] == JOINT), done[-1])
+                done = [CurvatureRecord(
+                    cell=cell.recorded, seed=seed, stage=name, steps=steps,
+                    warmup_lr=warmup_lr if steps else None, preconditioned=adam is not None,
+                    items=hessian.items, lr_grid_step=grid_step(lrs),
+                    **_measure_block(hessian, block_name, block, settings, adam))
+                    for block_name, block in tqdm(blocks, desc=f"{cell.label} {name}",
+                                                  leave=False, disable=None)]
+                shown = next((r for r in done if r.block == JOINT), done[-1])
                 log(f"  {cell.label} {name}{' (Adam-preconditioned)' if adam else ''}: "
-                    f"{len(done)} blocks, {shown['block']} lambda_max "
-                    f"{shown['lambda_max']:.4g} in {time.perf_counter() - started:.0f} s")
-                rows += done
-        return rows
+                    f"{len(done)} blocks, {shown.block} lambda_max "
+                    f"{shown.lambda_max:.4g} in {time.perf_counter() - started:.0f} s")
+                records += done
+        return records
 
-    rows = stage("init", 0, None)
+    records = stage("init", 0, None)
     if settings.warmup_steps:
         optimizer = warm_up(model, attached, trial, training.train, task, settings.warmup_steps)
-        rows += stage("warmup", settings.warmup_steps, optimizer if settings.adam else None)
-    return rows
+        records += stage("warmup", settings.warmup_steps, optimizer if settings.adam else None)
+    return records
 
 
 def _measure_block(hessian: LossHessian, name: str, block: list[nn.Parameter],
                    settings: Settings, optimizer: torch.optim.Optimizer | None) -> dict:
+    """A block's fields of its CurvatureRecord."""
     scale = adam_scale(optimizer, block) if optimizer is not None else None
     spectrum = lanczos(hessian.operator(block, scale), block_size(block), settings.top_k,
                        settings.tol, settings.max_iter, settings.seed)

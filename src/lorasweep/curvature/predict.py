@@ -22,15 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from lorasweep.records import Optimum
+from lorasweep.records import CurvatureRecord, Optimum
 from lorasweep.space import Cell
 
 DEFAULT_P = 1.0
 ANCHOR_METHOD = "lora"
-
-
-def _true(value: object) -> bool:
-    return value is True or str(value) == "True"
 
 
 @dataclass
@@ -53,18 +49,16 @@ class ExponentFit:
     n: int
 
 
-def cell_curvatures(rows: list[dict]) -> list[CellCurvature]:
-    """One curvature per cell from curvature.csv rows (init, not preconditioned), in file order."""
+def cell_curvatures(records: list[CurvatureRecord]) -> list[CellCurvature]:
+    """One curvature per cell from its records at init (not preconditioned), in file order."""
     found: dict[Cell, dict[str, list[float]]] = {}
     steps: dict[Cell, float | None] = {}
-    for row in rows:
-        if row["stage"] != "init" or _true(row["preconditioned"]):
+    for record in records:
+        if record.stage != "init" or record.preconditioned:
             continue
-        cell = Cell.from_row(row)
-        step = row.get("lr_grid_step")
-        steps[cell] = float(step) if step not in (None, "") else None
-        kind = "joint" if row["block"] == "joint" else "modules"
-        found.setdefault(cell, {}).setdefault(kind, []).append(float(row["lambda_max"]))
+        steps[record.cell] = record.lr_grid_step
+        kind = "joint" if record.block == "joint" else "modules"
+        found.setdefault(record.cell, {}).setdefault(kind, []).append(record.lambda_max)
     out = []
     for cell, kinds in found.items():
         source = "modules" if "modules" in kinds else "joint"

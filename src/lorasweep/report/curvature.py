@@ -17,43 +17,40 @@ from lorasweep.curvature.predict import (
     cell_curvatures,
     predict_lrs,
 )
-from lorasweep.records import Optimum
+from lorasweep.records import CurvatureRecord, Optimum
 from lorasweep.report.numbers import fmt
 from lorasweep.report.tables import Table
 from lorasweep.space import Cell
 
 
-def _stage_name(row: dict) -> str:
-    if row["stage"] == "init":
-        name = "init"
-    else:
-        name = f"after {row['steps']} steps at lr {fmt(float(row['warmup_lr']))}"
-    return name + (", Adam-preconditioned" if str(row["preconditioned"]) == "True" else "")
+def _stage_name(record: CurvatureRecord) -> str:
+    name = ("init" if record.stage == "init" else
+            f"after {record.steps} steps at lr {fmt(record.warmup_lr)}")
+    return name + (", Adam-preconditioned" if record.preconditioned else "")
 
 
-def eigenvalue_table(rows: list[dict]) -> Table:
+def eigenvalue_table(records: list[CurvatureRecord]) -> Table:
     """lambda_max per cell and stage: joint, median over modules, and per module type."""
-    types = list(dict.fromkeys(r["module_type"] for r in rows if r["block"] != "joint"))
-    groups: dict[tuple[Cell, str], list[dict]] = {}
-    for row in rows:
-        groups.setdefault((Cell.from_row(row), _stage_name(row)), []).append(row)
+    types = list(dict.fromkeys(r.module_type for r in records if r.block != "joint"))
+    groups: dict[tuple[Cell, str], list[CurvatureRecord]] = {}
+    for record in records:
+        groups.setdefault((record.cell, _stage_name(record)), []).append(record)
     table_rows = []
     for (cell, stage), members in groups.items():
-        joint = [r for r in members if r["block"] == "joint"]
-        modules = [r for r in members if r["block"] != "joint"]
+        joint = [r for r in members if r.block == "joint"]
+        modules = [r for r in members if r.block != "joint"]
 
-        def median(chosen: list[dict]) -> str:
-            return fmt(statistics.median(float(r["lambda_max"]) for r in chosen)) if chosen \
-                else "-"
+        def median(chosen: list[CurvatureRecord]) -> str:
+            return fmt(statistics.median(r.lambda_max for r in chosen)) if chosen else "-"
 
-        done = sum(str(r["converged"]) == "True" for r in members)
         table_rows.append([
             cell_name(cell), stage,
-            fmt(float(joint[0]["lambda_max"])) if joint else "-",
-            fmt(float(joint[0]["lambda_min"])) if joint else "-",
+            fmt(joint[0].lambda_max) if joint else "-",
+            fmt(joint[0].lambda_min) if joint else "-",
             median(modules),
-            *[median([r for r in modules if r["module_type"] == t]) for t in types],
-            str(max(int(r["products"]) for r in members)), f"{done}/{len(members)}"])
+            *[median([r for r in modules if r.module_type == t]) for t in types],
+            str(max(r.products for r in members)),
+            f"{sum(r.converged for r in members)}/{len(members)}"])
     return Table(
         "Largest Hessian eigenvalue",
         "Lanczos on Hessian-vector products of the training loss (the trial's first batches, "
@@ -68,9 +65,9 @@ def eigenvalue_table(rows: list[dict]) -> Table:
         table_rows)
 
 
-def prediction_table(rows: list[dict], optima: list[Optimum]) -> Table | None:
+def prediction_table(records: list[CurvatureRecord], optima: list[Optimum]) -> Table | None:
     """lambda against each cell's measured optimum, and the LR the curvature predicts."""
-    curvatures, fit = predict_lrs(cell_curvatures(rows), optima)
+    curvatures, fit = predict_lrs(cell_curvatures(records), optima)
     if not curvatures or not any(c.lr_star is not None for c in curvatures):
         return None
     anchor = next((c for c in curvatures if c.cell.method == ANCHOR_METHOD), None)
@@ -94,9 +91,9 @@ def prediction_table(rows: list[dict], optima: list[Optimum]) -> Table | None:
           f"{c.error_steps:+.2f}" if c.error_steps is not None else "-"] for c in curvatures])
 
 
-def curvature_tables(rows: list[dict], optima: list[Optimum]) -> list[Table]:
-    """The section's tables; none without curvature rows."""
-    if not rows:
+def curvature_tables(records: list[CurvatureRecord], optima: list[Optimum]) -> list[Table]:
+    """The section's tables; none without curvature records."""
+    if not records:
         return []
-    prediction = prediction_table(rows, optima)
-    return [eigenvalue_table(rows), *([prediction] if prediction else [])]
+    prediction = prediction_table(records, optima)
+    return [eigenvalue_table(records), *([prediction] if prediction else [])]
