@@ -255,3 +255,32 @@ def test_a_folder_from_before_task_select_resumes_unchanged(tmp_path: Path, stud
     saved.write_text(old.replace("  select: final\n", ""))
     assert main(["run", str(path), "--out", str(out)]) == 0
     assert read_rows(out) == rows
+
+
+def test_a_study_keeps_the_layers_its_targets_first_meant(tmp_path: Path, study_file, capsys):
+    """The first run records the layers each target set resolved to; a run whose lorasweep
+    resolves one to other layers (here: the record of one that left out BERT's pooler, as
+    `all-linear` did before issue 17) is refused in one line, exit 2, before it records or
+    queues anything."""
+    from lorasweep.study.folder import open_for_reading
+    from lorasweep.study.store import TARGETS_ATTR
+
+    path = study_file(train={"steps": 2}, search={"methods": ["lora"], "lr": [1e-3]})
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    _, store = open_for_reading(out)
+    layers = store.settings()[TARGETS_ATTR]["all-linear"]
+    assert "bert.pooler.dense" in layers and len(layers) > 1
+    earlier = [name for name in layers if name != "bert.pooler.dense"]
+    store.storage.set_study_user_attr(store.study_id, TARGETS_ATTR, {"all-linear": earlier})
+    before = [(t.number, t.state, t.user_attrs) for t in store.trials()]
+    capsys.readouterr()
+    assert main(["run", str(path), "--out", str(out), "--set", "search.lr=[1e-3, 1e-2]"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"lorasweep: error: target_modules 'all-linear': this lorasweep adapts {len(layers)} "
+        f"layers where the study's trials adapted {len(earlier)} (now also bert.pooler.dense); "
+        "a study keeps one meaning of its targets: run it with the lorasweep and transformers "
+        "it was started with, or start another --out"]
+    _, store = open_for_reading(out)
+    assert [(t.number, t.state, t.user_attrs) for t in store.trials()] == before
+    assert store.settings()[TARGETS_ATTR] == {"all-linear": earlier}

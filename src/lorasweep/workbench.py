@@ -37,6 +37,8 @@ class Workbench:
     base: nn.Module
     tasks: dict[int, Task] = field(default_factory=dict)  # the task at each swept seq_len
     widths: dict[str, int] | None = None  # adapter width per target set, for match_params
+    # the layers each target set the study's adapter cells name resolves to in this process
+    targets: dict[str, list[str]] = field(default_factory=dict)
 
     def task_for(self, training: Training) -> Task:
         """What a trial trains on: the task at its sequence length, cut to its subset."""
@@ -66,10 +68,14 @@ def load_workbench(study: Study, device: str = "cpu") -> Workbench:
     # the ranks the study names are checked against their layers; match_params derives other
     # target sets' ranks from them, larger ones included, and those are the study's design
     written = (None if widths is None else target_text(study.search.recipe[TARGETS_AXIS][0]))
+    targets: dict[str, list[str]] = {}
     for cell in {t.cell for t in expand_trials(study, widths)}:
-        if (cell.is_adapter and not names_own_targets(cell)
-                and written in (None, cell.target_modules)):
-            _check_rank(base, resolve_targets(base, cell.target_modules), cell.rank)
+        if cell.is_adapter and not names_own_targets(cell):
+            assert cell.target_modules is not None
+            layers = targets.setdefault(cell.target_modules,
+                                        resolve_targets(base, cell.target_modules))
+            if written in (None, cell.target_modules):
+                _check_rank(base, layers, cell.rank)
         if cell.method == "peft" and not needs_data(cell):
             # PEFT checks its configuration against the model only when it builds it (inits that
             # need data are built at training time: a dry run would cost a calibration pass)
@@ -78,7 +84,8 @@ def load_workbench(study: Study, device: str = "cpu") -> Workbench:
             except (TypeError, ValueError, KeyError) as exc:
                 raise StudyError(f"search.methods: peft entry '{cell.label}' cannot be built: "
                                  f"{str(exc).splitlines()[0]}") from None
-    return Workbench(task=task, base=base, tasks=tasks, widths=widths)
+    return Workbench(task=task, base=base, tasks=tasks, widths=widths,
+                     targets=dict(sorted(targets.items())))
 
 
 def _check_seq_len(study: Study, lengths: set[int]) -> None:

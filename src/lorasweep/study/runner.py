@@ -117,6 +117,7 @@ def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
     bench = load_workbench(study, options.device)
     check_memory(study, bench, options)
     store = open_for_running(study, folder, storage_url, options.patience)
+    store.keep_targets(bench.targets)
     store.configure(dump_study(study), lease_seconds, max_attempts)
     store.sync(_planner(study, store, bench.widths)(), retry_failed=retry_failed)
     if workers == 1:
@@ -147,6 +148,7 @@ def run_worker(options: WorkOptions, folder: Path | None = None,
     bench = load_workbench(study, options.device)
     check_memory(study, bench, options)
     store = open_for_running(study, folder, storage_url, options.patience)
+    store.keep_targets(bench.targets)
     trained, failed = work(store, bench, study, folder, options)
     return RunSummary(folder=folder, trained=trained, failed=failed)
 

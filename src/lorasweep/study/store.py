@@ -55,6 +55,7 @@ CLAIM_SECONDS = 30.0
 # The LR is recorded as an Optuna parameter too, so optuna-dashboard can plot it.
 LR_DISTRIBUTION = FloatDistribution(1e-12, 1e3, log=True)
 STUDY_TEXT_ATTR = "study_yaml"
+TARGETS_ATTR = "target_layers"  # target set -> the layers it resolved to (Store.keep_targets)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -130,6 +131,26 @@ class Store:
             self.storage.set_study_user_attr(self.study_id, "lease_seconds", lease_seconds)
         if max_attempts is not None:
             self.storage.set_study_user_attr(self.study_id, "max_attempts", max_attempts)
+
+    @_patient
+    def keep_targets(self, targets: dict[str, list[str]]) -> None:
+        """Record the layers each target set resolved to when it was first trained, and refuse
+        a process that resolves one to other layers (a lorasweep or transformers that names or
+        picks a model's layers differently), so a study never mixes two meanings of a target
+        set. Recording is idempotent: workers that start together write the same thing."""
+        recorded = self.settings().get(TARGETS_ATTR, {})
+        for targets_text, layers in targets.items():
+            before = recorded.get(targets_text)
+            if before is not None and before != layers:
+                raise StudyError(
+                    f"target_modules '{targets_text}': this lorasweep adapts {len(layers)} "
+                    f"layers where the study's trials adapted {len(before)} "
+                    f"({_layer_change(before, layers)}); a study keeps one meaning of its "
+                    "targets: run it with the lorasweep and transformers it was started with, "
+                    "or start another --out")
+        if any(targets_text not in recorded for targets_text in targets):
+            self.storage.set_study_user_attr(self.study_id, TARGETS_ATTR,
+                                             {**targets, **recorded})
 
     @_patient
     def settings(self) -> dict:
@@ -354,6 +375,16 @@ class Store:
         """Whether trials run in other processes (which may still die and need taking over)."""
         return any(t.user_attrs.get("worker") != worker_id()
                    for t in self.trials(states=(TrialState.RUNNING,)))
+
+
+def _layer_change(before: list[str], after: list[str]) -> str:
+    """What a target set gained and lost, a few names of each."""
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+    added, dropped = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+    parts = ([f"now also {few(added)}"] if added else []) + \
+        ([f"no longer {few(dropped)}"] if dropped else [])
+    return "; ".join(parts) or "the same layers in another order"
 
 
 def _lease(settings: dict) -> float:
