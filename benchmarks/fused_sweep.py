@@ -22,6 +22,15 @@ import resource
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the script imports lorasweep and torch inside each measured process
+    import torch
+    from torch import nn
+
+    from lorasweep.config import TrainSpec
+    from lorasweep.space import TrialSpec
+    from lorasweep.tasks import Task
 
 MODELS = {
     # name: (study overrides, task kind)
@@ -56,7 +65,8 @@ def run_lorasweep(args: argparse.Namespace, k: int, group: int) -> dict:
     return {"seconds": synchronized(device, started), "losses": losses}
 
 
-def train_fused(base, task, train, trials, device, group: int) -> list[float]:
+def train_fused(base: nn.Module, task: Task, train: TrainSpec, trials: list[TrialSpec],
+                device: torch.device, group: int) -> list[float]:
     """Train `trials` with lorasweep, `group` of them fused at a time; their final train losses."""
     from lorasweep.train import train_group
 
@@ -78,7 +88,8 @@ def run_peft_loop(args: argparse.Namespace, k: int) -> dict:
     return {"seconds": synchronized(device, started), "losses": losses}
 
 
-def train_peft(base, task, train, trials, device) -> list[float]:
+def train_peft(base: nn.Module, task: Task, train: TrainSpec, trials: list[TrialSpec],
+               device: torch.device) -> list[float]:
     """Stock PEFT, one trial after another: the loop a user would write by hand (AdamW, warmup +
     cosine) on the same batches, under the same autocast, micro-batches (`train.grad_accum`)
     and block checkpointing (`train.gradient_checkpointing`) as lorasweep, on the same device.

@@ -45,7 +45,7 @@ def _match(trial: TrialSpec) -> tuple:
 
 
 def _records(study: Study, outcomes: dict[str, Outcome]) -> list[TrialRecord]:
-    return [TrialRecord(trial=t.grid_id, cell=t.cell, lr=t.lr, seed=t.seed,
+    return [TrialRecord(trial=t.grid_id, cell=t.cell.recorded, lr=t.lr, seed=t.seed,
                         status=outcomes[t.key][0], metric=outcomes[t.key][1])
             for t in expand_trials(study) if t.key in outcomes]
 

@@ -211,6 +211,15 @@ def test_two_axes_give_one_series_per_value_of_the_other():
         assert fit.low < truth < fit.high and fit.high - fit.low < 0.3
 
 
+def test_series_keep_the_order_the_report_always_gave():
+    """Series are listed by the text of what they share (rank 16 before rank 4), as before the
+    cells were typed: a report regenerated from an earlier folder lists them as it did."""
+    rows = synthetic_rows({"batch_size": 0.5}, {"batch_size": [8, 32]}, seeds=(0,))
+    rows = [{**r, "rank": rank, "lora_alpha": 2.0 * rank} for rank in (4, 16) for r in rows]
+    fits = fit_recipe_axes(trial_records(rows), maximize=True)
+    assert [f.series.rank for f in fits] == [16, 4]
+
+
 def test_one_seed_gives_the_t_interval_and_two_values_none():
     rows = synthetic_rows({"batch_size": 1.0}, {"batch_size": [8, 16, 32]}, seeds=(0,))
     rows = [r for r in rows if not (r["recipe"] == "batch_size=32" and r["lr"] > 0.01)]

@@ -118,3 +118,16 @@ def test_a_cell_reads_back_from_its_row_typed_or_as_text(tmp_path: Path, study_f
     assert (gauss.method, gauss.is_adapter, gauss.init) == ("peft", True, "peft")
     assert next(c for c in read if c.method == "loraplus").loraplus_ratio is None  # study's
     assert Cell("lora", rank=8, lora_alpha="2.0r").alpha_spec == "2r"
+
+
+@pytest.mark.parametrize(("row", "kind"), [
+    ("lora,4,8.0,per_rank,kaiming,all-linear,,0.001\n", "short"),
+    ("lora,0,8.0,per_rank,kaiming,all-linear,,0.001,0.001,,,0.5,,1,,,3,0\n", "rank 0"),
+    ("lora,4,eight,per_rank,kaiming,all-linear,,0.001,0.001,,,0.5,,1,,,3,0\n", "text")])
+def test_a_damaged_optima_csv_row_is_one_line(tmp_path: Path, row: str, kind: str):
+    """A row cut short, a rank of 0 or text where a number goes: one line naming the file,
+    whatever Python error the row would raise."""
+    path = tmp_path / OPTIMA_CSV
+    path.write_text(",".join(OPTIMA_COLUMNS) + "\n" + row)
+    with pytest.raises(StudyError, match=rf"^{path}: not as lorasweep writes it \("):
+        read_optima_csv(path)

@@ -9,9 +9,14 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorasweep.errors import EXIT_BAD_INPUT, StudyError
 from lorasweep.files import is_disk_full
+
+if TYPE_CHECKING:  # the commands import what they need when they run
+    from lorasweep.config import Study
+    from lorasweep.study.store import Store
 from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS, STORAGE_ENV
 
 
@@ -306,7 +311,8 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_results(folder: Path, storage_url: str | None = None):
+def _open_results(folder: Path, storage_url: str | None = None
+                  ) -> tuple[Study, Store | None]:
     """A folder's study and its store; no store for a folder of results without its records (a
     copy, an example), whose trials.csv is read instead."""
     from lorasweep.records import TRIALS_CSV

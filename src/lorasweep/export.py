@@ -62,17 +62,17 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     if not cell.is_adapter:
         raise StudyError(f"--trial {grid_id}: full fine-tuning has no adapter to export")
     method = variant(cell.method)
+    residual = method.peft_flags is not None and get_init(cell.init).residual
+    # DoRA's magnitude is the row norm of the weight it starts from, so W_res + s B A is not
+    # the rank-2r adapter over W that the conversion below writes.
+    if residual and method.peft_flags.get("use_dora"):
+        raise StudyError(f"--trial {grid_id}: DoRA over a {cell.init} residual has no PEFT form")
     path = weights_path(folder, grid_id)
     if not path.exists():
         raise StudyError(f"--trial {grid_id}: its weights are missing ({path})")
-    trained = load_file(str(path))
+    trained = _TrainedWeights(load_file(str(path)), path)
     if method.peft_flags is None:  # a peft entry: PEFT's own model
         return _export_peft_entry(study, spec, trained, out)
-    residual = get_init(cell.init).residual
-    # DoRA's magnitude is the row norm of the weight it starts from, so W_res + s B A is not
-    # the rank-2r adapter over W that the conversion below writes.
-    if method.peft_flags.get("use_dora") and residual:
-        raise StudyError(f"--trial {grid_id}: DoRA over a {cell.init} residual has no PEFT form")
 
     tokenizer = load_tokenizer(study.model)
     classify = study.task.kind == "classification"
@@ -139,6 +139,19 @@ def _save(peft_model: torch.nn.Module, out: Path, initial: Path | None = None) -
     except ValueError as exc:  # a conversion PEFT refuses (rsLoRA with rank or alpha patterns)
         raise StudyError(f"{out}: PEFT cannot write this adapter ({exc})") from None
     return out
+
+
+class _TrainedWeights(dict):
+    """A trial's saved weights; a name the file lacks is a one-line error naming the file
+    (a file cut short, or from another trial), not a KeyError."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        super().__init__(tensors)
+        self.path = path
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        raise StudyError(f"{self.path}: holds no weight '{name}'; the trial's weights file is "
+                         "not as its run wrote it")
 
 
 def _initial_layers(base: torch.nn.Module, spec: TrialSpec) -> dict[str, StackedLoRALinear]:

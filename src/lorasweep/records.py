@@ -9,9 +9,10 @@ each other. A row's cell columns are space.Cell's `to_row`, read back by its `fr
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from lorasweep.errors import StudyError
 from lorasweep.files import atomic_path
@@ -20,6 +21,8 @@ from lorasweep.space import CELL_FIELDS, Cell, TrialSpec
 if TYPE_CHECKING:  # a trial's weights are tensors; readers of the files need no torch
     import torch
     from optuna.trial import FrozenTrial
+
+T = TypeVar("T")
 
 TRIALS_CSV = "trials.csv"
 OPTIMA_CSV = "optima.csv"
@@ -60,7 +63,7 @@ class TrialRecord:
     """What the analysis reads of one trial (a row of trials.csv, typed)."""
 
     trial: int
-    cell: Cell
+    cell: Cell  # as recorded (Cell.recorded)
     lr: float
     seed: int
     status: str  # "complete", "diverged", "failed", "running" or "waiting"
@@ -170,11 +173,22 @@ def write_trials_csv(folder: Path, store: TrialSource, metric_name: str) -> list
 def read_trials_csv(folder: Path) -> list[TrialRecord]:
     """trials.csv's trials; a one-line error naming the file where it is not as written."""
     path = folder / TRIALS_CSV
+    return _read_rows(path, str(path), TrialRecord.from_row)
+
+
+def _read_rows(path: Path, where: str, parse: Callable[[dict], T],
+               required: tuple[str, ...] = (), kind: str = "") -> list[T]:
+    """Every row of a CSV lorasweep wrote, parsed; a one-line error naming `where` for a
+    missing column or a row lorasweep would not write (short, blank, text for a number)."""
     with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise StudyError(f"{where}: not an {kind or path.name} (no column {missing[0]})")
         try:
-            return [TrialRecord.from_row(row) for row in csv.DictReader(handle)]
-        except (KeyError, ValueError, TypeError) as exc:
-            raise StudyError(f"{path}: not as lorasweep writes it "
+            return [parse(row) for row in reader]
+        except (KeyError, ValueError, TypeError, AttributeError, ArithmeticError) as exc:
+            raise StudyError(f"{where}: not as lorasweep writes it "
                              f"({type(exc).__name__}: {exc})") from None
 
 
@@ -190,17 +204,9 @@ def read_optima_csv(path: Path, where: str | None = None) -> list[Optimum]:
     where = where or str(path)
     if not path.is_file():
         raise StudyError(f"{where}: no such file")
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        # `recipe` came later: an older optima.csv has none, and its cells have no recipe
-        missing = [c for c in OPTIMA_COLUMNS if c != "recipe" and c not in (reader.fieldnames
-                                                                           or [])]
-        if missing:
-            raise StudyError(f"{where}: not an optima.csv (no column {missing[0]})")
-        try:
-            return [_optimum(row) for row in reader]
-        except ValueError as exc:
-            raise StudyError(f"{where}: not as lorasweep writes it ({exc})") from None
+    # `recipe` came later: an older optima.csv has none, and its cells have no recipe
+    return _read_rows(path, where, _optimum,
+                      required=tuple(c for c in OPTIMA_COLUMNS if c != "recipe"), kind=OPTIMA_CSV)
 
 
 def _optimum(row: dict) -> Optimum:
@@ -275,9 +281,4 @@ def read_curvature_csv(folder: Path) -> list[CurvatureRecord]:
     path = folder / CURVATURE_CSV
     if not path.exists():
         return []
-    with open(path, newline="") as handle:
-        try:
-            return [CurvatureRecord.from_row(row) for row in csv.DictReader(handle)]
-        except (KeyError, ValueError, TypeError) as exc:
-            raise StudyError(f"{path}: not as lorasweep writes it "
-                             f"({type(exc).__name__}: {exc})") from None
+    return _read_rows(path, str(path), CurvatureRecord.from_row)

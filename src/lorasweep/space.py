@@ -94,10 +94,12 @@ class Cell:
         if label is None:
             raise ValueError("a cell's row names no method")
         rank = int(float(rank_text)) if rank_text is not None else None
+        if rank is not None and rank < 1:
+            raise ValueError(f"rank {rank}: a rank is at least 1")
         spec = None
-        if alpha is not None and rank is not None:
-            spec = (f"{float(alpha) / rank:g}r" if text("alpha_mode") == "per_rank"
-                    else f"{float(alpha):g}")
+        if alpha is not None and rank is not None:  # 15 digits: every digit a study file gives
+            spec = (f"{float(alpha) / rank:.15g}r" if text("alpha_mode") == "per_rank"
+                    else f"{float(alpha):.15g}")
         known = get_variant(label) is not None
         return cls(method=label if known else "peft", rank=rank, lora_alpha=spec,
                    init=text("init"), target_modules=text("target_modules"),

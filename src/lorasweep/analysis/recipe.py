@@ -24,7 +24,6 @@ from lorasweep.analysis.optima import (
     Optimum,
     bootstrap_lr_star,
     cell_curves,
-    cell_order,
     curve_table,
     find_optima,
 )
@@ -86,6 +85,14 @@ def _series(optima: list[Optimum]) -> dict[tuple[str, Cell], list[tuple[float, O
     return series
 
 
+def _series_order(item: tuple[tuple[str, Cell], list]) -> str:
+    """Series in the order the report has always listed them: by axis, then by the text of
+    what they share (numbers as text, so rank 16 comes before rank 4)."""
+    axis, series = item[0]
+    shared = tuple((f, v) for f, v in series.to_row().items() if f != "recipe")
+    return str((axis, shared + tuple(sorted(parse_recipe(series.recipe).items()))))
+
+
 def fit_power_law(values: np.ndarray, lr_stars: np.ndarray) -> tuple[float, float]:
     """(k, c) of lr_star = c * value^k by least squares in log-log."""
     k, log_c = np.polyfit(np.log10(values), np.log10(lr_stars), 1)
@@ -93,15 +100,16 @@ def fit_power_law(values: np.ndarray, lr_stars: np.ndarray) -> tuple[float, floa
 
 
 def fit_recipe_axes(records: list[TrialRecord], maximize: bool, seed: int = 0,
-                    samples: int = BOOTSTRAP_SAMPLES) -> list[AxisFit]:
+                    samples: int = BOOTSTRAP_SAMPLES,
+                    optima: list[Optimum] | None = None) -> list[AxisFit]:
     """One power-law fit of lr_star per swept numeric recipe axis and per series of cells that
-    differ only in it (two axis values or more)."""
-    optima = find_optima(records, maximize, seed)
+    differ only in it (two axis values or more); `optima`: the records' (find_optima with the
+    same seed), where the caller has them already."""
+    optima = find_optima(records, maximize, seed) if optima is None else optima
     curves, _ = cell_curves(records)
     rng = np.random.default_rng(seed)
     fits = []
-    for (axis, series), members in sorted(_series(optima).items(),
-                                          key=lambda s: (s[0][0], cell_order(s[0][1]))):
+    for (axis, series), members in sorted(_series(optima).items(), key=_series_order):
         members.sort(key=lambda m: m[0])
         if len(members) < 2:
             continue

@@ -62,7 +62,7 @@ def widened(lrs: list[float], ran: list[float], edge: str) -> list[float]:
 
 def _records(trials: list[TrialSpec], outcomes: dict[str, Outcome]) -> list[TrialRecord]:
     """The trials that have an outcome, as the analysis reads them."""
-    return [TrialRecord(trial=t.grid_id, cell=t.cell, lr=t.lr, seed=t.seed,
+    return [TrialRecord(trial=t.grid_id, cell=t.cell.recorded, lr=t.lr, seed=t.seed,
                         status=outcomes[t.key][0], metric=outcomes[t.key][1])
             for t in trials if t.key in outcomes]
 

@@ -134,10 +134,11 @@ class Store:
 
     @_patient
     def keep_targets(self, targets: dict[str, list[str]]) -> None:
-        """Record the layers each target set resolved to when it was first trained, and refuse
-        a process that resolves one to other layers (a lorasweep or transformers that names or
-        picks a model's layers differently), so a study never mixes two meanings of a target
-        set. Recording is idempotent: workers that start together write the same thing."""
+        """Record the layers each target set resolves to at the first run or worker that sees
+        it (studies started before this record get it then), and refuse a process that resolves
+        one to other layers (a lorasweep or transformers that names or picks a model's layers
+        differently), so a study never mixes two meanings of a target set. Recording is
+        idempotent: workers that start together write the same thing."""
         recorded = self.settings().get(TARGETS_ATTR, {})
         for targets_text, layers in targets.items():
             before = recorded.get(targets_text)
