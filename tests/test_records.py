@@ -10,12 +10,15 @@ import pytest
 from lorasweep.config import load_study
 from lorasweep.errors import StudyError
 from lorasweep.records import (
+    COLUMNS,
     OPTIMA_COLUMNS,
     OPTIMA_CSV,
+    TRIALS_CSV,
     CurvatureRecord,
     Optimum,
     read_curvature_csv,
     read_optima_csv,
+    read_trials_csv,
     write_curvature_csv,
     write_optima_csv,
 )
@@ -84,6 +87,11 @@ def test_curvature_csv_reads_back_as_written(tmp_path: Path):
         for block, kind in (("joint", ""), ("encoder.layer.0.query", "query"))]
     write_curvature_csv(tmp_path, records)
     assert read_curvature_csv(tmp_path) == records
+    path = tmp_path / "curvature.csv"
+    text = path.read_text()
+    path.write_text(text[:text.rindex("\nlora,") + 30])  # the last row cut short
+    with pytest.raises(StudyError, match=r"curvature.csv: not as lorasweep writes it .*a row has"):
+        read_curvature_csv(tmp_path)
     (tmp_path / "curvature.csv").write_text("method,rank\nlora,four\n")
     with pytest.raises(StudyError, match=r"curvature.csv: not as lorasweep writes it"):
         read_curvature_csv(tmp_path)
@@ -131,3 +139,18 @@ def test_a_damaged_optima_csv_row_is_one_line(tmp_path: Path, row: str, kind: st
     path.write_text(",".join(OPTIMA_COLUMNS) + "\n" + row)
     with pytest.raises(StudyError, match=rf"^{path}: not as lorasweep writes it \("):
         read_optima_csv(path)
+
+
+def test_a_torn_trials_csv_is_one_line(tmp_path: Path):
+    """A trials.csv whose last row was cut short (a copy interrupted) is one line naming it."""
+    rows = [{"trial": i, **CELL, "lr": lr, "seed": 0, "status": "complete", "metric": 0.5}
+            for i, lr in enumerate((1e-3, 1e-2))]
+    with open(tmp_path / TRIALS_CSV, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    assert [r.lr for r in read_trials_csv(tmp_path)] == [1e-3, 1e-2]
+    text = (tmp_path / TRIALS_CSV).read_text()
+    (tmp_path / TRIALS_CSV).write_text(text[:text.rindex("\n1,") + 40])
+    with pytest.raises(StudyError, match=r"trials.csv: not as lorasweep writes it"):
+        read_trials_csv(tmp_path)

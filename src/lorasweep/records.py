@@ -76,9 +76,9 @@ class TrialRecord:
         def number(name: str, kind: type) -> Any:
             value = row.get(name)
             return None if value is None or value == "" else kind(float(value))
-        return cls(trial=number("trial", int), cell=Cell.from_row(row), lr=float(row["lr"]),
-                   seed=int(float(row["seed"])), status=str(row["status"]),
-                   metric=number("metric", float),
+        return cls(trial=int(float(row["trial"])), cell=Cell.from_row(row),
+                   lr=float(row["lr"]), seed=int(float(row["seed"])),
+                   status=_required(row, "status"), metric=number("metric", float),
                    trainable_params=number("trainable_params", int))
 
 
@@ -105,6 +105,14 @@ class Optimum:
                 "peak": self.peak, "peak_std": self.peak_std, "n_seeds": self.n_seeds,
                 "edge": self.edge, "suggest": " ".join(f"{lr:.3g}" for lr in self.suggest),
                 "n_lrs": self.n_lrs, "diverged": self.diverged}
+
+
+def _required(row: dict, name: str) -> str:
+    """A column every row has (a blank or missing one: a file cut short, or not lorasweep's)."""
+    value = row.get(name)
+    if value is None or value == "":
+        raise ValueError(f"a row has no {name}")
+    return str(value)
 
 
 def _write_csv(path: Path, columns: tuple[str, ...] | list[str], rows: list[dict]) -> None:
@@ -254,21 +262,22 @@ class CurvatureRecord:
     @classmethod
     def from_row(cls, row: dict) -> CurvatureRecord:
         """From a curvature.csv row as written (text) or as measured (typed)."""
-        def value(name: str, kind: type) -> Any:
-            text = row.get(name)
-            if text is None or text == "":
+        def value(name: str, kind: type, optional: bool = False) -> Any:
+            if optional and row.get(name) in (None, ""):
                 return None
+            text = _required(row, name)
             if kind is bool:
-                return text is True or str(text) == "True"
+                return text == "True"
             return kind(float(text)) if kind is int else kind(text)
         return cls(cell=Cell.from_row(row), seed=value("seed", int), stage=value("stage", str),
-                   steps=value("steps", int), warmup_lr=value("warmup_lr", float),
+                   steps=value("steps", int), warmup_lr=value("warmup_lr", float, True),
                    preconditioned=value("preconditioned", bool), block=value("block", str),
-                   module_type=value("module_type", str) or "", params=value("params", int),
+                   module_type=row.get("module_type") or "", params=value("params", int),
                    lambda_max=value("lambda_max", float), lambda_top=value("lambda_top", str),
                    lambda_min=value("lambda_min", float), products=value("products", int),
-                   converged=value("converged", bool), error=value("error", float),
-                   items=value("items", int), lr_grid_step=value("lr_grid_step", float))
+                   converged=value("converged", bool), error=value("error", float, True),
+                   items=value("items", int, True),
+                   lr_grid_step=value("lr_grid_step", float, True))
 
 
 def write_curvature_csv(folder: Path, records: list[CurvatureRecord]) -> None:
