@@ -62,7 +62,7 @@ class TrialResult:
 class TrialRecord:
     """What the analysis reads of one trial (a row of trials.csv, typed)."""
 
-    trial: int
+    trial: int | None  # its number in the study (None in a table made by hand)
     cell: Cell  # as recorded (Cell.recorded)
     lr: float
     seed: int
@@ -76,7 +76,7 @@ class TrialRecord:
         def number(name: str, kind: type) -> Any:
             value = row.get(name)
             return None if value is None or value == "" else kind(float(value))
-        return cls(trial=int(float(row["trial"])), cell=Cell.from_row(row),
+        return cls(trial=number("trial", int), cell=Cell.from_row(row),
                    lr=float(row["lr"]), seed=int(float(row["seed"])),
                    status=_required(row, "status"), metric=number("metric", float),
                    trainable_params=number("trainable_params", int))
