@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -41,6 +43,77 @@ def trial_records(rows: list) -> list:
 
     return [row if isinstance(row, TrialRecord) else TrialRecord.from_row({"trial": i, **row})
             for i, row in enumerate(rows)]
+
+
+def trial_spec(folder: Path, grid_id: int):
+    """A finished study's trial, as its store holds it."""
+    from lorasweep.space import TrialSpec
+    from lorasweep.study.folder import open_for_reading
+
+    _, store = open_for_reading(folder)
+    return next(TrialSpec.from_attrs(t.user_attrs) for t in store.trials()
+                if t.user_attrs["grid_id"] == grid_id)
+
+
+def load_trained(folder: Path, spec, model, attached):
+    """`model` (the base with `spec`'s weights attached) given the trial's saved weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lorasweep.study.folder import weights_path
+
+    saved = load_file(str(weights_path(folder, spec.grid_id)))
+    with torch.no_grad():
+        for name, param in attached.trial_params[0]:
+            param.copy_(saved[name])
+    return model.eval()
+
+
+def trained_model(folder: Path, spec, base):
+    """Our model of a finished trial, rebuilt from its cell, seed and saved weights."""
+    from lorasweep.workbench import attach_trials
+
+    return load_trained(folder, spec, *attach_trials(base, [spec]))
+
+
+def assert_export_reproduces(ours, base, out: Path, tokens: tuple[int, int]) -> None:
+    """PEFT loads the adapter in `out` over an untouched copy of `base` with our trained model's
+    logits (relative 1e-5), and those are not the untrained base's."""
+    import copy
+
+    import torch
+    from peft import PeftModel
+
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
+    ids = torch.randint(*tokens, (4, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+        assert float((a - b).norm() / b.norm()) < 1e-5
+        assert not torch.allclose(a, base(input_ids=ids).logits, atol=1e-4)
+
+
+GRID = [10 ** (-4 + i / 4) for i in range(13)]  # 1e-4 .. 1e-1, four points per decade
+
+
+def rows_for(lr_true: float, seeds=(0,), noise: float = 0.0, rank: int = 8, method="lora",
+             alpha_mode="per_rank", grid=GRID, maximize=True, diverge_above=None):
+    """trials.csv-style rows of one cell whose metric peaks at lr_true (a parabola in log-LR),
+    seeds offset by `noise`; LRs above `diverge_above` diverged."""
+    rng = np.random.default_rng(rank)
+    rows = []
+    for seed in seeds:
+        offset = rng.normal(0, noise)
+        for lr in grid:
+            quality = 0.9 - 0.1 * (math.log10(lr) - math.log10(lr_true)) ** 2 + offset
+            status = "diverged" if diverge_above and lr > diverge_above else "complete"
+            rows.append({"method": method, "rank": rank,
+                         "lora_alpha": 2.0 * rank if alpha_mode == "per_rank" else 16.0,
+                         "alpha_mode": alpha_mode, "init": "kaiming",
+                         "target_modules": "all-linear", "lr": lr, "seed": seed,
+                         "status": status,
+                         "metric": None if status == "diverged" else
+                         (quality if maximize else 2 - quality)})
+    return rows
 
 
 def read_rows(folder: Path) -> list[dict]:

@@ -4,35 +4,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 
 from lorasweep.analysis.optima import find_optima
 from lorasweep.analysis.scaling import fit_rank_scaling, predicted_beta
 from lorasweep.space import Cell
 
-from .conftest import trial_records
-
-GRID = [10 ** (-4 + i / 4) for i in range(13)]  # 1e-4 .. 1e-1, four points per decade
-
-
-def rows_for(lr_true: float, seeds=(0,), noise: float = 0.0, rank: int = 8, method="lora",
-             alpha_mode="per_rank", grid=GRID, maximize=True, diverge_above=None):
-    rng = np.random.default_rng(rank)
-    rows = []
-    for seed in seeds:
-        offset = rng.normal(0, noise)
-        for lr in grid:
-            quality = 0.9 - 0.1 * (math.log10(lr) - math.log10(lr_true)) ** 2 + offset
-            status = "diverged" if diverge_above and lr > diverge_above else "complete"
-            rows.append({"method": method, "rank": rank,
-                         "lora_alpha": 2.0 * rank if alpha_mode == "per_rank" else 16.0,
-                         "alpha_mode": alpha_mode, "init": "kaiming",
-                         "target_modules": "all-linear", "lr": lr, "seed": seed,
-                         "status": status,
-                         "metric": None if status == "diverged" else
-                         (quality if maximize else 2 - quality)})
-    return rows
+from .conftest import GRID, rows_for, trial_records
 
 
 @pytest.mark.parametrize("maximize", [True, False])

@@ -12,8 +12,7 @@ from lorasweep.cli import main
 from lorasweep.report import write_report
 from lorasweep.report.answer import answer_text, build_answer, interval_text
 
-from .conftest import trial_records
-from .test_analysis import rows_for
+from .conftest import rows_for, trial_records
 
 LORA_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 FULL_GRID = [1e-6, 3e-6, 1e-5, 3e-5]  # full FT's optimum (1e-4) lies above its grid

@@ -2,37 +2,33 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from peft import PeftModel
 from safetensors.torch import load_file
 
 from lorasweep.cli import main
 from lorasweep.curvature.command import measured_optima
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.records import OPTIMA_CSV
-from lorasweep.space import TrialSpec
 from lorasweep.study.backend import JOURNAL_NAME
 from lorasweep.study.defaults import STORAGE_ENV
-from lorasweep.study.folder import STORAGE_FILE, load_folder_study, open_for_reading, weights_path
-from lorasweep.workbench import attach_group, attach_trials, load_workbench
+from lorasweep.study.folder import STORAGE_FILE, load_folder_study
+from lorasweep.workbench import attach_group, load_workbench
 
-from .conftest import make_records, read_rows, tiny_study, write_jsonl
-
-
-def trained_model(folder: Path, spec: TrialSpec, base: torch.nn.Module) -> torch.nn.Module:
-    """Our model of a finished trial, rebuilt from its cell, seed and saved weights."""
-    model, attached = attach_trials(base, [spec])
-    saved = load_file(str(weights_path(folder, spec.grid_id)))
-    with torch.no_grad():
-        for name, param in attached.trial_params[0]:
-            param.copy_(saved[name])
-    return model.eval()
+from .conftest import (
+    assert_export_reproduces,
+    load_trained,
+    make_records,
+    read_rows,
+    tiny_study,
+    trained_model,
+    trial_spec,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +58,8 @@ def test_export_reproduces_outputs(finished_study: Path, tmp_path: Path, method)
     study = load_folder_study(finished_study)
     tokenizer = load_tokenizer(study.model)
     base = load_model(study.model, "classification", 3, tokenizer)
-    _, store = open_for_reading(finished_study)
-    spec = next(TrialSpec.from_attrs(t.user_attrs) for t in store.trials()
-                if t.user_attrs["grid_id"] == int(row["trial"]))
-    ours = trained_model(finished_study, spec, base)
-    theirs = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
-    ids = torch.randint(1000, 3000, (4, 10), generator=torch.Generator().manual_seed(0))
-    a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
-    assert float((a - b).norm() / b.norm()) < 1e-5
-    untrained = copy.deepcopy(base)
-    assert not torch.allclose(a, untrained(input_ids=ids).logits, atol=1e-4)
+    ours = trained_model(finished_study, trial_spec(finished_study, int(row["trial"])), base)
+    assert_export_reproduces(ours, base, out, (1000, 3000))
 
 
 def test_export_refuses_full_fine_tuning_and_unknown_trials(finished_study, tmp_path, capsys):
@@ -184,24 +172,14 @@ def test_a_peft_entry_exports_the_model_it_trained(peft_study: Path, tmp_path: P
     out = tmp_path / "adapter"
     assert main(["export", str(peft_study), "--trial", row["trial"], str(out)]) == 0
 
-    study, store = open_for_reading(peft_study)
-    spec = next(TrialSpec.from_attrs(t.user_attrs) for t in store.trials()
-                if t.user_attrs["grid_id"] == int(row["trial"]))
+    study = load_folder_study(peft_study)
+    spec = trial_spec(peft_study, int(row["trial"]))
     bench = load_workbench(study)
-    ours, attached = attach_group(bench.base, bench.task, study.train, [spec])
-    saved = load_file(str(weights_path(peft_study, spec.grid_id)))
-    with torch.no_grad():
-        for name, param in attached.trial_params[0]:
-            param.copy_(saved[name])
-    ours.eval()
+    ours = load_trained(peft_study, spec,
+                        *attach_group(bench.base, bench.task, study.train, [spec]))
     (metrics,) = bench.task.evaluate(ours, bench.task.validation, 1, 8, torch.device("cpu"))
     assert metrics["eval_loss"] == pytest.approx(float(row["eval_loss"]), rel=1e-5)
-
-    theirs = PeftModel.from_pretrained(copy.deepcopy(bench.base), str(out)).eval()
-    ids = torch.randint(1000, 3000, (4, 10), generator=torch.Generator().manual_seed(0))
-    a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
-    assert float((a - b).norm() / b.norm()) < 1e-5
-    assert not torch.allclose(a, bench.base(input_ids=ids).logits, atol=1e-4)
+    assert_export_reproduces(ours, bench.base, out, (1000, 3000))
     config, _ = adapter(out)
     if label in ("peft-pissa", "corda"):  # converted to plain LoRA: rank 4, doubled
         assert (config["r"], config["init_lora_weights"]) == (8, True)

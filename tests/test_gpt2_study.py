@@ -3,7 +3,6 @@ through the command line, and its trials exported as PEFT adapters that reproduc
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import math
@@ -12,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from peft import PeftModel
 from tokenizers import ByteLevelBPETokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
@@ -20,13 +18,17 @@ from lorasweep.cli import main
 from lorasweep.config import ModelSpec, validate_study
 from lorasweep.errors import StudyError
 from lorasweep.models import load_model, load_tokenizer
-from lorasweep.space import TrialSpec
-from lorasweep.study.store import Store
 from lorasweep.workbench import load_workbench
 
-from .conftest import make_records, tiny_study, write_jsonl
-from .test_export import trained_model
-from .test_sweep import read_rows
+from .conftest import (
+    assert_export_reproduces,
+    make_records,
+    read_rows,
+    tiny_study,
+    trained_model,
+    trial_spec,
+    write_jsonl,
+)
 
 METHODS = ["lora", "dora", "pissa"]
 
@@ -87,14 +89,8 @@ def test_gpt2_export_reproduces_outputs(gpt2_study, tmp_path: Path, method):
 
     spec_model = ModelSpec(source=str(source))
     base = load_model(spec_model, "classification", 3, load_tokenizer(spec_model))
-    spec = next(TrialSpec.from_attrs(t.user_attrs) for t in Store(folder, "tiny", True).trials()
-                if t.user_attrs["grid_id"] == int(row["trial"]))
-    ours = trained_model(folder, spec, base)
-    theirs = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
-    ids = torch.randint(3, 250, (4, 10), generator=torch.Generator().manual_seed(0))
-    a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
-    assert float((a - b).norm() / b.norm()) < 1e-5
-    assert not torch.allclose(a, base(input_ids=ids).logits, atol=1e-4)
+    ours = trained_model(folder, trial_spec(folder, int(row["trial"])), base)
+    assert_export_reproduces(ours, base, out, (3, 250))
 
 
 def test_curvature_measures_gpt2_conv1d_blocks(gpt2_study, tmp_path: Path):
