@@ -59,3 +59,15 @@ def test_an_earlier_folder_exports_and_suggests(old_folder: Path, tmp_path: Path
     capsys.readouterr()
     assert main(["suggest", "--from", str(old_folder), "--rank", "8", "--method", "lora"]) == 0
     assert "lora a=2r" in capsys.readouterr().out
+
+
+def test_a_torn_weights_file_is_one_line(old_folder: Path, tmp_path: Path, capsys):
+    """An adapter file cut short (a copy interrupted) is one line naming it; nothing written."""
+    weights = old_folder / "adapters" / "trial-7.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    out = tmp_path / "adapter"
+    assert main(["export", str(old_folder), "--trial", "7", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"lorasweep: error: --trial 7: its weights file {weights} cannot be read (Error while "
+        "deserializing header: invalid header length)"]
+    assert not out.exists()

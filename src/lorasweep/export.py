@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lorasweep.config import Study
@@ -70,7 +71,11 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     path = weights_path(folder, grid_id)
     if not path.exists():
         raise StudyError(f"--trial {grid_id}: its weights are missing ({path})")
-    trained = _TrainedWeights(load_file(str(path)), path)
+    try:
+        trained = _TrainedWeights(load_file(str(path)), path)
+    except (SafetensorError, OSError) as exc:  # a file cut short or damaged
+        raise StudyError(f"--trial {grid_id}: its weights file {path} cannot be read "
+                         f"({str(exc).splitlines()[0]})") from None
     if method.peft_flags is None:  # a peft entry: PEFT's own model
         return _export_peft_entry(study, spec, trained, out)
 
