@@ -234,7 +234,7 @@ def _work_options(args: argparse.Namespace):
 
     from lorasweep.study.backend import check_storage_url
     from lorasweep.study.memory import parse_memory
-    from lorasweep.study.runner import WorkOptions
+    from lorasweep.study.options import WorkOptions
 
     if args.storage is not None:
         check_storage_url(args.storage)  # before any model is loaded

@@ -14,16 +14,13 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
 from lorasweep.errors import EXIT_BAD_INPUT, StudyError
 from lorasweep.study.defaults import STORAGE_ENV
+from lorasweep.study.options import WorkOptions
 from lorasweep.study.store import Store
-
-if TYPE_CHECKING:
-    from lorasweep.study.runner import WorkOptions
 
 PROGRESS_SECONDS = 2.0
 

@@ -24,7 +24,6 @@ from lorasweep.recipe import Training, resolve_training
 from lorasweep.records import TrialResult, write_trials_csv
 from lorasweep.report import write_study_outputs
 from lorasweep.space import TrialSpec, recipes_of
-from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS
 from lorasweep.study.folder import (
     load_folder_study,
     open_for_reading,
@@ -42,6 +41,7 @@ from lorasweep.study.memory import (
     train_fitting,
     without_evaluation,
 )
+from lorasweep.study.options import WorkOptions
 from lorasweep.study.plan import plan_trials, planner
 from lorasweep.study.store import Store
 from lorasweep.tasks import Task
@@ -89,20 +89,6 @@ class RunSummary:
     folder: Path
     trained: int
     failed: int
-
-
-@dataclass(frozen=True)
-class WorkOptions:
-    """How one worker trains: its device, its group size (None: as many as fit the memory,
-    or `memory_limit` bytes), its patience with the storage."""
-
-    device: str = "cpu"
-    max_group: int | None = 1
-    patience: float = DEFAULT_PATIENCE_SECONDS
-    memory_limit: int | None = None
-
-    def group_sizes(self) -> GroupSizes:
-        return GroupSizes(torch.device(self.device), self.max_group, self.memory_limit)
 
 
 def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
