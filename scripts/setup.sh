@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Set up a virtual environment in .venv with lorasweep and its pinned dependencies.
-# Safe to run again: pip skips what is already installed.
+# Set up everything both README commands need: the system packages the tests use
+# (tests/system_parts.py: as root with apt-get it installs the missing ones, elsewhere it prints
+# one line for each, naming what needs it and the command that installs it), then a virtual
+# environment in .venv with lorasweep and its pinned dependencies.
+# Safe to run again: nothing already installed is installed twice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+python3 tests/system_parts.py
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet -r requirements-dev.txt

@@ -13,6 +13,10 @@ import numpy as np
 import pytest
 import yaml
 
+from lorasweep.sandbox import UNSAFE_ENV, unavailable_reason
+
+from .system_parts import missing_reason, postgres_bindir, required
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -150,18 +154,42 @@ def tiny_study(data: dict[str, Path], **sections: dict) -> dict:
     return study
 
 
+def need_part(package: str) -> None:
+    """Skip the test where a system part it needs is missing, with the line scripts/setup.sh
+    prints for it; fail with that line instead where the part is required (.ci/run)."""
+    reason = missing_reason(package)
+    if reason is not None:
+        if required(package):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def os_sandbox() -> None:
+    """For tests of the sandbox itself: bubblewrap is a system part (above); where it is here
+    but cannot contain anything (e.g. no user namespaces), the test is skipped saying why."""
+    need_part("bubblewrap")
+    if unavailable_reason() is not None:
+        pytest.skip(f"no OS sandbox here: {unavailable_reason()}")
+
+
+@pytest.fixture
+def runnable(monkeypatch) -> None:
+    """Where no OS sandbox works (bubblewrap missing, a container without namespaces), run
+    samples behind the unsafe opt-in: for tests of assembly, scoring, data and the limits;
+    tests/test_sandbox.py checks containment and the refusal."""
+    if unavailable_reason() is not None:
+        monkeypatch.setenv(UNSAFE_ENV, "1")
+
+
 @pytest.fixture(scope="module")
 def postgres():
     """A PostgreSQL server of the module's own (skipped where PostgreSQL is not installed,
-    failed instead with LORASWEEP_REQUIRE_POSTGRES set, as in .ci/run)."""
-    from .postgres_server import PostgresServer, find_bindir
+    failed instead where the part is required, as in .ci/run)."""
+    from .postgres_server import PostgresServer
 
-    bindir = find_bindir()
-    if bindir is None:
-        if os.environ.get("LORASWEEP_REQUIRE_POSTGRES"):
-            pytest.fail("PostgreSQL's binaries are missing (Debian package postgresql)")
-        pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
-    server = PostgresServer(bindir)
+    need_part("postgresql")
+    server = PostgresServer(postgres_bindir())
     server.start()
     yield server
     server.remove()

@@ -1,13 +1,13 @@
 """A throwaway PostgreSQL server for the tests: its own cluster in a temporary folder.
 
 The tests start and stop it themselves (to test outages), so they own the cluster rather than
-use a system one. Debian's `postgresql` package provides the binaries (.ci/run installs it);
+use a system one. Debian's `postgresql` package provides the binaries (scripts/setup.sh installs
+it where it can; tests/system_parts.py finds them);
 initdb refuses to run as root, so as root the server runs as the `postgres` user.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import socket
@@ -16,12 +16,6 @@ import tempfile
 from pathlib import Path
 
 USER = "lorasweep"
-
-
-def find_bindir() -> Path | None:
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
-    found = shutil.which("initdb") or (candidates[0] if candidates else None)
-    return Path(found).resolve().parent if found else None
 
 
 class PostgresServer:

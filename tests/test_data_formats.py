@@ -192,9 +192,11 @@ def test_math_from_messages_takes_the_last_turns(chat_tokenizer, tmp_path):
     assert chat_tokenizer.decode(kept).startswith("# # # #")
 
 
-def test_code_from_messages_trains_on_the_last_reply(chat_tokenizer, tmp_path, monkeypatch):
+def test_code_from_messages_trains_on_the_last_reply(chat_tokenizer, tmp_path, monkeypatch,
+                                                    runnable):
     """A code task on conversations trains on every row's last assistant reply after its last
-    user turn (validation and test stay HumanEval's halves)."""
+    user turn (validation and test stay HumanEval's halves). Nothing here runs code, so it
+    needs no OS sandbox (`runnable`)."""
     from lorasweep.sandbox import OPT_IN_ENV
 
     monkeypatch.setenv(OPT_IN_ENV, "1")

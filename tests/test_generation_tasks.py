@@ -18,11 +18,9 @@ from lorasweep.methods import get_method
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.sandbox import (
     OPT_IN_ENV,
-    UNSAFE_ENV,
     Limits,
     require_opt_in,
     run_program,
-    unavailable_reason,
 )
 from lorasweep.space import Cell, TrialSpec
 from lorasweep.tasks import build_task, packaged_data
@@ -30,16 +28,6 @@ from lorasweep.tasks.code import definitions_only, pass_at_k, program
 from lorasweep.tasks.instruction import generate, tokenize_pairs
 from lorasweep.tasks.math import extract_flexible, extract_strict, normalize_number, score
 from lorasweep.train import train_group
-
-
-@pytest.fixture
-def runnable(monkeypatch):
-    """Where no OS sandbox works (a container without namespaces), run samples behind the unsafe
-    opt-in: these tests check assembly, scoring and the limits; tests/test_sandbox.py checks
-    containment and the refusal."""
-    if unavailable_reason() is not None:
-        monkeypatch.setenv(UNSAFE_ENV, "1")
-
 
 # --- extraction and scoring -------------------------------------------------------------------
 

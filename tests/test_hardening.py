@@ -18,8 +18,9 @@ import yaml
 from lorasweep.analysis.optima import find_optima
 from lorasweep.cli import main
 from lorasweep.config import dump_study, load_study
+from lorasweep.redact import redact_text
 from lorasweep.space import expand_trials
-from lorasweep.study.backend import JOURNAL_NAME
+from lorasweep.study.backend import JOURNAL_NAME, storage_address
 from lorasweep.study.folder import describe_environment, open_for_running
 from lorasweep.study.store import Store
 from lorasweep.workbench import load_workbench
@@ -32,11 +33,49 @@ def test_recorded_command_line_hides_secrets(monkeypatch):
         "lorasweep", "run", "s.yaml", "--storage", "postgresql://me:pw1@db/x",
         "--storage=postgresql+psycopg2://me:p%40w2@db:5432/x", "--set",
         "task.dataset=https://u:pw3@example.org/data.jsonl", "--set", "model.hf_token=pw4",
-        "HF_TOKEN=pw5", "--api-key", "pw6", "--set", "secret.path=pw7", "--set", "train.steps=5"])
+        "HF_TOKEN=pw5", "--api-key", "pw6", "--set", "secret.path=pw7",
+        "--storage", "postgresql://me@db/x?sslmode=require&password=pw8", "--set", "train.steps=5"])
     command = describe_environment()["command"]
-    assert not any(f"pw{i}" in arg for arg in command for i in range(1, 8)), command
+    assert not any(f"pw{i}" in arg for arg in command for i in range(1, 9)), command
     assert command[4] == "postgresql://me:***@db/x"
+    assert "postgresql://me@db/x?sslmode=require&password=***" in command
     assert command[-1] == "train.steps=5", "what holds no secret is kept as given"
+
+
+
+@pytest.mark.parametrize(("text", "masked"), [
+    ("postgresql://me:pw@db/x", "postgresql://me:***@db/x"),
+    ("postgresql+psycopg://me:p%40w@db:5432/x", "postgresql+psycopg://me:***@db:5432/x"),
+    ("postgresql://me:p@w/x@db/x", "postgresql://me:***@db/x"),  # an unencoded '@' or '/'
+    ("postgresql://me@db/x?password=pw", "postgresql://me@db/x?password=***"),
+    ("postgresql://me@db/x?sslmode=require&sslpassword=pw&connect_timeout=5",
+     "postgresql://me@db/x?sslmode=require&sslpassword=***&connect_timeout=5"),
+    ("postgresql://me@db/x?PassWord=pw;api_token=t&Client_Secret=s&sslkey=k&passwd=p",
+     "postgresql://me@db/x?PassWord=***;api_token=***&Client_Secret=***&sslkey=***&passwd=***"),
+    ("postgresql://me@db/x?pass%77ord=pw", "postgresql://me@db/x?pass%77ord=***"),
+    ("postgresql://me:pw@db/x?password=pw2", "postgresql://me:***@db/x?password=***"),
+    ("postgresql://me@db/x?a=b?password=pw", "postgresql://me@db/x?a=b?password=***"),
+    ("postgresql://me:p?w&token=t@db/x?password=pw", "postgresql://me:***"),  # two readings
+    ("host=db password='p w' dbname=x", "host=db password=*** dbname=x"),  # libpq's words
+    ("sqlite:///study.db", "sqlite:///study.db"),
+    ("postgresql://me@db/x?sslmode=require&password=", "postgresql://me@db/x?sslmode=require&password="),
+])
+def test_every_form_of_a_url_secret_is_masked(text, masked):
+    assert redact_text(text) == masked
+    assert redact_text(masked) == masked, "masking twice changes nothing"
+
+
+@pytest.mark.parametrize(("url", "address"), [
+    ("postgresql://me:pw@db/x", "postgresql://me@db/x"),
+    ("postgresql://me@db:5432/x?password=pw", "postgresql://me@db:5432/x"),
+    ("postgresql://me@db/x?sslmode=require&sslpassword=pw&token=t",
+     "postgresql://me@db/x?sslmode=require"),
+    ("postgresql://me@db/x", "postgresql://me@db/x"),  # as folders recorded it before
+])
+def test_the_recorded_address_drops_every_secret(url, address):
+    """What storage.json keeps (and what two URLs are compared by): no secret, not even masked,
+    so that the client looks for the password in PGPASSWORD or ~/.pgpass."""
+    assert storage_address(url) == address
 
 
 @pytest.fixture

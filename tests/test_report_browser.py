@@ -3,9 +3,9 @@ spilling out of its table, the answer section first with its parts, and a screen
 
 Three kinds of study: a quickstart-like one (LoRA and full fine-tuning on grids that do not
 overlap, one seed), a multi-seed one, and a recipe-axis one (the batch-size example's trials.csv,
-reported again without training). Chromium comes from Debian's package, which `.ci/run`
-installs; the test is skipped where it is missing. Playwright drives the browser already on the
-machine (it downloads none).
+reported again without training). Chromium comes from Debian's package, which
+`scripts/setup.sh` installs where it can; elsewhere the tests skip with the line set-up printed
+(tests/system_parts.py). Playwright drives the browser already on the machine (it downloads none).
 """
 
 from __future__ import annotations
@@ -17,9 +17,16 @@ import pytest
 
 from lorasweep.cli import main
 
+from .conftest import need_part
+
 CHROMIUM = shutil.which("chromium")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "results"
+
+
+@pytest.fixture(autouse=True)
+def chromium() -> None:
+    need_part("chromium")
+
 
 CHECKS = """() => {
   const images = [...document.images];

@@ -25,8 +25,9 @@ from lorasweep.sandbox import (
     Limits,
     require_opt_in,
     run_program,
-    unavailable_reason,
 )
+
+from .conftest import need_part
 
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 65534
@@ -148,13 +149,11 @@ def _nobody(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
                           timeout=120, cwd="/", env={"PYTHONPATH": path, **env}, check=False)
 
 
-needs_sandbox = pytest.mark.skipif(unavailable_reason() is not None,
-                                   reason=f"no OS sandbox here: {unavailable_reason()}")
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or SYSTEM_PYTHON is None,
                                 reason="switching to nobody needs root and /usr/bin/python3")
 
 
-@needs_sandbox
+@pytest.mark.usefixtures("os_sandbox")
 def test_escapes_leave_no_trace(host):
     directory, lock, marker, port = host
     for name, code in escapes(directory, lock, marker, port).items():
@@ -167,6 +166,7 @@ def test_escapes_leave_no_trace(host):
 def test_escapes_leave_no_trace_as_a_non_root_user(host):
     """As nobody on the host (no root, so the sandbox is a user namespace): the same escapes
     fail, the process that runs them survives, and nothing is left behind."""
+    need_part("bubblewrap")
     directory, lock, marker, port = host
     programs = escapes(directory, lock, marker, port)
     programs["host probe"] = host_probe(NOBODY, "/usr")
@@ -182,7 +182,7 @@ def test_escapes_leave_no_trace_as_a_non_root_user(host):
     _assert_no_trace(directory, lock, marker)
 
 
-@needs_sandbox
+@pytest.mark.usefixtures("os_sandbox")
 def test_threads_work_and_fork_bombs_stay_bounded():
     threads = ("import threading\nmet = threading.Barrier(51)\n"  # 50 threads alive at once
                "ts = [threading.Thread(target=met.wait) for _ in range(50)]\n"
@@ -216,7 +216,7 @@ def host_probe(uid: int, prefix: str) -> str:
         "open('/tmp/x', 'w').write('the working directory is writable')\n")
 
 
-@needs_sandbox
+@pytest.mark.usefixtures("os_sandbox")
 def test_the_host_is_read_only_and_private_dirs_are_fresh():
     probe = host_probe(NOBODY if os.geteuid() == 0 else os.geteuid(), sys.base_prefix)
     assert run_program(probe).passed, run_program(probe).result

@@ -7,6 +7,7 @@ each trial exactly once.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import resource
@@ -277,16 +278,38 @@ def test_storage_password_stays_in_memory(study_path: Path, tmp_path: Path, post
     assert recorded[recorded.index("--storage") + 1] == url.replace(secret, "***")
 
 
-@pytest.mark.parametrize("storage, expected", [
-    ("mysql://me@host/db", "--storage mysql://me@host/db: not a database URL; allowed: "),
-    ("postgresql://me:secret@127.0.0.1:1/db",
-     "--storage postgresql://me@127.0.0.1:1/db: unreachable for 1 s"),
+UNREACHABLE = "postgresql://me{}@127.0.0.1:1/db{}"  # port 1: nothing listens there
+
+
+@pytest.mark.parametrize("storage, message, recorded", [
+    ("mysql://me:s3cr3t@host/db", "mysql://me:***@host/db: not a database URL; ", None),
+    ("postgresql://me:s3cr3t@127.0.0.1:port/db",
+     "postgresql://me:***@127.0.0.1:port/db: not a database URL (invalid literal", None),
+    (UNREACHABLE.format(":s3cr3t", ""), UNREACHABLE.format(":***", ""),
+     UNREACHABLE.format("", "")),
+    (UNREACHABLE.format("", "?password=s3cr3t"), UNREACHABLE.format("", "?password=***"),
+     UNREACHABLE.format("", "")),
+    (UNREACHABLE.format("", "?sslmode=disable&sslpassword=s3cr3t&connect_timeout=5"),
+     UNREACHABLE.format("", "?sslmode=disable&sslpassword=***&connect_timeout=5"),
+     UNREACHABLE.format("", "?connect_timeout=5&sslmode=disable")),  # SQLAlchemy sorts keys
 ])
-def test_bad_or_unreachable_storage_is_one_line(study_path: Path, tmp_path: Path, storage,
-                                                expected):
-    code, err = finish(lorasweep("run", str(study_path), "--out", str(tmp_path / "study"),
-                                 "--storage", storage, "--patience", "1"))
-    assert code == 2
-    last = err.strip().splitlines()[-1]
-    assert last.startswith(f"lorasweep: error: {expected}"), err
-    assert "secret" not in err, "the password is never printed"
+def test_bad_or_unreachable_storage_is_one_line_without_its_secret(study_path: Path,
+                                                                   tmp_path: Path, storage,
+                                                                   message, recorded):
+    """The secret of a --storage URL (its password in any form) is neither printed nor written
+    into the folder: the error line shows it masked, storage.json keeps the URL without it."""
+    out = tmp_path / "study"
+    done = subprocess.run([sys.executable, "-m", "lorasweep.cli", "run", str(study_path),
+                           "--out", str(out), "--storage", storage, "--patience", "1"],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    if recorded is not None:
+        message += ": unreachable for 1 s"
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"lorasweep: error: --storage {message}"), done.stderr
+    assert "s3cr3t" not in done.stdout + done.stderr, "the password is never printed"
+    written = [path for path in out.rglob("*") if path.is_file()]
+    assert all(b"s3cr3t" not in path.read_bytes() for path in written), "nor written"
+    if recorded is not None:  # the folder was prepared: it says where the study lives
+        assert {path.name for path in written} >= {"storage.json", "runs.jsonl"}
+        assert json.loads((out / "storage.json").read_text()) == {"storage": recorded}

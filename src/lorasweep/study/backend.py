@@ -31,6 +31,7 @@ from sqlalchemy.engine import make_url
 from tqdm.auto import tqdm
 
 from lorasweep.errors import StudyError
+from lorasweep.redact import MASK, redact_text
 
 JOURNAL_NAME = "optuna.journal"
 LOCK_SUFFIX = ".flock"  # the journal's lock file, beside it
@@ -202,27 +203,40 @@ def open_storage(url: str | None, folder: Path, patience: float) -> BaseStorage:
     check_storage_url(url)
     # pool_pre_ping replaces connections that a database restart closed, instead of failing once.
     return patiently(lambda: RDBStorage(url, engine_kwargs={"pool_pre_ping": True}),
-                     f"--storage {public_url(url)}", patience)
+                     f"--storage {redact_text(url)}", patience)
 
 
 def check_storage_url(url: str) -> None:
+    """Refuse, in one line that shows no secret, a URL that is not a database URL."""
     scheme = url.split(":", 1)[0].split("+", 1)[0]
     if "://" not in url or scheme not in DATABASE_SCHEMES:
-        raise StudyError(f"--storage {public_url(url)}: not a database URL; allowed: "
+        raise StudyError(f"--storage {redact_text(url)}: not a database URL; allowed: "
                          "postgresql://USER@HOST[:PORT]/DATABASE or sqlite:///FILE "
                          "(leave it out for the study folder's journal file)")
-
-
-def public_url(url: str) -> str:
-    """The URL without its password, safe to print and to write into the study folder.
-
-    The database client finds the password in PGPASSWORD or ~/.pgpass when the URL has none.
-    """
     try:
-        # URL is a NamedTuple; its set() reads None as "keep", so the field is replaced directly
-        return make_url(url)._replace(password=None).render_as_string(hide_password=False)
-    except sqlalchemy.exc.ArgumentError:
-        return url.split("@")[-1]
+        make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as exc:  # a port that is not a number
+        raise StudyError(f"--storage {redact_text(url)}: not a database URL "
+                         f"({redact_text(str(exc))})") from None
+
+
+def storage_address(url: str) -> str:
+    """The URL as the study folder records and compares it: every secret it carried left out,
+    so that the database client looks for the password in PGPASSWORD or ~/.pgpass.
+
+    Secrets are found by `redact_text` (the one routine that masks them) and then dropped.
+    """
+    masked = redact_text(url)
+    try:
+        parsed = make_url(masked)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return masked
+    kept = {key: value for key, value in parsed.query.items()
+            if MASK not in ((value,) if isinstance(value, str) else value)}
+    # URL is a NamedTuple; its set() reads None as "keep", so the fields are replaced directly
+    address = parsed._replace(password=None if parsed.password == MASK else parsed.password,
+                              query=kept)
+    return address.render_as_string(hide_password=False)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -268,7 +282,8 @@ def patiently(call: Callable[[], T], what: str, patience: float) -> T:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The error's first line, secrets masked (a driver may echo what it was given)."""
     if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
         exc = exc.__cause__
     text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return redact_text(text.splitlines()[0]) if text else type(exc).__name__

@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 from lorasweep.config import Study, dump_study, validate_study
 from lorasweep.errors import StudyError
 from lorasweep.files import append_text, atomic_path, check_writable, write_text
-from lorasweep.redact import redact_argv
-from lorasweep.study.backend import JOURNAL_NAME, public_url
+from lorasweep.redact import redact_argv, redact_text
+from lorasweep.study.backend import JOURNAL_NAME, storage_address
 from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS, STORAGE_ENV
 from lorasweep.study.store import Store
 
@@ -54,7 +54,7 @@ def prepare_folder(folder: Path, study: Study, storage_url: str | None = None) -
         write_text(existing, dump_study(study))
         if storage_url is not None:
             write_text(folder / STORAGE_FILE,
-                       json.dumps({"storage": public_url(storage_url)}, indent=2) + "\n")
+                       json.dumps({"storage": storage_address(storage_url)}, indent=2) + "\n")
         write_text(folder / ENVIRONMENT_FILE, json.dumps(environment, indent=2) + "\n")
         append_text(folder / RUNS_FILE, json.dumps(environment) + "\n")
     except OSError as exc:
@@ -79,11 +79,11 @@ def _check_same_storage(folder: Path, storage_url: str | None) -> None:
     if storage_url is None:
         return
     recorded = storage_of(folder)
-    if recorded is not None and public_url(storage_url) != public_url(recorded):
-        raise StudyError(f"--storage {public_url(storage_url)}: the folder {folder} belongs to "
-                         f"the study in {public_url(recorded)}; use another --out")
+    if recorded is not None and storage_address(storage_url) != storage_address(recorded):
+        raise StudyError(f"--storage {redact_text(storage_url)}: the folder {folder} belongs to "
+                         f"the study in {storage_address(recorded)}; use another --out")
     if recorded is None and (folder / JOURNAL_NAME).exists():
-        raise StudyError(f"--storage {public_url(storage_url)}: the folder {folder} already "
+        raise StudyError(f"--storage {redact_text(storage_url)}: the folder {folder} already "
                          "holds a study in its journal file; use another --out")
 
 
@@ -108,12 +108,13 @@ def open_for_reading(folder: Path | None, storage_url: str | None = None, *,
             raise StudyError("--study: needs --storage URL (the database the study lives in)")
         store = Store(folder or Path("."), study_name, maximize=True, create=False,
                       storage_url=storage_url, patience=patience)
-        where = f"--storage {public_url(storage_url)} study {study_name}"
+        where = f"--storage {redact_text(storage_url)} study {study_name}"
         return validate_study(yaml.safe_load(store.study_text()), where), store
     assert folder is not None, "a study folder or a study name"
     study = load_folder_study(folder)
     url = storage_of(folder)
-    if url is not None and storage_url is not None and public_url(storage_url) == public_url(url):
+    if (url is not None and storage_url is not None
+            and storage_address(storage_url) == storage_address(url)):
         url = storage_url
     if not started(folder):
         raise StudyError(f"{folder}: the study has not started (no {JOURNAL_NAME})")

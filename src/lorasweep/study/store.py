@@ -34,6 +34,7 @@ from sqlalchemy import text
 
 from lorasweep.errors import StudyError
 from lorasweep.records import TrialResult
+from lorasweep.redact import redact_text
 from lorasweep.space import TrialSpec
 from lorasweep.study.backend import (
     JOURNAL_NAME,
@@ -41,7 +42,6 @@ from lorasweep.study.backend import (
     optuna_study_id,
     optuna_trial_id,
     patiently,
-    public_url,
 )
 from lorasweep.study.defaults import (
     DEFAULT_LEASE_SECONDS,
@@ -105,7 +105,7 @@ class Store:
         self.folder = study_dir
         self.url = storage_url
         self.patience = patience
-        self.where = (f"--storage {public_url(storage_url)}" if storage_url
+        self.where = (f"--storage {redact_text(storage_url)}" if storage_url
                       else str(study_dir / JOURNAL_NAME))
         self.storage = open_storage(storage_url, study_dir, patience)
         self.optuna_study = self._open_study(study_name, maximize, create)
