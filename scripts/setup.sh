@@ -3,10 +3,16 @@
 # (tests/system_parts.py: as root with apt-get it installs the missing ones, elsewhere it prints
 # one line for each, naming what needs it and the command that installs it), then a virtual
 # environment in .venv with lorasweep and its pinned dependencies.
+# --venv-only: the virtual environment alone, which is all `lorasweep run` needs (README command
+# (a): installing Chromium and PostgreSQL would take minutes of a first run that needs neither).
 # Safe to run again: nothing already installed is installed twice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 tests/system_parts.py
+case "${1:-}" in
+  "") python3 tests/system_parts.py ;;
+  --venv-only) ;;
+  *) echo "usage: bash scripts/setup.sh [--venv-only]" >&2; exit 2 ;;
+esac
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet -r requirements-dev.txt

@@ -40,6 +40,18 @@ def test_ci_runs_the_readme_test_command():
                   f"export {system_parts.REQUIRE_ENV}=1", command]
 
 
+def test_the_quickstart_command_sets_up_the_venv_only(tmp_path: Path):
+    """README (a) runs set-up with --venv-only, which skips the system parts (and nothing else:
+    any other argument is refused before anything is done)."""
+    assert readme_command("a").startswith("bash scripts/setup.sh --venv-only && ")
+    script = (REPO / "scripts" / "setup.sh").read_text()
+    assert "--venv-only) ;;" in script
+    refused = subprocess.run(["bash", str(REPO / "scripts" / "setup.sh"), "--bogus"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == "usage: bash scripts/setup.sh [--venv-only]"
+
+
 def test_lint_is_clean():
     done = subprocess.run([sys.executable, "-m", "ruff", "check", "src", "tests", "scripts",
                            "benchmarks"], cwd=REPO, capture_output=True, text=True, timeout=120)
