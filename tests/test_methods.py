@@ -170,6 +170,31 @@ def test_full_fine_tuning_trains_with_the_models_dropout():
     assert runs["model"][0] != runs["off"][0]
 
 
+def test_peft_passthrough_honours_lora_dropout_and_the_dropout_setting():
+    """A method PEFT builds takes train.lora_dropout into its LoraConfig (its own arguments
+    would win), and trains with it under either dropout setting: PEFT's lora_dropout modules
+    stay in train mode when the model's dropout is off. Each setting trains differently and
+    the same way twice."""
+    import json
+
+    from lorasweep.workbench import attach_group
+
+    base = tiny("tiny:bert")
+    cell = Cell(method="peft", rank=4, lora_alpha="8", target_modules="all-linear",
+                peft=json.dumps({"config": "LoraConfig", "label": "p", "arguments": {}}))
+    trial = TrialSpec(grid_id=0, cell=cell, lr=1e-2, seed=0)
+    train = TrainSpec(steps=3, batch_size=8, warmup_ratio=0.0)
+    _, attached = attach_group(base, toy_task(), train.model_copy(update={"lora_dropout": 0.2}),
+                               [trial])
+    assert attached.peft_model.peft_config["default"].lora_dropout == 0.2
+    curves = [train_group(base, toy_task(), train.model_copy(update=update), [trial],
+                          torch.device("cpu"))[0].loss_curve
+              for update in ({"dropout": "off"}, {"dropout": "off", "lora_dropout": 0.2},
+                             {"dropout": "off", "lora_dropout": 0.2}, {})]
+    assert curves[1] == curves[2]
+    assert len({tuple(c) for c in curves}) == 3
+
+
 def test_select_best_reports_the_peak_and_final_the_last_evaluation():
     """A trial whose validation loss is lowest mid-training (half the validation labels disagree
     with the training labels, so fitting the training data hurts later): task.select 'best'

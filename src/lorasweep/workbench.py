@@ -136,7 +136,9 @@ def attach_trials(base: nn.Module, trials: list[TrialSpec],
     attached = get_method(cell.method).attach(model, cell, len(trials),
                                               torch.Generator().manual_seed(seed), calibration,
                                               lora_dropout)
-    return model, attached
+    # in eval mode throughout, the new adapter layers too (a new module starts in train mode):
+    # no dropout until training asks for it (dropout.set_training), so curvature measures none
+    return model.eval(), attached
 
 
 def attach_group(base: nn.Module, task: Task, train: TrainSpec, trials: list[TrialSpec]
