@@ -28,6 +28,11 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def targets(args: argparse.Namespace) -> str | list[str]:
+    """Module names, or one preset PEFT also knows (all-linear) as the text itself."""
+    return args.targets[0] if args.targets == ["all-linear"] else args.targets
+
+
 def study_for(args: argparse.Namespace, dropout: str):
     from lorasweep.config import validate_study
 
@@ -42,7 +47,7 @@ def study_for(args: argparse.Namespace, dropout: str):
                   "weight_decay": 0.0, "grad_clip": None, "dropout": dropout,
                   "lora_dropout": args.lora_dropout},
         "search": {"methods": ["lora"], "ranks": args.ranks, "lora_alpha": args.alphas,
-                   "lr": args.lrs, "seeds": args.seeds, "target_modules": args.targets},
+                   "lr": args.lrs, "seeds": args.seeds, "target_modules": targets(args)},
     }, "peer_curve")
 
 
@@ -78,7 +83,7 @@ def plain_loss(args: argparse.Namespace, task, rank: int, alpha: float, lr: floa
     transformers.set_seed(seed)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         packaged_model_path("minilm"), num_labels=len(task.label_names))
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=args.targets,
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets(args),
                         lora_dropout=args.lora_dropout, task_type="SEQ_CLS")
     model = get_peft_model(model, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
@@ -124,7 +129,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ranks", type=int, nargs="+", default=[4])
     parser.add_argument("--alphas", type=float, nargs="+", default=[16.0])
-    parser.add_argument("--targets", nargs="+", default=["query", "value"])
+    parser.add_argument("--targets", nargs="+", default=["query", "value"],
+                        help="module names, or all-linear (the quickstart's)")
     parser.add_argument("--lora-dropout", type=float, default=0.0,
                         help="PEFT's lora_dropout, on both sides")
     parser.add_argument("--lorasweep-dropout", nargs="+", default=["model"],
