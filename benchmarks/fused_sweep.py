@@ -47,8 +47,11 @@ def build(args: argparse.Namespace, k: int):
     from lorasweep.space import expand_trials
     from lorasweep.workbench import load_workbench
 
+    # dropout off: the stock PEFT loop below trains in eval mode, and the two are compared for
+    # identical losses (a throughput benchmark; benchmarks/peer_curve.py compares curves)
     overrides = [*MODELS[args.model], f"train.steps={args.steps}", "task.max_eval_examples=128",
                  "task.validation_size=128", f"train.precision={args.precision}",
+                 "train.dropout=off",
                  f"search.methods=[{{name: lora, lr: {LRS[:k]}}}]"]
     study = load_study(resolve_study_path("quickstart"), overrides)
     return study, load_workbench(study), expand_trials(study)

@@ -13,8 +13,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lorasweep.cli import main
+from lorasweep.study.folder import load_folder_study
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "compat-849cdad"
 WRITTEN = ("trials.csv", "optima.csv", "report.md")
@@ -47,6 +49,20 @@ def test_an_earlier_folder_resumes_with_nothing_to_train(old_folder: Path, capsy
     assert (old_folder / "trials.csv").read_text() == (FIXTURE / "trials.csv").read_text()
     assert main(["status", str(old_folder)]) == 0
     assert "Best: full batch_size=8: eval_loss 7.443" in capsys.readouterr().out
+    # trained before train.dropout existed, i.e. with dropout off: resumed, it stays off
+    stored = yaml.safe_load((old_folder / "study.yaml").read_text())
+    assert stored["train"]["dropout"] == "off"
+
+
+def test_an_earlier_folder_reads_as_trained_with_dropout_off(old_folder: Path, capsys):
+    """Its study.yaml has no train.dropout: it reads as `off` (what its trials were trained
+    with), not a new file's default `model`; a study file asking for `model` there is refused."""
+    assert "dropout" not in (old_folder / "study.yaml").read_text()
+    assert load_folder_study(old_folder).train.dropout == "off"
+    assert main(["run", str(old_folder / "study.yaml"), "--out", str(old_folder),
+                 "--set", "train.dropout=model"]) == 2
+    err = capsys.readouterr().err
+    assert "different train.dropout" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_an_earlier_folder_exports_and_suggests(old_folder: Path, tmp_path: Path, capsys):

@@ -77,6 +77,14 @@ BAD_STUDIES = [
     ({"search": {"lr": {"low": 1e-300, "high": 1e300}}}, "2401 learning rates; at most 1000"),
     ({"search": {"seeds": list(range(5000))}}, "search.seeds: List should have at most 1000"),
     ({"name": "x y" * 50_000}, "(got 'x yx yx y"),
+    ({"train": {"dropout": "on"}}, "train.dropout: Input should be 'model' or 'off'"),
+    ({"train": {"lora_dropout": 1.0}}, "train.lora_dropout: Input should be less than 1"),
+    ({"train": {"lora_dropout": 0.1}, "search": {"methods": ["full"]}},
+     "train.lora_dropout 0.1: method 'full' has no adapter"),
+    ({"search": {"recipe": {"lora_dropout": [0.0, 0.1]}}},
+     "search.recipe.lora_dropout: method 'full' has no adapter input to drop"),
+    ({"search": {"methods": ["lora"], "recipe": {"lora_dropout": [0.1, 2]}}},
+     "lora_dropout 2: Input should be less than 1"),
 ]
 
 
@@ -196,3 +204,18 @@ def test_task_metric_chooses_the_objective_and_its_direction():
     with pytest.raises(ValueError, match="pass@1, eval_loss, pass@5"):
         TaskSpec(**code, metric="pass@10")
     assert TaskSpec(kind="causal_lm", dataset="x").maximize is False
+
+
+def test_dropout_defaults_and_axes(study_file):
+    """A new study trains with the model's dropout and no lora_dropout; both are recipe axes
+    (a study mixing LoRA and full fine-tuning gives lora_dropout to its adapter cells)."""
+    from lorasweep.recipe import resolve_training
+
+    study = load_study(study_file())
+    assert (study.train.dropout, study.train.lora_dropout) == ("model", 0.0)
+    mixed = load_study(study_file(), ["train.lora_dropout=0.05"])
+    assert mixed.train.lora_dropout == 0.05
+    swept = load_study(study_file(), ["search.methods=[lora]",
+                                    "search.recipe={lora_dropout: [0.0, 0.1], dropout: [off]}"])
+    training = resolve_training(swept.train, "dropout=off;lora_dropout=0.1")
+    assert (training.train.dropout, training.train.lora_dropout) == ("off", 0.1)

@@ -36,7 +36,8 @@ def finished_study(tmp_path_factory, request) -> Path:
     root = tmp_path_factory.mktemp("export")
     data = {"train": write_jsonl(root / "train.jsonl", make_records(120, 0)),
             "test": write_jsonl(root / "test.jsonl", make_records(30, 1))}
-    study = tiny_study(data, train={"steps": 6},
+    # a lora_dropout in a study that also fine-tunes in full: the adapter cells take it
+    study = tiny_study(data, train={"steps": 6, "lora_dropout": 0.1},
                        search={"methods": ["lora", "rslora", "loraplus", "dora", "pissa",
                                            "olora", "init_ab", "random_ab", "full"],
                                "lr": [3e-3]})
@@ -52,7 +53,7 @@ def test_export_reproduces_outputs(finished_study: Path, tmp_path: Path, method)
     row = next(r for r in read_rows(finished_study) if r["method"] == method)
     out = tmp_path / "adapter"
     assert main(["export", str(finished_study), "--trial", row["trial"], str(out)]) == 0
-    assert (out / "adapter_config.json").exists()
+    assert json.loads((out / "adapter_config.json").read_text())["lora_dropout"] == 0.1
     assert (out / "adapter_model.safetensors").exists()
 
     study = load_folder_study(finished_study)

@@ -27,7 +27,8 @@ LAYERS = [
      "lorasweep.precision"],  # the study file
     ["lorasweep.space"],  # cells and trials
     ["lorasweep.records"],  # what is recorded, and every CSV
-    ["lorasweep.models", "lorasweep.quantize", "lorasweep.methods", "lorasweep.tasks"],
+    ["lorasweep.models", "lorasweep.quantize", "lorasweep.methods", "lorasweep.tasks",
+     "lorasweep.dropout"],
     ["lorasweep.workbench", "lorasweep.optim"],  # groups: what a trial starts from
     ["lorasweep.train", "lorasweep.study.memory", "lorasweep.curvature.hvp",
      "lorasweep.curvature.lanczos", "lorasweep.curvature.measure"],

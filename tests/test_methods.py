@@ -116,10 +116,11 @@ def toy_task(n: int = 48) -> ClassificationTask:
 @pytest.mark.parametrize("method", ["lora", "rslora", "loraplus", "dora", "pissa", "milora",
                                     "olora", "init_ab"])
 def test_fused_group_equals_trials_run_one_by_one(method):
-    """Every fusable variant, those that change the base weight or add a magnitude included."""
+    """Every fusable variant, those that change the base weight or add a magnitude included,
+    trained as users train: the model's dropout on (tiny BERT: 0.1) and a lora_dropout."""
     base = tiny("tiny:bert")
     task = toy_task()
-    train = TrainSpec(steps=8, batch_size=8, grad_clip=1.0, warmup_ratio=0.25)
+    train = TrainSpec(steps=8, batch_size=8, grad_clip=1.0, warmup_ratio=0.25, lora_dropout=0.1)
     cell = Cell(method=method, rank=4, lora_alpha="8", init=variant(method).inits(["kaiming"])[0],
                 target_modules="all-linear", loraplus_ratio=4.0 if method == "loraplus" else None)
     trials = [TrialSpec(grid_id=i, cell=cell, lr=lr, seed=0)
@@ -130,6 +131,68 @@ def test_fused_group_equals_trials_run_one_by_one(method):
         curve_a, curve_b = torch.tensor(together.loss_curve), torch.tensor(alone.loss_curve)
         assert torch.allclose(curve_a, curve_b, rtol=1e-5, atol=0), (trial.lr, curve_a, curve_b)
         assert together.metrics["accuracy"] == alone.metrics["accuracy"]
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_fused_group_with_dropout_is_exact_under_accumulation_and_checkpointing(method):
+    """Dropout masks are drawn per trial (one trial's rows, tiled), so with grad_accum 2 and
+    gradient checkpointing (whose recomputation redraws the forward's masks) a fused group
+    still computes bit for bit what its trials compute alone; two runs give the same numbers;
+    and the masks matter (dropout off, or another lora_dropout, trains otherwise)."""
+    base = tiny("tiny:bert")
+    task = toy_task()
+    train = TrainSpec(steps=4, batch_size=8, warmup_ratio=0.0, lora_dropout=0.2, grad_accum=2,
+                      gradient_checkpointing=True)
+    cell = Cell(method=method, rank=4, lora_alpha="8", init="kaiming", target_modules="all-linear")
+    trials = [TrialSpec(grid_id=i, cell=cell, lr=lr, seed=0) for i, lr in enumerate([1e-3, 1e-2])]
+    fused = train_group(base, task, train, trials, torch.device("cpu"))
+    again = train_group(base, task, train, trials, torch.device("cpu"))
+    for trial, together, repeat in zip(trials, fused, again, strict=True):
+        (alone,) = train_group(base, task, train, [trial], torch.device("cpu"))
+        assert together.loss_curve == alone.loss_curve == repeat.loss_curve, trial.lr
+        assert together.metrics == alone.metrics == repeat.metrics
+    curves = {(dropout, p): train_group(base, task, train.model_copy(
+        update={"dropout": dropout, "lora_dropout": p}), trials[1:], torch.device("cpu"))[0]
+        .loss_curve for dropout, p in [("off", 0.0), ("off", 0.2), ("model", 0.0)]}
+    assert len({tuple(c) for c in [*curves.values(), fused[1].loss_curve]}) == 4
+
+
+def test_full_fine_tuning_trains_with_the_models_dropout():
+    """Full fine-tuning has no lora_dropout; its model's own dropout is on with `model`
+    (the curve differs from `off`) and drawn from the seed (two runs agree)."""
+    base = tiny("tiny:bert")
+    trial = TrialSpec(grid_id=0, cell=Cell(method="full"), lr=1e-3, seed=0)
+    runs = {dropout: [train_group(base, toy_task(), TrainSpec(steps=3, batch_size=8,
+                                                             warmup_ratio=0.0, dropout=dropout),
+                                  [trial], torch.device("cpu"))[0].loss_curve for _ in range(2)]
+            for dropout in ("model", "off")}
+    assert runs["model"][0] == runs["model"][1] and runs["off"][0] == runs["off"][1]
+    assert runs["model"][0] != runs["off"][0]
+
+
+def test_peft_passthrough_honours_lora_dropout_and_the_dropout_setting():
+    """A method PEFT builds takes train.lora_dropout into its LoraConfig (its own arguments
+    would win), and trains with it under either dropout setting: PEFT's lora_dropout modules
+    stay in train mode when the model's dropout is off. Each setting trains differently and
+    the same way twice."""
+    import json
+
+    from lorasweep.workbench import attach_group
+
+    base = tiny("tiny:bert")
+    cell = Cell(method="peft", rank=4, lora_alpha="8", target_modules="all-linear",
+                peft=json.dumps({"config": "LoraConfig", "label": "p", "arguments": {}}))
+    trial = TrialSpec(grid_id=0, cell=cell, lr=1e-2, seed=0)
+    train = TrainSpec(steps=3, batch_size=8, warmup_ratio=0.0)
+    _, attached = attach_group(base, toy_task(), train.model_copy(update={"lora_dropout": 0.2}),
+                               [trial])
+    assert attached.peft_model.peft_config["default"].lora_dropout == 0.2
+    curves = [train_group(base, toy_task(), train.model_copy(update=update), [trial],
+                          torch.device("cpu"))[0].loss_curve
+              for update in ({"dropout": "off"}, {"dropout": "off", "lora_dropout": 0.2},
+                             {"dropout": "off", "lora_dropout": 0.2}, {})]
+    assert curves[1] == curves[2]
+    assert len({tuple(c) for c in curves}) == 3
 
 
 def test_select_best_reports_the_peak_and_final_the_last_evaluation():

@@ -30,6 +30,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from lorasweep.config import ModelSpec, TrainSpec
+from lorasweep.dropout import TiledDropout, set_training
 from lorasweep.methods import get_method
 from lorasweep.methods.stacked import StackedLoRALinear
 from lorasweep.methods.targets import (
@@ -137,18 +138,20 @@ def peft_key(name: str) -> str:
             .replace(".modules_to_save.default", ""))
 
 
-def build_pair(source: str, kind: str, method: str, k: int = 1, quantize: str | None = None):
+def build_pair(source: str, kind: str, method: str, k: int = 1, quantize: str | None = None,
+               lora_dropout: float = 0.0, base: torch.nn.Module | None = None):
     """Our model with K trials and one PEFT model per trial, all from the same weights."""
-    base = base_model(source, kind, quantize)
+    base = base_model(source, kind, quantize) if base is None else base
     init = VARIANTS[method].inits(["kaiming"])[0]
     cell = Cell(method=method, rank=4, lora_alpha="8", init=init,
                 target_modules="all-linear", loraplus_ratio=16.0 if method == "loraplus" else None)
     ours = copy.deepcopy(base)
-    attached = get_method(method).attach(ours, cell, k, torch.Generator().manual_seed(0))
+    attached = get_method(method).attach(ours, cell, k, torch.Generator().manual_seed(0),
+                                         lora_dropout=lora_dropout)
     extra = get_method(method).peft_arguments(cell)
     deterministic = init in DETERMINISTIC_INITS
     targets = resolve_targets(base, "all-linear")
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=lora_dropout,
                         fan_in_fan_out=uses_conv1d(base, targets), **extra,
                         task_type="SEQ_CLS" if kind == "classification" else "CAUSAL_LM")
     # PEFT 0.21.2's olora_init ignores fan_in_fan_out (a QR of a Conv1D's stored (in, out)
@@ -305,3 +308,84 @@ def test_loraplus_lr_groups_follow_peft():
     our_lr = {names[id(p)]: g["lr"] for g in ours.param_groups for p in g["params"]}
     ref_lr = {ref_names[id(p)]: g["lr"] for g in theirs.param_groups for p in g["params"]}
     assert our_lr == ref_lr
+
+
+# Dropout as PEFT and the Hugging Face Trainer train: the model's own dropout on (BERT's hidden,
+# attention and classifier dropout; Llama's attention dropout) and PEFT's lora_dropout.
+DROPOUT_CONFIGS = {
+    "tiny:bert": dict(model_type="bert", hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                      hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, num_labels=3),
+    "tiny:llama": dict(model_type="llama", hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                       max_position_embeddings=64, attention_dropout=0.1),
+}
+
+
+def dropout_base(source: str, kind: str, attention: str) -> torch.nn.Module:
+    auto = AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
+    config = AutoConfig.for_model(**DROPOUT_CONFIGS[source], vocab_size=5000,
+                                  attn_implementation=attention)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return auto.from_config(config).eval()
+
+
+def check_dropout_against_peft(source: str, kind: str, method: str, k: int, attention: str,
+                               tol: float = TOL) -> None:
+    """K trials under lorasweep's training mode (dropout.set_training, TiledDropout) against a
+    stock PEFT model in train() mode per trial, the same seed set before each step on both
+    sides: losses, step-0 gradients and STEPS AdamW steps within `tol`."""
+    base = dropout_base(source, kind, attention)
+    ours, refs, cell, attached, trials = build_pair(source, kind, method, k, lora_dropout=0.2,
+                                                    base=base)
+    train = TrainSpec(steps=STEPS, dropout="model", lora_dropout=0.2)
+    specs = [TrialSpec(grid_id=i, cell=cell, lr=lr, seed=0)
+             for i, lr in enumerate([2e-3, 6e-3][:k])]
+    our_opt = build_optimizer(get_method(method), attached, specs, train)
+    ref_opts = [peft_optimizer(method, ref, spec.lr, 0.0)
+                for ref, spec in zip(refs, specs, strict=True)]
+    ref_params = [trainable(ref) for ref in refs]
+    set_training(ours, train)
+    for ref in refs:
+        ref.train()
+    for step in range(STEPS):
+        ids, labels = batch(kind, step)
+        torch.manual_seed(step)
+        with TiledDropout(k):
+            our_losses = losses_of(ours, kind, ids, labels, k)
+            torch.stack(our_losses).sum().backward()
+        for ref, mine in zip(refs, our_losses, strict=True):
+            torch.manual_seed(step)
+            (theirs,) = losses_of(ref, kind, ids, labels)
+            theirs.backward()
+            assert rel_err(mine, theirs) < tol, step
+        if step == 0:
+            for params, theirs in zip(trials, ref_params, strict=True):
+                for key, param in params.items():
+                    assert rel_err(param.grad, theirs[key].grad) < tol, key
+        for opt in [our_opt, *ref_opts]:
+            opt.step()
+            opt.zero_grad()
+    for params, theirs in zip(trials, ref_params, strict=True):
+        for key, param in params.items():
+            assert rel_err(param, theirs[key]) < tol, key
+
+
+@pytest.mark.parametrize("k", [1, 2], ids=["alone", "fused"])
+@pytest.mark.parametrize(("source", "kind"), [("tiny:bert", "classification"),
+                                              ("tiny:llama", "causal_lm")])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_dropout_matches_peft(source, kind, method, k):
+    """lora_dropout 0.2 and the model's own dropout, eager attention on both sides (its dropout
+    is one F.dropout call, drawn the same way): equal within 1e-6 alone and fused."""
+    check_dropout_against_peft(source, kind, method, k, "eager")
+
+
+@pytest.mark.parametrize(("source", "kind"), [("tiny:bert", "classification"),
+                                              ("tiny:llama", "causal_lm")])
+def test_dropout_matches_peft_under_sdpa(source, kind):
+    """With SDPA attention the kernel draws its dropout inside; lorasweep computes that attention
+    by torch's reference formula with tiled masks. On the CPU both draw the same mask from the
+    same generator state, so a fused pair matches PEFT within rounding (1e-5), not bit for bit."""
+    check_dropout_against_peft(source, kind, "lora", 2, "sdpa", tol=1e-5)

@@ -15,6 +15,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -211,6 +212,11 @@ class TaskSpec(_Strict):
         return self
 
 
+def _yaml_off(value: Any) -> Any:
+    """YAML reads a bare `off` as false: `dropout: off` means the word."""
+    return "off" if value is False else value
+
+
 class TrainSpec(_Strict):
     """The training recipe shared by every trial of the study."""
 
@@ -235,6 +241,11 @@ class TrainSpec(_Strict):
     grad_accum: Annotated[int, Field(gt=0)] = 1
     # recompute each transformer block's activations in the backward instead of keeping them
     gradient_checkpointing: bool = False
+    # model: train with the model config's own dropout on, as the HF Trainer does; off: eval
+    # mode throughout (a stored study that predates this field was trained off, STORED_DEFAULTS)
+    dropout: Annotated[Literal["model", "off"], BeforeValidator(_yaml_off)] = "model"
+    # PEFT's lora_dropout: dropout on the adapter's input only (adapter methods; see dropout.py)
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainSpec:
@@ -491,6 +502,21 @@ class Study(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _lora_dropout_has_adapters(self) -> Study:
+        """lora_dropout drops an adapter's input: full fine-tuning has none. A study that mixes
+        methods gives it to its adapter cells; one with no adapter, or one that sweeps it over
+        full fine-tuning cells (copies that would differ in nothing), is refused."""
+        plain = [e.name for e in self.search.methods if not variant(e.name).is_adapter]
+        if plain and "lora_dropout" in self.search.recipe:
+            raise ValueError(f"search.recipe.lora_dropout: method '{plain[0]}' has no adapter "
+                             "input to drop; sweep lora_dropout in a study of adapter methods")
+        if plain and len(plain) == len(self.search.methods) and self.train.lora_dropout:
+            raise ValueError(f"train.lora_dropout {self.train.lora_dropout:g}: method "
+                             f"'{plain[0]}' has no adapter; allowed: 0 (train.dropout sets the "
+                             "model's own dropout)")
+        return self
+
+    @model_validator(mode="after")
     def _swept_batches_split(self) -> Study:
         for size in self.search.recipe.get("batch_size", []):
             if size % self.train.grad_accum:
@@ -502,7 +528,11 @@ class Study(_Strict):
 # The train fields a study may sweep in search.recipe (the eval and divergence settings do not
 # change what is trained), the training-set size, and the adapted modules.
 RECIPE_TRAIN_AXES = ("steps", "epochs", "batch_size", "seq_len", "warmup_ratio", "schedule",
-                     "weight_decay", "grad_clip", "adam_beta1", "adam_beta2", "adam_eps")
+                     "weight_decay", "grad_clip", "adam_beta1", "adam_beta2", "adam_eps",
+                     "dropout", "lora_dropout")
+# What a field added to `train` since means in a study folder written before it (its study.yaml
+# lacks the field): how those trials were trained, which may differ from a new file's default.
+STORED_DEFAULTS = {"dropout": "off"}
 DATA_AXIS = "train_examples"  # the first N of the seeded shuffle of the training examples
 TARGETS_AXIS = "target_modules"
 RECIPE_AXES = (*RECIPE_TRAIN_AXES, DATA_AXIS, TARGETS_AXIS)
@@ -643,6 +673,14 @@ def expanded_size(value: Any, sizes: dict[int, int], open_: set[int]) -> int:
     open_.discard(key)
     sizes[key] = total
     return total
+
+
+def validate_stored_study(raw: Any, where: str) -> Study:
+    """A study as a folder or store keeps it: train fields it lacks (written before they
+    existed) read as STORED_DEFAULTS, what those trials were trained with."""
+    if isinstance(raw, dict) and isinstance(raw.get("train"), dict):
+        raw = {**raw, "train": {**STORED_DEFAULTS, **raw["train"]}}
+    return validate_study(raw, where)
 
 
 def validate_study(raw: dict[str, Any], where: str) -> Study:

@@ -90,7 +90,9 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     # Keep the scale s: lora_alpha / r^p at the doubled rank.
     alpha = cell.alpha * (1 if not residual else method.alpha_factor(2))
     # fan_in_fan_out: W is stored (in, out) in a Conv1D (GPT-2); PEFT sets it per layer anyway
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+    # lora_dropout: the trial's own, so training on from the export keeps its recipe
+    lora_dropout = resolve_training(study.train, cell.recipe).train.lora_dropout
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=lora_dropout,
                         fan_in_fan_out=uses_conv1d(base, targets),
                         **method.peft_flags, task_type="SEQ_CLS" if classify else "CAUSAL_LM")
     peft_model = get_peft_model(copy.deepcopy(base), config)

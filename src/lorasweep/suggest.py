@@ -34,6 +34,7 @@ from lorasweep.analysis.transfer import (
 from lorasweep.config import Study, parse_lora_alpha
 from lorasweep.errors import StudyError
 from lorasweep.files import write_text
+from lorasweep.recipe import resolve_training
 from lorasweep.records import OPTIMA_CSV, TRIALS_CSV, Optimum, read_optima_csv, read_trials_csv
 from lorasweep.report import series_name
 from lorasweep.space import Cell
@@ -166,7 +167,8 @@ def settings(prediction: Prediction, study: Study | None) -> dict:
         flags = method.peft_flags or LORA_FLAGS
         peft: dict = {"r": cell.rank, "lora_alpha": int(alpha) if alpha == int(alpha) else alpha,
                       "target_modules": _peft_targets(str(cell.target_modules)),
-                      "lora_dropout": 0.0, **flags}
+                      "lora_dropout": 0.0 if study is None else resolve_training(
+                          study.train, cell.recipe).train.lora_dropout, **flags}
         init = str(cell.init)
         known = get_init(init)
         peft_init = known.peft if known is not None else None

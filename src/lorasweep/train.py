@@ -5,17 +5,21 @@ share a cell and a seed) and differ only in LR. Each trial has its own parameter
 state, gradient clipping and divergence check, so a trial trains exactly as it would alone, and a
 trial that diverges stops without touching the others. K = 1 is a single ordinary run.
 
-Dropout stays off (the model is kept in eval mode): runs are then deterministic and a fused group
-reproduces its trials run one by one.
+Dropout (`train.dropout`, `train.lora_dropout`) is drawn as dropout.py says: each step from
+the trial's seed, one trial's mask tiled over the group, so a fused group still reproduces its
+trials run one by one and two runs of a study give the same numbers. Evaluation runs in eval
+mode (no dropout).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -23,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lorasweep.config import TrainSpec
+from lorasweep.dropout import TiledDropout, set_training, step_seed
 from lorasweep.methods import get_method
 from lorasweep.methods.base import NamedParams
 from lorasweep.optim import build_optimizer, build_schedule, total_steps
@@ -145,12 +150,13 @@ def train_group(base: nn.Module, task: Task, train: TrainSpec, trials: list[Tria
     model, attached = attach_group(base, task, train, trials)
     model.to(device)
     if train.gradient_checkpointing:
-        checkpoint_blocks(model)
+        checkpoint_blocks(model, k)
     optimizer = build_optimizer(get_method(cell.method), attached, trials, train)
     steps = total_steps(train, len(task.train))
     schedule = build_schedule(optimizer, train, steps)
 
     def evaluate(split: Split) -> list[dict]:
+        model.eval()
         with autocast(train, device):
             return task.evaluate(model, split, k, train.eval_batch_size, device)
 
@@ -160,7 +166,10 @@ def train_group(base: nn.Module, task: Task, train: TrainSpec, trials: list[Tria
     bar = tqdm(total=steps, desc=_describe(trials), leave=False, disable=None)
     for step, index in enumerate(batch_order(len(task.train), train.batch_size, steps, seed), 1):
         active = torch.tensor([c.stopped is None for c in courses], device=device)
-        losses = accumulate_gradients(model, task, index, k, train, active)
+        set_training(model, train)
+        torch.manual_seed(step_seed(seed, step))
+        with TiledDropout(k):
+            losses = accumulate_gradients(model, task, index, k, train, active)
         for course, loss in zip(courses, losses.detach().cpu().tolist(), strict=True):
             course.trained(step, loss)
         for course in courses:
@@ -215,17 +224,27 @@ def accumulate_gradients(model: nn.Module, task: Task, index: torch.Tensor, k: i
     return losses
 
 
-def checkpoint_blocks(model: nn.Module) -> None:
+def checkpoint_blocks(model: nn.Module, k: int = 1) -> None:
     """Recompute each transformer block in the backward (torch's non-reentrant checkpoint, through
     transformers), keeping only the blocks' inputs: the same numbers in less memory.
 
-    transformers checkpoints a block only while the block is in training mode; the model stays in
-    eval mode (dropout off), so only the blocks themselves are flagged, not their dropout layers.
+    The recomputation runs under dropout.TiledDropout for the group's `k` trials (torch runs it
+    inside the autograd engine, outside the step's own mode) and from the generator state torch
+    saved at the forward, so it redraws the forward's masks. transformers checkpoints a block
+    only while the block is in training mode: over a model in eval mode (dropout off) only the
+    blocks themselves are flagged, not their dropout layers (dropout.set_training flags them
+    again at each step).
     """
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    model.activation_checkpointing_enable({"use_reentrant": False,
+                                            "context_fn": partial(recompute_contexts, k)})
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer):
             module.training = True
+
+
+def recompute_contexts(k: int) -> tuple[contextlib.AbstractContextManager, TiledDropout]:
+    """torch checkpoint's context_fn: the forward as it is, the recomputation with tiled masks."""
+    return contextlib.nullcontext(), TiledDropout(k)
 
 
 def autocast(train: TrainSpec, device: torch.device) -> torch.autocast:

@@ -124,18 +124,21 @@ def batch_order(train_size: int, batch_size: int, steps: int, seed: int) -> Iter
 
 
 def attach_trials(base: nn.Module, trials: list[TrialSpec],
-                  calibration: Callable[[], list[dict[str, torch.Tensor]]] | None = None
-                  ) -> tuple[nn.Module, Attached]:
+                  calibration: Callable[[], list[dict[str, torch.Tensor]]] | None = None,
+                  lora_dropout: float = 0.0) -> tuple[nn.Module, Attached]:
     """A fresh copy of the base carrying the trainable weights of `trials` (one cell, one seed),
     drawn from the seed exactly as training draws them (`calibration`: batches for inits that
-    look at data)."""
+    look at data; `lora_dropout`: the adapters' input dropout while training)."""
     cell, seed = trials[0].cell, trials[0].seed
     assert all(t.group_key == trials[0].group_key for t in trials), "a group shares cell and seed"
     torch.manual_seed(seed)  # for what an init draws from the global generator (randomized SVD)
     model = copy.deepcopy(base)
     attached = get_method(cell.method).attach(model, cell, len(trials),
-                                              torch.Generator().manual_seed(seed), calibration)
-    return model, attached
+                                              torch.Generator().manual_seed(seed), calibration,
+                                              lora_dropout)
+    # in eval mode throughout, the new adapter layers too (a new module starts in train mode):
+    # no dropout until training asks for it (dropout.set_training), so curvature measures none
+    return model.eval(), attached
 
 
 def attach_group(base: nn.Module, task: Task, train: TrainSpec, trials: list[TrialSpec]
@@ -152,4 +155,4 @@ def attach_group(base: nn.Module, task: Task, train: TrainSpec, trials: list[Tri
         order = batch_order(len(task.train), train.batch_size, CALIBRATION_BATCHES, seed)
         return [task.train.batch(index, 1) for index in order]
 
-    return attach_trials(base, trials, calibration)
+    return attach_trials(base, trials, calibration, train.lora_dropout)

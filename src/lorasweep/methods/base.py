@@ -63,11 +63,12 @@ class Method(ABC):
 
     @abstractmethod
     def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator,
-               batches: Batches | None = None) -> Attached:
+               batches: Batches | None = None, lora_dropout: float = 0.0) -> Attached:
         """Modify `model` in place for K trials; everything not returned stays frozen.
 
         `batches` gives a few training batches, for inits that look at data before training
-        (EVA, CorDA, LoRA-GA through PEFT); the other methods ignore it.
+        (EVA, CorDA, LoRA-GA through PEFT); the other methods ignore it. `lora_dropout`: the
+        dropout on the adapter's input while training (config refuses it for full fine-tuning).
         """
 
     def param_groups(self, params: NamedParams, lr: float, cell: Cell,

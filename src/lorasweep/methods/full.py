@@ -11,7 +11,7 @@ from lorasweep.space import Cell
 
 class FullFineTuning(Method):
     def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator,
-               batches: Batches | None = None) -> Attached:
+               batches: Batches | None = None, lora_dropout: float = 0.0) -> Attached:
         """Every weight trains, so every weight is fp32 (master weights) whatever `model.dtype`
         the study stores its frozen base in."""
         if k != 1:

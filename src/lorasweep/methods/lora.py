@@ -35,7 +35,7 @@ class LoRA(Method):
     layer_class: type[StackedLoRALinear] = StackedLoRALinear
 
     def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator,
-               batches: Batches | None = None) -> Attached:
+               batches: Batches | None = None, lora_dropout: float = 0.0) -> Attached:
         assert cell.rank is not None and cell.init is not None and cell.target_modules
         for param in model.parameters():
             param.requires_grad_(False)
@@ -51,7 +51,7 @@ class LoRA(Method):
                                      f"4-bit layer ({name}) cannot hold")
                 with torch.no_grad():
                     weight -= (scale * factors.b @ factors.a).to(weight.dtype)
-            layer = self.layer_class(base, cell.rank, k, scale)
+            layer = self.layer_class(base, cell.rank, k, scale, lora_dropout)
             layer.set_init(factors.a, factors.b)
             replace_module(model, name, layer)
             for i in range(k):

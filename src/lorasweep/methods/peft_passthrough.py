@@ -32,13 +32,13 @@ DATA_INITS = ("eva", "corda", "lora_ga")  # PEFT inits that look at training bat
 
 class PeftPassThrough(Method):
     def attach(self, model: nn.Module, cell: Cell, k: int, generator: torch.Generator,
-               batches: Batches | None = None) -> Attached:
+               batches: Batches | None = None, lora_dropout: float = 0.0) -> Attached:
         if k != 1:
             raise ValueError("peft pass-through trains one trial per model copy (k must be 1)")
         assert cell.peft is not None and cell.target_modules is not None
         spec = json.loads(cell.peft)
         config_class = getattr(peft, spec["config"])
-        defaults = {"r": cell.rank, "lora_alpha": cell.alpha,
+        defaults = {"r": cell.rank, "lora_alpha": cell.alpha, "lora_dropout": lora_dropout,
                     "modules_to_save": head_module_names(model) or None}
         if not names_own_targets(cell):
             targets = resolve_targets(model, cell.target_modules)

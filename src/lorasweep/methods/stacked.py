@@ -35,18 +35,22 @@ def split_trials(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
 
 
 class StackedLoRALinear(nn.Module):
-    """y = W x + s * B_k A_k x for the rows of trial k; W is the shared, frozen base layer.
+    """y = W x + s * B_k A_k dropout(x) for the rows of trial k; W is the shared, frozen base
+    layer. The dropout (`lora_dropout`, in train mode only) is PEFT's: on the adapter's input
+    only; under dropout.TiledDropout the K trials' rows get the same mask.
 
     The base is an nn.Linear or a Conv1D: A (r, in) and B (out, r) have the same shapes for both
     (PEFT's fan_in_fan_out only transposes W), so only code that reads W itself orients it.
     """
 
-    def __init__(self, base: nn.Module, rank: int, k: int, scale: float) -> None:
+    def __init__(self, base: nn.Module, rank: int, k: int, scale: float,
+                 lora_dropout: float = 0.0) -> None:
         super().__init__()
         self.base = base
         self.k = k
         self.rank = rank
         self.scale = scale
+        self.lora_dropout = lora_dropout
         n_out, n_in = layer_shape(base)
         self.lora_A = nn.ParameterList(
             nn.Parameter(torch.zeros(rank, n_in)) for _ in range(k))
@@ -64,11 +68,20 @@ class StackedLoRALinear(nn.Module):
         """Trial i's trainable weights, named after the module."""
         return [(f"{name}.lora_A", self.lora_A[i]), (f"{name}.lora_B", self.lora_B[i])]
 
+    def dropped(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The adapter's input after lora_dropout, in the adapter's dtype (cast first, as PEFT
+        does); None when no dropout applies (not training, or lora_dropout 0)."""
+        if not (self.training and self.lora_dropout):
+            return None
+        return F.dropout(x.to(self.lora_A[0].dtype), self.lora_dropout, training=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
+        dropped = self.dropped(x)
+        inputs = x if dropped is None else dropped
         delta = torch.cat([F.linear(F.linear(xk.to(a.dtype), a), b) * self.scale
-                           for xk, a, b in zip(split_trials(x, self.k), self.lora_A, self.lora_B,
-                                               strict=True)])
+                           for xk, a, b in zip(split_trials(inputs, self.k), self.lora_A,
+                                               self.lora_B, strict=True)])
         return result + delta.to(result.dtype)
 
 
@@ -76,15 +89,17 @@ class StackedDoRALinear(StackedLoRALinear):
     """DoRA: y = (m / ||W + s B A||_row) * (W + s B A) x + bias, the norm detached from the graph
     (as the DoRA paper and PEFT do), one magnitude vector m per trial.
 
-    Written as PEFT writes it: base(x) + (m/norm - 1) * W x + (m/norm) * s * B A x. A weight row
+    Written as PEFT writes it: base(x) + (m/norm - 1) * W x + (m/norm) * s * B A x; with
+    lora_dropout, PEFT drops x in both terms (W x becomes W dropout(x), with no bias). A weight row
     whose norm is zero would divide by zero; norms are clamped at NORM_EPS instead, which changes
     nothing for any row with a norm above it.
     """
 
     NORM_EPS = 1e-12
 
-    def __init__(self, base: nn.Module, rank: int, k: int, scale: float) -> None:
-        super().__init__(base, rank, k, scale)
+    def __init__(self, base: nn.Module, rank: int, k: int, scale: float,
+                 lora_dropout: float = 0.0) -> None:
+        super().__init__(base, rank, k, scale, lora_dropout)
         self.magnitude = nn.ParameterList(
             nn.Parameter(torch.zeros(layer_shape(base)[0])) for _ in range(k))
 
@@ -105,10 +120,14 @@ class StackedDoRALinear(StackedLoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        plain = result if self.base.bias is None else result - self.base.bias
         base = dense_weight(self.base)  # dequantized once for the K trials
+        dropped = self.dropped(x)
+        if dropped is None:
+            inputs, plain = x, (result if self.base.bias is None else result - self.base.bias)
+        else:
+            inputs, plain = dropped, F.linear(dropped, base.to(dropped.dtype))
         deltas = []
-        for xk, wk, a, b, m in zip(split_trials(x, self.k), split_trials(plain, self.k),
+        for xk, wk, a, b, m in zip(split_trials(inputs, self.k), split_trials(plain, self.k),
                                    self.lora_A, self.lora_B, self.magnitude, strict=True):
             ratio = m / self.weight_norm(base, a, b)
             lora = F.linear(F.linear(xk.to(a.dtype), a), b)

@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from lorasweep.config import Study, dump_study, validate_study
+from lorasweep.config import STORED_DEFAULTS, Study, dump_study, validate_stored_study
 from lorasweep.errors import StudyError
 from lorasweep.files import append_text, atomic_path, check_writable, write_text
 from lorasweep.redact import redact_argv, redact_text
@@ -109,7 +109,7 @@ def open_for_reading(folder: Path | None, storage_url: str | None = None, *,
         store = Store(folder or Path("."), study_name, maximize=True, create=False,
                       storage_url=storage_url, patience=patience)
         where = f"--storage {redact_text(storage_url)} study {study_name}"
-        return validate_study(yaml.safe_load(store.study_text()), where), store
+        return validate_stored_study(yaml.safe_load(store.study_text()), where), store
     assert folder is not None, "a study folder or a study name"
     study = load_folder_study(folder)
     url = storage_of(folder)
@@ -134,16 +134,35 @@ def open_for_running(study: Study, folder: Path, storage_url: str | None = None,
                  storage_url=storage_url or storage_of(folder), patience=patience)
 
 
+def as_in_folder(study: Study, folder: Path) -> Study:
+    """The study to resume in `folder`: a train field the study file leaves unset, which the
+    folder's study.yaml predates, keeps the value its trials were trained with
+    (config.STORED_DEFAULTS: an old folder trained with dropout off goes on doing so)."""
+    path = folder / STUDY_FILE
+    if not path.exists():
+        return study
+    stored = yaml.safe_load(path.read_text())
+    stored_train = stored.get("train") if isinstance(stored, dict) else None
+    if not isinstance(stored_train, dict):
+        return study
+    kept = {name: value for name, value in STORED_DEFAULTS.items()
+            if name not in stored_train and name not in study.train.model_fields_set}
+    if not kept:
+        return study
+    return study.model_copy(update={"train": study.train.model_copy(update=kept)})
+
+
 def load_folder_study(folder: Path) -> Study:
     path = folder / STUDY_FILE
     if not path.exists():
         raise StudyError(f"{folder}: not a study folder (no {STUDY_FILE})")
-    return validate_study(yaml.safe_load(path.read_text()), str(path))
+    return validate_stored_study(yaml.safe_load(path.read_text()), str(path))
 
 
 def _check_same_study(path: Path, study: Study) -> None:
-    # validated first, so a field added to the schema since (with its default) is no change
-    old = validate_study(yaml.safe_load(path.read_text()), str(path)).model_dump(mode="json")
+    # validated first, so a field added to the schema since (with the default it had for the
+    # folder's trials) is no change
+    old = validate_stored_study(yaml.safe_load(path.read_text()), str(path)).model_dump(mode="json")
     new = study.model_dump(mode="json")
     for section in FIXED_SECTIONS:
         before, after = old.get(section), new.get(section)

@@ -25,6 +25,7 @@ from lorasweep.records import TrialResult, write_trials_csv
 from lorasweep.report import write_study_outputs
 from lorasweep.space import TrialSpec, recipes_of
 from lorasweep.study.folder import (
+    as_in_folder,
     load_folder_study,
     open_for_reading,
     open_for_running,
@@ -100,6 +101,7 @@ def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
     The study is created and its grid enqueued here, once; then this process trains (one
     worker) or starts `workers` worker processes that share the store and waits for them.
     """
+    study = as_in_folder(study, folder)
     bench = load_workbench(study, options.device)
     check_memory(study, bench, options)
     store = open_for_running(study, folder, storage_url, options.patience)
