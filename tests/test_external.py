@@ -1,0 +1,219 @@
+"""Studies whose trials run an external training command (trainer: in the study file)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorasweep.cli import main
+from lorasweep.config import load_study
+from lorasweep.errors import StudyError
+
+from .conftest import read_rows
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+
+# A stand-in training command: its score peaks at lr 10^-2.5; lr >= 0.1 "diverges" (NaN) and
+# lr <= 1e-5 crashes. It prints two evaluations as JSON lines, writes results.json, and leaves
+# its pid and (when done) one line per finished run in a log, so a test can count runs.
+FAKE_TRAIN = '''
+import json, math, os, sys, time
+args = dict(a.split("=", 1) for a in sys.argv[1:])
+lr = float(args["lr"])
+with open("child.pid", "w") as f:
+    f.write(str(os.getpid()))
+time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+if lr <= 1e-5:
+    print("loading...", file=sys.stderr)
+    print("RuntimeError: out of cheese", file=sys.stderr)
+    sys.exit(3)
+score = float("nan") if lr >= 0.1 else 1 - (math.log10(lr) + 2.5) ** 2 / 10
+for step in (10, 20):
+    evaluation = {"score": score - (20 - step) / 100, "eval_loss": 1 - score}
+    print(json.dumps({"step": step, "eval": evaluation}))
+with open("results.json", "w") as f:
+    json.dump({"final": {"score": score, "eval_loss": 1 - score, "train_loss": 0.5}}, f)
+with open(args["log"], "a") as f:
+    f.write(f"{lr} {args.get('rank')} {os.environ.get('RUN_TOKEN')}\\n")
+'''
+
+
+def external_study(tmp_path: Path, lrs=(1e-3, 3e-3, 1e-2), result=None, **trainer) -> Path:
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    study = {
+        "name": "external",
+        "task": {"kind": "external", "metric": "score", "goal": "maximize"},
+        "search": {"methods": ["lora"], "ranks": [4], "lr": list(lrs)},
+        "trainer": {"command": ["{python}", "{study_dir}/fake_train.py", "lr={lr}",
+                                "rank={rank}", f"log={tmp_path / 'runs.log'}"],
+                    "result": result or {"file": "results.json", "key": "final.score"},
+                    **trainer},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def finished_runs(tmp_path: Path) -> list[str]:
+    log = tmp_path / "runs.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_a_study_over_a_command_records_each_trial(tmp_path: Path):
+    path = external_study(tmp_path, lrs=(1e-5, 1e-3, 3e-3, 1e-2, 0.1),
+                          env={"RUN_TOKEN": "hunter2", "URL": "https://me:pw@host/x"})
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out)]) == 1  # a trial failed
+    rows = {float(r["lr"]): r for r in read_rows(out)}
+    assert [rows[lr]["status"] for lr in sorted(rows)] == [
+        "failed", "complete", "complete", "complete", "diverged"]
+    for lr in (1e-3, 3e-3, 1e-2):
+        score = 1 - (math.log10(lr) + 2.5) ** 2 / 10
+        assert float(rows[lr]["metric"]) == pytest.approx(score, abs=1e-12)
+        assert float(rows[lr]["eval_loss"]) == pytest.approx(1 - score)
+        assert float(rows[lr]["train_loss"]) == 0.5
+    assert "exited with code 3" in rows[1e-5]["reason"]
+    assert "RuntimeError: out of cheese" in rows[1e-5]["reason"]
+    assert "score is nan" in rows[0.1]["reason"]
+    # the command ran in its own folder, with its arguments and environment recorded masked
+    recorded = json.loads((out / "trials" / "trial-2" / "command.json").read_text())
+    assert recorded["argv"][2:4] == ["lr=0.003", "rank=4"]
+    assert recorded["env"] == {"RUN_TOKEN": "***", "URL": "https://me:***@host/x"}
+    assert (out / "trials" / "trial-2" / "results.json").exists()
+    assert "hunter2" in finished_runs(tmp_path)[0]  # the command itself got the secret
+    optima = (out / "optima.csv").read_text()
+    assert "0.003" in optima  # the report's optimum is the command's best LR
+    assert main(["report", str(out)]) == 0
+
+
+def test_json_lines_on_stdout_give_the_metric_and_the_curve(tmp_path: Path):
+    path = external_study(tmp_path, lrs=(1e-3,),
+                          result={"stdout": True, "key": "eval.score"})
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--set", "task.select=best"]) == 0
+    row = read_rows(out)[0]
+    score = 1 - (math.log10(1e-3) + 2.5) ** 2 / 10
+    assert float(row["metric"]) == pytest.approx(score)  # the last line (also the best)
+    assert row["steps"] == "20" and row["selected_step"] == "20"
+    assert main(["run", str(path), "--out", str(tmp_path / "min"), "--set", "task.select=best",
+                 "--set", "task.goal=minimize"]) == 0
+    row = read_rows(tmp_path / "min")[0]  # minimizing, the first evaluation is the best
+    assert float(row["metric"]) == pytest.approx(score - 0.1) and row["selected_step"] == "10"
+
+
+def test_dry_run_shows_each_command_and_writes_nothing(tmp_path: Path, capsys):
+    path = external_study(tmp_path, env={"HF_TOKEN": "secret-value"})
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "3 trials (the whole grid)" in text and "lr=0.01 rank=4" in text
+    assert "HF_TOKEN=***" in text and "secret-value" not in text
+    assert not out.exists() and not finished_runs(tmp_path)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"command": ["python", "{learning_rate}"]},
+     "trainer.command[1]: {learning_rate} is not a template name; allowed: {lr}"),
+    ({"command": ["python", "{lr"]}, "trainer.command[1]: "),
+    ({"env": {"X": "{a.b}"}}, "trainer.env.X: '{a.b}' is not a plain name"),
+    ({"method_args": {"dora": ["x"]}}, "trainer.method_args.dora: not a method"),
+    ({"result": {"key": "score"}}, "trainer.result: give file"),
+    ({"command": ["a", "b"], "shell": True}, "with shell: true, give one shell line"),
+])
+def test_bad_trainer_sections_are_one_line(tmp_path: Path, change, message):
+    path = external_study(tmp_path, **change)
+    with pytest.raises(StudyError, match=re.escape(message)):
+        load_study(path)
+
+
+def test_a_full_cell_has_no_rank_and_a_study_has_one_trainer(tmp_path: Path):
+    path = external_study(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["search"]["methods"] = ["lora", "full"]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(StudyError, match=re.escape("method 'full' has no {rank}; put it in")):
+        load_study(path)
+    raw["trainer"]["command"] = raw["trainer"]["command"][:3]
+    raw["trainer"]["method_args"] = {"lora": ["rank={rank}"], "full": ["--full"]}
+    path.write_text(yaml.safe_dump(raw))
+    assert load_study(path).trainer.study_dir == str(tmp_path.resolve())
+    for section, error in (({"model": {"source": "tiny:bert"}}, "model: the trainer's command"),
+                           ({"task": {"kind": "causal_lm", "dataset": "x"}}, "task.kind: a study")):
+        path.write_text(yaml.safe_dump({**raw, **section}))
+        with pytest.raises(StudyError, match=error):
+            load_study(path)
+    del raw["trainer"]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(StudyError, match=re.escape("task.kind external: needs a trainer command")):
+        load_study(path)
+
+
+def test_a_missing_program_is_refused_before_the_store_is_touched(tmp_path: Path, capsys):
+    path = external_study(tmp_path, command=["no-such-trainer-xyz", "{lr}"])
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "trainer.command[0]: 'no-such-trainer-xyz' is not a program" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def _gone(pid: int) -> bool:
+    """Whether a process has ended (a zombie nobody reaped has ended too)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+def _wait_for(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_a_worker_killed_mid_trial_leaves_no_child_and_the_trial_reruns(tmp_path: Path):
+    path = external_study(tmp_path)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "lorasweep.cli", "run", str(path), "--out", str(out)]
+    worker = subprocess.Popen(command, env={**ENV, "FAKE_SLEEP": "60"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    pid_file = out / "trials" / "trial-0" / "child.pid"
+    _wait_for(lambda: pid_file.exists() and pid_file.read_text())
+    child = int(pid_file.read_text())
+    assert not _gone(child)
+    worker.send_signal(signal.SIGKILL)
+    worker.communicate(timeout=60)
+    _wait_for(lambda: _gone(child), timeout=10)  # the kernel killed it with its worker
+    assert finished_runs(tmp_path) == []
+    resumed = subprocess.run(command, env={**ENV, "FAKE_SLEEP": "0"}, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = read_rows(out)
+    assert [r["status"] for r in rows] == ["complete"] * 3
+    assert [r["attempts"] for r in rows] == ["2", "1", "1"]
+    assert sorted(line.split()[0] for line in finished_runs(tmp_path)) == [
+        "0.001", "0.003", "0.01"]  # each trial ran to its end exactly once
+
+
+def test_workers_share_a_study_over_a_command(tmp_path: Path):
+    path = external_study(tmp_path, lrs=(1e-3, 3e-3, 1e-2, 3e-2))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "lorasweep.cli", "run", str(path), "--out",
+                           str(out), "--workers", "2"], env={**ENV, "FAKE_SLEEP": "0.5"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = read_rows(out)
+    assert [r["status"] for r in rows] == ["complete"] * 4
+    assert len({r["worker"] for r in rows}) == 2
+    assert len(finished_runs(tmp_path)) == 4
