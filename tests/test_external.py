@@ -95,6 +95,9 @@ def test_a_study_over_a_command_records_each_trial(tmp_path: Path):
     optima = (out / "optima.csv").read_text()
     assert "0.003" in optima  # the report's optimum is the command's best LR
     assert main(["report", str(out)]) == 0
+    assert main(["status", str(out)]) == 0
+    assert main(["suggest", "--from", str(out), "--rank", "16"]) == 0
+    assert main(["export", str(out), "--trial", "2", str(tmp_path / "adapter")]) == 2
 
 
 def test_json_lines_on_stdout_give_the_metric_and_the_curve(tmp_path: Path):
