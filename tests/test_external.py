@@ -220,3 +220,26 @@ def test_workers_share_a_study_over_a_command(tmp_path: Path):
     assert [r["status"] for r in rows] == ["complete"] * 4
     assert len({r["worker"] for r in rows}) == 2
     assert len(finished_runs(tmp_path)) == 4
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "external" / "plain"
+
+
+def test_the_reproduction_shaped_example_swept_equals_running_it_by_hand(tmp_path: Path):
+    """Each LR's metric through lorasweep is the script's own, run by hand over all LRs at once
+    as its --lrs allows."""
+    out = tmp_path / "out"
+    assert main(["run", str(EXAMPLE / "study.yaml"), "--out", str(out),
+                 "--set", "search.ranks=[8]", "--set", "search.lr=[1.0e-3, 3.0e-3, 1.0e-2]",
+                 "--set", "search.methods=[lora, {name: full, lr: [1.0e-3, 3.0e-3]}]"]) == 0
+    swept = {(r["method"], float(r["lr"])): float(r["metric"]) for r in read_rows(out)}
+    assert len(swept) == 5
+    for method, extra in (("lora", ["--rank", "8", "--alpha", "32"]),
+                          ("full", ["--full-finetune"])):
+        lrs = sorted(lr for m, lr in swept if m == method)
+        by_hand = tmp_path / f"{method}.json"
+        subprocess.run([sys.executable, str(EXAMPLE / "main.py"), "--lrs", *map(str, lrs),
+                        "--seed", "0", *extra, "--output", str(by_hand)], check=True,
+                       timeout=300)
+        for result in json.loads(by_hand.read_text())["results"]:
+            assert swept[(method, result["lr"])] == result["eval_loss"]
