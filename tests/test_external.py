@@ -243,3 +243,35 @@ def test_the_reproduction_shaped_example_swept_equals_running_it_by_hand(tmp_pat
                        timeout=300)
         for result in json.loads(by_hand.read_text())["results"]:
             assert swept[(method, result["lr"])] == result["eval_loss"]
+
+
+def test_the_trainer_callback_reports_each_evaluation_as_lorasweep_reads_it(tmp_path: Path,
+                                                                             capsys):
+    """A tiny Hugging Face Trainer run: each evaluation is one line on stdout (and in a file),
+    read back as the trial's curve, the last one its result."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    from lorasweep.config import ResultSpec
+    from lorasweep.integrations import TrainerCallback
+    from lorasweep.trainers.command import STDOUT_FILE, read_result
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16))
+    data = [{"input_ids": torch.randint(50, (8,)), "labels": i % 2} for i in range(16)]
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=4, eval_strategy="steps",
+                             eval_steps=2, per_device_train_batch_size=4, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data,
+                      callbacks=[TrainerCallback(), TrainerCallback(tmp_path / "evals.jsonl")])
+    trainer.train()
+    (tmp_path / STDOUT_FILE).write_text(capsys.readouterr().out)
+    logged = [(h["step"], h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h]
+    assert [step for step, _ in logged] == [2, 4]
+    for spec in (ResultSpec(stdout=True, key="eval_loss"),
+                 ResultSpec(file="evals.jsonl", key="eval_loss")):
+        final, curve = read_result(spec, tmp_path, "loss")
+        assert [(e["step"], e["loss"]) for e in curve] == logged
+        assert final["loss"] == logged[-1][1] and final["eval_runtime"] > 0

@@ -22,7 +22,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [
     ["lorasweep", "lorasweep.errors", "lorasweep.files", "lorasweep.redact",
      "lorasweep.packaged_models", "lorasweep.sandbox", "lorasweep.study.defaults",
-     "lorasweep.report.numbers"],
+     "lorasweep.report.numbers", "lorasweep.integrations"],
     ["lorasweep.variants", "lorasweep.config", "lorasweep.recipe",
      "lorasweep.precision"],  # the study file
     ["lorasweep.space"],  # cells and trials

@@ -204,32 +204,29 @@ def _run(argv: list[str], cwd: Path, env: dict[str, str]) -> int:
 
 def read_result(spec: ResultSpec, out_dir: Path, metric: str
                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The command's final report and its evaluation curve: from the JSON file (its one
-    report), or from the JSON lines on stdout that hold the key (the last is the final one)."""
-    if spec.file is not None:
-        path = out_dir / spec.file
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise TrialFailed(f"trainer.result.file: the command wrote no {spec.file}") from None
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise TrialFailed(f"trainer.result.file: {spec.file} is not JSON ({exc})") from None
-        report = _report(data, spec.key, metric)
-        if report is None:
-            raise TrialFailed(f"trainer.result.key: {spec.file} has no number at '{spec.key}'")
-        return report, [report]
-    curve = []
-    with open(out_dir / STDOUT_FILE, errors="replace") as lines:
-        for line in lines:
+    """The command's final report and its evaluation curve, from its JSON file (one object: its
+    one report) or its JSON lines (on stdout, or a file of them: each line holding the key is
+    one evaluation, the last is the final one)."""
+    where = f"its {spec.file}" if spec.file is not None else "its stdout"
+    path = out_dir / (spec.file if spec.file is not None else STDOUT_FILE)
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        raise TrialFailed(f"trainer.result.file: the command wrote no {spec.file}") from None
+    try:
+        documents = [json.loads(text)] if spec.file is not None else None
+    except ValueError:
+        documents = None
+    if documents is None:
+        documents = []
+        for line in text.splitlines():
             try:
-                report = _report(json.loads(line), spec.key, metric)
+                documents.append(json.loads(line))
             except ValueError:
                 continue  # not every line a command prints is a report
-            if report is not None:
-                curve.append(report)
+    curve = [r for r in (_report(d, spec.key, metric) for d in documents) if r is not None]
     if not curve:
-        raise TrialFailed(f"trainer.result.key: the command printed no JSON line with a number "
-                          f"at '{spec.key}'")
+        raise TrialFailed(f"trainer.result.key: {where} holds no number at '{spec.key}'")
     return curve[-1], curve
 
 
