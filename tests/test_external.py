@@ -275,3 +275,21 @@ def test_the_trainer_callback_reports_each_evaluation_as_lorasweep_reads_it(tmp_
         final, curve = read_result(spec, tmp_path, "loss")
         assert [(e["step"], e["loss"]) for e in curve] == logged
         assert final["loss"] == logged[-1][1] and final["eval_runtime"] > 0
+
+
+def test_template_files_are_rendered_into_each_trials_folder(tmp_path: Path):
+    (tmp_path / "config.template").write_text("learning_rate: {lr}\nlora_r: {rank}\n"
+                                              "output_dir: {out_dir}\n")
+    path = external_study(tmp_path, lrs=(1e-3,), files={"config.yml": "config.template"})
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    folder = (out / "trials" / "trial-0").resolve()
+    assert yaml.safe_load((folder / "config.yml").read_text()) == {
+        "learning_rate": 0.001, "lora_r": 4, "output_dir": str(folder)}
+    (tmp_path / "config.template").write_text("learning_rate: {learning_rate}\n")
+    with pytest.raises(StudyError, match=re.escape(
+            "trainer.files.config.yml: {learning_rate} is not a template name")):
+        load_study(path)
+    (tmp_path / "config.template").unlink()
+    with pytest.raises(StudyError, match=re.escape("trainer.files.config.yml: cannot read")):
+        load_study(path)

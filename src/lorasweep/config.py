@@ -514,6 +514,9 @@ class TrainerSpec(_Strict):
     shell: bool = False
     env: dict[str, str] = Field(default_factory=dict)
     method_args: dict[str, list[str]] = Field(default_factory=dict)
+    # files written into the trial's folder before the command runs: name -> a template file
+    # (relative to study_dir), e.g. an axolotl config with {lr} in it
+    files: dict[str, str] = Field(default_factory=dict)
     result: ResultSpec
     study_dir: str | None = None
 
@@ -522,7 +525,20 @@ class TrainerSpec(_Strict):
         if self.shell and len(self.command) != 1:
             raise ValueError("trainer.command: with shell: true, give one shell line "
                              "(a list of one string)")
+        for name in self.files:
+            if Path(name).name != name or name in (".", ".."):
+                raise ValueError(f"trainer.files.{name}: a file name in the trial's folder "
+                                 "(no folders)")
         return self
+
+    def template_file(self, name: str) -> str:
+        """The text of the template file that trainer.files names as `name`."""
+        source = Path(self.study_dir or ".") / self.files[name]
+        try:
+            return source.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"trainer.files.{name}: cannot read {source} "
+                             f"({getattr(exc, 'strerror', None) or exc})") from None
 
     def templates(self, label: str) -> list[tuple[str, str]]:
         """(field, template) of everything rendered for a trial of method `label`."""
@@ -590,10 +606,12 @@ class Study(_Strict):
                 raise ValueError(f"trainer.method_args.{label}: not a method of search.methods "
                                  f"({', '.join(labels)})")
         axes = tuple(self.search.recipe)
+        files = [(f"trainer.files.{name}", self.trainer.template_file(name))
+                 for name in self.trainer.files]
         for entry in self.search.methods:
             adapter = variant(entry.name).is_adapter
             names = TRIAL_TEMPLATE_NAMES + (ADAPTER_TEMPLATE_NAMES if adapter else ()) + axes
-            for where, text in self.trainer.templates(entry.display_name):
+            for where, text in self.trainer.templates(entry.display_name) + files:
                 try:
                     used = template_fields(text)
                 except ValueError as exc:

@@ -65,6 +65,10 @@ class CommandTrainer:
     def __init__(self, study: Study, folder: Path) -> None:
         assert study.trainer is not None
         self.study, self.spec, self.folder = study, study.trainer, folder
+        try:  # read once per process (the study file's check read them too)
+            self.files = {name: self.spec.template_file(name) for name in self.spec.files}
+        except ValueError as exc:
+            raise StudyError(str(exc)) from None
 
     def check(self) -> None:
         """The program must exist (unless a shell runs it) where the worker looks for it."""
@@ -96,6 +100,9 @@ class CommandTrainer:
         shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.mkdir(parents=True)
         argv, env = self.command(spec, out_dir)
+        values = template_values(spec, out_dir, self.spec)
+        for name, text in self.files.items():
+            write_text(out_dir / name, render(text, values, shell=False))
         write_text(out_dir / COMMAND_FILE, json.dumps(
             {"argv": redact_argv(argv), "env": redact_env(env)}, indent=1) + "\n")
         start = time.monotonic()
