@@ -177,7 +177,7 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _wait_for(condition, timeout: float = 60) -> None:
+def _wait_for(condition, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
@@ -301,3 +301,38 @@ def test_the_shipped_recipes_load(recipe: str):
     their study files and templates are checked as `lorasweep run` checks them."""
     study = load_study(EXAMPLE.parent / recipe / "study.yaml")
     assert study.trainer is not None and study.trainer.study_dir == str(EXAMPLE.parent / recipe)
+
+
+def test_a_shell_line_quotes_values_and_failures_say_why(tmp_path: Path):
+    """seed 0 exits 0 without its metric; seed 1 exits 1 after seven lines of stderr, of which
+    the reason keeps the last five, a URL password masked."""
+    line = ("echo {method} {lr:.1e} > args.txt; "
+            "printf 'l1\\nl2\\nl3\\nl4\\nl5\\nl6\\nhttps://me:pw@host/x\\n' >&2; exit {seed}")
+    path = external_study(tmp_path, lrs=(1e-3,), command=[line], shell=True)
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--set", "search.seeds=[0, 1]"]) == 1
+    rows = {r["seed"]: r for r in read_rows(out)}
+    assert rows["0"]["status"] == rows["1"]["status"] == "failed"
+    assert "the command wrote no results.json" in rows["0"]["reason"]
+    assert rows["1"]["reason"].endswith(
+        "exited with code 1: l3 | l4 | l5 | l6 | https://me:***@host/x")
+    assert (out / "trials" / "trial-0" / "args.txt").read_text() == "lora 1.0e-03\n"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_ctrl_c_stops_the_command_and_records_the_trial_interrupted(tmp_path: Path):
+    path = external_study(tmp_path, lrs=(1e-3,))
+    out = tmp_path / "out"
+    worker = subprocess.Popen([sys.executable, "-m", "lorasweep.cli", "run", str(path), "--out",
+                               str(out)], env={**ENV, "FAKE_SLEEP": "60"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_file = out / "trials" / "trial-0" / "child.pid"
+    _wait_for(lambda: pid_file.exists() and pid_file.read_text())
+    child = int(pid_file.read_text())
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(timeout=60) != 0
+    assert _gone(child)  # killed (with its group) before the worker left
+    assert finished_runs(tmp_path) == []
+    assert main(["run", str(path), "--out", str(out)]) == 0  # resumes: the trial runs again
+    assert [r["status"] for r in read_rows(out)] == ["complete"]
+    assert len(finished_runs(tmp_path)) == 1
