@@ -336,3 +336,18 @@ def test_ctrl_c_stops_the_command_and_records_the_trial_interrupted(tmp_path: Pa
     assert main(["run", str(path), "--out", str(out)]) == 0  # resumes: the trial runs again
     assert [r["status"] for r in read_rows(out)] == ["complete"]
     assert len(finished_runs(tmp_path)) == 1
+
+
+def test_a_study_folder_keeps_its_command(tmp_path: Path, capsys):
+    path = external_study(tmp_path, lrs=(1e-3,))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    assert main(["run", str(path), "--out", str(out), "--set", "trainer.command=[python, x]"]) == 2
+    assert "holds a study with a different trainer.command" in capsys.readouterr().err
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "fake_train.py").write_text(FAKE_TRAIN)
+    (moved / "study.yaml").write_text(path.read_text())
+    assert main(["run", str(moved / "study.yaml"), "--out", str(out),
+                 "--set", "search.lr=[1.0e-3, 1.0e-2]"]) == 0  # the same study, moved
+    assert [r["status"] for r in read_rows(out)] == ["complete"] * 2

@@ -4,7 +4,8 @@ Each trial runs the command once, in its own working folder (trials/trial-N/ in 
 folder, emptied first so a killed attempt leaves nothing behind for its retry to read), with
 its arguments and environment rendered from the trial, and reads its metric from the JSON file
 it writes or the JSON lines it prints. The worker loop, store, leases and report are the same
-as for lorasweep's own engine. Loads no torch: a worker over a command is light.
+as for lorasweep's own engine. This module loads no torch (the command's trials need none;
+the worker process still imports the fused engine beside it, once).
 
 Fault tolerance: the command runs in its own process group (a new session), so stopping it
 stops what it started; the worker kills that group on any way out it sees (a failure, Ctrl-C).
