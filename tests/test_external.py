@@ -23,9 +23,10 @@ from .conftest import read_rows
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
 
-# A stand-in training command: its score peaks at lr 10^-2.5; lr >= 0.1 "diverges" (NaN) and
-# lr <= 1e-5 crashes. It prints two evaluations as JSON lines, writes results.json, and leaves
-# its pid and (when done) one line per finished run in a log, so a test can count runs.
+# A stand-in training command: its score peaks at lr 10^-2.5; from lr 0.05 its train loss is
+# NaN, from lr 0.1 its score too, and lr <= 1e-5 crashes. It prints two evaluations as JSON
+# lines, writes results.json, and leaves its pid and (when done) one line per finished run in a
+# log, so a test can count runs.
 FAKE_TRAIN = '''
 import json, math, os, sys, time
 args = dict(a.split("=", 1) for a in sys.argv[1:])
@@ -42,7 +43,8 @@ for step in (10, 20):
     evaluation = {"score": score - (20 - step) / 100, "eval_loss": 1 - score}
     print(json.dumps({"step": step, "eval": evaluation}))
 with open("results.json", "w") as f:
-    json.dump({"final": {"score": score, "eval_loss": 1 - score, "train_loss": 0.5}}, f)
+    train_loss = float("nan") if lr >= 0.05 else 0.5
+    json.dump({"final": {"score": score, "eval_loss": 1 - score, "train_loss": train_loss}}, f)
 with open(args["log"], "a") as f:
     f.write(f"{lr} {args.get('rank')} {os.environ.get('RUN_TOKEN')}\\n")
 '''
@@ -71,13 +73,13 @@ def finished_runs(tmp_path: Path) -> list[str]:
 
 
 def test_a_study_over_a_command_records_each_trial(tmp_path: Path):
-    path = external_study(tmp_path, lrs=(1e-5, 1e-3, 3e-3, 1e-2, 0.1),
+    path = external_study(tmp_path, lrs=(1e-5, 1e-3, 3e-3, 1e-2, 0.05, 0.1),
                           env={"RUN_TOKEN": "hunter2", "URL": "https://me:pw@host/x"})
     out = tmp_path / "out"
     assert main(["run", str(path), "--out", str(out)]) == 1  # a trial failed
     rows = {float(r["lr"]): r for r in read_rows(out)}
     assert [rows[lr]["status"] for lr in sorted(rows)] == [
-        "failed", "complete", "complete", "complete", "diverged"]
+        "failed", "complete", "complete", "complete", "diverged", "diverged"]
     for lr in (1e-3, 3e-3, 1e-2):
         score = 1 - (math.log10(lr) + 2.5) ** 2 / 10
         assert float(rows[lr]["metric"]) == pytest.approx(score, abs=1e-12)
@@ -86,6 +88,7 @@ def test_a_study_over_a_command_records_each_trial(tmp_path: Path):
     assert "exited with code 3" in rows[1e-5]["reason"]
     assert "RuntimeError: out of cheese" in rows[1e-5]["reason"]
     assert "score is nan" in rows[0.1]["reason"]
+    assert "train_loss is nan" in rows[0.05]["reason"]
     # the command ran in its own folder, with its arguments and environment recorded masked
     recorded = json.loads((out / "trials" / "trial-2" / "command.json").read_text())
     assert recorded["argv"][2:4] == ["lr=0.003", "rank=4"]

@@ -97,11 +97,11 @@ class CommandTrainer:
 
     def run(self, spec: TrialSpec) -> TrialResult:
         """Run the command for one trial and read its result."""
-        out_dir = self.folder.resolve() / TRIALS_DIR / f"trial-{spec.grid_id}"
+        out_dir = self.trial_dir(spec)
         shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.mkdir(parents=True)
-        argv, env = self.command(spec, out_dir)
         values = template_values(spec, out_dir, self.spec)
+        argv, env = self.command(spec, values)
         for name, text in self.files.items():
             write_text(out_dir / name, render(text, values, shell=False))
         write_text(out_dir / COMMAND_FILE, json.dumps(
@@ -115,9 +115,12 @@ class CommandTrainer:
         final, curve = read_result(self.spec.result, out_dir, self.study.task.objective)
         return self.result(final, curve, seconds)
 
-    def command(self, spec: TrialSpec, out_dir: Path) -> tuple[list[str], dict[str, str]]:
+    def trial_dir(self, spec: TrialSpec) -> Path:
+        return self.folder.resolve() / TRIALS_DIR / f"trial-{spec.grid_id}"
+
+    def command(self, spec: TrialSpec, values: dict[str, Any]
+                ) -> tuple[list[str], dict[str, str]]:
         """The trial's argument list and the environment variables it adds."""
-        values = template_values(spec, out_dir, self.spec)
         args = [render(text, values, self.spec.shell)
                 for text in [*self.spec.command, *self.spec.method_args.get(spec.cell.label, [])]]
         argv = ["/bin/sh", "-c", " ".join(args)] if self.spec.shell else args
@@ -136,8 +139,10 @@ class CommandTrainer:
                                   "seconds": seconds,
                                   "train_loss": final.get("train_loss", math.nan),
                                   "eval_curve": curve}
-        if not math.isfinite(final[name]):
-            return TrialResult(status="diverged", reason=f"{name} is {final[name]}", **common)
+        for blown in (name, "train_loss"):  # a loss that blew up diverged whatever the metric
+            if not math.isfinite(final.get(blown, 0.0)):
+                return TrialResult(status="diverged", reason=f"{blown} is {final[blown]}",
+                                   **common)
         return TrialResult(status="complete",
                            metrics={k: v for k, v in chosen.items() if k != "step"},
                            selected_step=chosen.get("step"), **common)
@@ -146,8 +151,8 @@ class CommandTrainer:
         """Each trial's command line as it would run (secrets masked)."""
         lines = []
         for spec in trials:
-            out_dir = self.folder.resolve() / TRIALS_DIR / f"trial-{spec.grid_id}"
-            argv, env = self.command(spec, out_dir)
+            argv, env = self.command(spec, template_values(spec, self.trial_dir(spec),
+                                                           self.spec))
             shown = [f"{k}={v}" for k, v in redact_env(env).items()] + redact_argv(argv)
             lines.append(f"  {describe_cell(spec.cell)} seed {spec.seed} lr {spec.lr:.3g}: "
                          + shlex.join(shown))
