@@ -299,14 +299,14 @@ def test_a_killed_worker_is_reported(tmp_path: Path, study_file, monkeypatch, ca
 
 def test_a_step_that_cannot_fit_in_memory_is_refused(tmp_path: Path, study_file, monkeypatch,
                                                      capsys):
-    import lorasweep.study.runner as runner
+    import lorasweep.trainers.fused as fused  # the fused engine checks its step's memory
 
     # tiny:bert keeps at least 8 x 24 x (32 x 2) x 4 bytes = 48 KiB per step at these settings
-    monkeypatch.setattr(runner, "free_memory", lambda device: 40 * 1024)
+    monkeypatch.setattr(fused, "free_memory", lambda device: 40 * 1024)
     out = tmp_path / "out"
     assert main(["run", str(study_file()), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "micro-batch x train.seq_len x --max-group (8 x 24 x 1)" in err[0]
     assert not out.exists()
-    monkeypatch.setattr(runner, "free_memory", lambda device: 60 * 1024)
+    monkeypatch.setattr(fused, "free_memory", lambda device: 60 * 1024)
     assert main(["run", str(study_file()), "--out", str(out)]) == 0

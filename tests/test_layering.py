@@ -22,7 +22,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [
     ["lorasweep", "lorasweep.errors", "lorasweep.files", "lorasweep.redact",
      "lorasweep.packaged_models", "lorasweep.sandbox", "lorasweep.study.defaults",
-     "lorasweep.report.numbers"],
+     "lorasweep.report.numbers", "lorasweep.integrations"],
     ["lorasweep.variants", "lorasweep.config", "lorasweep.recipe",
      "lorasweep.precision"],  # the study file
     ["lorasweep.space"],  # cells and trials
@@ -33,6 +33,7 @@ LAYERS = [
     ["lorasweep.train", "lorasweep.study.memory", "lorasweep.curvature.hvp",
      "lorasweep.curvature.lanczos", "lorasweep.curvature.measure"],
     ["lorasweep.study.backend", "lorasweep.study.store"],
+    ["lorasweep.trainers", "lorasweep.study.options"],  # how a claimed group trains
     ["lorasweep.analysis", "lorasweep.curvature.predict"],
     ["lorasweep.report"],
     ["lorasweep.study", "lorasweep.curvature", "lorasweep.export", "lorasweep.suggest",
@@ -45,6 +46,8 @@ NOT_LOADED = {
     "lorasweep.study.store": ["torch", "peft", "lorasweep.train", "lorasweep.workbench"],
     "lorasweep.analysis.transfer": ["torch", "optuna", "lorasweep.report"],
     "lorasweep.report": ["torch", "optuna", "lorasweep.curvature.command"],
+    # a worker over an external command loads no deep-learning library for it
+    "lorasweep.trainers.command": ["torch", "lorasweep.train", "lorasweep.workbench"],
     "lorasweep.workbench": ["optuna", "lorasweep.study", "lorasweep.train", "lorasweep.report"],
     # curvature warms up through the trainer's own step, never through the worker loop
     "lorasweep.curvature.command": ["lorasweep.study.runner", "lorasweep.study.local_workers"],

@@ -446,6 +446,9 @@ def _source_width(args: argparse.Namespace) -> int:
     except StudyError:
         raise StudyError(f"--width: {args.sources[0]} keeps no study.yaml to read the source "
                          "model's width from; give --source-width") from None
+    if study.model is None:
+        raise StudyError(f"--width: {args.sources[0]} ran a trainer command, whose model "
+                         "lorasweep does not know; give --source-width")
     return model_width(study.model)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import reprlib
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -83,7 +84,8 @@ class TaskSpec(_Strict):
     one (`validation_split`, `validation_file`), which is then used as given.
     """
 
-    kind: Literal["classification", "causal_lm", "math", "code"]
+    # external: the study's trainer command loads its own data and reports `metric`
+    kind: Literal["classification", "causal_lm", "math", "code", "external"]
     dataset: str | None = None
     dataset_config: str | None = None
     train_file: str | None = None
@@ -115,6 +117,8 @@ class TaskSpec(_Strict):
     # Which evaluation of a trial counts: the final one, or the best of the train.eval_every
     # evaluations and the final one ("LoRA Without Regret" takes each LR's best over training).
     select: Literal["final", "best"] = "final"
+    # external: whether a higher or a lower metric is better (built-in kinds know their metrics)
+    goal: Literal["maximize", "minimize"] | None = None
 
     @property
     def allowed_metrics(self) -> tuple[str, ...]:
@@ -130,6 +134,8 @@ class TaskSpec(_Strict):
 
     @property
     def maximize(self) -> bool:
+        if self.goal is not None:
+            return self.goal == "maximize"
         return self.objective != "eval_loss"
 
     @model_validator(mode="before")
@@ -167,6 +173,20 @@ class TaskSpec(_Strict):
             raise ValueError(f"{given[0]}: a code task is validated on HumanEval's validation "
                              "half; remove it")
 
+    def _check_external(self) -> TaskSpec:
+        """An external task is only the metric the command reports and which way is better."""
+        if self.metric is None:
+            raise ValueError("task.metric: an external task needs the name of the metric its "
+                             "command reports (e.g. accuracy, eval_loss)")
+        if self.goal is None:
+            raise ValueError("task.goal: an external task needs maximize or minimize")
+        for name in ("dataset", "train_file", "validation_file", "test_file",
+                     "validation_split"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"task.{name}: the trainer's command loads its own data; "
+                                 "remove it")
+        return self
+
     def _check_fields(self) -> None:
         if self.messages_field is not None:
             if self.prompt_field is not None or self.response_field is not None:
@@ -193,6 +213,11 @@ class TaskSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskSpec:
+        if self.kind == "external":
+            return self._check_external()
+        if self.goal is not None:
+            raise ValueError(f"task.goal: a {self.kind} task knows which way its metrics go; "
+                             "remove it (it is for task.kind external)")
         if (self.dataset is None) == (self.train_file is None):
             raise ValueError("give exactly one of task.dataset or task.train_file")
         for name in ("validation_file", "test_file"):
@@ -462,18 +487,159 @@ class SearchSpec(_Strict):
         return lr_values(entry.lr if entry.lr is not None else self.lr)
 
 
+class ResultSpec(_Strict):
+    """Where an external command's metric comes from: a JSON file it writes (relative to its
+    working folder) or JSON lines on its stdout (the last line with `key` is the result, the
+    earlier ones its evaluation curve). `key` is dotted (`eval.accuracy`, `results.0.loss`)."""
+
+    file: str | None = Field(default=None, min_length=1)
+    stdout: bool = False
+    key: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ResultSpec:
+        if (self.file is None) == (not self.stdout):
+            raise ValueError("trainer.result: give file (a JSON file the command writes) or "
+                             "stdout: true (JSON lines it prints), one of them")
+        return self
+
+
+# The names an external command's templates may use ({lr}, ...): every trial's, an adapter
+# cell's, and the study's recipe axes beside them (trainers/command.py gives their values).
+TRIAL_TEMPLATE_NAMES = ("lr", "seed", "method", "trial", "out_dir", "study_dir", "python")
+ADAPTER_TEMPLATE_NAMES = ("rank", "lora_alpha", "init", "target_modules")
+
+
+class TrainerSpec(_Strict):
+    """An external training command run once per trial in its own working folder.
+
+    `command` is the argument list (no shell), or with `shell: true` one shell line (template
+    values quoted); `method_args` are arguments appended for one method (e.g. full:
+    [--full-finetune]); `env` is added to the worker's environment. Every argument and value is
+    a template: `{lr}`, `{rank}`, ... (TRIAL_TEMPLATE_NAMES, ADAPTER_TEMPLATE_NAMES, recipe
+    axes); `{{` and `}}` are literal braces. `study_dir` (the study file's folder unless given)
+    is what `{study_dir}` gives, so a command names its script next to the study file.
+    """
+
+    command: Annotated[list[str], Field(min_length=1)]
+    shell: bool = False
+    env: dict[str, str] = Field(default_factory=dict)
+    method_args: dict[str, list[str]] = Field(default_factory=dict)
+    # files written into the trial's folder before the command runs: name -> a template file
+    # (relative to study_dir), e.g. an axolotl config with {lr} in it
+    files: dict[str, str] = Field(default_factory=dict)
+    result: ResultSpec
+    study_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _shell_line(self) -> TrainerSpec:
+        if self.shell and len(self.command) != 1:
+            raise ValueError("trainer.command: with shell: true, give one shell line "
+                             "(a list of one string)")
+        for name in self.files:
+            if Path(name).name != name or name in (".", ".."):
+                raise ValueError(f"trainer.files.{name}: a file name in the trial's folder "
+                                 "(no folders)")
+        return self
+
+    def template_file(self, name: str) -> str:
+        """The text of the template file that trainer.files names as `name`."""
+        source = Path(self.study_dir or ".") / self.files[name]
+        try:
+            return source.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"trainer.files.{name}: cannot read {source} "
+                             f"({getattr(exc, 'strerror', None) or exc})") from None
+
+    def templates(self, label: str) -> list[tuple[str, str]]:
+        """(field, template) of everything rendered for a trial of method `label`."""
+        return ([(f"trainer.command[{i}]", text) for i, text in enumerate(self.command)]
+                + [(f"trainer.method_args.{label}[{i}]", text)
+                   for i, text in enumerate(self.method_args.get(label, []))]
+                + [(f"trainer.env.{name}", text) for name, text in self.env.items()])
+
+
+def template_fields(text: str) -> list[str]:
+    """The names a template uses; ValueError for a malformed one (a lone brace, {a.b}, {0})."""
+    names = []
+    for _, name, spec, _ in string.Formatter().parse(text):
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise ValueError(f"'{{{name}}}' is not a plain name")
+        names.append(name)
+        if spec and "{" in spec:
+            raise ValueError(f"'{{{name}:{spec}}}': a format spec holds no template")
+    return names
+
+
 class Study(_Strict):
-    """A whole study file."""
+    """A whole study file: model, task, train and search; or with `trainer` (an external
+    command that loads its own model and data), task (kind external: the metric's name and
+    goal) and search only."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: Annotated[int, Field(ge=0)] = 0
-    model: ModelSpec
+    model: ModelSpec | None = None
     task: TaskSpec
-    train: TrainSpec
+    train: TrainSpec | None = None
     search: SearchSpec
+    trainer: TrainerSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_trainer(self) -> Study:
+        external = self.trainer is not None
+        if external and self.task.kind != "external":
+            raise ValueError("task.kind: a study with a trainer command has task.kind external "
+                             "(the command loads its own data)")
+        if not external and self.task.kind == "external":
+            raise ValueError("task.kind external: needs a trainer command "
+                             "(trainer: {command: [...], result: {...}})")
+        if not external:
+            for name in ("model", "train"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"{name}: Field required (or give a trainer command)")
+            return self
+        for name in ("model", "train"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}: the trainer's command loads and trains its own "
+                                 "model; remove it")
+        if self.search.match_params:
+            raise ValueError("search.match_params: needs the model's layers, which an external "
+                             "command keeps to itself")
+        return self._check_templates()
+
+    def _check_templates(self) -> Study:
+        assert self.trainer is not None
+        labels = [entry.display_name for entry in self.search.methods]
+        for label in self.trainer.method_args:
+            if label not in labels:
+                raise ValueError(f"trainer.method_args.{label}: not a method of search.methods "
+                                 f"({', '.join(labels)})")
+        axes = tuple(self.search.recipe)
+        files = [(f"trainer.files.{name}", self.trainer.template_file(name))
+                 for name in self.trainer.files]
+        for entry in self.search.methods:
+            adapter = variant(entry.name).is_adapter
+            names = TRIAL_TEMPLATE_NAMES + (ADAPTER_TEMPLATE_NAMES if adapter else ()) + axes
+            for where, text in self.trainer.templates(entry.display_name) + files:
+                try:
+                    used = template_fields(text)
+                except ValueError as exc:
+                    raise ValueError(f"{where}: {exc} (write {{{{ and }}}} for braces)") from None
+                for name in used:
+                    if name not in names:
+                        which = (f"method '{entry.display_name}' has no {{{name}}}; put it in "
+                                 "trainer.method_args" if name in ADAPTER_TEMPLATE_NAMES
+                                 else f"{{{name}}} is not a template name")
+                        raise ValueError(f"{where}: {which}; allowed: "
+                                         + ", ".join(f"{{{n}}}" for n in names))
+        return self
 
     @model_validator(mode="after")
     def _evaluations_to_select(self) -> Study:
+        if self.trainer is not None:  # the command's evaluations are its own
+            return self
         if self.task.select == "best" and not self.train.eval_every:
             raise ValueError("task.select 'best': needs train.eval_every > 0 (the evaluations "
                              "to choose the best from)")
@@ -484,7 +650,7 @@ class Study(_Strict):
         """A 4-bit base can neither train (full fine-tuning) nor take s B0 A0 out of its weights
         exactly (the residual inits): PEFT too refuses PiSSA over a 4-bit weight, and asks for
         the residual model to be made in full precision and quantized afterwards."""
-        if self.model.quantize is None:
+        if self.model is None or self.model.quantize is None:
             return self
         for entry in self.search.methods:
             if not variant(entry.name).is_adapter:
@@ -510,7 +676,8 @@ class Study(_Strict):
         if plain and "lora_dropout" in self.search.recipe:
             raise ValueError(f"search.recipe.lora_dropout: method '{plain[0]}' has no adapter "
                              "input to drop; sweep lora_dropout in a study of adapter methods")
-        if plain and len(plain) == len(self.search.methods) and self.train.lora_dropout:
+        if plain and len(plain) == len(self.search.methods) and self.train is not None \
+                and self.train.lora_dropout:
             raise ValueError(f"train.lora_dropout {self.train.lora_dropout:g}: method "
                              f"'{plain[0]}' has no adapter; allowed: 0 (train.dropout sets the "
                              "model's own dropout)")
@@ -518,6 +685,8 @@ class Study(_Strict):
 
     @model_validator(mode="after")
     def _swept_batches_split(self) -> Study:
+        if self.train is None:
+            return self
         for size in self.search.recipe.get("batch_size", []):
             if size % self.train.grad_accum:
                 raise ValueError(f"train.grad_accum {self.train.grad_accum} does not divide "
@@ -645,6 +814,9 @@ def load_study(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Study
         raise StudyError(f"{path}: a study file is a YAML mapping with model, task, train, search")
     for assignment in overrides:
         apply_override(raw, assignment)
+    trainer = raw.get("trainer")
+    if isinstance(trainer, dict) and trainer.get("study_dir") is None:
+        raw["trainer"] = {**trainer, "study_dir": str(path.parent.resolve())}
     if expanded_size(raw, {}, set()) > MAX_YAML_VALUES:
         raise StudyError(f"{path}: its YAML aliases expand to more than {MAX_YAML_VALUES} values "
                          "(an alias bomb?); a study needs far fewer")

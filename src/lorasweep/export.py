@@ -60,6 +60,9 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     study, store = open_for_reading(folder)
     spec = find_trial(store, grid_id)
     cell = spec.cell
+    if study.trainer is not None:
+        raise StudyError(f"--trial {grid_id}: the study's trials ran its trainer command, which "
+                         f"keeps what it trained (see {folder}/trials/trial-{grid_id}/)")
     if not cell.is_adapter:
         raise StudyError(f"--trial {grid_id}: full fine-tuning has no adapter to export")
     method = variant(cell.method)

@@ -62,3 +62,9 @@ def redact_argv(argv: list[str]) -> list[str]:
             hide_next = True
         out.append(redact_text(arg))
     return out
+
+
+def redact_env(env: dict[str, str]) -> dict[str, str]:
+    """Environment variables safe to record: secret-named values and URL passwords masked."""
+    return {name: MASK if SECRET_NAME.search(name) else redact_text(value)
+            for name, value in env.items()}

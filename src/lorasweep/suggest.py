@@ -182,7 +182,11 @@ def settings(prediction: Prediction, study: Study | None) -> dict:
                          "name the modules for PEFT")
         doc["peft_config"] = peft
     optimizer: dict = {"name": "AdamW", "lr": doc["lr"]}
-    if study is not None:
+    if study is not None and study.trainer is not None:
+        del optimizer["name"]  # the command's own
+        notes.append("the LRs were tuned with the study's trainer command: keep its optimizer "
+                     "and schedule")
+    elif study is not None:
         train = study.train
         optimizer |= {"betas": [train.adam_beta1, train.adam_beta2], "eps": train.adam_eps,
                       "weight_decay": train.weight_decay, "schedule": train.schedule,
@@ -193,7 +197,7 @@ def settings(prediction: Prediction, study: Study | None) -> dict:
             notes.append("LoRA+: build the optimizer with peft.optimizers."
                          "create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, "
                          "loraplus_lr_ratio=loraplus_lr_ratio)")
-    else:
+    if study is None:
         notes.append("the source folder keeps no study.yaml: use the recipe its LRs were "
                      "tuned with")
     doc["optimizer"] = optimizer

@@ -36,6 +36,14 @@ CURVATURE_MD = "curvature.md"
 def open_target(target: str, out: Path | None, overrides: list[str]) -> tuple[Study, Path]:
     """The study and the folder to write into: a study folder itself, or --out (default
     lorasweep-studies/NAME, where `lorasweep run` puts the study) for a study file."""
+    study, folder = _open_target(target, out, overrides)
+    if study.trainer is not None:
+        raise StudyError(f"{target}: curvature is measured on lorasweep's own model and data; "
+                         "this study's trainer command keeps both to itself")
+    return study, folder
+
+
+def _open_target(target: str, out: Path | None, overrides: list[str]) -> tuple[Study, Path]:
     path = Path(target)
     if path.is_dir() and (path / STUDY_FILE).exists():
         if overrides:

@@ -35,7 +35,7 @@ RUNS_FILE = "runs.jsonl"
 PACKAGES = ("lorasweep", "torch", "transformers", "peft", "optuna", "datasets", "accelerate",
             "numpy", "pydantic")
 # Sections whose change would make the recorded trials mean something else.
-FIXED_SECTIONS = ("name", "seed", "model", "task", "train")
+FIXED_SECTIONS = ("name", "seed", "model", "task", "train", "trainer")
 
 
 def prepare_folder(folder: Path, study: Study, storage_url: str | None = None) -> None:
@@ -164,6 +164,9 @@ def _check_same_study(path: Path, study: Study) -> None:
     # folder's trials) is no change
     old = validate_stored_study(yaml.safe_load(path.read_text()), str(path)).model_dump(mode="json")
     new = study.model_dump(mode="json")
+    for dump in (old, new):  # a trainer command's study file may move (another checkout)
+        if dump.get("trainer"):
+            dump["trainer"].pop("study_dir")
     for section in FIXED_SECTIONS:
         before, after = old.get(section), new.get(section)
         if before != after:

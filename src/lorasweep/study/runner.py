@@ -14,16 +14,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from lorasweep.config import Study, dump_study
 from lorasweep.errors import StudyError
 from lorasweep.files import is_disk_full
-from lorasweep.recipe import Training, resolve_training
 from lorasweep.records import TrialResult, write_trials_csv
 from lorasweep.report import write_study_outputs
-from lorasweep.space import TrialSpec, recipes_of
+from lorasweep.space import TrialSpec
 from lorasweep.study.folder import (
     as_in_folder,
     load_folder_study,
@@ -32,22 +30,14 @@ from lorasweep.study.folder import (
     save_weights,
 )
 from lorasweep.study.local_workers import run_local_workers
-from lorasweep.study.memory import (
-    GroupSizes,
-    format_bytes,
-    free_memory,
-    how_measured,
-    one_step,
-    probe_peaks,
-    train_fitting,
-    without_evaluation,
-)
 from lorasweep.study.options import WorkOptions
 from lorasweep.study.plan import plan_trials, planner
 from lorasweep.study.store import Store
-from lorasweep.tasks import Task
-from lorasweep.train import BestOf, train_group
-from lorasweep.workbench import Workbench, load_workbench
+from lorasweep.train import train_group
+from lorasweep.trainers import Trainer
+from lorasweep.trainers.command import CommandTrainer
+from lorasweep.trainers.fused import FusedTrainer
+from lorasweep.workbench import load_workbench
 
 POLL_SECONDS = 5.0  # how often an idle worker looks for trials that others left behind
 
@@ -62,27 +52,12 @@ def default_max_group(device: str) -> int | None:
     return 1 if device == "cpu" else None
 
 
-def check_memory(study: Study, bench: Workbench, options: WorkOptions) -> None:
-    """Refuse a step that cannot fit: a lower bound on one training step's activations (each of
-    K trials keeps every layer's hidden states for the backward pass, and a causal LM its
-    logits) against the memory free now. Only a lower bound, so it never refuses what fits: a
-    micro-batch (train.grad_accum) is what a step holds, and a group sized automatically
-    (--max-group auto) holds one trial at least."""
-    config = bench.base.config
-    trainings = [resolve_training(study.train, text) for text in recipes_of(study)]
-    batch = min(max(r.train.batch_size // r.train.grad_accum for r in trainings),
-                len(bench.task.train))
-    group = 1 if options.group_sizes().automatic else options.max_group
-    seq_len = max(r.train.seq_len for r in trainings)
-    per_token = getattr(config, "hidden_size", 0) * getattr(config, "num_hidden_layers", 0) + (
-        getattr(config, "vocab_size", 0) if study.task.kind != "classification" else 0)
-    need = (group * batch * seq_len * per_token
-            * (2 if study.train.precision == "bf16" else 4))
-    free = free_memory(torch.device(options.device))
-    if need > free:
-        raise StudyError(f"micro-batch x train.seq_len x --max-group ({batch} x {seq_len} x "
-                         f"{group}): one step needs at least {format_bytes(need)}; "
-                         f"{format_bytes(free)} is free on {options.device}: lower one of them")
+def trainer_for(study: Study, folder: Path, options: WorkOptions) -> Trainer:
+    """The study's trainer, made once per process: its external command (`trainer:` in the
+    study file), else lorasweep's own engine over the base model and data loaded here."""
+    if study.trainer is not None:
+        return CommandTrainer(study, folder)
+    return FusedTrainer(study, load_workbench(study, options.device), options, train_group)
 
 
 @dataclass
@@ -102,16 +77,16 @@ def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
     worker) or starts `workers` worker processes that share the store and waits for them.
     """
     study = as_in_folder(study, folder)
-    bench = load_workbench(study, options.device)
-    check_memory(study, bench, options)
+    trainer = trainer_for(study, folder, options)
+    trainer.check()
     store = open_for_running(study, folder, storage_url, options.patience)
-    store.keep_targets(bench.targets)
+    trainer.keep_in(store)
     store.configure(dump_study(study), lease_seconds, max_attempts)
-    store.sync(_planner(study, store, bench.widths)(), retry_failed=retry_failed)
+    store.sync(_planner(study, store, trainer.widths)(), retry_failed=retry_failed)
     if workers == 1:
-        trained, failed = work(store, bench, study, folder, options)
+        trained, failed = work(store, trainer, study, folder)
     else:
-        del bench  # checked; each worker process loads its own copy
+        del trainer  # checked; each worker process makes its own
         trained, failed = run_local_workers(store, folder, workers, options, threads,
                                             storage_url)
     write_study_outputs(folder, store, study)
@@ -133,32 +108,30 @@ def run_worker(options: WorkOptions, folder: Path | None = None,
         study = load_folder_study(folder)
     else:
         raise StudyError("lorasweep worker: give a study folder, or --storage URL and --study NAME")
-    bench = load_workbench(study, options.device)
-    check_memory(study, bench, options)
+    trainer = trainer_for(study, folder, options)
+    trainer.check()
     store = open_for_running(study, folder, storage_url, options.patience)
-    store.keep_targets(bench.targets)
-    trained, failed = work(store, bench, study, folder, options)
+    trainer.keep_in(store)
+    trained, failed = work(store, trainer, study, folder)
     return RunSummary(folder=folder, trained=trained, failed=failed)
 
 
-def work(store: Store, bench: Workbench, study: Study, folder: Path,
-         options: WorkOptions) -> tuple[int, int]:
+def work(store: Store, trainer: Trainer, study: Study, folder: Path) -> tuple[int, int]:
     """Claim and train groups until no trial waits and none runs elsewhere.
 
     A worker with nothing to claim stays while others run: if one of them dies, its trials come
     back to the queue once their lease runs out, and someone must be there to take them.
     Returns (trials trained, trials failed).
     """
-    plan = _planner(study, store, bench.widths)
-    sizes = options.group_sizes()
+    plan = _planner(study, store, trainer.widths)
     trained = failed = 0
     todo = len([s for s, _, _ in store.latest_by_key().values() if s == "waiting"])
     overall = tqdm(total=todo, desc=f"study {study.name}", unit="trial", disable=None)
     try:
         while True:
-            claimed = store.claim_group(sizes.claim)
+            claimed = store.claim_group(trainer.claim_size())
             if not claimed and store.sync(plan()):  # new plan entries, dead runs requeued
-                claimed = store.claim_group(sizes.claim)
+                claimed = store.claim_group(trainer.claim_size())
             if not claimed:
                 if not store.others_running():
                     break
@@ -166,7 +139,7 @@ def work(store: Store, bench: Workbench, study: Study, folder: Path,
                 continue
             ids = [trial_id for trial_id, _ in claimed]
             specs = [spec for _, spec in claimed]
-            failed += _train_claimed(store, bench, study, folder, ids, specs, sizes)
+            failed += _train_claimed(store, trainer, study, folder, ids, specs)
             trained += len(specs)
             overall.update(len(specs))
             write_trials_csv(folder, store, study.task.objective)
@@ -185,58 +158,32 @@ def _planner(study: Study, store: Store, widths: dict[str, int] | None
     return planner(study, store, study.task.objective, study.task.maximize, widths)
 
 
-def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, ids: list[int],
-                   specs: list[TrialSpec], sizes: GroupSizes) -> int:
-    """Train the claimed trials of one group, as many at a time as fit, recording each group as
-    it finishes; returns how many trials failed."""
-    recorded = 0
+def _train_claimed(store: Store, trainer: Trainer, study: Study, folder: Path, ids: list[int],
+                   specs: list[TrialSpec]) -> int:
+    """Train the claimed trials of one group, recording each trial as it finishes; returns how
+    many trials failed."""
+    left = dict(zip((s.key for s in specs), ids, strict=True))  # claimed, not yet recorded
+
+    def record(spec: TrialSpec, result: TrialResult) -> None:
+        _record(store, folder, study, left.pop(spec.key), spec, result)
+
     try:
-        training = resolve_training(study.train, specs[0].cell.recipe)
-        task = bench.task_for(training)
-        cell = specs[0].cell
-        trials = dict(zip((s.key for s in specs), ids, strict=True))
         with _heartbeat(store, ids):
-            k = 1 if len(specs) == 1 else sizes.size(cell.key, cell.fusable, lambda: probe_peaks(
-                _trainer(bench, task, training, sizes.device, probe=True), specs[0], cell.fusable,
-                sizes.device))
-            trainer = _trainer(bench, task, training, sizes.device, best_of=_best_of(study))
-            for group, results in train_fitting(trainer, specs, k,
-                                                lambda n: sizes.shrink(cell.key, n)):
-                for spec, result in zip(group, results, strict=True):
-                    _record(store, folder, study, trials[spec.key], spec, result)
-                recorded += len(group)
+            trainer.train(specs, record)
     except KeyboardInterrupt:
-        for trial_id in ids[recorded:]:
+        for trial_id in left.values():
             store.record_failure(trial_id, "interrupted by the user", status="interrupted")
         raise
     except Exception as exc:  # a crash fails these trials; the study goes on
         if is_disk_full(exc):  # ...but a full disk stops it (cli.py says so in one line)
             raise
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        tqdm.write(f"trials {[s.grid_id for s in specs[recorded:]]} failed: {message}")
+        tqdm.write(f"trials {[s.grid_id for s in specs if s.key in left]} failed: {message}")
         tqdm.write(traceback.format_exc(limit=-3))
-        for trial_id in ids[recorded:]:
+        for trial_id in left.values():
             store.record_failure(trial_id, message)
-        return len(ids) - recorded
+        return len(left)
     return 0
-
-
-def _best_of(study: Study) -> BestOf | None:
-    """task.select 'best' as train_group takes it (None: the final evaluation counts)."""
-    if study.task.select != "best":
-        return None
-    return BestOf(study.task.objective, study.task.maximize)
-
-
-def _trainer(bench: Workbench, task: Task, training: Training, device: torch.device,
-             best_of: BestOf | None = None, probe: bool = False
-             ) -> Callable[[list[TrialSpec]], list[TrialResult]]:
-    """Train a group of trials; a probe trains one step and evaluates nothing."""
-    if probe:
-        task, train, best_of = without_evaluation(task), one_step(training.train), None
-    else:
-        train = training.train
-    return lambda group: train_group(bench.base, task, train, group, device, best_of=best_of)
 
 
 def _record(store: Store, folder: Path, study: Study, trial_id: int, spec: TrialSpec,
@@ -275,35 +222,12 @@ def _heartbeat(store: Store, ids: list[int]):
 
 def dry_run(study: Study, folder: Path, options: WorkOptions) -> str:
     """`lorasweep run --dry-run`: the trials a fresh run would plan, in the groups a worker would
-    train them, with each group's predicted peak memory. Loads the model and measures; writes
-    nothing anywhere."""
-    bench = load_workbench(study, options.device)
-    sizes = options.group_sizes()
-    trials = plan_trials(study, {}, study.task.maximize, bench.widths)
-    groups: dict[str, list[TrialSpec]] = {}
-    for trial in trials:
-        groups.setdefault(trial.group_key, []).append(trial)
-    lines = []
-    for specs in groups.values():
-        cell = specs[0].cell
-        training = resolve_training(study.train, cell.recipe)
-        probe = _trainer(bench, bench.task_for(training), training, sizes.device, probe=True)
-        peaks = sizes.peaks.get(cell.key) or probe_peaks(probe, specs[0], cell.fusable,
-                                                         sizes.device)
-        sizes.peaks[cell.key] = peaks
-        k = sizes.size(cell.key, cell.fusable, lambda peaks=peaks: peaks)
-        for start in range(0, len(specs), k):
-            group = specs[start:start + k]
-            lrs = ", ".join(f"{t.lr:.3g}" for t in group)
-            over = (" (over the budget even alone: it may run out of memory)"
-                    if sizes.automatic and peaks.at(len(group)) > sizes.budget() else "")
-            lines.append(f"  {_describe_cell(cell)} seed {specs[0].seed}: K={len(group)}, "
-                         f"lr {lrs}: predicted peak {format_bytes(peaks.at(len(group)))}{over}")
-    size = ("as many as fit" if sizes.automatic and options.max_group is None
-            else f"at most {options.max_group}")
-    budget = (f"; budget {format_bytes(sizes.budget())} "
-              f"({'--memory-limit' if options.memory_limit else 'free memory x 0.9'})"
-              if sizes.automatic else "")
+    train them, as the trainer describes them (the fused engine: each group's predicted peak
+    memory, measured). Writes nothing anywhere."""
+    trainer = trainer_for(study, folder, options)
+    trials = plan_trials(study, {}, study.task.maximize, trainer.widths)
+    described = trainer.describe(trials)
+    lines = described.groups
     planned = ("the whole grid" if study.search.strategy == "grid"
                else "the first wave of the transfer search; brackets follow its results")
     existing = (f"; {folder} exists: the trials it has recorded are not left out here"
@@ -311,16 +235,7 @@ def dry_run(study: Study, folder: Path, options: WorkOptions) -> str:
     return "\n".join([
         f"dry run of study {study.name}: {len(trials)} trials ({planned}) in "
         f"{len(lines)} group{'s' if len(lines) != 1 else ''} "
-        f"on {options.device}, {size} per group{budget}{existing}",
-        f"peak memory: {how_measured(sizes.device)}, predicted for K as "
-        "peak(1) + (K-1) x (peak(2) - peak(1))",
+        f"{described.how}{existing}",
+        *described.notes,
         *lines,
         f"nothing was written (dry run); run without --dry-run to train into {folder}"])
-
-
-def _describe_cell(cell) -> str:
-    if not cell.is_adapter:
-        return cell.label
-    recipe = f" {cell.recipe}" if cell.recipe else ""
-    return (f"{cell.label} r={cell.rank} lora_alpha={cell.alpha:g} {cell.init} "
-            f"{cell.target_modules}{recipe}")
