@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm.auto import tqdm  # its write() keeps a message clear of the live progress line
 
 from lorasweep.config import Study, dump_study
 from lorasweep.errors import StudyError
@@ -43,6 +43,7 @@ from lorasweep.study.memory import (
 )
 from lorasweep.study.options import WorkOptions
 from lorasweep.study.plan import plan_trials, planner
+from lorasweep.study.progress import RunProgress
 from lorasweep.study.store import Store
 from lorasweep.tasks import Task
 from lorasweep.train import BestOf, train_group
@@ -151,12 +152,14 @@ def work(store: Store, bench: Workbench, study: Study, folder: Path,
     sizes = options.group_sizes()
     trained = failed = 0
     todo = len([s for s, _, _ in store.latest_by_key().values() if s == "waiting"])
-    overall = tqdm(total=todo, desc=f"study {study.name}", unit="trial", disable=None)
+    progress = RunProgress(f"study {study.name}", todo)
     try:
         while True:
             claimed = store.claim_group(sizes.claim)
-            if not claimed and store.sync(plan()):  # new plan entries, dead runs requeued
-                claimed = store.claim_group(sizes.claim)
+            if not claimed:
+                added = store.sync(plan())  # new plan entries, dead runs requeued
+                progress.planned(added)
+                claimed = store.claim_group(sizes.claim) if added else []
             if not claimed:
                 if not store.others_running():
                     break
@@ -164,12 +167,11 @@ def work(store: Store, bench: Workbench, study: Study, folder: Path,
                 continue
             ids = [trial_id for trial_id, _ in claimed]
             specs = [spec for _, spec in claimed]
-            failed += _train_claimed(store, bench, study, folder, ids, specs, sizes)
+            failed += _train_claimed(store, bench, study, folder, ids, specs, sizes, progress)
             trained += len(specs)
-            overall.update(len(specs))
             write_trials_csv(folder, store, study.task.objective)
     finally:
-        overall.close()
+        progress.close()
     return trained, failed
 
 
@@ -184,7 +186,7 @@ def _planner(study: Study, store: Store, widths: dict[str, int] | None
 
 
 def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, ids: list[int],
-                   specs: list[TrialSpec], sizes: GroupSizes) -> int:
+                   specs: list[TrialSpec], sizes: GroupSizes, progress: RunProgress) -> int:
     """Train the claimed trials of one group, as many at a time as fit, recording each group as
     it finishes; returns how many trials failed."""
     recorded = 0
@@ -197,12 +199,14 @@ def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, i
             k = 1 if len(specs) == 1 else sizes.size(cell.key, cell.fusable, lambda: probe_peaks(
                 _trainer(bench, task, training, sizes.device, probe=True), specs[0], cell.fusable,
                 sizes.device))
-            trainer = _trainer(bench, task, training, sizes.device, best_of=_best_of(study))
+            trainer = _trainer(bench, task, training, sizes.device, best_of=_best_of(study),
+                               progress=progress)
             for group, results in train_fitting(trainer, specs, k,
                                                 lambda n: sizes.shrink(cell.key, n)):
                 for spec, result in zip(group, results, strict=True):
                     _record(store, folder, study, trials[spec.key], spec, result)
                 recorded += len(group)
+                progress.finished(group)
     except KeyboardInterrupt:
         for trial_id in ids[recorded:]:
             store.record_failure(trial_id, "interrupted by the user", status="interrupted")
@@ -215,6 +219,7 @@ def _train_claimed(store: Store, bench: Workbench, study: Study, folder: Path, i
         tqdm.write(traceback.format_exc(limit=-3))
         for trial_id in ids[recorded:]:
             store.record_failure(trial_id, message)
+        progress.finished(specs[recorded:])
         return len(ids) - recorded
     return 0
 
@@ -227,14 +232,17 @@ def _best_of(study: Study) -> BestOf | None:
 
 
 def _trainer(bench: Workbench, task: Task, training: Training, device: torch.device,
-             best_of: BestOf | None = None, probe: bool = False
+             best_of: BestOf | None = None, probe: bool = False,
+             progress: RunProgress | None = None
              ) -> Callable[[list[TrialSpec]], list[TrialResult]]:
-    """Train a group of trials; a probe trains one step and evaluates nothing."""
+    """Train a group of trials (shown by `progress`); a probe trains one step and evaluates
+    nothing."""
     if probe:
         task, train, best_of = without_evaluation(task), one_step(training.train), None
     else:
         train = training.train
-    return lambda group: train_group(bench.base, task, train, group, device, best_of=best_of)
+    return lambda group: train_group(bench.base, task, train, group, device, best_of=best_of,
+                                     progress=progress.start(group) if progress else None)
 
 
 def _record(store: Store, folder: Path, study: Study, trial_id: int, spec: TrialSpec,
