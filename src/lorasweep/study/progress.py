@@ -22,8 +22,8 @@ from lorasweep.space import TrialSpec
 
 
 def describe_group(trials: list[TrialSpec]) -> str:
-    """'lora r=8 lr 0.001,0.003' / 'full lr 0.0001': what a person needs to tell groups apart
-    (the seed too when the study has several)."""
+    """'lora r=8 lr 0.001,0.003' / 'full seed 1 lr 0.0001': what a person needs to tell groups
+    apart (a seed other than 0 is named)."""
     cell = trials[0].cell
     rank = f" r={cell.rank}" if cell.is_adapter else ""
     recipe = f" {cell.recipe}" if cell.recipe else ""
