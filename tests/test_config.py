@@ -172,11 +172,12 @@ def test_lr_range_points_per_decade():
 
 
 def test_builtin_quickstart_is_valid():
+    """LoRA and full fine-tuning, each on its own grid with room for an optimum inside it."""
     study = load_study(resolve_study_path("quickstart"))
     lrs = {t.cell.method: [] for t in expand_trials(study)}
     for t in expand_trials(study):
         lrs[t.cell.method].append(t.lr)
-    assert set(lrs) == {"lora", "full"} and all(len(v) >= 6 for v in lrs.values())
+    assert set(lrs) == {"lora", "full"} and all(len(v) >= 4 for v in lrs.values())
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)

@@ -432,3 +432,22 @@ def test_chat_study_runs_end_to_end(chat_tokenizer, tmp_path):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 1 and rows[0]["status"] == "complete"
     assert float(rows[0]["eval_loss"]) > 0 and rows[0]["test_metric"] != ""
+
+
+@pytest.mark.parametrize("name", ["builtin:shakespeare-genre", "builtin:shakespeare-plays"])
+def test_builtin_classification_data_is_balanced_and_disjoint(name):
+    """The built-in three-class datasets as their READMEs count them: every label equally often
+    in each split, and no passage in both."""
+    from collections import Counter
+
+    from lorasweep.config import TaskSpec
+    from lorasweep.tasks.data import load_splits
+
+    splits = load_splits(TaskSpec(kind="classification", dataset=name, validation_size=None,
+                                  validation_split="test", test_split=None,
+                                  max_eval_examples=None), seed=0)
+    train, test = Counter(r["label"] for r in splits.train), Counter(
+        r["label"] for r in splits.validation)
+    assert len(train) == len(test) == 3
+    assert len(set(train.values())) == len(set(test.values())) == 1, (train, test)
+    assert not {r["text"] for r in splits.train} & {r["text"] for r in splits.validation}

@@ -199,13 +199,14 @@ def test_response_mask_covers_only_the_answer():
 
 
 def test_builtin_task_learns_above_chance_with_minilm(tmp_path: Path):
-    """The shipped task and model: a short LoRA run on MiniLM is clearly above chance (1/3)."""
+    """The quickstart's task and model: its LoRA cell near its optimum is far above chance (1/3)
+    (validation accuracy 0.73 measured at this LR)."""
     out = tmp_path / "qs"
-    assert main(["run", "quickstart", "--out", str(out), "--set", "train.steps=40",
+    assert main(["run", "quickstart", "--out", str(out),
                  "--set", "search.methods=[{name: lora, lr: [3.0e-3]}]"]) == 0
     (row,) = read_rows(out)
     assert row["status"] == "complete"
-    assert float(row["metric"]) > 0.42, row
+    assert float(row["metric"]) > 0.6, row
 
 
 def test_fused_groups_record_what_single_trials_record(tmp_path: Path, study_file):

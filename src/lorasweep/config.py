@@ -78,7 +78,8 @@ class ModelSpec(_Strict):
 class TaskSpec(_Strict):
     """The data and what is measured on it.
 
-    `dataset` is `builtin:shakespeare-genre`, a hub dataset id, or a local file/folder; or give
+    `dataset` is a built-in one (`builtin:shakespeare-genre`, `builtin:shakespeare-plays`,
+    `builtin:gsm8k`), a hub dataset id, or a local file/folder; or give
     `train_file` (and optionally `validation_file`, `test_file`) as JSON, JSONL, CSV, text or
     parquet files. The validation split is carved from the training data unless the data has
     one (`validation_split`, `validation_file`), which is then used as given.

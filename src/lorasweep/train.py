@@ -23,7 +23,6 @@ from functools import partial
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lorasweep.config import TrainSpec
@@ -136,13 +135,14 @@ class TrialCourse:
 
 
 def train_group(base: nn.Module, task: Task, train: TrainSpec, trials: list[TrialSpec],
-                device: torch.device, progress: Callable[[int], None] | None = None,
+                device: torch.device, progress: Callable[[int, int], None] | None = None,
                 best_of: BestOf | None = None) -> list[TrialResult]:
     """Train `trials` (one cell, one seed, several LRs) together; one result per trial.
 
     A trial's validation metrics are those of its final evaluation, or with `best_of` those of
     its best evaluation; its test metrics and weights are then of the same step (its weights
-    are kept at each new best and put back before the test evaluation).
+    are kept at each new best and put back before the test evaluation). `progress(step, steps)`
+    is called after each step.
     """
     k = len(trials)
     cell, seed = trials[0].cell, trials[0].seed
@@ -163,7 +163,6 @@ def train_group(base: nn.Module, task: Task, train: TrainSpec, trials: list[Tria
     courses = [TrialCourse(DivergenceWatch(train.divergence_factor), params)
                for params in attached.trial_params]
     step = 0
-    bar = tqdm(total=steps, desc=_describe(trials), leave=False, disable=None)
     for step, index in enumerate(batch_order(len(task.train), train.batch_size, steps, seed), 1):
         active = torch.tensor([c.stopped is None for c in courses], device=device)
         set_training(model, train)
@@ -178,15 +177,13 @@ def train_group(base: nn.Module, task: Task, train: TrainSpec, trials: list[Tria
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
         if progress is not None:
-            progress(step)
+            progress(step, steps)
         if all(c.stopped is not None for c in courses):
             break
         if train.eval_every and step % train.eval_every == 0 and step < steps:
             for course, metrics in zip(courses, evaluate(task.validation), strict=True):
                 course.evaluated(step, metrics, best_of)
-    bar.close()
 
     final = evaluate(task.validation)
     selected = [c.select(step, metrics, best_of) for c, metrics in zip(courses, final,
@@ -265,8 +262,3 @@ def clip_or_drop(params: list[nn.Parameter], max_norm: float | None, stopped: bo
 def _tail_mean(values: list[float]) -> float:
     tail = values[-DIVERGENCE_WINDOW:]
     return sum(tail) / len(tail)
-
-
-def _describe(trials: list[TrialSpec]) -> str:
-    lrs = ",".join(f"{t.lr:.2g}" for t in trials)
-    return f"{trials[0].cell.method} seed={trials[0].seed} lr={lrs}"

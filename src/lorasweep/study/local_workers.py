@@ -15,11 +15,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from lorasweep.errors import EXIT_BAD_INPUT, StudyError
 from lorasweep.study.defaults import STORAGE_ENV
 from lorasweep.study.options import WorkOptions
+from lorasweep.study.progress import RunProgress
 from lorasweep.study.store import Store
 
 PROGRESS_SECONDS = 2.0
@@ -49,7 +48,7 @@ def run_local_workers(store: Store, folder: Path, count: int, options: WorkOptio
                       threads: int | None, storage_url: str | None) -> tuple[int, int]:
     """Start `count` workers on the study in `folder`, wait for them; (trained, failed)."""
     before = _finished(store)
-    base_env = {**os.environ, "TQDM_DISABLE": "1"}  # one progress bar, this one
+    base_env = {**os.environ, "TQDM_DISABLE": "1"}  # one progress display, this one's
     if storage_url is not None:
         base_env[STORAGE_ENV] = storage_url  # the password stays off the command line
     command = [sys.executable, "-m", "lorasweep.cli", "worker", str(folder),
@@ -62,19 +61,17 @@ def run_local_workers(store: Store, folder: Path, count: int, options: WorkOptio
     for gpu in gpu_assignment(options.device, count):
         env = base_env if gpu is None else {**base_env, "CUDA_VISIBLE_DEVICES": gpu}
         processes.append(subprocess.Popen(command, env=env))
-    bar = tqdm(total=len(store.latest_by_key()), initial=sum(before.values()),
-               desc=f"{count} workers", unit="trial", disable=None)
+    progress = RunProgress(f"{count} workers", len(store.latest_by_key()), sum(before.values()))
     try:
         while any(p.poll() is None for p in processes):
             time.sleep(PROGRESS_SECONDS)
-            bar.n = sum(_finished(store).values())
-            bar.refresh()
+            progress.set_done(sum(_finished(store).values()), len(store.latest_by_key()))
     except KeyboardInterrupt:
         for process in processes:  # they record their trials as interrupted, then stop
             process.wait()
         raise
     finally:
-        bar.close()
+        progress.close()
     codes = [p.returncode for p in processes]
     unfinished = _unfinished(store)
     for number, code in enumerate(codes, start=1):

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm.auto import tqdm  # its write() keeps a message clear of the live progress line
 
 from lorasweep.config import Study, dump_study
 from lorasweep.errors import StudyError
@@ -32,6 +32,7 @@ from lorasweep.study.folder import (
 from lorasweep.study.local_workers import run_local_workers
 from lorasweep.study.options import WorkOptions
 from lorasweep.study.plan import plan_trials, planner
+from lorasweep.study.progress import RunProgress
 from lorasweep.study.store import Store
 from lorasweep.train import train_group
 from lorasweep.trainers import Trainer
@@ -126,12 +127,14 @@ def work(store: Store, trainer: Trainer, study: Study, folder: Path) -> tuple[in
     plan = _planner(study, store, trainer.widths)
     trained = failed = 0
     todo = len([s for s, _, _ in store.latest_by_key().values() if s == "waiting"])
-    overall = tqdm(total=todo, desc=f"study {study.name}", unit="trial", disable=None)
+    progress = RunProgress(f"study {study.name}", todo)
     try:
         while True:
             claimed = store.claim_group(trainer.claim_size())
-            if not claimed and store.sync(plan()):  # new plan entries, dead runs requeued
-                claimed = store.claim_group(trainer.claim_size())
+            if not claimed:
+                added = store.sync(plan())  # new plan entries, dead runs requeued
+                progress.planned(added)
+                claimed = store.claim_group(trainer.claim_size()) if added else []
             if not claimed:
                 if not store.others_running():
                     break
@@ -139,12 +142,11 @@ def work(store: Store, trainer: Trainer, study: Study, folder: Path) -> tuple[in
                 continue
             ids = [trial_id for trial_id, _ in claimed]
             specs = [spec for _, spec in claimed]
-            failed += _train_claimed(store, trainer, study, folder, ids, specs)
+            failed += _train_claimed(store, trainer, study, folder, ids, specs, progress)
             trained += len(specs)
-            overall.update(len(specs))
             write_trials_csv(folder, store, study.task.objective)
     finally:
-        overall.close()
+        progress.close()
     return trained, failed
 
 
@@ -159,17 +161,18 @@ def _planner(study: Study, store: Store, widths: dict[str, int] | None
 
 
 def _train_claimed(store: Store, trainer: Trainer, study: Study, folder: Path, ids: list[int],
-                   specs: list[TrialSpec]) -> int:
-    """Train the claimed trials of one group, recording each trial as it finishes; returns how
-    many trials failed."""
+                   specs: list[TrialSpec], progress: RunProgress) -> int:
+    """Train the claimed trials of one group, recording each trial as it finishes (and showing
+    it in `progress`); returns how many trials failed."""
     left = dict(zip((s.key for s in specs), ids, strict=True))  # claimed, not yet recorded
 
     def record(spec: TrialSpec, result: TrialResult) -> None:
         _record(store, folder, study, left.pop(spec.key), spec, result)
+        progress.finished([spec])
 
     try:
         with _heartbeat(store, ids):
-            trainer.train(specs, record)
+            trainer.train(specs, record, progress.start)
     except KeyboardInterrupt:
         for trial_id in left.values():
             store.record_failure(trial_id, "interrupted by the user", status="interrupted")
@@ -182,6 +185,7 @@ def _train_claimed(store: Store, trainer: Trainer, study: Study, folder: Path, i
         tqdm.write(traceback.format_exc(limit=-3))
         for trial_id in left.values():
             store.record_failure(trial_id, message)
+        progress.finished([s for s in specs if s.key in left])
         return len(left)
     return 0
 

@@ -24,7 +24,8 @@ from lorasweep.errors import StudyError
 from lorasweep.tasks import packaged_data
 
 BUILTIN_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-BUILTIN_DATASETS = {"builtin:shakespeare-genre": "shakespeare_genre"}
+BUILTIN_DATASETS = {"builtin:shakespeare-genre": "shakespeare_genre",
+                    "builtin:shakespeare-plays": "shakespeare_plays"}
 # Built-in datasets read from pip packages: (train, test) records.
 PACKAGED_DATASETS = {"builtin:gsm8k": packaged_data.gsm8k}
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text",

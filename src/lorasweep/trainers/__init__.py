@@ -20,6 +20,9 @@ from lorasweep.study.store import Store
 # Called by a trainer for each trial as soon as it finishes, so a crash later in the group loses
 # only the trials not yet recorded.
 Record = Callable[[TrialSpec, TrialResult], None]
+# Called by a trainer with the trials it starts training together; returns the hook it calls
+# with (step, steps) as they train (study/progress.RunProgress.start: what a person watches).
+Show = Callable[[list[TrialSpec]], Callable[[int, int], None]]
 
 
 @dataclass
@@ -47,9 +50,10 @@ class Trainer(Protocol):
     def claim_size(self) -> int:
         """How many trials of one group a worker claims at once."""
 
-    def train(self, specs: list[TrialSpec], record: Record) -> None:
-        """Train one claimed group (one cell and seed), calling `record` for each trial as it
-        finishes; an exception fails the trials not yet recorded."""
+    def train(self, specs: list[TrialSpec], record: Record, show: Show) -> None:
+        """Train one claimed group (one cell and seed), calling `show` with the trials it starts
+        and `record` for each trial as it finishes; an exception fails the trials not yet
+        recorded."""
 
     def describe(self, trials: list[TrialSpec]) -> DryRun:
         """The dry run of `trials` (a fresh run's plan): how they would train; writes nothing."""

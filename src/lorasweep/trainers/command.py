@@ -39,7 +39,7 @@ from lorasweep.records import TrialResult
 from lorasweep.redact import redact_argv, redact_env, redact_text
 from lorasweep.space import TrialSpec
 from lorasweep.study.store import Store
-from lorasweep.trainers import DryRun, Record, describe_cell
+from lorasweep.trainers import DryRun, Record, Show, describe_cell
 
 TRIALS_DIR = "trials"
 COMMAND_FILE = "command.json"  # the rendered command of the trial's last attempt, secrets masked
@@ -91,8 +91,9 @@ class CommandTrainer:
     def claim_size(self) -> int:
         return 1  # each trial is its own process: idle workers take the next one
 
-    def train(self, specs: list[TrialSpec], record: Record) -> None:
+    def train(self, specs: list[TrialSpec], record: Record, show: Show) -> None:
         for spec in specs:
+            show([spec])  # a command's steps are its own: the trial alone is shown
             record(spec, self.run(spec))
 
     def run(self, spec: TrialSpec) -> TrialResult:

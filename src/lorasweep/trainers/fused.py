@@ -26,7 +26,7 @@ from lorasweep.study.options import WorkOptions
 from lorasweep.study.store import Store
 from lorasweep.tasks import Task
 from lorasweep.train import BestOf, train_group
-from lorasweep.trainers import DryRun, Record, describe_cell
+from lorasweep.trainers import DryRun, Record, Show, describe_cell
 from lorasweep.workbench import Workbench
 
 TrainGroup = Callable[..., list[TrialResult]]  # train.train_group's signature
@@ -55,26 +55,29 @@ class FusedTrainer:
     def claim_size(self) -> int:
         return self.sizes.claim
 
-    def train(self, specs: list[TrialSpec], record: Record) -> None:
+    def train(self, specs: list[TrialSpec], record: Record, show: Show) -> None:
         training = resolve_training(self.study.train, specs[0].cell.recipe)
         task = self.bench.task_for(training)
         cell, sizes = specs[0].cell, self.sizes
         k = 1 if len(specs) == 1 else sizes.size(cell.key, cell.fusable, lambda: probe_peaks(
             self._group_step(task, training, probe=True), specs[0], cell.fusable, sizes.device))
-        step = self._group_step(task, training, best_of=_best_of(self.study))
+        step = self._group_step(task, training, best_of=_best_of(self.study), show=show)
         for group, results in train_fitting(step, specs, k, lambda n: sizes.shrink(cell.key, n)):
             for spec, result in zip(group, results, strict=True):
                 record(spec, result)
 
     def _group_step(self, task: Task, training: Training, best_of: BestOf | None = None,
-                    probe: bool = False) -> Callable[[list[TrialSpec]], list[TrialResult]]:
-        """Train a group of trials; a probe trains one step and evaluates nothing."""
+                    probe: bool = False, show: Show | None = None
+                    ) -> Callable[[list[TrialSpec]], list[TrialResult]]:
+        """Train a group of trials (shown by `show`); a probe trains one step and evaluates
+        nothing."""
         if probe:
             task, train, best_of = without_evaluation(task), one_step(training.train), None
         else:
             train = training.train
-        return lambda group: self._train_group(self.bench.base, task, train, group,
-                                               self.sizes.device, best_of=best_of)
+        return lambda group: self._train_group(
+            self.bench.base, task, train, group, self.sizes.device, best_of=best_of,
+            progress=show(group) if show is not None else None)
 
     def describe(self, trials: list[TrialSpec]) -> DryRun:
         """Each group with its predicted peak memory (loads nothing more; measures)."""
