@@ -200,9 +200,10 @@ def test_response_mask_covers_only_the_answer():
 
 def test_builtin_task_learns_above_chance_with_minilm(tmp_path: Path):
     """The quickstart's task and model: its LoRA cell near its optimum is far above chance (1/3)
-    (validation accuracy 0.73 measured at this LR)."""
+    (validation accuracy 0.74 measured at this LR; the quickstart chooses optima by eval_loss,
+    so accuracy is asked for here to be the recorded metric)."""
     out = tmp_path / "qs"
-    assert main(["run", "quickstart", "--out", str(out),
+    assert main(["run", "quickstart", "--out", str(out), "--set", "task.metric=accuracy",
                  "--set", "search.methods=[{name: lora, lr: [3.0e-3]}]"]) == 0
     (row,) = read_rows(out)
     assert row["status"] == "complete"
