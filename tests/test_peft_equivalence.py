@@ -255,15 +255,11 @@ def check_against_peft(source: str, kind: str, method: str, k: int = 1,
         for loss in ref_losses:
             loss.backward()
         if step == 0:
-            for params, theirs in zip(trials, ref_params, strict=True):
-                for key, param in params.items():
-                    assert rel_err(param.grad, theirs[key].grad) < TOL, key
+            assert_same_params(trials, ref_params, TOL, grads=True)
         for opt in [our_opt, *ref_opts]:
             opt.step()
             opt.zero_grad()
-    for params, theirs in zip(trials, ref_params, strict=True):
-        for key, param in params.items():
-            assert rel_err(param, theirs[key]) < TOL, key
+    assert_same_params(trials, ref_params, TOL)
     if k == 2:  # the two LRs led the trials apart: each matched its own run, not a shared one
         some = next(key for key in trials[0] if key.endswith("lora_A"))
         assert rel_err(trials[0][some], trials[1][some]) > 1e-3
@@ -361,15 +357,20 @@ def check_dropout_against_peft(source: str, kind: str, method: str, k: int, atte
             theirs.backward()
             assert rel_err(mine, theirs) < tol, step
         if step == 0:
-            for params, theirs in zip(trials, ref_params, strict=True):
-                for key, param in params.items():
-                    assert rel_err(param.grad, theirs[key].grad) < tol, key
+            assert_same_params(trials, ref_params, tol, grads=True)
         for opt in [our_opt, *ref_opts]:
             opt.step()
             opt.zero_grad()
+    assert_same_params(trials, ref_params, tol)
+
+
+def assert_same_params(trials: list[dict], ref_params: list[dict], tol: float,
+                       grads: bool = False) -> None:
+    """Each trial's weights (or their gradients) are its PEFT run's, to `tol`."""
     for params, theirs in zip(trials, ref_params, strict=True):
         for key, param in params.items():
-            assert rel_err(param, theirs[key]) < tol, key
+            mine, ref = (param.grad, theirs[key].grad) if grads else (param, theirs[key])
+            assert rel_err(mine, ref) < tol, key
 
 
 @pytest.mark.parametrize("k", [1, 2], ids=["alone", "fused"])
