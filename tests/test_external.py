@@ -323,12 +323,19 @@ def test_a_shell_line_quotes_values_and_failures_say_why(tmp_path: Path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_command_and_records_the_trial_interrupted(tmp_path: Path):
     path = external_study(tmp_path, lrs=(1e-3,))
     out = tmp_path / "out"
+    # Ctrl-C as on a terminal: a test run started in the background (as `cmd &` in a script)
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
     worker = subprocess.Popen([sys.executable, "-m", "lorasweep.cli", "run", str(path), "--out",
                                str(out)], env={**ENV, "FAKE_SLEEP": "60"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              preexec_fn=_default_sigint)
     pid_file = out / "trials" / "trial-0" / "child.pid"
     _wait_for(lambda: pid_file.exists() and pid_file.read_text())
     child = int(pid_file.read_text())

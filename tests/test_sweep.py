@@ -101,6 +101,7 @@ def test_widening_the_grid_adds_trials_and_changing_the_recipe_is_refused(
     assert [r for r in rows if r["trial"] == "0"] == first
     assert sorted(r["trial"] for r in rows) == ["0", "1", "2"]
     assert {r["trial"] for r in rows if r["lr"] in ("0.0001", "0.01")} == {"1", "2"}
+    capsys.readouterr()  # the runs' own progress lines
     assert main(["run", str(study_file()), "--out", str(out), "--set", "train.steps=13"]) == 2
     err = capsys.readouterr().err
     assert "train.steps" in err and len(err.strip().splitlines()) == 1
