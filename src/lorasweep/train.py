@@ -160,6 +160,7 @@ def train_group(base: nn.Module, task: Task, train: TrainSpec, trials: list[Tria
         with autocast(train, device):
             return task.evaluate(model, split, k, train.eval_batch_size, device)
 
+    drops = train.dropout == "model" or train.lora_dropout > 0
     courses = [TrialCourse(DivergenceWatch(train.divergence_factor), params)
                for params in attached.trial_params]
     step = 0
@@ -167,7 +168,8 @@ def train_group(base: nn.Module, task: Task, train: TrainSpec, trials: list[Tria
         active = torch.tensor([c.stopped is None for c in courses], device=device)
         set_training(model, train)
         torch.manual_seed(step_seed(seed, step))
-        with TiledDropout(k):
+        # the mode wraps every torch call: entered only when some dropout can fire
+        with TiledDropout(k) if drops else contextlib.nullcontext():
             losses = accumulate_gradients(model, task, index, k, train, active)
         for course, loss in zip(courses, losses.detach().cpu().tolist(), strict=True):
             course.trained(step, loss)
