@@ -26,13 +26,21 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
 # A stand-in training command: its score peaks at lr 10^-2.5; from lr 0.05 its train loss is
 # NaN, from lr 0.1 its score too, and lr <= 1e-5 crashes. It prints two evaluations as JSON
 # lines, writes results.json, and leaves its pid and (when done) one line per finished run in a
-# log, so a test can count runs.
+# log, so a test can count runs. With FAKE_BARRIER set to a folder, a run waits (up to 2 min)
+# until two runs have started, so a test of two workers knows both took a trial.
 FAKE_TRAIN = '''
 import json, math, os, sys, time
 args = dict(a.split("=", 1) for a in sys.argv[1:])
 lr = float(args["lr"])
 with open("child.pid", "w") as f:
     f.write(str(os.getpid()))
+barrier = os.environ.get("FAKE_BARRIER")
+if barrier:
+    os.makedirs(barrier, exist_ok=True)
+    open(os.path.join(barrier, str(os.getpid())), "w").close()
+    deadline = time.time() + 120
+    while len(os.listdir(barrier)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
 time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
 if lr <= 1e-5:
     print("loading...", file=sys.stderr)
@@ -216,7 +224,8 @@ def test_workers_share_a_study_over_a_command(tmp_path: Path):
     path = external_study(tmp_path, lrs=(1e-3, 3e-3, 1e-2, 3e-2))
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "lorasweep.cli", "run", str(path), "--out",
-                           str(out), "--workers", "2"], env={**ENV, "FAKE_SLEEP": "0.5"},
+                           str(out), "--workers", "2"],
+                          env={**ENV, "FAKE_BARRIER": str(tmp_path / "started")},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = read_rows(out)
