@@ -18,6 +18,10 @@ from lorasweep.sandbox import UNSAFE_ENV, unavailable_reason
 from .system_parts import missing_reason, postgres_bindir, required
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the test processes share the cores: one torch thread each (set before torch loads), not
+    # two threads each contending for one core
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 WORDS = {
