@@ -81,11 +81,14 @@ def names_own_targets(cell: Cell) -> bool:
 
 
 def _single_rows(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """A batch as batches of one sequence each, without their padding."""
+    """A batch as batches of one example each, token rows without their padding."""
     rows = []
-    for i, length in enumerate(batch["attention_mask"].sum(1).tolist()):
-        rows.append({name: t[i:i + 1, :length] if t.ndim == 2 else t[i:i + 1]
-                     for name, t in batch.items()})
+    for i in range(batch["labels"].shape[0]):
+        row = {name: t[i:i + 1] for name, t in batch.items()}
+        if "attention_mask" in row:
+            length = int(row["attention_mask"].sum())
+            row = {name: t[:, :length] if t.ndim == 2 else t for name, t in row.items()}
+        rows.append(row)
     return rows
 
 

@@ -6,7 +6,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lorasweep.config import Study
 from lorasweep.tasks import chat
-from lorasweep.tasks.base import Split, Task
+from lorasweep.tasks.base import Split, Task, TokenSplit, logits_of
 from lorasweep.tasks.causal_lm import build_causal_lm
 from lorasweep.tasks.classification import ClassificationTask, build_classification
 from lorasweep.tasks.code import build_code
@@ -34,4 +34,4 @@ def num_labels(task: Task) -> int | None:
     return len(task.label_names) if isinstance(task, ClassificationTask) else None
 
 
-__all__ = ["Split", "Task", "build_task", "num_labels"]
+__all__ = ["Split", "Task", "TokenSplit", "build_task", "logits_of", "num_labels"]
