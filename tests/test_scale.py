@@ -273,7 +273,7 @@ def test_fp16_base_on_the_cpu_is_refused_before_loading(tmp_path, study_file, ca
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("lorasweep.workbench.load_tokenizer", no_loading)
+    monkeypatch.setattr("lorasweep.workbench.load_preprocessor", no_loading)
     path = study_file(model={"source": "tiny:bert", "dtype": "fp16"})
     assert main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()

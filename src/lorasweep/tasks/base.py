@@ -104,6 +104,11 @@ class Task(ABC):
         subset.train = self.train.head(n)
         return subset
 
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse, as one line, inputs the base model cannot take (before any trial runs);
+        tokenized text is cut to fit by the tokenizer, so only other inputs check."""
+        return None
+
     @abstractmethod
     def trial_losses(self, logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
         """Mean training loss of each trial, shape (K,)."""
