@@ -9,17 +9,19 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
 import yaml
 from PIL import Image
-from transformers import ViTImageProcessor
+from transformers import ViTImageProcessorPil
 
 from lorasweep.cli import main
-from lorasweep.config import ModelSpec
+from lorasweep.config import ModelSpec, validate_study
 from lorasweep.models import load_model, load_preprocessor
 from lorasweep.study.folder import load_folder_study
+from lorasweep.tasks import build_task
 
 from .conftest import assert_export_reproduces, read_rows, trained_model, trial_spec
 
@@ -104,7 +106,7 @@ def test_curvature_measures_the_image_model(finished, tmp_path):
     assert len(rows) == 2 and "joint" in rows[1]
 
 
-def model_folder(folder: Path, processor: ViTImageProcessor) -> Path:
+def model_folder(folder: Path, processor: ViTImageProcessorPil) -> Path:
     """tiny:vit saved as a local model folder with the given image processor."""
     spec = ModelSpec(source="tiny:vit")
     load_model(spec, "image_classification", 3, processor).save_pretrained(folder)
@@ -145,7 +147,7 @@ def test_a_size_the_model_cannot_take_is_one_line(image_data, tmp_path, capsys):
     differs; images of one size the model was not built for are refused with that size."""
     study = image_study(image_data)
     study["model"] = {"source": str(model_folder(tmp_path / "model",
-                                                 ViTImageProcessor(do_resize=False)))}
+                                                 ViTImageProcessorPil(do_resize=False)))}
     err = refused(tmp_path, study, capsys)
     assert "task.image_field:" in err and "does not resize to one size" in err
     data = write_images(tmp_path / "one-size", 4, 0, size=(48, 48))
@@ -155,11 +157,32 @@ def test_a_size_the_model_cannot_take_is_one_line(image_data, tmp_path, capsys):
 
 def test_grayscale_images_are_converted(image_data):
     """The folder's grayscale image trains as RGB (its pixel values have three channels)."""
-    from lorasweep.config import validate_study
-    from lorasweep.tasks import build_task
-
-    study = validate_study(image_study(image_data, max_train_examples=200), "s")
-    task = build_task(study, load_preprocessor(study.model, study.task.kind))
-    pixels = task.train.inputs["pixel_values"]
-    assert pixels.shape[1:] == (3, 32, 32)
+    task = build(image_study(image_data))
+    assert task.train.inputs["pixel_values"].shape[1:] == (3, 32, 32)
     assert len(task.train) + len(task.validation) == 3 * 8 + 1
+    assert task.label_names == sorted(COLOURS)
+
+
+@pytest.mark.parametrize("form", ["parquet", "saved"])
+def test_image_datasets_as_parquet_or_saved_read_as_the_folder(image_data, tmp_path, form):
+    """A Hugging Face dataset with an Image column and a ClassLabel, as a parquet file
+    (task.train_file) or a folder from save_to_disk (task.dataset), gives the folder's task."""
+    folder = datasets.load_dataset(str(image_data))["train"]
+    study = image_study(image_data)
+    if form == "parquet":
+        folder.to_parquet(str(tmp_path / "train.parquet"))
+        study["task"] = {**study["task"], "dataset": None,
+                         "train_file": str(tmp_path / "train.parquet")}
+    else:
+        folder.save_to_disk(str(tmp_path / "saved"))
+        study["task"] = {**study["task"], "dataset": str(tmp_path / "saved")}
+    expected, task = build(image_study(image_data)), build(study)
+    assert torch.equal(task.train.inputs["pixel_values"], expected.train.inputs["pixel_values"])
+    assert torch.equal(task.train.labels, expected.train.labels)
+    assert task.label_names == expected.label_names
+
+
+def build(study: dict):
+    """The task a study file builds (no model, no training)."""
+    spec = validate_study(study, "s")
+    return build_task(spec, load_preprocessor(spec.model, spec.task.kind))

@@ -20,7 +20,7 @@ from transformers import (
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedTokenizerBase,
-    ViTImageProcessor,
+    ViTImageProcessorPil,
 )
 from transformers.image_processing_utils import BaseImageProcessor
 
@@ -102,14 +102,16 @@ def _say_remote_code(spec: ModelSpec) -> None:
 
 def load_image_processor(spec: ModelSpec) -> BaseImageProcessor:
     """The model's own image processor (resize, rescale, normalize to what it was trained on);
-    models built from a config get a plain resize to their config's image size."""
+    models built from a config get a plain resize to their config's image size. Always its PIL
+    form: the torchvision form, where torchvision is installed, gives other pixel values, and a
+    study's numbers must not depend on what else is installed."""
     if spec.source in CONFIG_SOURCES:
         size = CONFIG_SOURCES[spec.source].get("image_size", 224)
-        return ViTImageProcessor(size={"height": size, "width": size})
+        return ViTImageProcessorPil(size={"height": size, "width": size})
     _say_remote_code(spec)
     try:
         return AutoImageProcessor.from_pretrained(_resolve_source(spec.source),
-                                                  revision=spec.revision,
+                                                  revision=spec.revision, backend="pil",
                                                   trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise StudyError(_load_error(spec, exc)) from None
