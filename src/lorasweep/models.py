@@ -25,7 +25,7 @@ from transformers import (
 from transformers.image_processing_utils import BaseImageProcessor
 
 from lorasweep.config import ModelSpec
-from lorasweep.errors import StudyError
+from lorasweep.errors import StudyError, first_line
 from lorasweep.packaged_models import (
     PACKAGED_MODELS,
     ModelNotAvailableError,
@@ -157,7 +157,7 @@ def load_model(spec: ModelSpec, kind: str, num_labels: int | None,
                                           torch.float32 if tiny else dtype)
         except ValueError as exc:  # a text model for an image kind, or the other way round
             raise StudyError(f"model.source: '{spec.source}' cannot be built for task.kind "
-                             f"{kind} ({_first_line(exc)})") from None
+                             f"{kind} ({first_line(exc)})") from None
         model = model.to(dtype)
     else:
         _refuse_pickle_only(spec.source)
@@ -245,10 +245,7 @@ def _load_error(spec: ModelSpec, exc: Exception) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     where = "local folder" if Path(spec.source).exists() else (
         "hub id (offline: HF_HUB_OFFLINE=1)" if offline else "hub id")
-    reason = _first_line(exc)
+    reason = first_line(exc)
     return (f"model.source: cannot load '{spec.source}' as a {where}: {reason}; allowed: "
             f"{', '.join(PACKAGED_MODELS)}, {', '.join(CONFIG_SOURCES)}, a folder or a hub id")
 
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0][:200]

@@ -20,7 +20,7 @@ import datasets
 import numpy as np
 
 from lorasweep.config import TaskSpec
-from lorasweep.errors import StudyError
+from lorasweep.errors import StudyError, first_line
 from lorasweep.tasks import packaged_data
 
 BUILTIN_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -138,7 +138,7 @@ def _dataset_splits(task: TaskSpec) -> Mapping:
             loaded = datasets.load_from_disk(str(path))
         except Exception as exc:  # a damaged or partly copied folder: one line
             raise StudyError(f"task.dataset: cannot load the saved dataset '{task.dataset}' "
-                             f"({_first_line(exc)})") from None
+                             f"({first_line(exc)})") from None
         # A saved Dataset (not a DatasetDict) is the training data.
         return {"train": loaded} if isinstance(loaded, datasets.Dataset) else loaded
     return _load_named(task)
@@ -190,7 +190,7 @@ def _load_file(path: str, field: str) -> Records:
     try:
         data = datasets.load_dataset(fmt, data_files=files, split="train")
     except Exception as exc:  # datasets raises many types for a malformed file
-        raise StudyError(f"{field}: {path}: cannot parse as {fmt} ({_first_line(exc)})") from None
+        raise StudyError(f"{field}: {path}: cannot parse as {fmt} ({first_line(exc)})") from None
     return _to_records(data)
 
 
@@ -239,13 +239,8 @@ def _load_named(task: TaskSpec) -> Mapping:
     try:
         return datasets.load_dataset(task.dataset, task.dataset_config)
     except Exception as exc:  # offline, unknown id, bad config: all become one line
-        reason = _first_line(exc)
+        reason = first_line(exc)
         raise StudyError(f"task.dataset: cannot load '{task.dataset}' ({reason})") from None
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def require_field(raw: RawSplits, field: str, setting: str) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 from transformers.image_processing_utils import BaseImageProcessor
 
 from lorasweep.config import TaskSpec
-from lorasweep.errors import StudyError
+from lorasweep.errors import StudyError, first_line
 from lorasweep.tasks.base import Split
 from lorasweep.tasks.classification import Classes, ClassificationTask
 from lorasweep.tasks.data import RawSplits, Records, require_field
@@ -42,13 +42,14 @@ class ImageClassificationTask(ClassificationTask):
         """One forward pass on one validation image: images of a size the model cannot take
         fail here, before any trial is claimed, not in every trial."""
         pixels = self.validation.inputs["pixel_values"][:1]
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # nf4: uint8
         try:
-            model(pixel_values=pixels.to(next(model.parameters()).dtype))
+            model(pixel_values=pixels.to(dtype))
         except (ValueError, RuntimeError) as exc:
             size = "x".join(map(str, pixels.shape[-2:]))
             raise StudyError(f"task.image_field: {self.first}: the model cannot take images "
                              f"of {size} pixels after its image processor "
-                             f"({str(exc).strip().splitlines()[0][:200]})") from None
+                             f"({first_line(exc)})") from None
 
 
 def build_image_classification(spec: TaskSpec, raw: RawSplits, processor: BaseImageProcessor,
@@ -94,12 +95,12 @@ def _pixel_values(processor: BaseImageProcessor, value: object, place: str) -> t
         image = _open(value).convert("RGB")
     except UNREADABLE as exc:
         raise StudyError(f"task.image_field: {place} cannot be read as an image "
-                         f"({_reason(exc)})") from None
+                         f"({first_line(exc)})") from None
     try:
         return processor(images=image, return_tensors="pt")["pixel_values"][0]
     except (ValueError, RuntimeError) as exc:
         raise StudyError(f"task.image_field: {place}: the model's image processor cannot take "
-                         f"this {image.width}x{image.height} image ({_reason(exc)})") from None
+                         f"this {image.width}x{image.height} image ({first_line(exc)})") from None
 
 
 def _open(value: object) -> Image.Image:
@@ -114,7 +115,3 @@ def _open(value: object) -> Image.Image:
         return Image.open(value)
     raise ValueError(f"a {type(value).__name__}, not an image, its path or its bytes")
 
-
-def _reason(exc: Exception) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
