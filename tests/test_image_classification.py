@@ -106,6 +106,20 @@ def test_curvature_measures_the_image_model(finished, tmp_path):
     assert len(rows) == 2 and "joint" in rows[1]
 
 
+def test_a_peft_init_that_looks_at_images_trains_convnext(image_data, tmp_path):
+    """EVA's calibration batches are pixel values (every position counts, as PEFT's default
+    hook takes them), on ConvNeXt's pointwise layers."""
+    study = image_study(image_data)
+    study["model"] = {"source": "tiny:convnext"}
+    study["search"] = {"methods": [{"name": "peft", "label": "eva", "peft_config": "LoraConfig",
+                                    "peft": {"init_lora_weights": "eva"}}],
+                       "ranks": [2], "lora_alpha": ["2r"], "lr": [1e-3], "seeds": [0]}
+    out = tmp_path / "out"
+    assert main(["run", str(write_study(tmp_path / "study.yaml", study)), "--out",
+                 str(out)]) == 0
+    assert [r["status"] for r in read_rows(out)] == ["complete"]
+
+
 def model_folder(folder: Path, processor: ViTImageProcessorPil) -> Path:
     """tiny:vit saved as a local model folder with the given image processor."""
     spec = ModelSpec(source="tiny:vit")

@@ -60,8 +60,12 @@ class PeftPassThrough(Method):
         peft_model = peft.get_peft_model(model, config)
         if init == "eva":
             inputs = [{k: v for k, v in b.items() if k != "labels"} for b in batches()]
+            # PEFT's defaults pick token positions by the attention mask; inputs without token
+            # ids (pixel values) take every position, through PEFT's own default hook
+            positions = ({} if "input_ids" in inputs[0] else
+                         {"prepare_model_inputs_fn": None, "prepare_layer_inputs_fn": None})
             peft.initialize_lora_eva_weights(peft_model, dataloader=inputs,
-                                             show_progress_bar=False)
+                                             show_progress_bar=False, **positions)
         params = [(name.removeprefix("base_model.model."), p)
                   for name, p in peft_model.named_parameters() if p.requires_grad]
         scales = [scale["default"] for module in model.modules()
