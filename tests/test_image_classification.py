@@ -120,6 +120,18 @@ def test_a_peft_init_that_looks_at_images_trains_convnext(image_data, tmp_path):
     assert [r["status"] for r in read_rows(out)] == ["complete"]
 
 
+def test_a_bf16_convnext_base_takes_the_pixels_in_bf16(image_data, tmp_path):
+    """ConvNeXt's first convolution does not cast its input (ViT's does): a bf16 base trained
+    in fp32 gets its pixel values in bf16."""
+    study = image_study(image_data)
+    study["model"] = {"source": "tiny:convnext", "dtype": "bf16"}
+    study["search"] = {**study["search"], "methods": ["lora"], "lr": [1e-3]}
+    out = tmp_path / "out"
+    assert main(["run", str(write_study(tmp_path / "study.yaml", study)), "--out",
+                 str(out)]) == 0
+    assert [r["status"] for r in read_rows(out)] == ["complete"]
+
+
 def model_folder(folder: Path, processor: ViTImageProcessorPil) -> Path:
     """tiny:vit saved as a local model folder with the given image processor."""
     spec = ModelSpec(source="tiny:vit")

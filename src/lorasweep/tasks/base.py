@@ -74,8 +74,14 @@ class TokenSplit(Split):
 
 
 def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits on a batch from `Split.batch` (its inputs, without the labels)."""
-    return model(**{name: t for name, t in batch.items() if name != "labels"}).logits
+    """The model's logits on a batch from `Split.batch` (its inputs, without the labels).
+
+    Floating inputs (pixel values) reach the model in the dtype its weights are stored in (a
+    bf16 base's convolution refuses fp32 input; ViT casts its own, ConvNeXt does not); token
+    ids pass as they are."""
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return model(**{name: t.to(dtype) if t.is_floating_point() else t
+                    for name, t in batch.items() if name != "labels"}).logits
 
 
 def per_trial(values: torch.Tensor, k: int, reduce: str = "sum") -> torch.Tensor:

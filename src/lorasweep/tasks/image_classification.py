@@ -21,7 +21,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from lorasweep.config import TaskSpec
 from lorasweep.errors import StudyError, first_line
-from lorasweep.tasks.base import Split
+from lorasweep.tasks.base import Split, logits_of
 from lorasweep.tasks.classification import Classes, ClassificationTask
 from lorasweep.tasks.data import RawSplits, Records, require_field
 
@@ -41,12 +41,11 @@ class ImageClassificationTask(ClassificationTask):
     def check_model(self, model: nn.Module) -> None:
         """One forward pass on one validation image: images of a size the model cannot take
         fail here, before any trial is claimed, not in every trial."""
-        pixels = self.validation.inputs["pixel_values"][:1]
-        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # nf4: uint8
+        batch = self.validation.batch(torch.arange(1), 1)
         try:
-            model(pixel_values=pixels.to(dtype))
+            logits_of(model, batch)
         except (ValueError, RuntimeError) as exc:
-            size = "x".join(map(str, pixels.shape[-2:]))
+            size = "x".join(map(str, batch["pixel_values"].shape[-2:]))
             raise StudyError(f"task.image_field: {self.first}: the model cannot take images "
                              f"of {size} pixels after its image processor "
                              f"({first_line(exc)})") from None
