@@ -6,6 +6,11 @@
    `GRPOTrainer._compute_loss` is called unbound on a stand-in `self` that holds the settings it
    reads, an accelerator of one process, and a log-prob method returning the given log-probs (so
    no model, tokenizer or dataset is built).
+   And on TRL's own rollout: a real GRPOTrainer (PEFT LoRA on tiny Llama) samples completions,
+   takes the reference log-probs with its adapter off and turns fixed rewards into advantages
+   (`_generate_and_score_completions`); lorasweep's advantages equal TRL's for every reward
+   scaling, and `policy_losses` on that rollout equals `_compute_loss` on the same model, loss
+   and every LoRA gradient, so the log-probs (temperature, shift) agree too.
 2. One RL step on tiny Llama with lorasweep's LoRA (workbench.attach_trials) leaves the same
    weights, to 1e-6, as a step written plainly here: stock PEFT LoRA on the same base, the same
    completions, the loss typed out in torch, torch's AdamW.
@@ -22,9 +27,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from trl import GRPOTrainer
-from trl.trainer.utils import nanstd
+from trl import GRPOConfig, GRPOTrainer
 
 from lorasweep.config import ModelSpec, TrainSpec
 from lorasweep.methods import get_method
@@ -34,6 +39,7 @@ from lorasweep.optim import build_optimizer
 from lorasweep.space import Cell, TrialSpec
 from lorasweep.tasks.grpo import (
     LOSS_TYPES,
+    REWARD_SCALES,
     Objective,
     Rollout,
     completion_logps,
@@ -50,6 +56,12 @@ ROWS, LENGTH, GROUP = 8, 6, 4  # 2 prompts x 4 completions, up to 6 completion t
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours - ref).detach().norm() / ref.detach().norm().clamp(min=1e-30))
+
+
+def same_loss(ours: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Equal to TOL, relative above 1 and absolute below (a GRPO loss is a sum of advantages,
+    which cancel to near zero, so its relative rounding is large)."""
+    return abs(float((ours - ref).detach())) <= TOL * max(1.0, abs(float(ref.detach())))
 
 
 def random_batch(seed: int, rows: int = ROWS) -> dict[str, torch.Tensor]:
@@ -108,15 +120,6 @@ def trl_loss(batch: dict[str, torch.Tensor], logps: torch.Tensor, advantages: to
     return GRPOTrainer._compute_loss(stand_in, None, inputs)
 
 
-def trl_advantages(rewards: torch.Tensor, scale: str) -> torch.Tensor:
-    """TRL's group normalization, through its `nanstd` where TRL's code calls it."""
-    groups = rewards.view(-1, GROUP)
-    mean = groups.mean(dim=1).repeat_interleave(GROUP)
-    std = (nanstd(groups, dim=1).repeat_interleave(GROUP) if scale == "group"
-           else nanstd(rewards).expand_as(rewards))
-    return rewards - mean if scale == "none" else (rewards - mean) / (std + 1e-4)
-
-
 OBJECTIVES = [Objective(max_new_tokens=LENGTH + 2, loss_type=loss, beta=beta,
                         kl_ratio_correction=corrected, epsilon_high=high)
               for loss in LOSS_TYPES for beta, corrected in [(0.0, True), (0.04, True),
@@ -138,18 +141,10 @@ def test_loss_and_gradient_equal_trl(objective):
     low, high = objective.clip_range
     ratio = (batch["logps"] - batch["old_logps"]).exp()[batch["mask"].bool()]
     assert (ratio < low).any() and (ratio > high).any()  # both clip bounds are exercised
-    assert abs(float(ours - ref)) <= TOL * max(1.0, abs(float(ref.detach())))
+    assert same_loss(ours, ref)
     ours.backward()
     ref.backward()
     assert rel_err(mine.grad, theirs.grad) < TOL
-
-
-@pytest.mark.parametrize("scale", ["group", "batch", "none"])
-def test_advantages_equal_trl(scale):
-    rewards = torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 0])  # one group with equal rewards
-    ours = group_advantages(rewards, GROUP, scale=scale)
-    assert rel_err(ours, trl_advantages(rewards, scale)) < TOL
-    assert torch.equal(ours[4:8], torch.zeros(4))
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -286,3 +281,66 @@ def test_fused_step_is_each_trial_alone(base):
         (alone,) = lorasweep_step(base, [lr], [batch])
         for name, param in alone.items():
             assert rel_err(together[name], param) < TOL, name
+
+
+# --- on TRL's own rollout -------------------------------------------------------------------
+
+PROMPTS = ["one two three", "four five six"]
+REWARDS = torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 1])  # the second prompt's group: all equal
+
+
+@pytest.fixture(scope="module")
+def trl_trainer(base, tmp_path_factory) -> GRPOTrainer:
+    """TRL's GRPOTrainer over PEFT LoRA on tiny Llama: the two prompts x GROUP completions a
+    step, each completion's reward fixed by its row, fp32 throughout (TRL's config defaults to
+    bf16). B is made non-zero so that the policy is not the base and the KL term acts."""
+    tokenizer = load_tokenizer(ModelSpec(source="tiny:llama"))
+    tokenizer.eos_token = "[SEP]"  # MiniLM's tokenizer has none, and TRL's generate needs one
+    args = GRPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), use_cpu=True, bf16=False,
+                      per_device_train_batch_size=ROWS, num_generations=GROUP,
+                      max_completion_length=LENGTH, temperature=STEP_OBJECTIVE.temperature,
+                      beta=STEP_OBJECTIVE.beta, report_to=[])
+    trainer = GRPOTrainer(model=copy.deepcopy(base), reward_funcs=lambda completions, **_:
+                          REWARDS.tolist(), args=args, processing_class=tokenizer,
+                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=resolve_targets(
+                              base, "all-linear")))
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which never runs
+    nonzero_b([{name.replace(".default.weight", ""): p
+                for name, p in trainer.model.named_parameters() if p.requires_grad}])
+    trainer.model.train()
+    return trainer
+
+
+def gradients(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("scale", REWARD_SCALES)
+def test_equal_trl_on_its_own_rollout(trl_trainer, scale):
+    """TRL samples the completions, takes the reference log-probs (its adapter switched off) and
+    computes the advantages (`_generate_and_score_completions`); lorasweep's advantages from the
+    same rewards equal TRL's, and for every loss type lorasweep's `policy_losses` on that rollout
+    equals TRL's `_compute_loss` on the same model, and so does every LoRA weight's gradient."""
+    trl_trainer.scale_rewards = scale
+    out = trl_trainer._generate_and_score_completions([{"prompt": p} for p in PROMPTS
+                                                       for _ in range(GROUP)])
+    advantages = group_advantages(REWARDS, GROUP, scale=scale)
+    assert rel_err(advantages, out["advantages"]) < TOL
+    batch = Rollout(torch.cat([out["prompt_ids"], out["completion_ids"]], 1),
+                    torch.cat([out["prompt_mask"], out["completion_mask"]], 1),
+                    out["completion_mask"], advantages, ref_logps=out["ref_per_token_logps"])
+    model = trl_trainer.model
+    for loss_type in LOSS_TYPES:
+        trl_trainer.loss_type = loss_type
+        objective = Objective(max_new_tokens=LENGTH, loss_type=loss_type,
+                              beta=STEP_OBJECTIVE.beta, temperature=STEP_OBJECTIVE.temperature)
+        ref = trl_trainer._compute_loss(model, out)
+        ref_grads = gradients(model, ref)
+        assert all(grad.norm() > 0 for grad in ref_grads.values())  # A and B both learn
+        ours = policy_losses(model, batch, 1, objective)[0]
+        assert same_loss(ours, ref), loss_type
+        for name, grad in gradients(model, ours).items():
+            assert rel_err(grad, ref_grads[name]) < TOL, (loss_type, name)
