@@ -48,6 +48,7 @@ from lorasweep.tasks.grpo import (
     reduce_trials,
     token_losses,
 )
+from lorasweep.tasks.rollout import Completions
 from lorasweep.workbench import attach_trials
 
 TOL = 1e-6
@@ -192,10 +193,11 @@ def rollout(base: torch.nn.Module, seed: int, on_policy: bool) -> Rollout:
     completion_mask = random_batch(seed)["mask"].long()
     attention_mask = torch.cat([torch.ones(ROWS, PROMPT, dtype=torch.long), completion_mask], 1)
     rewards = torch.randint(0, 2, (ROWS,), generator=g).float()
+    completions = Completions(ids, attention_mask, completion_mask)
     with torch.no_grad():
-        ref = completion_logps(base, ids, attention_mask, LENGTH, STEP_OBJECTIVE.temperature)
+        ref = completion_logps(base, completions, STEP_OBJECTIVE.temperature)
     old = None if on_policy else ref + torch.randn(ref.shape, generator=g) * 0.3
-    return Rollout(ids, attention_mask, completion_mask, group_advantages(rewards, GROUP),
+    return Rollout(completions, group_advantages(rewards, GROUP),
                    old_logps=old, ref_logps=ref)
 
 
@@ -207,9 +209,11 @@ def lorasweep_step(base: torch.nn.Module, lrs: list[float], rollouts: list[Rollo
     model, attached = attach_trials(base, trials)
     params = [dict(p) for p in attached.trial_params]
     nonzero_b(params)
-    fused = Rollout(**{f.name: None if getattr(rollouts[0], f.name) is None
-                       else torch.cat([getattr(r, f.name) for r in rollouts])
-                       for f in fields(Rollout)})
+    fused = Rollout(Completions(*(torch.cat([getattr(r.completions, f.name) for r in rollouts])
+                                  for f in fields(Completions))),
+                    *(None if getattr(rollouts[0], f.name) is None
+                      else torch.cat([getattr(r, f.name) for r in rollouts])
+                      for f in fields(Rollout)[1:]))
     optimizer = build_optimizer(get_method("lora"), attached, trials, TRAIN)
     policy_losses(model, fused, len(lrs), STEP_OBJECTIVE).sum().backward()
     optimizer.step()
@@ -238,16 +242,17 @@ def plain_step(base: torch.nn.Module, start: dict[str, torch.Tensor], lr: float,
             param.copy_(start[name])
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=TRAIN.weight_decay,
                                   betas=(TRAIN.adam_beta1, TRAIN.adam_beta2), eps=TRAIN.adam_eps)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    ids = batch.completions.input_ids
+    logits = model(input_ids=ids, attention_mask=batch.completions.attention_mask).logits
     logits = logits[:, PROMPT - 1:-1] / STEP_OBJECTIVE.temperature
-    logps = torch.log_softmax(logits, -1).gather(-1, batch.input_ids[:, PROMPT:, None])[..., 0]
+    logps = torch.log_softmax(logits, -1).gather(-1, ids[:, PROMPT:, None])[..., 0]
     old = logps.detach() if on_policy else batch.old_logps
     ratio = torch.exp(logps - old)
     advantage = batch.advantages[:, None]
     surrogate = torch.minimum(ratio * advantage, torch.clamp(ratio, 0.8, 1.2) * advantage)
     kl = torch.exp(batch.ref_logps - logps) - (batch.ref_logps - logps) - 1
     per_token = -surrogate + STEP_OBJECTIVE.beta * kl * ratio
-    mask = batch.completion_mask.float()
+    mask = batch.completions.completion_mask.float()
     loss = ((per_token * mask).sum(1) / mask.sum(1)).mean()
     loss.backward()
     optimizer.step()
@@ -329,9 +334,10 @@ def test_equal_trl_on_its_own_rollout(trl_trainer, scale):
                                                        for _ in range(GROUP)])
     advantages = group_advantages(REWARDS, GROUP, scale=scale)
     assert rel_err(advantages, out["advantages"]) < TOL
-    batch = Rollout(torch.cat([out["prompt_ids"], out["completion_ids"]], 1),
-                    torch.cat([out["prompt_mask"], out["completion_mask"]], 1),
-                    out["completion_mask"], advantages, ref_logps=out["ref_per_token_logps"])
+    completions = Completions(torch.cat([out["prompt_ids"], out["completion_ids"]], 1),
+                              torch.cat([out["prompt_mask"], out["completion_mask"]], 1),
+                              out["completion_mask"])
+    batch = Rollout(completions, advantages, ref_logps=out["ref_per_token_logps"])
     model = trl_trainer.model
     for loss_type in LOSS_TYPES:
         trl_trainer.loss_type = loss_type

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorasweep.tasks.rollout import Completions
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 REWARD_SCALES = ("group", "batch", "none")
 STD_EPS = 1e-4  # TRL's: keeps a group whose rewards are all equal at advantage 0
@@ -67,9 +69,7 @@ class Rollout:
     `ref_logps` under the base model, needed only when beta > 0.
     """
 
-    input_ids: torch.Tensor  # (K*B, P + C): prompt then completion
-    attention_mask: torch.Tensor  # (K*B, P + C)
-    completion_mask: torch.Tensor  # (K*B, C): 1 on the completion tokens that are scored
+    completions: Completions
     advantages: torch.Tensor  # (K*B,)
     old_logps: torch.Tensor | None = None  # (K*B, C)
     ref_logps: torch.Tensor | None = None  # (K*B, C)
@@ -125,23 +125,26 @@ def reduce_trials(losses: torch.Tensor, mask: torch.Tensor, k: int,
     return torch.stack(out)
 
 
-def completion_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     completion_length: int, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probability (rows, C) of each of the last C tokens given the tokens before it, at the
-    sampling temperature, computed in fp32."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    logits = logits[:, -completion_length - 1:-1].float() / temperature
-    targets = input_ids[:, -completion_length:]
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+def completion_logps(model: nn.Module, completions: Completions,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability (rows, C) of each completion token given the tokens before it, at the
+    sampling temperature, computed in fp32. Positions count from each row's first prompt token,
+    as `generate` counts them for a left-padded prompt."""
+    mask = completions.attention_mask
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=completions.input_ids, attention_mask=mask,
+                   position_ids=positions).logits
+    length = completions.completion_mask.shape[1]
+    logits = logits[:, -length - 1:-1].float() / temperature
+    targets = completions.completion_ids.unsqueeze(-1)
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
 
 
 def policy_losses(model: nn.Module, rollout: Rollout, k: int,
                   objective: Objective) -> torch.Tensor:
     """Each of the K trials' GRPO loss (K,) on its own block of the rollout; their sum's
     gradient is each trial's own, since trials share no trainable tensor."""
-    mask = rollout.completion_mask
-    logps = completion_logps(model, rollout.input_ids, rollout.attention_mask, mask.shape[1],
-                             objective.temperature)
+    logps = completion_logps(model, rollout.completions, objective.temperature)
     old = logps.detach() if rollout.old_logps is None else rollout.old_logps
     losses = token_losses(logps, old, rollout.advantages, objective, rollout.ref_logps)
-    return reduce_trials(losses, mask, k, objective)
+    return reduce_trials(losses, rollout.completions.completion_mask, k, objective)

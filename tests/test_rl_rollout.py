@@ -1,0 +1,108 @@
+"""Sampling G completions per prompt for K fused trials (tasks/rollout.py) on tiny Llama.
+
+The Gumbel race samples softmax(logits / temperature); a trial samples the same completions
+alone or fused (left-padded prompts, the KV cache of `generate`); a completion's mask ends at its
+first eos; and the log-probs the loss takes of a left-padded row are those of the row unpadded.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lorasweep.config import ModelSpec
+from lorasweep.methods import get_method
+from lorasweep.models import load_model, load_tokenizer
+from lorasweep.space import Cell
+from lorasweep.tasks.grpo import completion_logps
+from lorasweep.tasks.rollout import Completions, TrialGumbel, sample_completions
+
+CELL = Cell(method="lora", rank=4, lora_alpha="8", init="kaiming", target_modules="all-linear")
+GROUP, NEW = 3, 6
+SAMPLING = dict(group_size=GROUP, temperature=0.7, max_new_tokens=NEW, pad_id=0)
+
+
+def test_gumbel_race_samples_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    draws = 40_000
+    race = TrialGumbel([0], temperature=0.7)
+    picks = race(torch.zeros(draws, 1, dtype=torch.long), logits.repeat(draws, 1)).argmax(-1)
+    frequencies = torch.bincount(picks, minlength=5).float() / draws
+    assert (frequencies - torch.softmax(logits[0] / 0.7, -1)).abs().max() < 0.01
+
+
+@pytest.fixture(scope="module")
+def models():
+    """A K=2 group whose trial 1 has other weights than trial 0, and trial 1 alone."""
+    spec = ModelSpec(source="tiny:llama")
+    tokenizer = load_tokenizer(spec)
+    base = load_model(spec, "causal_lm", None, tokenizer)
+    pair, single = copy.deepcopy(base), copy.deepcopy(base)
+    attached = get_method("lora").attach(pair, CELL, 2, torch.Generator().manual_seed(0))
+    alone = get_method("lora").attach(single, CELL, 1, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(attached.trial_params[1], alone.trial_params[0], strict=True):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+            q.copy_(p)
+    prompts = [tokenizer(t)["input_ids"] for t in ["a short one", "a much longer prompt here"]]
+    return pair.eval(), single.eval(), prompts
+
+
+def test_fused_trials_sample_as_alone(models):
+    pair, single, prompts = models
+    fused = sample_completions(pair, prompts, seeds=[5, 7], eos_id=None, **SAMPLING)
+    rows = len(prompts) * GROUP
+    assert fused.completion_ids.shape == (2 * rows, NEW)
+    alone = sample_completions(single, prompts, seeds=[7], eos_id=None, **SAMPLING)
+    assert torch.equal(fused.input_ids[rows:], alone.input_ids)
+    assert torch.equal(fused.attention_mask[rows:], alone.attention_mask)
+    again = sample_completions(pair, prompts, seeds=[5, 7], eos_id=None, **SAMPLING)
+    assert torch.equal(again.input_ids, fused.input_ids)  # seeded
+    group = fused.completion_ids[:GROUP]  # one prompt's completions differ from each other
+    assert not torch.equal(group[0], group[1])
+    other = sample_completions(single, prompts, seeds=[8], eos_id=None, **SAMPLING)
+    assert not torch.equal(other.input_ids, alone.input_ids)
+
+
+def test_completion_ends_at_first_eos(models):
+    _, single, prompts = models
+    free = sample_completions(single, prompts, seeds=[3], eos_id=None, **SAMPLING)
+    eos = int(free.completion_ids[0, 2])  # a token the first row samples third
+    ended = sample_completions(single, prompts, seeds=[3], eos_id=eos, **SAMPLING)
+    mask = ended.completion_mask
+    first = (free.completion_ids[0] == eos).nonzero()[0, 0]
+    assert mask[0, :first + 1].all() and not mask[0, first + 1:].any()
+    for row, ids in zip(mask, free.completion_ids, strict=True):
+        hits = (ids == eos).nonzero()
+        length = NEW if len(hits) == 0 else int(hits[0, 0]) + 1
+        assert row.tolist() == [1] * length + [0] * (NEW - length)
+    assert torch.equal(ended.attention_mask[:, -NEW:], mask)
+
+
+def gpt2() -> torch.nn.Module:
+    """A tiny GPT-2: absolute position embeddings, so a row's positions must count from its
+    first real token (under RoPE a shift of every position changes nothing)."""
+    config = AutoConfig.for_model(model_type="gpt2", n_embd=32, n_layer=2, n_head=4,
+                                  n_positions=64, vocab_size=31000)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_left_padded_row_scores_as_unpadded(models, arch):
+    _, single, prompts = models
+    model = single if arch == "llama" else gpt2()
+    batch = sample_completions(model, prompts, seeds=[1], eos_id=None, **SAMPLING)
+    logps = completion_logps(model, batch, temperature=0.7)
+    row = 0  # the short prompt, padded on the left
+    real = batch.attention_mask[row].bool()
+    assert not real.all()
+    unpadded = Completions(batch.input_ids[row:row + 1, real],
+                           batch.attention_mask[row:row + 1, real],
+                           batch.completion_mask[row:row + 1])
+    alone = completion_logps(model, unpadded, temperature=0.7)
+    assert (alone - logps[row]).abs().max() < 1e-5
