@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 from lorasweep.config import Study
+from lorasweep.errors import StudyError
 from lorasweep.tasks import chat
 from lorasweep.tasks.base import Split, Task
 from lorasweep.tasks.causal_lm import build_causal_lm
@@ -21,6 +22,9 @@ def build_task(study: Study, tokenizer: PreTrainedTokenizerBase, seq_len: int | 
                ) -> Task:
     """The study's task tokenized to `seq_len` (default: the train section's)."""
     spec = study.task
+    if spec.kind not in BUILDERS:  # rl: its trainer is the next slice of issue 25
+        raise StudyError(f"task.kind {spec.kind}: the study file is valid, but lorasweep cannot "
+                         "train this kind yet")
     check = None if spec.messages_field is None else chat.row_checker(spec, tokenizer)
     raw = load_splits(spec, study.seed, check)
     if spec.messages_field is not None and spec.kind == "causal_lm":

@@ -12,20 +12,23 @@ numbers alone or in a group.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 from torch import nn
 
+from lorasweep.config import RLSpec
 from lorasweep.tasks.rollout import Completions
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-REWARD_SCALES = ("group", "batch", "none")
+LOSS_TYPES = get_args(RLSpec.model_fields["loss_type"].annotation)
+REWARD_SCALES = get_args(RLSpec.model_fields["scale_rewards"].annotation)
 STD_EPS = 1e-4  # TRL's: keeps a group whose rewards are all equal at advantage 0
 
 
 @dataclass(frozen=True)
 class Objective:
-    """How a step's completions become a loss; TRL's GRPOConfig names in brackets.
+    """How a step's completions become a loss (the study file's `rl` section, config.RLSpec,
+    names the same fields); TRL's GRPOConfig names in brackets.
 
     loss_type: how token losses become one number: grpo, each sequence's mean then the mean over
     sequences; bnpo and dapo, the mean over all completion tokens of the step (they differ in TRL
