@@ -2,7 +2,8 @@
 
 The Gumbel race samples softmax(logits / temperature); a trial samples the same completions
 alone or fused (left-padded prompts, the KV cache of `generate`); a completion's mask ends at its
-first eos; and the log-probs the loss takes of a left-padded row are those of the row unpadded.
+first eos; the log-probs the loss takes of a left-padded row are those of the row unpadded; and
+a whole RL step of K = 2 fused trials, sampling included, is each trial's step alone.
 """
 
 from __future__ import annotations
@@ -13,12 +14,20 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lorasweep.config import ModelSpec
+from lorasweep.config import ModelSpec, TrainSpec
 from lorasweep.methods import get_method
 from lorasweep.models import load_model, load_tokenizer
-from lorasweep.space import Cell
-from lorasweep.tasks.grpo import completion_logps
+from lorasweep.optim import build_optimizer
+from lorasweep.space import Cell, TrialSpec
+from lorasweep.tasks.grpo import (
+    Objective,
+    Rollout,
+    completion_logps,
+    group_advantages,
+    policy_losses,
+)
 from lorasweep.tasks.rollout import Completions, TrialGumbel, sample_completions
+from lorasweep.workbench import attach_trials
 
 CELL = Cell(method="lora", rank=4, lora_alpha="8", init="kaiming", target_modules="all-linear")
 GROUP, NEW = 3, 6
@@ -36,7 +45,8 @@ def test_gumbel_race_samples_the_softmax():
 
 @pytest.fixture(scope="module")
 def models():
-    """A K=2 group whose trial 1 has other weights than trial 0, and trial 1 alone."""
+    """A K=2 group whose trial 1 has other weights than trial 0, trial 1 alone, two prompts of
+    different lengths, and the base."""
     spec = ModelSpec(source="tiny:llama")
     tokenizer = load_tokenizer(spec)
     base = load_model(spec, "causal_lm", None, tokenizer)
@@ -48,11 +58,11 @@ def models():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
             q.copy_(p)
     prompts = [tokenizer(t)["input_ids"] for t in ["a short one", "a much longer prompt here"]]
-    return pair.eval(), single.eval(), prompts
+    return pair.eval(), single.eval(), prompts, base
 
 
 def test_fused_trials_sample_as_alone(models):
-    pair, single, prompts = models
+    pair, single, prompts, _ = models
     fused = sample_completions(pair, prompts, seeds=[5, 7], eos_id=None, **SAMPLING)
     rows = len(prompts) * GROUP
     assert fused.completion_ids.shape == (2 * rows, NEW)
@@ -68,7 +78,7 @@ def test_fused_trials_sample_as_alone(models):
 
 
 def test_completion_ends_at_first_eos(models):
-    _, single, prompts = models
+    _, single, prompts, _ = models
     free = sample_completions(single, prompts, seeds=[3], eos_id=None, **SAMPLING)
     eos = int(free.completion_ids[0, 2])  # a token the first row samples third
     ended = sample_completions(single, prompts, seeds=[3], eos_id=eos, **SAMPLING)
@@ -94,7 +104,7 @@ def gpt2() -> torch.nn.Module:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_left_padded_row_scores_as_unpadded(models, arch):
-    _, single, prompts = models
+    _, single, prompts, _ = models
     model = single if arch == "llama" else gpt2()
     batch = sample_completions(model, prompts, seeds=[1], eos_id=None, **SAMPLING)
     logps = completion_logps(model, batch, temperature=0.7)
@@ -106,3 +116,39 @@ def test_left_padded_row_scores_as_unpadded(models, arch):
                            batch.completion_mask[row:row + 1])
     alone = completion_logps(model, unpadded, temperature=0.7)
     assert (alone - logps[row]).abs().max() < 1e-5
+
+
+def whole_step(base: torch.nn.Module, prompts: list[list[int]], lrs: list[float],
+               seeds: list[int]) -> list[dict[str, torch.Tensor]]:
+    """One RL step from sampling on: K = len(lrs) trials sample (one seed each), a stand-in
+    verifier scores, advantages, the base's log-probs for the KL, the loss and AdamW; each
+    trial's weights after it."""
+    k = len(lrs)
+    trials = [TrialSpec(grid_id=i, cell=CELL, lr=lr, seed=0) for i, lr in enumerate(lrs)]
+    model, attached = attach_trials(base, trials)
+    with torch.no_grad():  # B != 0, so the trials' policies differ from the base
+        for params in attached.trial_params:
+            for name, param in params:
+                if name.endswith("lora_B"):
+                    param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    completions = sample_completions(model, prompts, seeds=seeds, eos_id=None, **SAMPLING)
+    rewards = (completions.completion_ids % 2 == 0).float().mean(1).round()  # stand-in verifier
+    objective = Objective(max_new_tokens=NEW, beta=0.04, temperature=SAMPLING["temperature"])
+    with torch.no_grad():
+        ref = completion_logps(base, completions, objective.temperature)
+    rollout = Rollout(completions, group_advantages(rewards, GROUP, k), ref_logps=ref)
+    optimizer = build_optimizer(get_method("lora"), attached, trials, TrainSpec(steps=1))
+    policy_losses(model, rollout, k, objective).sum().backward()
+    optimizer.step()
+    return [{name: p.detach().clone() for name, p in params} for params in attached.trial_params]
+
+
+def test_fused_rl_step_from_sampling_is_each_trial_alone(models):
+    """Sampling included, a K = 2 step leaves each trial where its step alone leaves it (to
+    rounding: the frozen base multiplies K x the rows at once)."""
+    base, prompts = models[3], models[2]
+    fused = whole_step(base, prompts, [1e-2, 3e-2], [5, 7])
+    for lr, seed, together in zip([1e-2, 3e-2], [5, 7], fused, strict=True):
+        (alone,) = whole_step(base, prompts, [lr], [seed])
+        for name, param in alone.items():
+            assert float((together[name] - param).norm() / param.norm()) < 1e-6, name

@@ -62,17 +62,17 @@ def sample_completions(model: nn.Module, prompts: list[list[int]], group_size: i
                        seeds: list[int], temperature: float, max_new_tokens: int, pad_id: int,
                        eos_id: int | None) -> Completions:
     """`group_size` completions of every prompt from each trial (one seed per trial: K =
-    len(seeds)), each ending at its first eos or after `max_new_tokens`."""
+    len(seeds)), each ending at its first eos or after `max_new_tokens`; on the model's device,
+    where the loss takes them."""
     k = len(seeds)
     ids, mask = left_padded([p for p in prompts for _ in range(group_size)], pad_id)
-    ids, mask = ids.repeat(k, 1), mask.repeat(k, 1)
     device = next(model.parameters()).device
+    ids, mask = ids.repeat(k, 1).to(device), mask.repeat(k, 1).to(device)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, top_k=None,
                               top_p=None, pad_token_id=pad_id, eos_token_id=eos_id)
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                         generation_config=config,
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                          logits_processor=LogitsProcessorList([TrialGumbel(seeds, temperature)]))
-    new = out[:, ids.shape[1]:].cpu()
+    new = out[:, ids.shape[1]:]
     completion_mask = torch.ones_like(new)
     if eos_id is not None:
         ended = (new == eos_id).long()
