@@ -38,7 +38,7 @@ from fused_sweep import synchronized, train_fused, train_peft
 from lorasweep.config import ModelSpec, TrainSpec
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.space import Cell, TrialSpec
-from lorasweep.tasks.base import Split
+from lorasweep.tasks.base import TokenSplit
 from lorasweep.tasks.causal_lm import CausalLMTask
 
 LRS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2]
@@ -73,9 +73,9 @@ def random_task(vocab: int, size: Size) -> CausalLMTask:
     generator = torch.Generator().manual_seed(0)
     rows = size.batch_size * (size.steps + 2)
     ids = torch.randint(1000, vocab, (rows, size.seq_len), generator=generator)
-    train = Split(ids[:-2 * size.batch_size], torch.ones_like(ids[:-2 * size.batch_size]),
+    train = TokenSplit(ids[:-2 * size.batch_size], torch.ones_like(ids[:-2 * size.batch_size]),
                   ids[:-2 * size.batch_size])
-    validation = Split(ids[-2 * size.batch_size:], torch.ones_like(ids[-2 * size.batch_size:]),
+    validation = TokenSplit(ids[-2 * size.batch_size:], torch.ones_like(ids[-2 * size.batch_size:]),
                        ids[-2 * size.batch_size:])
     return CausalLMTask(train, validation, None)
 

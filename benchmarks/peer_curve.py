@@ -12,7 +12,8 @@ The same LoRA cells on the same data and splits, trained two ways at every (seed
 Per (cell, LR) it prints each side's mean validation loss over the seeds, the plain loop's seed
 range, and whether lorasweep's mean lies inside it. Defaults: the small configuration recorded
 in benchmarks/README.md (MiniLM, built-in shakespeare-genre task, rank 4, lora_alpha 16,
-q/v, 50 steps of 16 x 48 tokens).
+q/v, 50 steps of 16 x 48 tokens); the quickstart's cell is `--dataset builtin:shakespeare-plays
+--ranks 8 --alphas 16 --targets all-linear --steps 40`.
 
     .venv/bin/python benchmarks/peer_curve.py --lorasweep-dropout model off
 """
@@ -39,7 +40,7 @@ def study_for(args: argparse.Namespace, dropout: str):
     return validate_study({
         "name": "peer-curve", "seed": 0,
         "model": {"source": "minilm"},
-        "task": {"kind": "classification", "dataset": "builtin:shakespeare-genre",
+        "task": {"kind": "classification", "dataset": args.dataset,
                  "validation_size": args.validation_size,
                  "max_eval_examples": args.validation_size},
         "train": {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
@@ -121,6 +122,8 @@ def plain_loss(args: argparse.Namespace, task, rank: int, alpha: float, lr: floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="builtin:shakespeare-genre",
+                        help="builtin:shakespeare-plays is the quickstart's task")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=48)

@@ -18,6 +18,10 @@ from lorasweep.sandbox import UNSAFE_ENV, unavailable_reason
 from .system_parts import missing_reason, postgres_bindir, required
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the test processes share the cores: one torch thread each (set before torch loads), not
+    # two threads each contending for one core
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 WORDS = {
@@ -80,20 +84,23 @@ def trained_model(folder: Path, spec, base):
     return load_trained(folder, spec, *attach_trials(base, [spec]))
 
 
-def assert_export_reproduces(ours, base, out: Path, tokens: tuple[int, int]) -> None:
+def assert_export_reproduces(ours, base, out: Path, inputs: tuple[int, int] | dict) -> None:
     """PEFT loads the adapter in `out` over an untouched copy of `base` with our trained model's
-    logits (relative 1e-5), and those are not the untrained base's."""
+    logits (relative 1e-5), and those are not the untrained base's. `inputs`: model inputs, or
+    the range of token ids to draw them from."""
     import copy
 
     import torch
     from peft import PeftModel
 
     theirs = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
-    ids = torch.randint(*tokens, (4, 10), generator=torch.Generator().manual_seed(0))
+    if isinstance(inputs, tuple):
+        generator = torch.Generator().manual_seed(0)
+        inputs = {"input_ids": torch.randint(*inputs, (4, 10), generator=generator)}
     with torch.no_grad():
-        a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+        a, b = ours(**inputs).logits, theirs(**inputs).logits
         assert float((a - b).norm() / b.norm()) < 1e-5
-        assert not torch.allclose(a, base(input_ids=ids).logits, atol=1e-4)
+        assert not torch.allclose(a, base(**inputs).logits, atol=1e-4)
 
 
 GRID = [10 ** (-4 + i / 4) for i in range(13)]  # 1e-4 .. 1e-1, four points per decade

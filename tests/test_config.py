@@ -177,7 +177,7 @@ def test_builtin_quickstart_is_valid():
     lrs = {t.cell.method: [] for t in expand_trials(study)}
     for t in expand_trials(study):
         lrs[t.cell.method].append(t.lr)
-    assert set(lrs) == {"lora", "full"} and all(len(v) >= 4 for v in lrs.values())
+    assert set(lrs) == {"lora", "full"} and all(len(v) >= 3 for v in lrs.values())
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)

@@ -16,7 +16,7 @@ from lorasweep.methods.stacked import StackedDoRALinear
 from lorasweep.methods.targets import resolve_targets
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.space import Cell, TrialSpec
-from lorasweep.tasks.base import Split
+from lorasweep.tasks.base import TokenSplit
 from lorasweep.tasks.classification import ClassificationTask
 from lorasweep.train import BestOf, train_group
 from lorasweep.variants import INITS, VARIANTS, get_init, variant
@@ -109,7 +109,7 @@ def toy_task(n: int = 48) -> ClassificationTask:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 3000, (n, 10), generator=generator)
     labels = ids[:, 0] % 3
-    split = Split(ids, torch.ones_like(ids), labels)
+    split = TokenSplit(ids, torch.ones_like(ids), labels)
     return ClassificationTask(split, split, None, ["a", "b", "c"])
 
 
@@ -205,8 +205,8 @@ def test_select_best_reports_the_peak_and_final_the_last_evaluation():
     ids = torch.randint(1000, 3000, (48, 10), generator=generator)
     labels = ids[:, 0] % 3
     disagree = torch.where(torch.arange(48) % 2 == 0, labels, (labels + 1) % 3)
-    validation = Split(ids, torch.ones_like(ids), disagree)
-    task = ClassificationTask(Split(ids, torch.ones_like(ids), labels), validation, validation,
+    validation = TokenSplit(ids, torch.ones_like(ids), disagree)
+    task = ClassificationTask(TokenSplit(ids, torch.ones_like(ids), labels), validation, validation,
                               ["a", "b", "c"])
     base = tiny("tiny:bert")
     cell = Cell(method="lora", rank=4, lora_alpha="8", init="kaiming",
@@ -431,7 +431,7 @@ def test_fused_causal_lm_group_equals_trials_run_one_by_one():
     ids = torch.randint(1000, 3000, (32, 12), generator=generator)
     mask = torch.ones_like(ids)
     mask[::3, 9:] = 0  # some padded rows, whose positions are not scored
-    split = Split(ids, mask, ids.masked_fill(mask == 0, -100))
+    split = TokenSplit(ids, mask, ids.masked_fill(mask == 0, -100))
     task = CausalLMTask(split, split, None)
     train = TrainSpec(steps=6, batch_size=8)
     cell = Cell(method="lora", rank=4, lora_alpha="8", init="kaiming", target_modules="all-linear")

@@ -7,8 +7,9 @@ output), see the same batches, and are compared by relative error ||ours - peft|
 below 1e-6. Each variant runs alone (K = 1) and fused (K = 2 trials at different LRs, each
 against its own PEFT model), on a BERT-style encoder and tiny Llama, GPT-2 (Conv1D layers,
 fan_in_fan_out), OPT (with project_in / project_out), Qwen2, Phi-3 (fused qkv_proj /
-gate_up_proj), Gemma-2 and Gemma-3 decoders. `all-linear` selects exactly the layers PEFT's own
-`all-linear` selects.
+gate_up_proj), Gemma-2 and Gemma-3 decoders, and the image classifiers ViT and ConvNeXt (whose
+pointwise convolutions are nn.Linear layers; PEFT takes the head as modules_to_save). `all-linear`
+selects exactly the layers PEFT's own `all-linear` selects.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ from lorasweep.methods.stacked import StackedLoRALinear
 from lorasweep.methods.targets import (
     layer_shape,
     out_in_weight,
+    peft_task,
     replace_module,
     resolve_targets,
     uses_conv1d,
 )
-from lorasweep.models import load_model, load_tokenizer
+from lorasweep.models import LABELLED_KINDS, load_model, load_preprocessor
 from lorasweep.optim import build_optimizer
 from lorasweep.quantize import quantize_base
 from lorasweep.space import Cell, TrialSpec
@@ -99,7 +101,8 @@ DECODERS = {
 }
 NOT_AUTO = {"clvp_decoder": ClvpForCausalLM}  # no AutoModelForCausalLM entry
 ARCHS = [("tiny:bert", "classification"), ("tiny:llama", "causal_lm"),
-         *((name, "causal_lm") for name in DECODERS)]
+         *((name, "causal_lm") for name in DECODERS),
+         ("tiny:vit", "image_classification"), ("tiny:convnext", "image_classification")]
 
 
 def base_model(source: str, kind: str, quantize: str | None = None) -> torch.nn.Module:
@@ -113,7 +116,8 @@ def base_model(source: str, kind: str, quantize: str | None = None) -> torch.nn.
             model = (auto(config) if source in NOT_AUTO else auto.from_config(config)).eval()
         return quantize_base(model, quantize) if quantize else model
     spec = ModelSpec(source=source, quantize=quantize)
-    return load_model(spec, kind, 3 if kind == "classification" else None, load_tokenizer(spec))
+    return load_model(spec, kind, 3 if kind in LABELLED_KINDS else None,
+                      load_preprocessor(spec, kind))
 
 
 def linearized(model: torch.nn.Module) -> torch.nn.Module:
@@ -153,7 +157,7 @@ def build_pair(source: str, kind: str, method: str, k: int = 1, quantize: str | 
     targets = resolve_targets(base, "all-linear")
     config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=lora_dropout,
                         fan_in_fan_out=uses_conv1d(base, targets), **extra,
-                        task_type="SEQ_CLS" if kind == "classification" else "CAUSAL_LM")
+                        **peft_task(kind, base))
     # PEFT 0.21.2's olora_init ignores fan_in_fan_out (a QR of a Conv1D's stored (in, out)
     # weight: wrong shapes, or a changed model), so OLoRA's reference sees the Conv1D layers as
     # the nn.Linear layers they equal.
@@ -188,19 +192,28 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
     return {peft_key(name): p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def batch(kind: str, seed: int):
+def batch(kind: str, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Model inputs (token ids, or 32x32 pixel values) and labels."""
     generator = torch.Generator().manual_seed(seed)
+    if kind == "image_classification":
+        pixels = torch.randn((4, 3, 32, 32), generator=generator)
+        return {"pixel_values": pixels}, torch.randint(0, 3, (4,), generator=generator)
     ids = torch.randint(1000, 5000, (4, 12), generator=generator)
     labels = torch.randint(0, 3, (4,), generator=generator) if kind == "classification" else ids
-    return ids, labels
+    return {"input_ids": ids}, labels
 
 
-def losses_of(model, kind: str, ids, labels, k: int = 1) -> list[torch.Tensor]:
+def repeated(inputs: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """K copies of the inputs end to end, one per trial."""
+    return {name: t.repeat(k, *(1,) * (t.ndim - 1)) for name, t in inputs.items()}
+
+
+def losses_of(model, kind: str, inputs, labels, k: int = 1) -> list[torch.Tensor]:
     """Each trial's loss: the model sees K copies of the batch, one per trial."""
-    logits = model(input_ids=ids.repeat(k, 1)).logits
+    logits = model(**repeated(inputs, k)).logits
     out = []
     for part in logits.chunk(k):
-        if kind == "classification":
+        if kind in LABELLED_KINDS:
             out.append(F.cross_entropy(part, labels))
         else:
             out.append(F.cross_entropy(part[:, :-1].reshape(-1, part.shape[-1]),
@@ -239,16 +252,16 @@ def check_against_peft(source: str, kind: str, method: str, k: int = 1,
                 for ref, lr in zip(refs, lrs, strict=True)]
     ref_params = [trainable(ref) for ref in refs]
 
-    def same_outputs(ids) -> None:
-        ours_out = ours(input_ids=ids.repeat(k, 1)).logits.chunk(k)
+    def same_outputs(inputs) -> None:
+        ours_out = ours(**repeated(inputs, k)).logits.chunk(k)
         for mine, ref in zip(ours_out, refs, strict=True):
-            assert rel_err(mine, ref(input_ids=ids).logits) < TOL
+            assert rel_err(mine, ref(**inputs).logits) < TOL
 
     same_outputs(batch(kind, 0)[0])
     for step in range(STEPS):
-        ids, labels = batch(kind, step)
-        our_losses = losses_of(ours, kind, ids, labels, k)
-        ref_losses = [losses_of(ref, kind, ids, labels)[0] for ref in refs]
+        inputs, labels = batch(kind, step)
+        our_losses = losses_of(ours, kind, inputs, labels, k)
+        ref_losses = [losses_of(ref, kind, inputs, labels)[0] for ref in refs]
         for mine, theirs in zip(our_losses, ref_losses, strict=True):
             assert rel_err(mine, theirs) < TOL
         torch.stack(our_losses).sum().backward()
@@ -273,8 +286,7 @@ def test_all_linear_is_peft_all_linear(source, kind):
     """The preset selects what PEFT's own target_modules="all-linear" adapts: BERT's pooler and
     OPT's project_in / project_out too, never the LM or classification head."""
     base = base_model(source, kind)
-    config = LoraConfig(r=4, target_modules="all-linear",
-                        task_type="SEQ_CLS" if kind == "classification" else "CAUSAL_LM")
+    config = LoraConfig(r=4, target_modules="all-linear", **peft_task(kind, base))
     peft_model = get_peft_model(copy.deepcopy(base), config)
     theirs = {name.removeprefix("base_model.model.")
               for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)}
@@ -288,7 +300,8 @@ def test_all_linear_is_peft_all_linear(source, kind):
 LANDMARKS = {"tiny:bert": ("bert.pooler.dense",),
              "opt": ("model.decoder.project_in", "model.decoder.project_out"),
              "gpt2": ("transformer.h.1.mlp.c_proj",),
-             "clvp_decoder": ("model.decoder.layers.1.mlp.c_fc", "lm_head")}
+             "clvp_decoder": ("model.decoder.layers.1.mlp.c_fc", "lm_head"),
+             "tiny:convnext": ("convnext.encoder.stages.1.layers.0.pwconv2",)}
 
 
 def test_loraplus_lr_groups_follow_peft():
@@ -346,14 +359,14 @@ def check_dropout_against_peft(source: str, kind: str, method: str, k: int, atte
     for ref in refs:
         ref.train()
     for step in range(STEPS):
-        ids, labels = batch(kind, step)
+        inputs, labels = batch(kind, step)
         torch.manual_seed(step)
         with TiledDropout(k):
-            our_losses = losses_of(ours, kind, ids, labels, k)
+            our_losses = losses_of(ours, kind, inputs, labels, k)
             torch.stack(our_losses).sum().backward()
         for ref, mine in zip(refs, our_losses, strict=True):
             torch.manual_seed(step)
-            (theirs,) = losses_of(ref, kind, ids, labels)
+            (theirs,) = losses_of(ref, kind, inputs, labels)
             theirs.backward()
             assert rel_err(mine, theirs) < tol, step
         if step == 0:

@@ -14,7 +14,7 @@ from lorasweep.models import build_from_config, load_model, load_tokenizer
 from lorasweep.precision import base_dtype, check_device_support
 from lorasweep.space import Cell, TrialSpec
 from lorasweep.study.folder import prepare_folder
-from lorasweep.tasks.base import Split
+from lorasweep.tasks.base import TokenSplit
 from lorasweep.tasks.causal_lm import CausalLMTask
 from lorasweep.tasks.classification import ClassificationTask
 from lorasweep.train import train_group
@@ -38,7 +38,7 @@ def lm_task() -> CausalLMTask:
     mask = (torch.arange(16) < lengths[:, None]).long()
     labels = ids.masked_fill(mask == 0, -100)
     labels[::4, :5] = -100  # a prompt that is not scored, as loss_on: response does
-    split = Split(ids, mask, labels)
+    split = TokenSplit(ids, mask, labels)
     return CausalLMTask(split, split, None)
 
 
@@ -47,7 +47,7 @@ def classification_task() -> ClassificationTask:
     ids = torch.randint(1000, 3000, (48, 10), generator=generator)
     mask = torch.ones_like(ids)
     mask[::3, 6:] = 0
-    split = Split(ids, mask, ids[:, 0] % 3)
+    split = TokenSplit(ids, mask, ids[:, 0] % 3)
     return ClassificationTask(split, split, None, ["a", "b", "c"])
 
 
@@ -273,7 +273,7 @@ def test_fp16_base_on_the_cpu_is_refused_before_loading(tmp_path, study_file, ca
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("lorasweep.workbench.load_tokenizer", no_loading)
+    monkeypatch.setattr("lorasweep.workbench.load_preprocessor", no_loading)
     path = study_file(model={"source": "tiny:bert", "dtype": "fp16"})
     assert main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()

@@ -41,11 +41,11 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_the_quickstart_command_sets_up_the_venv_only(tmp_path: Path):
-    """README (a) runs set-up with --venv-only, which skips the system parts (and nothing else:
-    any other argument is refused before anything is done)."""
+    """README (a) runs set-up with --venv-only, which skips the system parts and installs the
+    runtime requirements only (any other argument is refused before anything is done)."""
     assert readme_command("a").startswith("bash scripts/setup.sh --venv-only && ")
     script = (REPO / "scripts" / "setup.sh").read_text()
-    assert "--venv-only) ;;" in script
+    assert "--venv-only) requirements=requirements.txt ;;" in script
     refused = subprocess.run(["bash", str(REPO / "scripts" / "setup.sh"), "--bogus"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2

@@ -35,7 +35,8 @@ TARGET_PRESETS = ("attention", "mlp", "all-linear")
 # The validation metrics each task kind reports that may choose optima (`task.metric`); the first
 # is the default. eval_loss is the only one where lower is better. A code task also reports
 # pass@k for each k in `task.pass_k`.
-KIND_METRICS = {"classification": ("accuracy", "eval_loss"), "causal_lm": ("eval_loss",),
+KIND_METRICS = {"classification": ("accuracy", "eval_loss"),
+                "image_classification": ("accuracy", "eval_loss"), "causal_lm": ("eval_loss",),
                 "math": ("accuracy_flexible", "accuracy_strict", "eval_loss"),
                 "code": ("pass@1", "eval_loss"), "rl": ("mean_reward",)}
 
@@ -79,14 +80,16 @@ class TaskSpec(_Strict):
     """The data and what is measured on it.
 
     `dataset` is a built-in one (`builtin:shakespeare-genre`, `builtin:shakespeare-plays`,
-    `builtin:gsm8k`), a hub dataset id, or a local file/folder; or give
+    `builtin:gsm8k`), a hub dataset id, or a local file/folder (for `image_classification` also
+    an image folder, one sub-folder per class); or give
     `train_file` (and optionally `validation_file`, `test_file`) as JSON, JSONL, CSV, text or
     parquet files. The validation split is carved from the training data unless the data has
     one (`validation_split`, `validation_file`), which is then used as given.
     """
 
     # external: the study's trainer command loads its own data and reports `metric`
-    kind: Literal["classification", "causal_lm", "math", "code", "external", "rl"]
+    kind: Literal["classification", "image_classification", "causal_lm", "math", "code",
+                  "external", "rl"]
     dataset: str | None = None
     dataset_config: str | None = None
     train_file: str | None = None
@@ -97,6 +100,7 @@ class TaskSpec(_Strict):
     test_split: str | None = "test"
     text_field: str = "text"
     label_field: str = "label"
+    image_field: str = "image"  # image_classification: an image, its file path, or its bytes
     prompt_field: str | None = None
     response_field: str | None = None
     messages_field: str | None = None  # chat data: [{role, content}, ...] per row (tasks/chat.py)
@@ -189,6 +193,13 @@ class TaskSpec(_Strict):
         return self
 
     def _check_fields(self) -> None:
+        if self.kind == "image_classification":
+            given = [f"task.{n}" for n in ("prompt_field", "response_field", "messages_field")
+                     if getattr(self, n) is not None] + ["task.loss_on"] * (self.loss_on != "all")
+            if given:
+                raise ValueError(f"{given[0]}: for text kinds; an image_classification task "
+                                 "reads task.image_field and task.label_field")
+            return
         if self.messages_field is not None:
             if self.prompt_field is not None or self.response_field is not None:
                 raise ValueError("task.messages_field replaces task.prompt_field/response_field;"

@@ -8,3 +8,10 @@ class StudyError(Exception):
 
     The message names the field or file and what is allowed; the CLI prints it alone on one line.
     """
+
+
+def first_line(exc: Exception) -> str:
+    """An exception's message cut to its first line (at most 200 characters), or its type's
+    name when it has none: the reason inside a one-line error."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]

@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from lorasweep.config import Study
 from lorasweep.errors import StudyError
 from lorasweep.methods.stacked import StackedLoRALinear
-from lorasweep.methods.targets import resolve_targets, uses_conv1d
-from lorasweep.models import load_model, load_tokenizer
+from lorasweep.methods.targets import peft_task, resolve_targets, uses_conv1d
+from lorasweep.models import LABELLED_KINDS, load_model, load_preprocessor
 from lorasweep.recipe import resolve_training
 from lorasweep.space import TrialSpec
 from lorasweep.study.folder import open_for_reading, weights_path
@@ -82,10 +82,10 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     if method.peft_flags is None:  # a peft entry: PEFT's own model
         return _export_peft_entry(study, spec, trained, out)
 
-    tokenizer = load_tokenizer(study.model)
-    classify = study.task.kind == "classification"
-    labels = num_labels(build_task(study, tokenizer)) if classify else None
-    base = load_model(study.model, study.task.kind, labels, tokenizer)
+    kind = study.task.kind
+    preprocessor = load_preprocessor(study.model, kind)
+    labels = num_labels(build_task(study, preprocessor)) if kind in LABELLED_KINDS else None
+    base = load_model(study.model, kind, labels, preprocessor)
     start = _initial_layers(base, spec)
     targets = resolve_targets(base, cell.target_modules)
     rank = cell.rank * (2 if residual else 1)
@@ -97,7 +97,7 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     lora_dropout = resolve_training(study.train, cell.recipe).train.lora_dropout
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=lora_dropout,
                         fan_in_fan_out=uses_conv1d(base, targets),
-                        **method.peft_flags, task_type="SEQ_CLS" if classify else "CAUSAL_LM")
+                        **method.peft_flags, **peft_task(kind, base))
     peft_model = get_peft_model(copy.deepcopy(base), config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

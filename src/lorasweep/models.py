@@ -1,5 +1,6 @@
-"""Base models and tokenizers: packaged offline models, local folders, hub ids, and models built
-from a config with random weights (tiny ones for tests, published sizes for benchmarks)."""
+"""Base models and their preprocessors (a tokenizer, or an image processor for image kinds):
+packaged offline models, local folders, hub ids, and models built from a config with random
+weights (tiny ones for tests, published sizes for benchmarks)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ import torch
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedTokenizerBase,
+    ViTImageProcessorPil,
 )
+from transformers.image_processing_utils import BaseImageProcessor
 
 from lorasweep.config import ModelSpec
-from lorasweep.errors import StudyError
+from lorasweep.errors import StudyError, first_line
 from lorasweep.packaged_models import (
     PACKAGED_MODELS,
     ModelNotAvailableError,
@@ -37,6 +42,11 @@ TINY_CONFIGS = {
                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
                        max_position_embeddings=128, pad_token_id=0, bos_token_id=101,
                        eos_token_id=102),
+    "tiny:vit": dict(model_type="vit", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, image_size=32, patch_size=8),
+    # ConvNeXt: its pointwise convolutions are nn.Linear layers, its other convolutions are not
+    "tiny:convnext": dict(model_type="convnext", hidden_sizes=[16, 32], depths=[1, 1],
+                          num_stages=2, image_size=32, patch_size=4),
 }
 _LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=8192)
@@ -65,17 +75,53 @@ RANDOM_CONFIGS = {
 CONFIG_SOURCES = {**TINY_CONFIGS, **RANDOM_CONFIGS}
 
 
+# The kinds whose model ends in a freshly drawn head of `num_labels` outputs, by auto class; every
+# other kind loads a causal LM.
+LABELLED_KINDS = {"classification": AutoModelForSequenceClassification,
+                  "image_classification": AutoModelForImageClassification}
+IMAGE_KINDS = ("image_classification",)
+# What turns raw examples into model inputs.
+Preprocessor = PreTrainedTokenizerBase | BaseImageProcessor
+
+
 def _auto_class(kind: str) -> type:
-    return AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
+    return LABELLED_KINDS.get(kind, AutoModelForCausalLM)
+
+
+def load_preprocessor(spec: ModelSpec, kind: str) -> Preprocessor:
+    """The model's image processor for an image kind, else its tokenizer."""
+    return load_image_processor(spec) if kind in IMAGE_KINDS else load_tokenizer(spec)
+
+
+def _say_remote_code(spec: ModelSpec) -> None:
+    """The preprocessor is loaded first: said once, before any of the model's code runs."""
+    if spec.trust_remote_code:
+        print(f"lorasweep: model.trust_remote_code: the Python code in {spec.source} runs, as "
+              "you, with your permissions", file=sys.stderr)
+
+
+def load_image_processor(spec: ModelSpec) -> BaseImageProcessor:
+    """The model's own image processor (resize, rescale, normalize to what it was trained on);
+    models built from a config get a plain resize to their config's image size. Always its PIL
+    form: the torchvision form, where torchvision is installed, gives other pixel values, and a
+    study's numbers must not depend on what else is installed."""
+    if spec.source in CONFIG_SOURCES:
+        size = CONFIG_SOURCES[spec.source].get("image_size", 224)
+        return ViTImageProcessorPil(size={"height": size, "width": size})
+    _say_remote_code(spec)
+    try:
+        return AutoImageProcessor.from_pretrained(_resolve_source(spec.source),
+                                                  revision=spec.revision, backend="pil",
+                                                  trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise StudyError(_load_error(spec, exc)) from None
 
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     """The tokenizer of the model (models built from a config borrow MiniLM's, which ships
     offline: its ids fit every vocabulary here)."""
     source = _resolve_source("minilm" if spec.source in CONFIG_SOURCES else spec.source)
-    if spec.trust_remote_code:  # the tokenizer is loaded first: said once, before any code runs
-        print(f"lorasweep: model.trust_remote_code: the Python code in {spec.source} runs, as "
-              "you, with your permissions", file=sys.stderr)
+    _say_remote_code(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision,
                                                   trust_remote_code=spec.trust_remote_code)
@@ -91,20 +137,27 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
 
 
 def load_model(spec: ModelSpec, kind: str, num_labels: int | None,
-               tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32
-               ) -> nn.Module:
+               preprocessor: Preprocessor, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The base model in `dtype` on the CPU (its block linears in NF4 with `quantize: nf4`), in
-    eval mode (dropout off, see train.py)."""
+    eval mode (dropout off, see train.py). A classifier's head has `num_labels` outputs; a
+    pretrained head of another size is left out (its weights are drawn per trial anyway)."""
     check_quantize(spec.quantize)
-    extra = {"num_labels": num_labels} if kind == "classification" else {}
+    tokenizer = preprocessor if isinstance(preprocessor, PreTrainedTokenizerBase) else None
+    extra = ({"num_labels": num_labels, "ignore_mismatched_sizes": True}
+             if kind in LABELLED_KINDS else {})
     if spec.source in CONFIG_SOURCES:
         # tiny models are drawn in fp32 and then rounded, so a bf16 base is the fp32 one stored
         # in bf16; published sizes are drawn in their dtype (an 8B model in fp32 is 32 GB)
         tiny = spec.source in TINY_CONFIGS
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = build_from_config(spec.source, kind, num_labels, len(tokenizer),
-                                      torch.float32 if tiny else dtype)
+        try:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = build_from_config(spec.source, kind, num_labels,
+                                          None if tokenizer is None else len(tokenizer),
+                                          torch.float32 if tiny else dtype)
+        except ValueError as exc:  # a text model for an image kind, or the other way round
+            raise StudyError(f"model.source: '{spec.source}' cannot be built for task.kind "
+                             f"{kind} ({first_line(exc)})") from None
         model = model.to(dtype)
     else:
         _refuse_pickle_only(spec.source)
@@ -114,7 +167,7 @@ def load_model(spec: ModelSpec, kind: str, num_labels: int | None,
                 trust_remote_code=spec.trust_remote_code, dtype=dtype, **extra)
         except (OSError, ValueError) as exc:
             raise StudyError(_load_error(spec, exc)) from None
-    if model.config.pad_token_id is None:
+    if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if spec.quantize is not None:
         quantize_base(model, spec.quantize)
@@ -137,7 +190,7 @@ def max_positions(spec: ModelSpec) -> int | None:
     """The longest sequence the model's position embeddings cover, from its config alone (None:
     the config does not say)."""
     if spec.source in CONFIG_SOURCES:
-        return int(CONFIG_SOURCES[spec.source]["max_position_embeddings"])
+        return CONFIG_SOURCES[spec.source].get("max_position_embeddings")  # images: none
     config = _config(spec)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, name, None)
@@ -146,14 +199,15 @@ def max_positions(spec: ModelSpec) -> int | None:
     return None
 
 
-def build_from_config(source: str, kind: str, num_labels: int | None, vocab_size: int,
+def build_from_config(source: str, kind: str, num_labels: int | None, vocab_size: int | None,
                       dtype: torch.dtype, device: str | torch.device | None = None) -> nn.Module:
     """A `tiny:` or `random:` model with fresh random weights; on device "meta" no memory is
-    allocated, to inspect an 8B model's shapes and parameter count on any machine."""
+    allocated, to inspect an 8B model's shapes and parameter count on any machine. A tiny text
+    model takes `vocab_size` (its tokenizer's; None for image models)."""
     values = dict(CONFIG_SOURCES[source])
-    if source in TINY_CONFIGS:
+    if source in TINY_CONFIGS and vocab_size is not None:
         values["vocab_size"] = vocab_size  # published models keep their own vocabulary size
-    extra = {"num_labels": num_labels} if kind == "classification" else {}
+    extra = {"num_labels": num_labels} if kind in LABELLED_KINDS else {}
     config = AutoConfig.for_model(**values, **extra)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         return _auto_class(kind).from_config(config, dtype=dtype)
@@ -170,9 +224,8 @@ def _config(spec: ModelSpec) -> PretrainedConfig:
 
 def model_width(spec: ModelSpec) -> int:
     """The model's hidden size (muA's width n), from its config alone."""
-    if spec.source in CONFIG_SOURCES:
-        return int(CONFIG_SOURCES[spec.source]["hidden_size"])
-    width = getattr(_config(spec), "hidden_size", None)
+    width = (CONFIG_SOURCES[spec.source].get("hidden_size") if spec.source in CONFIG_SOURCES
+             else getattr(_config(spec), "hidden_size", None))
     if not isinstance(width, int):
         raise StudyError(f"model.source: the config of '{spec.source}' names no hidden_size; "
                          "give --source-width")
@@ -192,6 +245,7 @@ def _load_error(spec: ModelSpec, exc: Exception) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     where = "local folder" if Path(spec.source).exists() else (
         "hub id (offline: HF_HUB_OFFLINE=1)" if offline else "hub id")
-    reason = str(exc).strip().splitlines()[0][:200]
+    reason = first_line(exc)
     return (f"model.source: cannot load '{spec.source}' as a {where}: {reason}; allowed: "
             f"{', '.join(PACKAGED_MODELS)}, {', '.join(CONFIG_SOURCES)}, a folder or a hub id")
+

@@ -32,7 +32,7 @@ from lorasweep.methods.base import NamedParams
 from lorasweep.optim import build_optimizer, build_schedule, total_steps
 from lorasweep.records import TrialResult
 from lorasweep.space import TrialSpec
-from lorasweep.tasks import Split, Task
+from lorasweep.tasks import Split, Task, logits_of
 from lorasweep.workbench import attach_group, batch_order
 
 DIVERGENCE_WINDOW = 10
@@ -215,8 +215,7 @@ def accumulate_gradients(model: nn.Module, task: Task, index: torch.Tensor, k: i
     for batch, count in zip(micro, counts, strict=True):
         batch = {n: t.to(device) for n, t in batch.items()}
         with autocast(train, device):
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
+            logits = logits_of(model, batch)
             part = task.trial_losses(logits, batch["labels"], k) * (count / max(sum(counts), 1))
         torch.where(active, part, torch.zeros_like(part)).sum().backward()
         losses += part.detach()

@@ -19,8 +19,14 @@ from lorasweep.config import TARGETS_AXIS, Study, TrainSpec
 from lorasweep.errors import StudyError
 from lorasweep.methods import Attached, get_method
 from lorasweep.methods.peft_passthrough import names_own_targets, needs_data
-from lorasweep.methods.targets import adapter_width, layer_shape, resolve_targets
-from lorasweep.models import load_model, load_tokenizer, max_positions
+from lorasweep.methods.targets import (
+    HEAD_NAMES,
+    adapter_width,
+    head_module_names,
+    layer_shape,
+    resolve_targets,
+)
+from lorasweep.models import LABELLED_KINDS, load_model, load_preprocessor, max_positions
 from lorasweep.precision import base_dtype, check_device_support
 from lorasweep.recipe import Training, resolve_training
 from lorasweep.space import TrialSpec, expand_trials, recipes_of, target_text
@@ -51,16 +57,22 @@ def load_workbench(study: Study, device: str = "cpu") -> Workbench:
     check_device_support(study, device)
     trainings = [resolve_training(study.train, text) for text in recipes_of(study)]
     _check_seq_len(study, {r.train.seq_len for r in trainings} | {study.train.seq_len})
-    tokenizer = load_tokenizer(study.model)
-    task = build_task(study, tokenizer)
-    tasks = {seq_len: build_task(study, tokenizer, seq_len)
+    preprocessor = load_preprocessor(study.model, study.task.kind)
+    task = build_task(study, preprocessor)
+    tasks = {seq_len: build_task(study, preprocessor, seq_len)
              for seq_len in {r.train.seq_len for r in trainings} - {study.train.seq_len}}
     for training in trainings:
         if training.train_examples is not None and training.train_examples > len(task.train):
             raise StudyError(f"search.recipe.train_examples: {training.train_examples} is more "
                              f"than the {len(task.train)} training examples (after validation)")
-    base = load_model(study.model, study.task.kind, num_labels(task), tokenizer,
+    base = load_model(study.model, study.task.kind, num_labels(task), preprocessor,
                       base_dtype(study.model, study.train, device))
+    if study.task.kind in LABELLED_KINDS and not head_module_names(base):
+        # a head lorasweep cannot find would stay frozen at its random init under LoRA
+        raise StudyError(f"model.source: '{study.model.source}' has no task head named "
+                         f"{' or '.join(HEAD_NAMES)}, which every method trains fully "
+                         "(a timm model through transformers keeps its head inside timm_model)")
+    task.check_model(base)
     widths = None
     if study.search.match_params:
         widths = {target_text(t): adapter_width(base, target_text(t))

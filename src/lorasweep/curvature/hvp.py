@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lorasweep.tasks import Task
+from lorasweep.tasks import Task, logits_of
 
 Params = Sequence[nn.Parameter]
 
@@ -44,8 +44,7 @@ class LossHessian:
         total = torch.zeros((), dtype=torch.float32)
         count = 0
         for batch in batches:
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
+            logits = logits_of(model, batch)
             loss_sum, items, _ = task.eval_terms(logits, batch["labels"], 1)
             total = total + loss_sum[0]
             count += items

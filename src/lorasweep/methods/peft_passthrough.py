@@ -60,8 +60,12 @@ class PeftPassThrough(Method):
         peft_model = peft.get_peft_model(model, config)
         if init == "eva":
             inputs = [{k: v for k, v in b.items() if k != "labels"} for b in batches()]
+            # PEFT's defaults pick token positions by the attention mask; inputs without token
+            # ids (pixel values) take every position, through PEFT's own default hook
+            positions = ({} if "input_ids" in inputs[0] else
+                         {"prepare_model_inputs_fn": None, "prepare_layer_inputs_fn": None})
             peft.initialize_lora_eva_weights(peft_model, dataloader=inputs,
-                                             show_progress_bar=False)
+                                             show_progress_bar=False, **positions)
         params = [(name.removeprefix("base_model.model."), p)
                   for name, p in peft_model.named_parameters() if p.requires_grad]
         scales = [scale["default"] for module in model.modules()
@@ -81,11 +85,14 @@ def names_own_targets(cell: Cell) -> bool:
 
 
 def _single_rows(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """A batch as batches of one sequence each, without their padding."""
+    """A batch as batches of one example each, token rows without their padding."""
     rows = []
-    for i, length in enumerate(batch["attention_mask"].sum(1).tolist()):
-        rows.append({name: t[i:i + 1, :length] if t.ndim == 2 else t[i:i + 1]
-                     for name, t in batch.items()})
+    for i in range(batch["labels"].shape[0]):
+        row = {name: t[i:i + 1] for name, t in batch.items()}
+        if "attention_mask" in row:
+            length = int(row["attention_mask"].sum())
+            row = {name: t[:, :length] if t.ndim == 2 else t for name, t in row.items()}
+        rows.append(row)
     return rows
 
 

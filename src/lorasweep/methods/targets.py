@@ -22,11 +22,23 @@ ATTENTION_LEAVES = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "o_pr
 # Attribute names transformers uses for a freshly initialized classification head (PEFT's
 # SEQ_CLS_HEAD_NAMES).
 HEAD_NAMES = ("classifier", "score")
+# PEFT's task type for each text kind (it has none for image classification).
+PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "math": "CAUSAL_LM",
+                   "code": "CAUSAL_LM"}
 
 
 def head_module_names(model: nn.Module) -> list[str]:
     """The task head's top-level module names (empty for a causal LM, whose head is pretrained)."""
     return [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+
+
+def peft_task(kind: str, model: nn.Module) -> dict:
+    """A LoraConfig's arguments that tell PEFT the task: its task type for text (a SEQ_CLS model
+    saves its head); for an image classifier the head as modules_to_save, as PEFT's own image
+    classification guide gives it (PEFT's all-linear then leaves the head out too)."""
+    if kind in PEFT_TASK_TYPES:
+        return {"task_type": PEFT_TASK_TYPES[kind]}
+    return {"modules_to_save": head_module_names(model)}
 
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""What a task gives the trainer: tokenized splits, a loss per trial, and an evaluation per trial.
+"""What a task gives the trainer: splits of model inputs, a loss and an evaluation per trial.
 
 Batches reach the model as K copies of the same examples laid end to end (see methods/stacked.py),
 so losses and metrics come back as one value per trial.
@@ -8,38 +8,80 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
-@dataclass
 class Split:
-    """Tokenized examples padded to the study's sequence length."""
+    """Examples as the model takes them: named input tensors whose first dimension is the
+    example (the task chooses them: token ids and masks, pixel values, ...) and their labels.
 
-    input_ids: torch.Tensor  # (N, T)
-    attention_mask: torch.Tensor  # (N, T)
-    labels: torch.Tensor  # (N,) class ids, or (N, T) token targets with -100 where ignored
+    Training, evaluation, curvature and the memory probes call `model(**inputs)` on what `batch`
+    gives, so a new kind of input needs a new Split (or none), not new training code.
+    """
+
+    def __init__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        self.inputs = inputs
+        self.labels = labels  # (N,) class ids, or (N, T) token targets with -100 where ignored
 
     def __len__(self) -> int:
-        return self.input_ids.shape[0]
+        return self.labels.shape[0]
 
     def head(self, n: int) -> Split:
         """The first n examples (the training data is stored in seeded shuffled order, so a
         smaller head is a prefix of a larger one)."""
-        return Split(self.input_ids[:n], self.attention_mask[:n], self.labels[:n])
+        part = copy.copy(self)
+        part.inputs = {name: t[:n] for name, t in self.inputs.items()}
+        part.labels = self.labels[:n]
+        return part
+
+    def trim(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """A batch's rows cut to what they use (nothing to cut here)."""
+        return inputs, labels
 
     def batch(self, index: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-        """Rows `index`, trimmed to their longest sequence, inputs repeated for K trials."""
-        length = int(self.attention_mask[index].sum(1).max())
-        ids = self.input_ids[index, :length]
-        mask = self.attention_mask[index, :length]
-        labels = self.labels[index]
-        if labels.ndim == 2:
-            labels = labels[:, :length]
-        return {"input_ids": ids.repeat(k, 1), "attention_mask": mask.repeat(k, 1),
+        """Rows `index`, trimmed, inputs repeated for K trials (K copies end to end along the
+        first dimension, as methods/stacked.py expects); `labels` once, not repeated."""
+        inputs, labels = self.trim({name: t[index] for name, t in self.inputs.items()},
+                                   self.labels[index])
+        return {**{name: t.repeat(k, *(1,) * (t.ndim - 1)) for name, t in inputs.items()},
                 "labels": labels}
+
+
+class TokenSplit(Split):
+    """Tokenized examples padded on the right to the study's sequence length; a batch is trimmed
+    to its longest sequence."""
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 labels: torch.Tensor) -> None:
+        super().__init__({"input_ids": input_ids, "attention_mask": attention_mask}, labels)
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # (N, T)
+        return self.inputs["input_ids"]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # (N, T)
+        return self.inputs["attention_mask"]
+
+    def trim(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        length = int(inputs["attention_mask"].sum(1).max())
+        cut = {name: t[:, :length] for name, t in inputs.items()}
+        return cut, labels[:, :length] if labels.ndim == 2 else labels
+
+
+def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits on a batch from `Split.batch` (its inputs, without the labels).
+
+    Floating inputs (pixel values) reach the model in the dtype its weights are stored in (a
+    bf16 base's convolution refuses fp32 input; ViT casts its own, ConvNeXt does not); token
+    ids pass as they are."""
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return model(**{name: t.to(dtype) if t.is_floating_point() else t
+                    for name, t in batch.items() if name != "labels"}).logits
 
 
 def per_trial(values: torch.Tensor, k: int, reduce: str = "sum") -> torch.Tensor:
@@ -67,6 +109,11 @@ class Task(ABC):
         subset = copy.copy(self)
         subset.train = self.train.head(n)
         return subset
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse, as one line, inputs the base model cannot take (before any trial runs);
+        tokenized text is cut to fit by the tokenizer, so only other inputs check."""
+        return None
 
     @abstractmethod
     def trial_losses(self, logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -96,8 +143,7 @@ class Task(ABC):
         for start in range(0, len(split), batch_size):
             index = torch.arange(start, min(start + batch_size, len(split)))
             batch = {n: t.to(device) for n, t in split.batch(index, k).items()}
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
+            logits = logits_of(model, batch)
             batch_loss, batch_count, batch_correct = self.eval_terms(logits, batch["labels"], k)
             loss_sum += batch_loss.double().cpu()
             correct += batch_correct.double().cpu()

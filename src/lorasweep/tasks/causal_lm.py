@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lorasweep.config import TaskSpec
 from lorasweep.errors import StudyError
-from lorasweep.tasks.base import Split, Task, per_trial
+from lorasweep.tasks.base import Task, TokenSplit, per_trial
 from lorasweep.tasks.data import RawSplits, Records, require_field
 
 IGNORE = -100
@@ -56,7 +56,7 @@ def build_causal_lm(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokeniz
         require_field(raw, field, "task.prompt_field/response_field" if paired
                       else "task.text_field")
 
-    def tokenize(records: Records, split: str) -> Split:
+    def tokenize(records: Records, split: str) -> TokenSplit:
         records = [r for r in records if any(str(r[f]).strip() for f in fields)]
         if not records:
             raise StudyError(f"task.{'/'.join(fields)}: the {split} data has no text (every "
@@ -74,7 +74,7 @@ def build_causal_lm(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokeniz
                            for p in prompts]
             for row, n in enumerate(prompt_lens):
                 labels[row, :n] = IGNORE
-        return Split(enc["input_ids"], enc["attention_mask"], labels)
+        return TokenSplit(enc["input_ids"], enc["attention_mask"], labels)
 
     test = None if raw.test is None else tokenize(raw.test, "test")
     return CausalLMTask(tokenize(raw.train, "training"), tokenize(raw.validation, "validation"),

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lorasweep.config import TaskSpec
 from lorasweep.errors import StudyError
-from lorasweep.tasks.base import Split
+from lorasweep.tasks.base import TokenSplit
 from lorasweep.tasks.causal_lm import IGNORE, CausalLMTask
 from lorasweep.tasks.data import RawSplits, Records, RowCheck
 
@@ -117,7 +117,7 @@ def pieces(tokenizer: PreTrainedTokenizerBase, turns: Turns, where: str
 
 
 def tokenize_conversations(tokenizer: PreTrainedTokenizerBase, records: Records, spec: TaskSpec,
-                           seq_len: int, split: str) -> Split:
+                           seq_len: int, split: str) -> TokenSplit:
     """Right-padded rendered conversations, cut at seq_len, labelled on assistant turns (or all).
 
     The template writes its own special tokens, so none are added."""
@@ -141,7 +141,7 @@ def tokenize_conversations(tokenizer: PreTrainedTokenizerBase, records: Records,
         input_ids[row, :n] = torch.tensor(ids[:n])
         mask[row, :n] = 1
         labels[row, :n] = torch.tensor(target[:n])
-    return Split(input_ids, mask, labels)
+    return TokenSplit(input_ids, mask, labels)
 
 
 def build_chat_lm(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from lorasweep.config import TaskSpec
 from lorasweep.errors import StudyError
-from lorasweep.tasks.base import Split, Task, per_trial
+from lorasweep.tasks.base import Split, Task, TokenSplit, per_trial
 from lorasweep.tasks.data import RawSplits, Records, require_field
 
 
@@ -38,26 +41,41 @@ class ClassificationTask(Task):
                 for loss, hits in zip(loss_sum, correct, strict=True)]
 
 
+class Classes:
+    """The classes the training data names, sorted, and labels as their ids; shared by every
+    classification kind."""
+
+    def __init__(self, raw: RawSplits, field: str) -> None:
+        self.field = field
+        self.names = sorted({str(r[field]) for r in raw.train})
+        if len(self.names) < 2:
+            raise StudyError(f"task.label_field: '{field}' has one class; need at least 2")
+        self._ids = {name: i for i, name in enumerate(self.names)}
+
+    def ids(self, records: Records, where: Callable[[int], str]) -> torch.Tensor:
+        """Each record's class id; a label the training data lacks is one line naming its row
+        (`where(i)`: the place of records[i])."""
+        for i, record in enumerate(records):
+            if str(record[self.field]) not in self._ids:
+                raise StudyError(f"task.label_field: {where(i)} has label "
+                                 f"'{record[self.field]}', which the training data lacks "
+                                 f"(its classes: {', '.join(self.names[:10])})")
+        return torch.tensor([self._ids[str(r[self.field])] for r in records])
+
+
 def build_classification(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,
                          seq_len: int) -> ClassificationTask:
     for field, setting in ((spec.text_field, "task.text_field"),
                            (spec.label_field, "task.label_field")):
         require_field(raw, field, setting)
-    label_names = sorted({str(r[spec.label_field]) for r in raw.train})
-    if len(label_names) < 2:
-        raise StudyError(f"task.label_field: '{spec.label_field}' has one class; need at least 2")
-    ids = {name: i for i, name in enumerate(label_names)}
+    classes = Classes(raw, spec.label_field)
 
-    def tokenize(records: Records, split: str) -> Split:
-        unknown = {str(r[spec.label_field]) for r in records} - set(ids)
-        if unknown:
-            raise StudyError(f"task: the {split} split has labels the training data lacks: "
-                             f"{', '.join(sorted(unknown)[:5])}")
+    def tokenize(records: Records, split: str) -> TokenSplit:
+        labels = classes.ids(records, partial(raw.where, split))
         enc = tokenizer([str(r[spec.text_field]) for r in records], truncation=True,
                         max_length=seq_len, padding="max_length", return_tensors="pt")
-        labels = torch.tensor([ids[str(r[spec.label_field])] for r in records])
-        return Split(enc["input_ids"], enc["attention_mask"], labels)
+        return TokenSplit(enc["input_ids"], enc["attention_mask"], labels)
 
     test = None if raw.test is None else tokenize(raw.test, "test")
-    return ClassificationTask(tokenize(raw.train, "train"), tokenize(raw.validation, "validation"),
-                              test, label_names)
+    return ClassificationTask(tokenize(raw.train, "training"),
+                              tokenize(raw.validation, "validation"), test, classes.names)

@@ -20,7 +20,7 @@ import datasets
 import numpy as np
 
 from lorasweep.config import TaskSpec
-from lorasweep.errors import StudyError
+from lorasweep.errors import StudyError, first_line
 from lorasweep.tasks import packaged_data
 
 BUILTIN_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -138,7 +138,7 @@ def _dataset_splits(task: TaskSpec) -> Mapping:
             loaded = datasets.load_from_disk(str(path))
         except Exception as exc:  # a damaged or partly copied folder: one line
             raise StudyError(f"task.dataset: cannot load the saved dataset '{task.dataset}' "
-                             f"({_first_line(exc)})") from None
+                             f"({first_line(exc)})") from None
         # A saved Dataset (not a DatasetDict) is the training data.
         return {"train": loaded} if isinstance(loaded, datasets.Dataset) else loaded
     return _load_named(task)
@@ -165,7 +165,7 @@ def _pick_splits(task: TaskSpec, splits: Mapping
         if name is None or name not in splits:
             return None
         split = splits[name]
-        return split if isinstance(split, list) else split.to_list()
+        return split if isinstance(split, list) else _to_records(split)
 
     return (records(task.train_split), records(task.validation_split),
             records(task.test_split))
@@ -190,8 +190,28 @@ def _load_file(path: str, field: str) -> Records:
     try:
         data = datasets.load_dataset(fmt, data_files=files, split="train")
     except Exception as exc:  # datasets raises many types for a malformed file
-        raise StudyError(f"{field}: {path}: cannot parse as {fmt} ({_first_line(exc)})") from None
-    return data.to_list()
+        raise StudyError(f"{field}: {path}: cannot parse as {fmt} ({first_line(exc)})") from None
+    return _to_records(data)
+
+
+def _to_records(data: datasets.Dataset) -> Records:
+    """The rows as plain values, image columns left undecoded (their bytes and path): the task
+    decodes each image itself, so one that cannot be read is named, not a traceback.
+
+    In image data a class label (an image folder's sub-folder) is its name, so errors and class
+    lists read `cat`, not `0`; text data keeps the stored ids, so a study folder made before
+    this resumes with the same classes."""
+    images = [n for n, f in data.features.items() if isinstance(f, datasets.Image)]
+    for name in images:
+        data = data.cast_column(name, datasets.Image(decode=False))
+    records = data.to_list()
+    if images:
+        for name, feature in data.features.items():
+            if isinstance(feature, datasets.ClassLabel):
+                for record in records:
+                    if record[name] is not None and record[name] >= 0:  # -1: no label
+                        record[name] = feature.int2str(record[name])
+    return records
 
 
 def _check_lines(file: Path, field: str, as_json: bool) -> None:
@@ -213,17 +233,14 @@ def _check_lines(file: Path, field: str, as_json: bool) -> None:
 
 
 def _load_named(task: TaskSpec) -> Mapping:
-    """A hub dataset id or a local folder of data files, through `datasets.load_dataset`."""
+    """A hub dataset id or a local folder of data files, through `datasets.load_dataset`; a
+    folder of images is its `imagefolder` builder's: one sub-folder per class (the label), and
+    train/validation/test folders above them as splits."""
     try:
         return datasets.load_dataset(task.dataset, task.dataset_config)
     except Exception as exc:  # offline, unknown id, bad config: all become one line
-        reason = _first_line(exc)
+        reason = first_line(exc)
         raise StudyError(f"task.dataset: cannot load '{task.dataset}' ({reason})") from None
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def require_field(raw: RawSplits, field: str, setting: str) -> None:

@@ -9,22 +9,22 @@ each trial's rows being the i-th block of the batch, as in training (methods/sta
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from lorasweep.tasks.base import Split
+from lorasweep.tasks.base import TokenSplit
 from lorasweep.tasks.causal_lm import IGNORE
 
 
-@dataclass
-class PromptSplit(Split):
+class PromptSplit(TokenSplit):
     """Tokenized prompt+response rows, plus each example's prompt ids and its reference."""
 
-    prompts: list[list[int]] = field(default_factory=list)
-    references: list = field(default_factory=list)  # gold answers, or problems to execute
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 labels: torch.Tensor, prompts: list[list[int]], references: list) -> None:
+        super().__init__(input_ids, attention_mask, labels)
+        self.prompts = prompts
+        self.references = references  # gold answers, or problems to execute
 
 
 def uses_chat_template(tokenizer: PreTrainedTokenizerBase, wanted: bool) -> bool:
