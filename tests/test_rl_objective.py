@@ -305,11 +305,13 @@ def trl_trainer(base, tmp_path_factory) -> GRPOTrainer:
                       per_device_train_batch_size=ROWS, num_generations=GROUP,
                       max_completion_length=LENGTH, temperature=STEP_OBJECTIVE.temperature,
                       beta=STEP_OBJECTIVE.beta, report_to=[])
-    trainer = GRPOTrainer(model=copy.deepcopy(base), reward_funcs=lambda completions, **_:
-                          REWARDS.tolist(), args=args, processing_class=tokenizer,
-                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=resolve_targets(
-                              base, "all-linear")))
+    with torch.random.fork_rng():  # the Trainer seeds torch's global generator
+        trainer = GRPOTrainer(model=copy.deepcopy(base), reward_funcs=lambda completions, **_:
+                              REWARDS.tolist(), args=args, processing_class=tokenizer,
+                              train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+                              peft_config=LoraConfig(r=4, lora_alpha=8,
+                                                     target_modules=resolve_targets(
+                                                         base, "all-linear")))
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which never runs
     nonzero_b([{name.replace(".default.weight", ""): p
                 for name, p in trainer.model.named_parameters() if p.requires_grad}])
@@ -330,8 +332,10 @@ def test_equal_trl_on_its_own_rollout(trl_trainer, scale):
     same rewards equal TRL's, and for every loss type lorasweep's `policy_losses` on that rollout
     equals TRL's `_compute_loss` on the same model, and so does every LoRA weight's gradient."""
     trl_trainer.scale_rewards = scale
-    out = trl_trainer._generate_and_score_completions([{"prompt": p} for p in PROMPTS
-                                                       for _ in range(GROUP)])
+    with torch.random.fork_rng():  # TRL samples from torch's global generator
+        torch.manual_seed(0)
+        out = trl_trainer._generate_and_score_completions([{"prompt": p} for p in PROMPTS
+                                                           for _ in range(GROUP)])
     advantages = group_advantages(REWARDS, GROUP, scale=scale)
     assert rel_err(advantages, out["advantages"]) < TOL
     completions = Completions(torch.cat([out["prompt_ids"], out["completion_ids"]], 1),
