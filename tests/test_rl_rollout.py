@@ -1,7 +1,8 @@
 """Sampling G completions per prompt for K fused trials (tasks/rollout.py) on tiny Llama.
 
 The Gumbel race samples softmax(logits / temperature); a trial samples the same completions
-alone or fused (left-padded prompts, the KV cache of `generate`); a completion's mask ends at its
+alone or fused (left-padded prompts, the KV cache of `generate`), and the tokens that one full
+forward of the sampled rows gives with the same noise; a completion's mask ends at its
 first eos; the log-probs the loss takes of a left-padded row are those of the row unpadded; and
 a whole RL step of K = 2 fused trials, sampling included, is each trial's step alone.
 """
@@ -75,6 +76,20 @@ def test_fused_trials_sample_as_alone(models):
     assert not torch.equal(group[0], group[1])
     other = sample_completions(single, prompts, seeds=[8], eos_id=None, **SAMPLING)
     assert not torch.equal(other.input_ids, alone.input_ids)
+
+
+def test_cached_decoding_samples_what_a_full_forward_gives(models):
+    """Replaying the race's noise over the logits of one full forward (no KV cache) picks every
+    token that `generate` picked step by step from its cache: fused, with left-padded prompts."""
+    pair, _, prompts, _ = models
+    batch = sample_completions(pair, prompts, seeds=[5, 7], eos_id=None, **SAMPLING)
+    mask = batch.attention_mask
+    with torch.no_grad():
+        logits = pair(input_ids=batch.input_ids, attention_mask=mask,
+                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -NEW - 1:-1]
+    replay = TrialGumbel([5, 7], SAMPLING["temperature"])
+    picks = torch.stack([replay(batch.input_ids, logits[:, t]).argmax(-1) for t in range(NEW)], 1)
+    assert torch.equal(picks, batch.completion_ids)
 
 
 def test_completion_ends_at_first_eos(models):
