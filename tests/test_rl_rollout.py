@@ -80,16 +80,24 @@ def test_fused_trials_sample_as_alone(models):
 
 def test_cached_decoding_samples_what_a_full_forward_gives(models):
     """Replaying the race's noise over the logits of one full forward (no KV cache) picks every
-    token that `generate` picked step by step from its cache: fused, with left-padded prompts."""
-    pair, _, prompts, _ = models
-    batch = sample_completions(pair, prompts, seeds=[5, 7], eos_id=None, **SAMPLING)
+    token that `generate` picked step by step from its cache: fused, with left-padded prompts,
+    and whatever logit processing the model's own generation config asks for."""
+    pair = copy.deepcopy(models[0])
+    with torch.no_grad():  # peaked logits: rows repeat their likeliest tokens
+        pair.lm_head.weight.mul_(30)
+    pair.generation_config.repetition_penalty = 3.0
+    pair.generation_config.no_repeat_ngram_size = 1
+    new = 24
+    batch = sample_completions(pair, models[2], seeds=[5, 7], eos_id=None,
+                               **{**SAMPLING, "max_new_tokens": new})
     mask = batch.attention_mask
     with torch.no_grad():
         logits = pair(input_ids=batch.input_ids, attention_mask=mask,
-                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -NEW - 1:-1]
+                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -new - 1:-1]
     replay = TrialGumbel([5, 7], SAMPLING["temperature"])
-    picks = torch.stack([replay(batch.input_ids, logits[:, t]).argmax(-1) for t in range(NEW)], 1)
+    picks = torch.stack([replay(batch.input_ids, logits[:, t]).argmax(-1) for t in range(new)], 1)
     assert torch.equal(picks, batch.completion_ids)
+    assert any(len(set(row.tolist())) < new for row in picks)  # repeats a penalty would change
 
 
 def test_completion_ends_at_first_eos(models):

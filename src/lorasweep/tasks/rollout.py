@@ -68,8 +68,11 @@ def sample_completions(model: nn.Module, prompts: list[list[int]], group_size: i
     ids, mask = left_padded([p for p in prompts for _ in range(group_size)], pad_id)
     device = next(model.parameters()).device
     ids, mask = ids.repeat(k, 1).to(device), mask.repeat(k, 1).to(device)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, top_k=None,
-                              top_p=None, pad_token_id=pad_id, eos_token_id=eos_id)
+    # a model's own generation config fills every value left unset here: the ones that would
+    # reshape the logits before the race (Qwen2.5 ships repetition_penalty 1.05) are set neutral
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                              repetition_penalty=1.0, no_repeat_ngram_size=0,
+                              pad_token_id=pad_id, eos_token_id=eos_id)
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                          logits_processor=LogitsProcessorList([TrialGumbel(seeds, temperature)]))
     new = out[:, ids.shape[1]:]
