@@ -69,7 +69,8 @@ def sample_completions(model: nn.Module, prompts: list[list[int]], group_size: i
     device = next(model.parameters()).device
     ids, mask = ids.repeat(k, 1).to(device), mask.repeat(k, 1).to(device)
     # a model's own generation config fills every value left unset here: the ones that would
-    # reshape the logits before the race (Qwen2.5 ships repetition_penalty 1.05) are set neutral
+    # reshape the logits before the race (instruct models often ship a repetition_penalty) are
+    # set neutral
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                               repetition_penalty=1.0, no_repeat_ngram_size=0,
                               pad_token_id=pad_id, eos_token_id=eos_id)
