@@ -38,7 +38,7 @@ TARGET_PRESETS = ("attention", "mlp", "all-linear")
 KIND_METRICS = {"classification": ("accuracy", "eval_loss"),
                 "image_classification": ("accuracy", "eval_loss"), "causal_lm": ("eval_loss",),
                 "math": ("accuracy_flexible", "accuracy_strict", "eval_loss"),
-                "code": ("pass@1", "eval_loss")}
+                "code": ("pass@1", "eval_loss"), "rl": ("mean_reward",)}
 
 
 # Most values one list of the search may hold: a grid far beyond any real sweep is a mistake that
@@ -89,7 +89,7 @@ class TaskSpec(_Strict):
 
     # external: the study's trainer command loads its own data and reports `metric`
     kind: Literal["classification", "image_classification", "causal_lm", "math", "code",
-                  "external"]
+                  "external", "rl"]
     dataset: str | None = None
     dataset_config: str | None = None
     train_file: str | None = None
@@ -204,7 +204,7 @@ class TaskSpec(_Strict):
             if self.prompt_field is not None or self.response_field is not None:
                 raise ValueError("task.messages_field replaces task.prompt_field/response_field;"
                                  " give one or the other")
-            if self.kind == "classification":
+            if self.kind in ("classification", "rl"):
                 raise ValueError("task.messages_field: for kinds causal_lm, math and code")
             if not self.chat_template:
                 raise ValueError("task.messages_field is rendered with the model's chat "
@@ -214,9 +214,13 @@ class TaskSpec(_Strict):
             return
         if self.loss_on == "assistant":
             raise ValueError("task.loss_on: 'assistant' needs task.messages_field")
+        if self.kind == "rl" and (self.prompt_field is None
+                                  or (self.response_field is None and self.answer_field is None)):
+            raise ValueError("task.kind 'rl' needs task.prompt_field and task.answer_field "
+                             "(or a task.response_field ending in '#### N') to verify against")
         if self.loss_on == "response" and self.response_field is None:
             raise ValueError("task.loss_on: 'response' needs task.response_field")
-        if (self.prompt_field is None) != (self.response_field is None):
+        if (self.prompt_field is None) != (self.response_field is None) and self.kind != "rl":
             raise ValueError("give both task.prompt_field and task.response_field, or neither")
         if self.kind in ("math", "code") and self.response_field is None:
             raise ValueError(f"task.kind '{self.kind}' needs task.prompt_field and "
@@ -292,6 +296,25 @@ class TrainSpec(_Strict):
             raise ValueError(f"train.grad_accum {self.grad_accum} does not divide "
                              f"train.batch_size {self.batch_size}")
         return self
+
+
+class RLSpec(_Strict):
+    """task.kind rl: how each step samples and scores completions and makes them a loss
+    (tasks/grpo.py's `Objective`, whose fields carry the same names; TRL's GRPOConfig in
+    brackets). Each step takes train.batch_size prompts and samples `group_size` completions of
+    each from the trial's own policy; `verifier` scores them (math: 1 for the right number as
+    the math task extracts it, else 0)."""
+
+    verifier: Literal["math"] = "math"
+    group_size: Annotated[int, Field(ge=2)] = 8  # [num_generations]
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    max_new_tokens: Annotated[int, Field(gt=0)] = 256  # [max_completion_length]
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    beta: Annotated[float, Field(ge=0)] = 0.0  # the KL to the base model (adapters off)
+    epsilon: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    epsilon_high: Annotated[float, Field(gt=0)] | None = None
+    kl_ratio_correction: bool = True  # [use_bias_correction_kl]
 
 
 class LRRange(_Strict):
@@ -597,6 +620,14 @@ class Study(_Strict):
     train: TrainSpec | None = None
     search: SearchSpec
     trainer: TrainerSpec | None = None
+    rl: RLSpec | None = None
+
+    @model_validator(mode="after")
+    def _rl_section(self) -> Study:
+        if (self.rl is None) != (self.task.kind != "rl"):
+            raise ValueError("rl: the section of task.kind rl (group_size, temperature, "
+                             "loss_type, ...); give both or neither")
+        return self
 
     @model_validator(mode="after")
     def _one_trainer(self) -> Study:

@@ -4,6 +4,7 @@ inputs (tokenized text, or pixel values)."""
 from __future__ import annotations
 
 from lorasweep.config import Study
+from lorasweep.errors import StudyError
 from lorasweep.models import Preprocessor
 from lorasweep.tasks import chat
 from lorasweep.tasks.base import Split, Task, TokenSplit, logits_of
@@ -23,6 +24,9 @@ def build_task(study: Study, preprocessor: Preprocessor, seq_len: int | None = N
     """The study's task as model inputs: text tokenized to `seq_len` (default: the train
     section's) by the model's tokenizer, images by its image processor."""
     spec = study.task
+    if spec.kind not in BUILDERS:  # rl: its trainer is the next slice of issue 25
+        raise StudyError(f"task.kind {spec.kind}: the study file is valid, but lorasweep cannot "
+                         "train this kind yet")
     # chat data (messages_field) is text: config.py refuses it for image kinds
     check = None if spec.messages_field is None else chat.row_checker(spec, preprocessor)
     raw = load_splits(spec, study.seed, check)

@@ -68,6 +68,15 @@ def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, prompts: list[str], respo
                        references=list(references))
 
 
+def left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one batch for `generate`, padded on the left so every row continues at the
+    end: ids and attention mask, (rows, longest prompt)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
 @torch.no_grad()
 def generate(model: nn.Module, prompts: list[list[int]], k: int, batch_size: int,
              device: torch.device, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
@@ -87,9 +96,8 @@ def generate(model: nn.Module, prompts: list[list[int]], k: int, batch_size: int
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
             chunk = [p for p in prompts[start:start + batch_size] for _ in range(samples)]
-            width = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            ids, mask = left_padded(chunk, pad)
+            width = ids.shape[1]
             new = model.generate(input_ids=ids.repeat(k, 1).to(device),
                                  attention_mask=mask.repeat(k, 1).to(device),
                                  generation_config=config)[:, width:].cpu()
