@@ -103,6 +103,25 @@ def assert_export_reproduces(ours, base, out: Path, inputs: tuple[int, int] | di
         assert not torch.allclose(a, base(**inputs).logits, atol=1e-4)
 
 
+def differing_pair(base, cell):
+    """Two copies of `base`: a K=2 LoRA group whose trial 1 has weights of its own (trial 0's
+    perturbed), and that trial alone; a fused model must compute for trial 1 what it alone does."""
+    import copy
+
+    import torch
+
+    from lorasweep.methods import get_method
+
+    pair, single = copy.deepcopy(base), copy.deepcopy(base)
+    attached = get_method("lora").attach(pair, cell, 2, torch.Generator().manual_seed(0))
+    alone = get_method("lora").attach(single, cell, 1, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(attached.trial_params[1], alone.trial_params[0], strict=True):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+            q.copy_(p)
+    return pair, single
+
+
 GRID = [10 ** (-4 + i / 4) for i in range(13)]  # 1e-4 .. 1e-1, four points per decade
 
 

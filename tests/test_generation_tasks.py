@@ -3,7 +3,6 @@ hostile programs, and the generation pipeline on a tiny causal LM (K stacked tri
 
 from __future__ import annotations
 
-import copy
 import socket
 from fractions import Fraction
 from pathlib import Path
@@ -14,7 +13,6 @@ import yaml
 
 from lorasweep.config import ModelSpec, load_study
 from lorasweep.errors import StudyError
-from lorasweep.methods import get_method
 from lorasweep.models import load_model, load_tokenizer
 from lorasweep.sandbox import (
     OPT_IN_ENV,
@@ -28,6 +26,8 @@ from lorasweep.tasks.code import definitions_only, pass_at_k, program
 from lorasweep.tasks.instruction import generate, tokenize_pairs
 from lorasweep.tasks.math import extract_flexible, extract_strict, normalize_number, score
 from lorasweep.train import train_group
+
+from .conftest import differing_pair
 
 # --- extraction and scoring -------------------------------------------------------------------
 
@@ -150,13 +150,7 @@ def test_stacked_trials_generate_as_they_would_alone(tiny_llama):
     batch of prompts generates what each prompt alone does (left padding)."""
     tokenizer, base = tiny_llama
     cell = Cell(method="lora", rank=4, lora_alpha="8", init="kaiming", target_modules="all-linear")
-    pair, single = copy.deepcopy(base), copy.deepcopy(base)
-    attached = get_method("lora").attach(pair, cell, 2, torch.Generator().manual_seed(0))
-    alone = get_method("lora").attach(single, cell, 1, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        for (_, p), (_, q) in zip(attached.trial_params[1], alone.trial_params[0], strict=True):
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-            q.copy_(p)
+    pair, single = differing_pair(base, cell)
     texts = ["a short one", "a much longer prompt here to pad", "third"]
     prompts = [tokenizer(t)["input_ids"] for t in texts]
     args = dict(device=torch.device("cpu"), tokenizer=tokenizer, max_new_tokens=5)

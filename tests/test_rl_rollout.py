@@ -30,6 +30,8 @@ from lorasweep.tasks.grpo import (
 from lorasweep.tasks.rollout import Completions, TrialGumbel, sample_completions
 from lorasweep.workbench import attach_trials
 
+from .conftest import differing_pair
+
 CELL = Cell(method="lora", rank=4, lora_alpha="8", init="kaiming", target_modules="all-linear")
 GROUP, NEW = 3, 6
 SAMPLING = dict(group_size=GROUP, temperature=0.7, max_new_tokens=NEW, pad_id=0)
@@ -51,13 +53,7 @@ def models():
     spec = ModelSpec(source="tiny:llama")
     tokenizer = load_tokenizer(spec)
     base = load_model(spec, "causal_lm", None, tokenizer)
-    pair, single = copy.deepcopy(base), copy.deepcopy(base)
-    attached = get_method("lora").attach(pair, CELL, 2, torch.Generator().manual_seed(0))
-    alone = get_method("lora").attach(single, CELL, 1, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        for (_, p), (_, q) in zip(attached.trial_params[1], alone.trial_params[0], strict=True):
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-            q.copy_(p)
+    pair, single = differing_pair(base, CELL)
     prompts = [tokenizer(t)["input_ids"] for t in ["a short one", "a much longer prompt here"]]
     return pair.eval(), single.eval(), prompts, base
 

@@ -63,12 +63,17 @@ class Classes:
         return torch.tensor([self._ids[str(r[self.field])] for r in records])
 
 
+def labelled_classes(raw: RawSplits, spec: TaskSpec, input_field: str, setting: str) -> Classes:
+    """The classes of a classification kind's data, once its input field (named by `setting`)
+    and its label field are known to be there."""
+    for field, name in ((input_field, setting), (spec.label_field, "task.label_field")):
+        require_field(raw, field, name)
+    return Classes(raw, spec.label_field)
+
+
 def build_classification(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,
                          seq_len: int) -> ClassificationTask:
-    for field, setting in ((spec.text_field, "task.text_field"),
-                           (spec.label_field, "task.label_field")):
-        require_field(raw, field, setting)
-    classes = Classes(raw, spec.label_field)
+    classes = labelled_classes(raw, spec, spec.text_field, "task.text_field")
 
     def tokenize(records: Records, split: str) -> TokenSplit:
         labels = classes.ids(records, partial(raw.where, split))

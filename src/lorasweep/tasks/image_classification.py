@@ -22,8 +22,8 @@ from transformers.image_processing_utils import BaseImageProcessor
 from lorasweep.config import TaskSpec
 from lorasweep.errors import StudyError, first_line
 from lorasweep.tasks.base import Split, logits_of
-from lorasweep.tasks.classification import Classes, ClassificationTask
-from lorasweep.tasks.data import RawSplits, Records, require_field
+from lorasweep.tasks.classification import ClassificationTask, labelled_classes
+from lorasweep.tasks.data import RawSplits, Records
 
 # What PIL raises for a file that is not an image, is cut short or is damaged.
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -54,10 +54,7 @@ class ImageClassificationTask(ClassificationTask):
 def build_image_classification(spec: TaskSpec, raw: RawSplits, processor: BaseImageProcessor,
                                seq_len: int) -> ImageClassificationTask:
     """Pixel values and class ids of each split (`seq_len` does not apply to images)."""
-    for field, setting in ((spec.image_field, "task.image_field"),
-                           (spec.label_field, "task.label_field")):
-        require_field(raw, field, setting)
-    classes = Classes(raw, spec.label_field)
+    classes = labelled_classes(raw, spec, spec.image_field, "task.image_field")
 
     def where(records: Records, split: str, index: int) -> str:
         """The row as stored, and its file when the image is one."""
