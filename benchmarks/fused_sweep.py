@@ -103,7 +103,9 @@ def train_peft(base: nn.Module, task: Task, train: TrainSpec, trials: list[Trial
 
     from lorasweep.methods.targets import resolve_targets
     from lorasweep.optim import total_steps
-    from lorasweep.train import accumulate_gradients, autocast, checkpoint_blocks
+    from lorasweep.precision import autocast
+    from lorasweep.tasks.base import accumulate_gradients
+    from lorasweep.train import checkpoint_blocks
     from lorasweep.workbench import batch_order
 
     steps = total_steps(train, len(task.train))

@@ -163,6 +163,38 @@ def data_files(tmp_path: Path) -> dict[str, Path]:
             "test": write_jsonl(tmp_path / "test.jsonl", make_records(60, 1))}
 
 
+def kill_mid_run(command: list[str], out: Path, name: str, complete: int, running: int,
+                 timeout: float = 240) -> dict[str, str]:
+    """Start `lorasweep run` (`command`) in a process, SIGKILL it once its store holds at least
+    `complete` complete trials and exactly `running` running ones, and return each trial key's
+    status at the kill."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from collections import Counter
+
+    from lorasweep.study.store import Store
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "lorasweep.cli", *command], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = None
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if (out / "optuna.journal").exists():
+            store = store or Store(out, name, maximize=True)
+            statuses = Counter(s for s, _, _ in store.latest_by_key().values())
+            if statuses["complete"] >= complete and statuses["running"] == running:
+                break
+        time.sleep(0.2)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert store is not None
+    return {key: status for key, (status, _, _) in store.latest_by_key().items()}
+
+
 def tiny_study(data: dict[str, Path], **sections: dict) -> dict:
     """A complete study on tiny:bert that trains in seconds; `sections` replace parts of it."""
     study = {

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from lorasweep.config import TrainSpec
 from lorasweep.dropout import TiledDropout, step_seed
 from lorasweep.space import Cell, TrialSpec
-from lorasweep.train import accumulate_gradients
+from lorasweep.tasks.base import accumulate_gradients
 from lorasweep.workbench import attach_group
 
 from .test_methods import tiny, toy_task

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 from lorasweep.cli import main
 from lorasweep.config import load_study
 from lorasweep.tasks.grpo import Objective
+from lorasweep.tasks.rl import objective_of
 
 from .conftest import tiny_study
 
@@ -37,9 +39,12 @@ def run_error(tmp_path: Path, study: dict, capsys) -> str:
 def test_rl_section_is_the_objective(tmp_path: Path, data_files):
     """The section's fields are the Objective's (a trainer builds one from the other), and
     optima are chosen on the mean reward, higher being better."""
-    study = load_study(write(tmp_path, rl_study(data_files, loss_type="dr_grpo", beta=0.04,
-                                                epsilon_high=0.28)))
-    objective = Objective(**study.rl.model_dump(exclude={"verifier", "group_size"}))
+    written = rl_study(data_files, loss_type="dr_grpo", beta=0.04, epsilon_high=0.28)
+    written["search"]["methods"] = ["lora"]  # the KL needs adapters to switch off
+    study = load_study(write(tmp_path, written))
+    objective = objective_of(study.rl)
+    named = set(study.rl.model_dump()) - {"verifier", "group_size", "eval_samples"}
+    assert named == {f.name for f in dataclasses.fields(Objective)}
     assert (objective.loss_type, objective.beta, objective.clip_range) == ("dr_grpo", 0.04,
                                                                            (0.8, 1.28))
     assert study.task.objective == "mean_reward" and study.task.maximize
@@ -53,6 +58,11 @@ def test_rl_section_is_the_objective(tmp_path: Path, data_files):
     ({"rl": {"scale_rewards": "global"}}, "rl.scale_rewards"),
     ({"rl": {"verifier": "code"}}, "rl.verifier"),
     ({"rl": {"samples": 4}}, "rl.samples"),
+    ({"rl": {"eval_samples": 0}}, "rl.eval_samples"),
+    ({"rl": {"beta": 0.04}, "search": {"methods": ["lora", "full"]}},
+     "rl.beta: the KL to the base needs the base model beside method 'full'"),
+    ({"rl": {"beta": 0.04}, "search": {"methods": ["lora"], "inits": ["pissa"]}},
+     "rl.beta: init 'pissa' (method 'lora') rewrites the base weight"),
     ({"rl": None}, "rl: the section of task.kind rl"),
     ({"task": {**RL_TASK, "kind": "math", "response_field": "label"}},
      "rl: the section of task.kind rl"),
@@ -68,8 +78,3 @@ def test_bad_rl_study_is_one_line_exit_2(tmp_path: Path, data_files, capsys, cha
         else:
             study[section] = {**study[section], **value}
     assert expected in run_error(tmp_path, study, capsys)
-
-
-def test_valid_rl_study_is_refused_until_its_trainer_exists(tmp_path: Path, data_files, capsys):
-    err = run_error(tmp_path, rl_study(data_files), capsys)
-    assert "task.kind rl: the study file is valid, but lorasweep cannot train" in err

@@ -95,7 +95,7 @@ def test_grad_accum_equals_one_big_batch(source, kind, method, lrs):
 def test_grad_accum_gradient_is_the_big_batch_gradient(source, kind, method, k):
     """One step's accumulated gradient equals the whole batch's to 1e-6 of its norm (random A
     and B, so every adapter weight has a gradient), alone and fused."""
-    from lorasweep.train import accumulate_gradients
+    from lorasweep.tasks.base import accumulate_gradients
 
     base = tiny(source, kind)
     task = lm_task() if kind == "causal_lm" else classification_task()

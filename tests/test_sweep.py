@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 from lorasweep.cli import main
 from lorasweep.study.store import Store
 
-from .conftest import read_rows
+from .conftest import kill_mid_run, read_rows
 
 HERE = Path(__file__).resolve().parent
 
@@ -116,27 +114,13 @@ def test_resume_after_sigkill(tmp_path: Path, study_file):
     out = tmp_path / "study"
     path = study_file(search={"methods": ["lora"], "lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]},
                       train={"steps": 30})
-    command = [sys.executable, "-m", "lorasweep.cli", "run", str(path), "--out", str(out),
-               "--max-group", "2"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    store = None
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if (out / "optuna.journal").exists():
-            store = store or Store(out, "tiny", maximize=True)
-            statuses = Counter(s for s, _, _ in store.latest_by_key().values())
-            if statuses["complete"] >= 2 and statuses["running"] == 2:
-                break
-        time.sleep(0.2)
-    assert process.poll() is None, "the run ended before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    before = {key: status for key, (status, _, _) in store.latest_by_key().items()}
+    command = ["run", str(path), "--out", str(out), "--max-group", "2"]
+    before = kill_mid_run(command, out, "tiny", complete=2, running=2)
     assert Counter(before.values())["running"] == 2
 
-    assert subprocess.run(command, env=env, capture_output=True).returncode == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    assert subprocess.run([sys.executable, "-m", "lorasweep.cli", *command], env=env,
+                          capture_output=True).returncode == 0
     rows = read_rows(out)
     assert len(rows) == 6 and {r["status"] for r in rows} == {"complete"}
     store = Store(out, "tiny", maximize=True)

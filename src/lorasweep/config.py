@@ -316,6 +316,8 @@ class RLSpec(_Strict):
     epsilon: Annotated[float, Field(gt=0, lt=1)] = 0.2
     epsilon_high: Annotated[float, Field(gt=0)] | None = None
     kl_ratio_correction: bool = True  # [use_bias_correction_kl]
+    # seeded samples of each validation prompt its mean reward averages over
+    eval_samples: Annotated[int, Field(ge=1)] = 1
 
 
 class LRRange(_Strict):
@@ -628,7 +630,29 @@ class Study(_Strict):
         if (self.rl is None) != (self.task.kind != "rl"):
             raise ValueError("rl: the section of task.kind rl (group_size, temperature, "
                              "loss_type, ...); give both or neither")
+        if self.rl is not None and self.rl.beta > 0:
+            self._check_kl_reference()
         return self
+
+    def _check_kl_reference(self) -> None:
+        """rl.beta > 0 takes the reference log-probs from the trained model with its adapters
+        switched off (methods/stacked.adapters_disabled), which is the base only for lorasweep's
+        own adapter layers over a base they leave as it was."""
+        for entry in self.search.methods:
+            spec = variant(entry.name)
+            if not spec.is_adapter or spec.strategy == "peft":
+                raise ValueError(f"rl.beta: the KL to the base needs the base model beside method "
+                                 f"'{entry.display_name}', which keeps no adapter to switch off; "
+                                 "set rl.beta: 0 or use an adapter method (lora, rslora, dora, "
+                                 "...)")
+            for init in entry.inits(self.search.inits):
+                if get_init(init).residual:
+                    raise ValueError(f"rl.beta: init '{init}' (method '{entry.display_name}') "
+                                     "rewrites the base weight, so switching the adapter off "
+                                     "does not give the base model; set rl.beta: 0 or use "
+                                     "an init that leaves the base as it is: "
+                                     + ", ".join(i.name for i in INITS.values()
+                                                 if not i.residual))
 
     @model_validator(mode="after")
     def _one_trainer(self) -> Study:

@@ -34,3 +34,9 @@ def check_device_support(study: Study, device: str) -> None:
         field = "model.dtype" if study.model.dtype == "bf16" else "train.precision"
         raise StudyError(f"{field}: bf16: this GPU ({torch.cuda.get_device_name(device)}) does "
                          "not compute in bf16; allowed here: fp32 (model.dtype also fp16)")
+
+
+def autocast(train: TrainSpec, device: torch.device) -> torch.autocast:
+    """bf16 autocast for `precision: bf16` (parameters stay fp32: the adapters' small updates
+    would vanish in bf16 rounding); a no-op for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16")

@@ -27,6 +27,7 @@ T = TypeVar("T")
 TRIALS_CSV = "trials.csv"
 OPTIMA_CSV = "optima.csv"
 CURVATURE_CSV = "curvature.csv"
+CURVES_CSV = "curves.csv"
 
 COLUMNS = ("trial", "method", "rank", "lora_alpha", "alpha_mode", "init", "target_modules",
            "recipe", "lr", "seed", "status", "train_loss", "eval_loss", "metric", "test_metric",
@@ -50,6 +51,7 @@ class TrialResult:
     metrics: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
     loss_curve: list[float] = field(default_factory=list)
+    curves: dict[str, list[float]] = field(default_factory=dict)  # the task's per-step curves
     eval_curve: list[dict] = field(default_factory=list)
     trainable_params: int = 0
     effective_scale: float | None = None
@@ -176,6 +178,48 @@ def write_trials_csv(folder: Path, store: TrialSource, metric_name: str) -> list
     extra = sorted({key for row in rows for key in row} - set(COLUMNS))
     _write_csv(folder / TRIALS_CSV, [*COLUMNS, *extra], rows)
     return [TrialRecord.from_row(row) for row in rows]
+
+
+# curves.csv: the per-step curves a task records beside the loss (RL: each trial's mean reward),
+# one row per (trial, curve, step); written only by a study whose task records any.
+CURVES_COLUMNS = ("trial", "curve", "step", "value")
+Curves = dict[int, dict[str, list[float]]]  # trial -> curve name -> value at steps 1, 2, ...
+
+
+def write_curves_csv(folder: Path, store: TrialSource) -> Curves:
+    """Every trial's curves from the attempt that decides it (a stale file goes)."""
+    curves: Curves = {}
+    for _, trial, _ in store.latest_by_key().values():
+        recorded = trial.user_attrs.get("curves") or {}
+        if recorded:
+            curves[TrialSpec.from_attrs(trial.user_attrs).grid_id] = recorded
+    if not curves:
+        (folder / CURVES_CSV).unlink(missing_ok=True)
+        return curves
+    _write_csv(folder / CURVES_CSV, CURVES_COLUMNS,
+               [{"trial": trial, "curve": name, "step": step, "value": value}
+                for trial, named in sorted(curves.items()) for name, values in named.items()
+                for step, value in enumerate(values, 1)])
+    return curves
+
+
+def read_curves_csv(folder: Path) -> Curves:
+    """curves.csv's curves (none when the study's task records none)."""
+    path = folder / CURVES_CSV
+    if not path.is_file():
+        return {}
+    curves: Curves = {}
+    for trial, name, step, value in _read_rows(path, str(path), _curve_point, CURVES_COLUMNS):
+        values = curves.setdefault(trial, {}).setdefault(name, [])
+        if step != len(values) + 1:
+            raise StudyError(f"{path}: not as lorasweep writes it (trial {trial}'s {name} "
+                             f"jumps to step {step})")
+        values.append(value)
+    return curves
+
+
+def _curve_point(row: dict) -> tuple[int, str, int, float]:
+    return int(row["trial"]), _required(row, "curve"), int(row["step"]), float(row["value"])
 
 
 def read_trials_csv(folder: Path) -> list[TrialRecord]:

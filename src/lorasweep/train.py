@@ -30,9 +30,10 @@ from lorasweep.dropout import TiledDropout, set_training, step_seed
 from lorasweep.methods import get_method
 from lorasweep.methods.base import NamedParams
 from lorasweep.optim import build_optimizer, build_schedule, total_steps
+from lorasweep.precision import autocast
 from lorasweep.records import TrialResult
 from lorasweep.space import TrialSpec
-from lorasweep.tasks import Split, Task, logits_of
+from lorasweep.tasks import Split, Task
 from lorasweep.workbench import attach_group, batch_order
 
 DIVERGENCE_WINDOW = 10
@@ -57,9 +58,10 @@ class BestOf:
 
 
 class DivergenceWatch:
-    """Stops a trial whose loss is not finite or whose recent mean is far above its start."""
+    """Stops a trial whose loss is not finite or (with `factor`) whose recent mean is far above
+    its start."""
 
-    def __init__(self, factor: float) -> None:
+    def __init__(self, factor: float | None) -> None:
         self.factor = factor
         self.first: float | None = None
         self.recent: deque[float] = deque(maxlen=DIVERGENCE_WINDOW)
@@ -67,6 +69,8 @@ class DivergenceWatch:
     def check(self, loss: float) -> str | None:
         if not math.isfinite(loss):
             return f"loss became {loss}"
+        if self.factor is None:
+            return None
         if self.first is None:
             self.first = loss
         self.recent.append(loss)
@@ -84,15 +88,18 @@ class TrialCourse:
         self.watch = watch
         self.params = params
         self.curve: list[float] = []
+        self.curves: dict[str, list[float]] = {}  # the task's own per-step curves
         self.evals: list[dict] = []
         self.stopped: tuple[int, str] | None = None  # (step, reason)
         self.best: dict | None = None
         self.kept: list[torch.Tensor] | None = None  # the weights at `best`, on the CPU
 
-    def trained(self, step: int, loss: float) -> None:
-        """One step's loss; a trial whose loss runs away stops here."""
+    def trained(self, step: int, loss: float, curves: dict[str, float]) -> None:
+        """One step's loss (and the task's curves); a trial whose loss runs away stops here."""
         if self.stopped is None:
             self.curve.append(loss)
+            for name, value in curves.items():
+                self.curves.setdefault(name, []).append(value)
             reason = self.watch.check(loss)
             self.stopped = None if reason is None else (step, reason)
 
@@ -118,12 +125,14 @@ class TrialCourse:
 
     def result(self, step: int, final: dict, selected: dict, test: dict, keep_weights: bool,
                **common: object) -> TrialResult:
-        if self.stopped is None and not math.isfinite(final["eval_loss"]):
-            self.stopped = (step, "validation loss is not finite")
+        lost = [name for name, value in final.items() if not math.isfinite(value)]
+        if self.stopped is None and lost:
+            name = "loss" if lost[0] == "eval_loss" else lost[0]
+            self.stopped = (step, f"validation {name} is not finite")
         if self.stopped is not None:
             return TrialResult(status="diverged", steps=self.stopped[0], reason=self.stopped[1],
                                train_loss=self.curve[-1], loss_curve=self.curve,
-                               eval_curve=self.evals, **common)
+                               curves=self.curves, eval_curve=self.evals, **common)
         self.evals.append({"step": step, **final})
         weights = ({name: p.detach().cpu().clone() for name, p in self.params}
                    if keep_weights else None)
@@ -131,7 +140,7 @@ class TrialCourse:
                            metrics={n: v for n, v in selected.items() if n != "step"},
                            test=test, train_loss=_tail_mean(self.curve), weights=weights,
                            selected_step=selected["step"], loss_curve=self.curve,
-                           eval_curve=self.evals, **common)
+                           curves=self.curves, eval_curve=self.evals, **common)
 
 
 def train_group(base: nn.Module, task: Task, train: TrainSpec, trials: list[TrialSpec],
@@ -161,7 +170,8 @@ def train_group(base: nn.Module, task: Task, train: TrainSpec, trials: list[Tria
             return task.evaluate(model, split, k, train.eval_batch_size, device)
 
     drops = train.dropout == "model" or train.lora_dropout > 0
-    courses = [TrialCourse(DivergenceWatch(train.divergence_factor), params)
+    factor = train.divergence_factor if task.loss_grows_when_diverging else None
+    courses = [TrialCourse(DivergenceWatch(factor), params)
                for params in attached.trial_params]
     step = 0
     for step, index in enumerate(batch_order(len(task.train), train.batch_size, steps, seed), 1):
@@ -170,9 +180,11 @@ def train_group(base: nn.Module, task: Task, train: TrainSpec, trials: list[Tria
         torch.manual_seed(step_seed(seed, step))
         # the mode wraps every torch call: entered only when some dropout can fire
         with TiledDropout(k) if drops else contextlib.nullcontext():
-            losses = accumulate_gradients(model, task, index, k, train, active)
-        for course, loss in zip(courses, losses.detach().cpu().tolist(), strict=True):
-            course.trained(step, loss)
+            outcome = task.train_step(model, index, k, train, active, step_seed(seed, step))
+        curves = {name: values.detach().cpu().tolist() for name, values in outcome.curves.items()}
+        for i, (course, loss) in enumerate(zip(courses, outcome.losses.detach().cpu().tolist(),
+                                               strict=True)):
+            course.trained(step, loss, {name: values[i] for name, values in curves.items()})
         for course in courses:
             clip_or_drop([p for _, p in course.params], train.grad_clip,
                          course.stopped is not None)
@@ -198,30 +210,6 @@ def train_group(base: nn.Module, task: Task, train: TrainSpec, trials: list[Tria
             for i, course in enumerate(courses)]
 
 
-def accumulate_gradients(model: nn.Module, task: Task, index: torch.Tensor, k: int,
-                         train: TrainSpec, active: torch.Tensor) -> torch.Tensor:
-    """Backward of one step's batch (rows `index`) in `train.grad_accum` micro-batches; returns
-    each trial's mean loss over the batch, shape (K,). Trials not `active` get no gradient.
-
-    Each micro-batch's mean loss is weighted by its share of the batch's scored tokens (examples,
-    for classification), so the summed gradient is the whole batch's and padding counts nowhere.
-    With one micro-batch the weight is exactly 1: today's numbers, bit for bit.
-    """
-    device = active.device
-    micro = [task.train.batch(part, k)
-             for part in index.split(train.batch_size // train.grad_accum)]
-    counts = [task.loss_count(batch["labels"]) for batch in micro]
-    losses = torch.zeros(k, device=device)
-    for batch, count in zip(micro, counts, strict=True):
-        batch = {n: t.to(device) for n, t in batch.items()}
-        with autocast(train, device):
-            logits = logits_of(model, batch)
-            part = task.trial_losses(logits, batch["labels"], k) * (count / max(sum(counts), 1))
-        torch.where(active, part, torch.zeros_like(part)).sum().backward()
-        losses += part.detach()
-    return losses
-
-
 def checkpoint_blocks(model: nn.Module, k: int = 1) -> None:
     """Recompute each transformer block in the backward (torch's non-reentrant checkpoint, through
     transformers), keeping only the blocks' inputs: the same numbers in less memory.
@@ -243,12 +231,6 @@ def checkpoint_blocks(model: nn.Module, k: int = 1) -> None:
 def recompute_contexts(k: int) -> tuple[contextlib.AbstractContextManager, TiledDropout]:
     """torch checkpoint's context_fn: the forward as it is, the recomputation with tiled masks."""
     return contextlib.nullcontext(), TiledDropout(k)
-
-
-def autocast(train: TrainSpec, device: torch.device) -> torch.autocast:
-    """bf16 autocast for `precision: bf16` (parameters stay fp32: the adapters' small updates
-    would vanish in bf16 rounding); a no-op for fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16")
 
 
 def clip_or_drop(params: list[nn.Parameter], max_norm: float | None, stopped: bool) -> None:

@@ -40,6 +40,9 @@ def open_target(target: str, out: Path | None, overrides: list[str]) -> tuple[St
     if study.trainer is not None:
         raise StudyError(f"{target}: curvature is measured on lorasweep's own model and data; "
                          "this study's trainer command keeps both to itself")
+    if study.task.kind == "rl":
+        raise StudyError(f"{target}: curvature is measured on a fixed batch's loss; an rl "
+                         "study's loss depends on the completions each step samples")
     return study, folder
 
 

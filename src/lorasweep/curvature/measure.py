@@ -32,7 +32,8 @@ from lorasweep.recipe import resolve_training
 from lorasweep.records import CurvatureRecord
 from lorasweep.space import Cell, TrialSpec, cells_of, grid_step, target_text
 from lorasweep.tasks import Task
-from lorasweep.train import accumulate_gradients, clip_or_drop
+from lorasweep.tasks.base import accumulate_gradients
+from lorasweep.train import clip_or_drop
 from lorasweep.workbench import Workbench, attach_group, batch_order
 
 BLOCK_KINDS = ("modules", "joint")

@@ -10,6 +10,9 @@ rounding into visible differences within a few steps.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +54,7 @@ class StackedLoRALinear(nn.Module):
         self.rank = rank
         self.scale = scale
         self.lora_dropout = lora_dropout
+        self.disabled = False  # adapters_disabled: the base layer alone
         n_out, n_in = layer_shape(base)
         self.lora_A = nn.ParameterList(
             nn.Parameter(torch.zeros(rank, n_in)) for _ in range(k))
@@ -77,6 +81,8 @@ class StackedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
+        if self.disabled:
+            return result
         dropped = self.dropped(x)
         inputs = x if dropped is None else dropped
         delta = torch.cat([F.linear(F.linear(xk.to(a.dtype), a), b) * self.scale
@@ -120,6 +126,8 @@ class StackedDoRALinear(StackedLoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
+        if self.disabled:
+            return result
         base = dense_weight(self.base)  # dequantized once for the K trials
         dropped = self.dropped(x)
         if dropped is None:
@@ -133,6 +141,22 @@ class StackedDoRALinear(StackedLoRALinear):
             lora = F.linear(F.linear(xk.to(a.dtype), a), b)
             deltas.append((ratio - 1) * wk + ratio * lora * self.scale)
         return result + torch.cat(deltas).to(result.dtype)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """The model as its base computes it: every stacked adapter layer returns its base layer's
+    output (RL's reference policy, with no second copy of the base). Only a base that the
+    adapters leave untouched is the base model: not under a residual init (PiSSA and the like
+    rewrite W), config.py refuses that pairing."""
+    layers = [m for m in model.modules() if isinstance(m, StackedLoRALinear)]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 class StackedLinear(nn.Module):

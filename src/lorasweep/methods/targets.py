@@ -24,7 +24,7 @@ ATTENTION_LEAVES = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "o_pr
 HEAD_NAMES = ("classifier", "score")
 # PEFT's task type for each text kind (it has none for image classification).
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "math": "CAUSAL_LM",
-                   "code": "CAUSAL_LM"}
+                   "code": "CAUSAL_LM", "rl": "CAUSAL_LM"}
 
 
 def head_module_names(model: nn.Module) -> list[str]:

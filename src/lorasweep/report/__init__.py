@@ -20,13 +20,22 @@ from lorasweep.records import (
     OPTIMA_CSV,
     TrialRecord,
     read_curvature_csv,
+    read_curves_csv,
+    write_curves_csv,
     write_optima_csv,
     write_trials_csv,
 )
 from lorasweep.report.answer import build_answer
 from lorasweep.report.curvature import curvature_tables
+from lorasweep.report.curves import curve_names, curve_tables
 from lorasweep.report.numbers import fmt
-from lorasweep.report.plots import lr_star_vs_axis, lr_star_vs_rank, metric_vs_lr, peaks_plot
+from lorasweep.report.plots import (
+    curve_figure,
+    lr_star_vs_axis,
+    lr_star_vs_rank,
+    metric_vs_lr,
+    peaks_plot,
+)
 from lorasweep.report.tables import Table, html_report, markdown_report
 
 if TYPE_CHECKING:  # the store pulls in torch; reading a report does not need it
@@ -219,6 +228,7 @@ def transfer_tables(checks: list[CheckRow]) -> list[Table]:
 def write_study_outputs(folder: Path, store: Store, study: Study) -> list[Path]:
     """trials.csv from the store, then the report on it, ranked by the study's metric."""
     records = write_trials_csv(folder, store, study.task.objective)
+    write_curves_csv(folder, store)
     return write_report(folder, records, study.task.objective, study.task.maximize, study.name)
 
 
@@ -226,11 +236,15 @@ def write_report(folder: Path, records: list[TrialRecord], metric_name: str, max
                  title: str) -> list[Path]:
     """Write optima.csv, the figures, report.md and report.html into the study folder."""
     analysis = StudyAnalysis(records, metric_name, maximize)
-    tables = build_tables(analysis) + curvature_tables(read_curvature_csv(folder),
-                                                       analysis.optima)
+    curves = read_curves_csv(folder)
+    tables = (build_tables(analysis) + curve_tables(records, curves, metric_name)
+              + curvature_tables(read_curvature_csv(folder), analysis.optima))
     write_optima_csv(folder, analysis.optima)
     answer = build_answer(analysis)
-    figures = _figures(folder, analysis)
+    figures = _figures(folder, analysis) + [
+        (f"Training {name} against step", curve_figure(records, curves, name,
+                                                       folder / f"{name}_curve.png"))
+        for name in curve_names(curves)]
     write_text(folder / "report.md", markdown_report(title, tables, figures, answer))
     write_text(folder / "report.html", html_report(title, tables, figures, answer))
     return [folder / OPTIMA_CSV, folder / "report.md", folder / "report.html"]

@@ -1,4 +1,5 @@
-"""The report's figures: metric against LR per rank, lr_star against rank, peaks with intervals."""
+"""The report's figures: metric against LR per rank, lr_star against rank, peaks with intervals,
+a task's training curves."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from lorasweep.analysis.compare import Peak, cell_name
 from lorasweep.analysis.recipe import AxisFit
 from lorasweep.analysis.scaling import RankFit
 from lorasweep.files import atomic_path
-from lorasweep.records import Optimum, TrialRecord
+from lorasweep.records import Curves, Optimum, TrialRecord
+from lorasweep.report.curves import by_cell_lr
+from lorasweep.report.numbers import fmt
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -66,7 +69,7 @@ def metric_vs_lr(records: list[TrialRecord], metric_name: str, path: Path) -> Pa
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel(f"validation {metric_name}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def lr_star_vs_rank(fits: list[RankFit], optima: list[Optimum], path: Path) -> Path:
@@ -99,7 +102,7 @@ def lr_star_vs_rank(fits: list[RankFit], optima: list[Optimum], path: Path) -> P
     ax.grid(True, which="both", alpha=0.3)
     if fits:
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def peaks_plot(peaks: list[Peak], metric_name: str, path: Path) -> Path:
@@ -113,7 +116,7 @@ def peaks_plot(peaks: list[Peak], metric_name: str, path: Path) -> Path:
     ax.set_yticks(y, [p.name for p in peaks], fontsize=8)
     ax.set_xlabel(f"validation {metric_name} at each cell's tuned LR")
     ax.grid(True, axis="x", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def lr_star_vs_axis(fits: list[AxisFit], names: list[str], metric_name: str, path: Path) -> Path:
@@ -139,4 +142,26 @@ def lr_star_vs_axis(fits: list[AxisFit], names: list[str], metric_name: str, pat
     left.set_yscale("log")
     left.set_ylabel("optimal learning rate")
     right.set_ylabel(f"peak validation {metric_name}")
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+def curve_figure(records: list[TrialRecord], curves: Curves, name: str, path: Path) -> Path:
+    """One panel per cell: the curve against step at each LR, the mean over seeds smoothed over
+    a tenth of the steps."""
+    grouped = by_cell_lr(records, curves, name)
+    cells = sorted(grouped)
+    fig, axes = plt.subplots(1, len(cells), figsize=(5.2 * len(cells), 4.0), squeeze=False,
+                             sharey=True)
+    for ax, cell in zip(axes[0], cells, strict=True):
+        for lr, runs in sorted(grouped[cell].items()):
+            length = min(len(v) for v in runs)
+            mean = np.mean([v[:length] for v in runs], axis=0)
+            window = max(1, length // 10)
+            smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
+            ax.plot(np.arange(window, length + 1), smooth, label=f"lr {fmt(lr)}")
+        ax.set_title(cell)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(f"training {name}")
+    return save_figure(fig, path)

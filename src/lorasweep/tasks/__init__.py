@@ -4,7 +4,6 @@ inputs (tokenized text, or pixel values)."""
 from __future__ import annotations
 
 from lorasweep.config import Study
-from lorasweep.errors import StudyError
 from lorasweep.models import Preprocessor
 from lorasweep.tasks import chat
 from lorasweep.tasks.base import Split, Task, TokenSplit, logits_of
@@ -14,6 +13,7 @@ from lorasweep.tasks.code import build_code
 from lorasweep.tasks.data import load_splits
 from lorasweep.tasks.image_classification import build_image_classification
 from lorasweep.tasks.math import build_math
+from lorasweep.tasks.rl import build_rl
 
 BUILDERS = {"classification": build_classification, "causal_lm": build_causal_lm,
             "math": build_math, "code": build_code,
@@ -24,9 +24,6 @@ def build_task(study: Study, preprocessor: Preprocessor, seq_len: int | None = N
     """The study's task as model inputs: text tokenized to `seq_len` (default: the train
     section's) by the model's tokenizer, images by its image processor."""
     spec = study.task
-    if spec.kind not in BUILDERS:  # rl: its trainer is the next slice of issue 25
-        raise StudyError(f"task.kind {spec.kind}: the study file is valid, but lorasweep cannot "
-                         "train this kind yet")
     # chat data (messages_field) is text: config.py refuses it for image kinds
     check = None if spec.messages_field is None else chat.row_checker(spec, preprocessor)
     raw = load_splits(spec, study.seed, check)
@@ -34,6 +31,8 @@ def build_task(study: Study, preprocessor: Preprocessor, seq_len: int | None = N
         return chat.build_chat_lm(spec, raw, preprocessor, seq_len or study.train.seq_len)
     if spec.messages_field is not None:
         spec, raw = chat.as_pairs(spec, raw)
+    if spec.kind == "rl":  # the only builder that reads the study's rl section and seed
+        return build_rl(study, raw, preprocessor, seq_len or study.train.seq_len)
     return BUILDERS[spec.kind](spec, raw, preprocessor, seq_len or study.train.seq_len)
 
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from lorasweep.config import TrainSpec
+from lorasweep.precision import autocast
 
 
 class Split:
@@ -94,8 +98,22 @@ def per_trial(values: torch.Tensor, k: int, reduce: str = "sum") -> torch.Tensor
     return torch.stack([block.mean() if reduce == "mean" else block.sum() for block in blocks])
 
 
+@dataclass
+class StepOutcome:
+    """What one training step gives back beside the gradients it left: each trial's loss (K,),
+    and any per-step curves the task records beside it (RL: each trial's mean reward)."""
+
+    losses: torch.Tensor
+    curves: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (K,)
+
+
 class Task(ABC):
     """A task kind: its data, training loss and validation metrics (config.KIND_METRICS)."""
+
+    # whether a loss far above its start means divergence (train.DivergenceWatch); a loss that
+    # is not a distance to a target (RL's policy-gradient surrogate, about 0, either sign) is
+    # only checked for being finite
+    loss_grows_when_diverging = True
 
     def __init__(self, train: Split, validation: Split, test: Split | None) -> None:
         self.train = train
@@ -114,6 +132,13 @@ class Task(ABC):
         """Refuse, as one line, inputs the base model cannot take (before any trial runs);
         tokenized text is cut to fit by the tokenizer, so only other inputs check."""
         return None
+
+    def train_step(self, model: nn.Module, index: torch.Tensor, k: int, train: TrainSpec,
+                   active: torch.Tensor, seed: int) -> StepOutcome:
+        """Backward of one training step on rows `index` of the training split for K trials
+        (those not `active` get no gradient); `seed` is the step's own (dropout.step_seed), for
+        a task that draws something per step. Supervised tasks: `accumulate_gradients`."""
+        return StepOutcome(accumulate_gradients(model, self, index, k, train, active))
 
     @abstractmethod
     def trial_losses(self, logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -149,3 +174,27 @@ class Task(ABC):
             correct += batch_correct.double().cpu()
             count += batch_count
         return self.summarize(loss_sum, count, correct)
+
+
+def accumulate_gradients(model: nn.Module, task: Task, index: torch.Tensor, k: int,
+                         train: TrainSpec, active: torch.Tensor) -> torch.Tensor:
+    """Backward of one step's batch (rows `index`) in `train.grad_accum` micro-batches; returns
+    each trial's mean loss over the batch, shape (K,). Trials not `active` get no gradient.
+
+    Each micro-batch's mean loss is weighted by its share of the batch's scored tokens (examples,
+    for classification), so the summed gradient is the whole batch's and padding counts nowhere.
+    With one micro-batch the weight is exactly 1: today's numbers, bit for bit.
+    """
+    device = active.device
+    micro = [task.train.batch(part, k)
+             for part in index.split(train.batch_size // train.grad_accum)]
+    counts = [task.loss_count(batch["labels"]) for batch in micro]
+    losses = torch.zeros(k, device=device)
+    for batch, count in zip(micro, counts, strict=True):
+        batch = {n: t.to(device) for n, t in batch.items()}
+        with autocast(train, device):
+            logits = logits_of(model, batch)
+            part = task.trial_losses(logits, batch["labels"], k) * (count / max(sum(counts), 1))
+        torch.where(active, part, torch.zeros_like(part)).sum().backward()
+        losses += part.detach()
+    return losses

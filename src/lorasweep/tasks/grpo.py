@@ -115,17 +115,35 @@ def token_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch
 def reduce_trials(losses: torch.Tensor, mask: torch.Tensor, k: int,
                   objective: Objective) -> torch.Tensor:
     """Each trial's loss (K,) from per-token losses and the completion mask, block by block."""
+    return trial_sums(losses, mask, k, objective) / trial_counts(mask, k, objective)
+
+
+def trial_sums(losses: torch.Tensor, mask: torch.Tensor, k: int,
+               objective: Objective) -> torch.Tensor:
+    """The numerator of each trial's loss (K,): what its rows add, so the micro-batches of one
+    step (rows split over train.grad_accum) add up to the whole step's numerator."""
     out = []
     for loss, weight in zip(losses.chunk(k), mask.chunk(k), strict=True):
-        weight = weight.to(loss.dtype)
-        masked = loss * weight
-        if objective.loss_type == "grpo":
-            out.append((masked.sum(-1) / weight.sum(-1).clamp(min=1.0)).mean())
-        elif objective.loss_type == "dr_grpo":
-            out.append(masked.sum() / (loss.shape[0] * objective.max_new_tokens))
-        else:  # bnpo, dapo
-            out.append(masked.sum() / weight.sum().clamp(min=1.0))
+        masked = loss * weight.to(loss.dtype)
+        if objective.loss_type == "grpo":  # each sequence's mean, summed
+            out.append((masked.sum(-1) / weight.sum(-1).clamp(min=1)).sum())
+        else:
+            out.append(masked.sum())
     return torch.stack(out)
+
+
+def trial_counts(mask: torch.Tensor, k: int, objective: Objective) -> torch.Tensor:
+    """The denominator of each trial's loss (K,) over the step's whole completion mask:
+    sequences (grpo), sequences x max_new_tokens (dr_grpo), completion tokens (bnpo, dapo)."""
+    out = []
+    for weight in mask.chunk(k):
+        if objective.loss_type == "grpo":
+            out.append(float(weight.shape[0]))
+        elif objective.loss_type == "dr_grpo":
+            out.append(float(weight.shape[0] * objective.max_new_tokens))
+        else:
+            out.append(max(float(weight.sum()), 1.0))
+    return torch.tensor(out, device=mask.device)
 
 
 def completion_logps(model: nn.Module, completions: Completions,
@@ -143,11 +161,16 @@ def completion_logps(model: nn.Module, completions: Completions,
     return torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
 
 
-def policy_losses(model: nn.Module, rollout: Rollout, k: int,
-                  objective: Objective) -> torch.Tensor:
+def policy_losses(model: nn.Module, rollout: Rollout, k: int, objective: Objective,
+                  counts: torch.Tensor | None = None) -> torch.Tensor:
     """Each of the K trials' GRPO loss (K,) on its own block of the rollout; their sum's
-    gradient is each trial's own, since trials share no trainable tensor."""
+    gradient is each trial's own, since trials share no trainable tensor. `counts`: the whole
+    step's denominators (trial_counts) when the rollout is one micro-batch of the step, so the
+    micro-batches' losses add up to the step's."""
     logps = completion_logps(model, rollout.completions, objective.temperature)
     old = logps.detach() if rollout.old_logps is None else rollout.old_logps
     losses = token_losses(logps, old, rollout.advantages, objective, rollout.ref_logps)
-    return reduce_trials(losses, rollout.completions.completion_mask, k, objective)
+    mask = rollout.completions.completion_mask
+    if counts is None:
+        counts = trial_counts(mask, k, objective)
+    return trial_sums(losses, mask, k, objective) / counts

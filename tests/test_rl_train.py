@@ -1,0 +1,230 @@
+"""An rl study trained by the fused engine (tasks/rl.py through train.train_group and the CLI).
+
+One engine step is the GRPO step written out from its parts; K fused trials train as each alone
+(sampling, rewards, curves, weights); micro-batches (train.grad_accum) add up to the whole step;
+the KL reference with the adapters switched off is the base model; and a study trains, records
+its reward curves, reports, suggests, exports and resumes through the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lorasweep.cli import main
+from lorasweep.config import validate_study
+from lorasweep.dropout import step_seed
+from lorasweep.methods import get_method
+from lorasweep.methods.stacked import adapters_disabled
+from lorasweep.optim import build_optimizer
+from lorasweep.records import read_curves_csv
+from lorasweep.space import Cell, TrialSpec
+from lorasweep.tasks.grpo import Rollout, completion_logps, group_advantages, policy_losses
+from lorasweep.tasks.rl import RLTask
+from lorasweep.tasks.rollout import Completions
+from lorasweep.train import train_group
+from lorasweep.workbench import attach_group, batch_order, load_workbench
+
+from .conftest import kill_mid_run, read_rows, write_jsonl
+
+CELL = Cell(method="lora", rank=4, lora_alpha="8", init="kaiming", target_modules="all-linear")
+GROUP = 4
+
+
+def arithmetic(count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        rows.append({"question": f"What is {a} + {b}?", "answer": str(a + b)})
+    return rows
+
+
+def rl_study(tmp_path: Path, **changes: dict) -> dict:
+    study = {
+        "name": "rl", "seed": 0, "model": {"source": "tiny:llama"},
+        "task": {"kind": "rl", "train_file": str(write_jsonl(tmp_path / "train.jsonl",
+                                                             arithmetic(48, 0))),
+                 "prompt_field": "question", "answer_field": "answer", "validation_size": 8},
+        "train": {"steps": 3, "batch_size": 4, "seq_len": 32, "warmup_ratio": 0.0,
+                  "schedule": "constant", "eval_batch_size": 8},
+        "rl": {"group_size": GROUP, "max_new_tokens": 6},
+        "search": {"methods": ["lora"], "ranks": [4], "lora_alpha": [8], "lr": [1e-2, 3e-2],
+                   "seeds": [0], "target_modules": "all-linear"},
+    }
+    for name, value in changes.items():
+        study[name] = {**study[name], **value}
+    return study
+
+
+def stand_in_rewards(self, completions, golds, group_size):
+    """A reward a random tiny model earns about half the time (even token ids), so advantages
+    and gradients are not zero; the real verifier gives 0 to a random model."""
+    return (completions.completion_ids.cpu() % 2 == 0).float().mean(1).round()
+
+
+@pytest.fixture
+def rewarded(monkeypatch):
+    monkeypatch.setattr(RLTask, "rewards", stand_in_rewards)
+
+
+def bench_of(tmp_path: Path, **changes: dict):
+    study = validate_study(rl_study(tmp_path, **changes), "rl")
+    return study, load_workbench(study)
+
+
+def trials_of(lrs: list[float]) -> list[TrialSpec]:
+    return [TrialSpec(grid_id=i, cell=CELL, lr=lr, seed=0) for i, lr in enumerate(lrs)]
+
+
+def trained(bench, study, lrs: list[float]):
+    return train_group(bench.base, bench.task, study.train, trials_of(lrs), torch.device("cpu"))
+
+
+def test_engine_step_is_the_grpo_step_written_out(tmp_path, rewarded):
+    """One engine step: the step's seed samples, the verifier scores, advantages, the loss of
+    tasks/grpo.py and AdamW at the trial's LR; the same weights as those parts run by hand."""
+    study, bench = bench_of(tmp_path, train={"steps": 1}, rl={"beta": 0.04})
+    (result,) = train_group(bench.base, bench.task, study.train, trials_of([3e-2]),
+                            torch.device("cpu"))
+    task = bench.task
+    model, attached = attach_group(bench.base, task, study.train, trials_of([3e-2]))
+    start = {name: param.detach().clone() for name, param in attached.trial_params[0]}
+    index = next(batch_order(len(task.train), 4, 1, 0))
+    prompts = [task.train.prompts[i] for i in index.tolist()]
+    completions = task.sample(model, prompts, GROUP, 1, step_seed(0, 1))
+    with torch.no_grad():
+        ref = completion_logps(bench.base, completions, 1.0)
+    rewards = stand_in_rewards(None, completions, None, GROUP)
+    rollout = Rollout(completions, group_advantages(rewards, GROUP), ref_logps=ref)
+    optimizer = build_optimizer(get_method("lora"), attached, trials_of([3e-2]), study.train)
+    model.train()
+    loss = policy_losses(model, rollout, 1, task.objective)
+    loss.sum().backward()
+    assert float(loss) != 0
+    torch.nn.utils.clip_grad_norm_([p for _, p in attached.trial_params[0]], 1.0)
+    optimizer.step()
+    assert result.loss_curve == pytest.approx([float(loss.detach())], rel=1e-6, abs=1e-9)
+    assert result.curves["reward"] == [float(rewards.mean())]
+    trained_weights = result.weights
+    for name, param in attached.trial_params[0]:
+        assert torch.allclose(trained_weights[name], param.detach(), rtol=1e-6, atol=1e-8), name
+        assert not torch.equal(param, start[name]), name  # the step moved every weight
+
+
+def test_fused_rl_trials_train_as_each_alone(tmp_path, rewarded):
+    study, bench = bench_of(tmp_path)
+    together = trained(bench, study, [1e-2, 3e-2])
+    for lr, fused in zip([1e-2, 3e-2], together, strict=True):
+        (alone,) = trained(bench, study, [lr])
+        assert fused.curves["reward"] == alone.curves["reward"]
+        assert torch.allclose(torch.tensor(fused.loss_curve), torch.tensor(alone.loss_curve),
+                              rtol=1e-5, atol=1e-7)
+        assert fused.metrics == alone.metrics
+        for name, value in alone.weights.items():
+            assert float((fused.weights[name] - value).norm() / value.norm()) < 1e-5, name
+    name = next(iter(together[0].weights))
+    assert not torch.equal(together[0].weights[name], together[1].weights[name])
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_micro_batches_add_up_to_the_step(tmp_path, rewarded, loss_type):
+    """grad_accum 2 leaves the weights one whole batch leaves (each micro-batch's loss over the
+    step's denominator)."""
+    results = {}
+    for accum in (1, 2):
+        study, bench = bench_of(tmp_path, train={"steps": 1, "grad_accum": accum},
+                                rl={"loss_type": loss_type})
+        results[accum] = trained(bench, study, [3e-2])[0]
+    assert results[1].loss_curve[0] != 0
+    assert results[1].loss_curve == pytest.approx(results[2].loss_curve, rel=1e-5, abs=1e-8)
+    for name, value in results[1].weights.items():
+        assert torch.allclose(results[2].weights[name], value, rtol=1e-5, atol=1e-7), name
+
+
+def test_adapters_switched_off_score_as_the_base(tmp_path):
+    """The KL's reference (rl.beta > 0) costs no second copy: the trained model with its
+    adapters off gives the base model's log-probs, B != 0 and DoRA included."""
+    study, bench = bench_of(tmp_path)
+    for method in ("lora", "dora"):
+        cell = dataclasses.replace(CELL, method=method)
+        model, attached = attach_group(bench.base, bench.task, study.train,
+                                       [TrialSpec(grid_id=0, cell=cell, lr=1e-2, seed=0)] * 2)
+        with torch.no_grad():
+            for _, param in attached.trial_params[1]:
+                param.add_(0.3)
+        completions = bench.task.sample(model, bench.task.train.prompts[:2], 2, 2, 0)
+        with torch.no_grad():
+            on = completion_logps(model, completions)
+            with adapters_disabled(model):
+                off = completion_logps(model, completions)
+            base = completion_logps(bench.base, completions)
+        assert torch.allclose(off, base, atol=1e-6), method
+        assert not torch.allclose(on, base, atol=1e-3), method
+
+
+def run(tmp_path: Path, study: dict, *args: str) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), *args]) == 0
+    return out
+
+
+def test_verifier_scores_the_last_number(tmp_path):
+    """1 for a completion whose last number is the gold answer (as the math task reads it),
+    per row of K blocks of prompts x group."""
+    _, bench = bench_of(tmp_path)
+    task, tokenizer = bench.task, bench.task.tokenizer
+    texts = ["so 3 + 4 = 7", "it is 7.", "8", "the answer is 1000", "1000 or 7", "none"]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, ids))
+    padded = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in ids])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
+    completions = Completions(padded, mask, mask)
+    # K = 2 blocks of one prompt x 3 completions: golds 7 for every block's prompt
+    assert task.rewards(completions, ["7"], 3).tolist() == [1, 1, 0, 0, 1, 0]
+    # K = 1 block of one prompt x 6 completions: the last number counts
+    assert task.rewards(completions, ["1000"], 6).tolist() == [0, 0, 0, 1, 0, 0]
+
+
+def test_rl_study_runs_reports_suggests_and_exports(tmp_path, capsys, rewarded):
+    """Through the CLI: every trial complete with its reward curve and its mean_reward, the
+    report with the reward section, suggest and a PEFT adapter over the base."""
+    study = rl_study(tmp_path, search={"methods": ["lora", "full"], "lr": [1e-3, 3e-2, 3e-1]},
+                     train={"eval_every": 2, "steps": 4}, rl={"eval_samples": 4})
+    out = run(tmp_path, study)
+    rows = (out / "trials.csv").read_text().splitlines()
+    assert len(rows) == 7 and all(",complete," in row for row in rows[1:])
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "mean_reward" in report and "Reward during training" in report
+    assert main(["suggest", "--from", str(out), "--to", "full"]) == 0
+    assert main(["export", str(out), "--trial", "0", str(tmp_path / "adapter")]) == 0
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
+        "task_type"] == "CAUSAL_LM"
+
+
+def test_rl_study_killed_mid_trial_resumes(tmp_path):
+    """SIGKILLed while a trial trains, the rerun trains it again from scratch and each trial
+    ends complete exactly once, with its whole reward curve."""
+    study = rl_study(tmp_path, search={"lr": [1e-3, 3e-3, 1e-2]}, train={"steps": 6})
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    out = tmp_path / "out"
+    command = ["run", str(path), "--out", str(out), "--max-group", "1"]
+    before = kill_mid_run(command, out, "rl", complete=1, running=1)
+    assert main(command) == 0
+    rows = read_rows(out)
+    assert [r["status"] for r in rows] == ["complete"] * 3
+    assert sorted(r["attempts"] for r in rows) == ["1"] * (3 - list(before.values()).count(
+        "running")) + ["2"]
+    curves = read_curves_csv(out)
+    assert sorted(curves) == [0, 1, 2] and all(len(c["reward"]) == 6 for c in curves.values())
