@@ -454,7 +454,7 @@ def test_a_final_validation_loss_that_is_not_finite_is_divergence_under_either_r
     course = TrialCourse(DivergenceWatch(10.0), [("w", weight)])
     best_of = BestOf("eval_loss", maximize=False)
     for step, loss in ((1, 1.0), (2, 0.9)):
-        course.trained(step, loss)
+        course.trained(step, loss, {})
     course.evaluated(1, {"eval_loss": 0.5}, best_of)
     with torch.no_grad():
         weight += 1.0  # trained on after that evaluation

@@ -154,3 +154,39 @@ def test_a_torn_trials_csv_is_one_line(tmp_path: Path):
     (tmp_path / TRIALS_CSV).write_text(text[:text.rindex("\n1,") + 40])
     with pytest.raises(StudyError, match=r"trials.csv: not as lorasweep writes it"):
         read_trials_csv(tmp_path)
+
+
+def test_curves_csv_round_trip_and_report_table(tmp_path: Path):
+    """curves.csv holds each trial's per-step curves; the report averages each end over seeds;
+    a file whose steps jump is refused in one line naming it."""
+    from lorasweep.records import CURVES_CSV, TrialRecord, read_curves_csv, write_curves_csv
+    from lorasweep.report.curves import curve_tables
+    from lorasweep.space import TrialSpec
+
+    cell = Cell(method="lora", rank=4, lora_alpha="8", init="kaiming",
+                target_modules="all-linear")
+
+    class Trial:
+        def __init__(self, grid_id: int, lr: float, seed: int, curve: list[float]) -> None:
+            self.user_attrs = {**TrialSpec(grid_id, cell, lr, seed).to_attrs(),
+                               "curves": {"reward": curve}}
+
+    trials = [Trial(0, 1e-3, 0, [0.0] * 9 + [1.0]), Trial(1, 1e-3, 1, [0.5] * 10),
+              Trial(2, 1e-2, 0, [1.0] + [0.0] * 9)]
+
+    class Source:
+        def latest_by_key(self):
+            return {str(i): ("complete", t, 1) for i, t in enumerate(trials)}
+
+    written = write_curves_csv(tmp_path, Source())
+    assert read_curves_csv(tmp_path) == written and written[2]["reward"][0] == 1.0
+    records = [TrialRecord(trial=i, cell=cell, lr=t.user_attrs["lr"], seed=t.user_attrs["seed"],
+                           status="complete", metric=0.5) for i, t in enumerate(trials)]
+    (table,) = curve_tables(records, written, "mean_reward")
+    assert table.title == "Reward during training"
+    assert [row[1:5] for row in table.rows] == [["0.001", "2", "0.25", "0.75"],
+                                                ["0.01", "1", "1", "0"]]
+    path = tmp_path / CURVES_CSV
+    path.write_text(path.read_text().replace("\n0,reward,2,", "\n0,reward,3,", 1))
+    with pytest.raises(StudyError, match=r"curves\.csv: not as lorasweep writes it"):
+        read_curves_csv(tmp_path)

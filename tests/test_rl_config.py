@@ -59,6 +59,7 @@ def test_rl_section_is_the_objective(tmp_path: Path, data_files):
     ({"rl": {"verifier": "code"}}, "rl.verifier"),
     ({"rl": {"samples": 4}}, "rl.samples"),
     ({"rl": {"eval_samples": 0}}, "rl.eval_samples"),
+    ({}, "task.answer_field: record 0 answers 'sports', not a number"),
     ({"rl": {"beta": 0.04}, "search": {"methods": ["lora", "full"]}},
      "rl.beta: the KL to the base needs the base model beside method 'full'"),
     ({"rl": {"beta": 0.04}, "search": {"methods": ["lora"], "inits": ["pissa"]}},

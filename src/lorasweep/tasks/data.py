@@ -29,7 +29,8 @@ BUILTIN_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 BUILTIN_DATASETS = {"builtin:shakespeare-genre": "shakespeare_genre",
                     "builtin:shakespeare-plays": "shakespeare_plays",
                     "builtin:digits-0-4": "digits/0-4",
-                    "builtin:digits-5-9": "digits/5-9"}
+                    "builtin:digits-5-9": "digits/5-9",
+                    "builtin:arithmetic": "arithmetic"}
 # Built-in datasets read from pip packages: (train, test) records.
 PACKAGED_DATASETS = {"builtin:gsm8k": packaged_data.gsm8k}
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text",

@@ -41,7 +41,13 @@ from lorasweep.tasks.instruction import (
     tokenize_pairs,
     uses_chat_template,
 )
-from lorasweep.tasks.math import PLAIN_PROMPT, extract_flexible, gold_answer, is_correct
+from lorasweep.tasks.math import (
+    PLAIN_PROMPT,
+    extract_flexible,
+    gold_answer,
+    is_correct,
+    normalize_number,
+)
 from lorasweep.tasks.rollout import Completions, sample_completions
 
 EVAL_STREAM = 7919  # offset of the evaluation's sampling seeds from the study seed
@@ -187,6 +193,10 @@ def build_rl(study: Study, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,
         prompts = [format_prompt(tokenizer, question(str(r[spec.prompt_field])), templated)
                    for r in records]
         golds = [gold_answer(r, spec, i) for i, r in enumerate(records)]
+        for number, gold in enumerate(golds):
+            if normalize_number(gold) is None:  # no completion could ever be rewarded
+                raise StudyError(f"task.answer_field: record {number} answers {gold!r}, not a "
+                                 "number the verifier can compare with")
         # the rows hold the prompts alone (what data-driven inits and memory probes read)
         return tokenize_pairs(tokenizer, prompts, [""] * len(prompts), golds, seq_len,
                               "response", templated)
