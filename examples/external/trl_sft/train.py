@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+import torch
 from datasets import load_dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
@@ -39,11 +40,14 @@ def main() -> None:
     peft_config = None if args.full_finetune else LoraConfig(
         r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules="all-linear",
         task_type="CAUSAL_LM")
+    gpu = torch.cuda.is_available()
     config = SFTConfig(output_dir=args.output_dir, learning_rate=args.lr,
                        max_steps=args.max_steps, eval_strategy="steps",
                        eval_steps=args.eval_steps, per_device_train_batch_size=8,
-                       lr_scheduler_type="cosine", warmup_ratio=0.03, seed=args.seed,
-                       save_strategy="no", report_to=[])
+                       lr_scheduler_type="cosine", warmup_steps=0.03, seed=args.seed,
+                       save_strategy="no", report_to=[],
+                       # TRL defaults to bf16, which a CPU-only machine refuses: fp32 there
+                       use_cpu=not gpu, bf16=gpu and torch.cuda.is_bf16_supported())
     trainer = SFTTrainer(model=args.model, args=config, train_dataset=splits["train"],
                          eval_dataset=splits["test"], peft_config=peft_config,
                          callbacks=[TrainerCallback()])
