@@ -1,8 +1,9 @@
 """Supervised fine-tuning with TRL's SFTTrainer and PEFT at one learning rate, each evaluation
 reported to lorasweep (lorasweep.integrations.TrainerCallback prints it as a JSON line).
 
-A recipe: needs `pip install trl` beside lorasweep and a model and dataset it can load (hub ids
-or local paths); lorasweep's tests do not run it (TRL is not installed there, and it downloads).
+A recipe: needs `pip install trl` (written for TRL 1.16) beside lorasweep and a model and
+dataset it can load (hub ids or local paths). On a machine without a GPU it trains in fp32 on the
+CPU. `make_tiny.py` writes a tiny model and data that run it offline in seconds (README.md).
 Usage alone: python train.py --model M --dataset D --lr 2e-4 [--rank 16 --alpha 32 |
 --full-finetune] [--seed 0] [--output-dir out]
 """
