@@ -37,6 +37,12 @@ def split_trials(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     return x.chunk(k, dim=0)
 
 
+def join_trials(parts: list[torch.Tensor]) -> torch.Tensor:
+    """K row blocks back into one (K*b, ...) tensor; one trial's block as it is (torch.cat
+    copies even a single tensor: a copy of every adapted layer's output at each step)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class StackedLoRALinear(nn.Module):
     """y = W x + s * B_k A_k dropout(x) for the rows of trial k; W is the shared, frozen base
     layer. The dropout (`lora_dropout`, in train mode only) is PEFT's: on the adapter's input
@@ -85,9 +91,9 @@ class StackedLoRALinear(nn.Module):
             return result
         dropped = self.dropped(x)
         inputs = x if dropped is None else dropped
-        delta = torch.cat([F.linear(F.linear(xk.to(a.dtype), a), b) * self.scale
-                           for xk, a, b in zip(split_trials(inputs, self.k), self.lora_A,
-                                               self.lora_B, strict=True)])
+        delta = join_trials([F.linear(F.linear(xk.to(a.dtype), a), b) * self.scale
+                             for xk, a, b in zip(split_trials(inputs, self.k), self.lora_A,
+                                                 self.lora_B, strict=True)])
         return result + delta.to(result.dtype)
 
 
@@ -140,7 +146,7 @@ class StackedDoRALinear(StackedLoRALinear):
             ratio = m / self.weight_norm(base, a, b)
             lora = F.linear(F.linear(xk.to(a.dtype), a), b)
             deltas.append((ratio - 1) * wk + ratio * lora * self.scale)
-        return result + torch.cat(deltas).to(result.dtype)
+        return result + join_trials(deltas).to(result.dtype)
 
 
 @contextlib.contextmanager
@@ -173,5 +179,5 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         biases = self.bias if self.bias is not None else [None] * self.k
-        return torch.cat([F.linear(xk.to(w.dtype), w, b) for xk, w, b in
-                          zip(split_trials(x, self.k), self.weight, biases, strict=True)])
+        return join_trials([F.linear(xk.to(w.dtype), w, b) for xk, w, b in
+                            zip(split_trials(x, self.k), self.weight, biases, strict=True)])

@@ -50,7 +50,9 @@ class Split:
         first dimension, as methods/stacked.py expects); `labels` once, not repeated."""
         inputs, labels = self.trim({name: t[index] for name, t in self.inputs.items()},
                                    self.labels[index])
-        return {**{name: t.repeat(k, *(1,) * (t.ndim - 1)) for name, t in inputs.items()},
+        # the rows are already a copy (indexing copies): one trial takes them as they are
+        return {**{name: t if k == 1 else t.repeat(k, *(1,) * (t.ndim - 1))
+                   for name, t in inputs.items()},
                 "labels": labels}
 
 
