@@ -195,3 +195,11 @@ def test_what_does_not_apply_is_refused_in_one_line(pipeline, image_data):
     with pytest.raises(StudyError, match=r"model\.quantize: nf4"):
         load_model(ModelSpec(source=str(pipeline), quantize="nf4"), "image_generation", None,
                    None)
+
+
+def test_curvature_measures_the_unet(finished, tmp_path):
+    out = tmp_path / "curvature"
+    assert main(["curvature", str(finished), "--method", "lora", "--batches", "1",
+                 "--blocks", "joint", "--max-iter", "8", "--out", str(out)]) == 0
+    rows = (out / "curvature.csv").read_text().splitlines()
+    assert len(rows) == 2 and "joint" in rows[1]
