@@ -188,13 +188,21 @@ def test_a_missing_caption_column_is_named(pipeline, image_data, tmp_path, capsy
     assert "no field 'caption'" in err
 
 
-def test_what_does_not_apply_is_refused_in_one_line(pipeline, image_data):
+def test_what_does_not_apply_is_refused_in_one_line(pipeline, image_data, tmp_path):
+    """Text fields, a 4-bit base, and a pipeline whose denoiser is not a UNet (DiT, SD3 and
+    Flux name a `transformer`)."""
     study = generation_study(pipeline, image_data)
     with pytest.raises(StudyError, match=r"task\.response_field: for text kinds"):
         validate_study({**study, "task": {**study["task"], "response_field": "x"}}, "s")
     with pytest.raises(StudyError, match=r"model\.quantize: nf4"):
         load_model(ModelSpec(source=str(pipeline), quantize="nf4"), "image_generation", None,
                    None)
+    other = Path(shutil.copytree(pipeline, tmp_path / "dit"))
+    index = json.loads((other / "model_index.json").read_text())
+    index["transformer"] = index.pop("unet")
+    (other / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(StudyError, match=r"^model\.source: .*names no unet"):
+        load_model(ModelSpec(source=str(other)), "image_generation", None, None)
 
 
 def test_curvature_measures_the_unet(finished, tmp_path):
