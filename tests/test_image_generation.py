@@ -142,11 +142,14 @@ def test_inputs_are_encoded_once_and_seeded(pipeline, image_data):
     assert torch.equal(empty, empty[:1].expand_as(empty))  # the empty prompt, for every image
 
 
-def test_a_fused_group_trains_each_trial_as_alone(pipeline, image_data, tmp_path):
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.2])
+def test_a_fused_group_trains_each_trial_as_alone(pipeline, image_data, tmp_path, lora_dropout):
     """Two LRs trained in one forward and backward over the UNet get the metrics each gets
-    trained alone (convolutions and attention see K copies of the batch)."""
-    path = write_study(tmp_path / "s.yaml", generation_study(pipeline, image_data))
-    study = load_study(path)
+    trained alone (convolutions and attention see K copies of the batch; with lora_dropout,
+    the trials share one mask, as they would alone)."""
+    study = generation_study(pipeline, image_data)
+    study["train"]["lora_dropout"] = lora_dropout
+    study = load_study(write_study(tmp_path / "s.yaml", study))
     task = build_task(study, load_preprocessor(study.model, "image_generation"))
     base = load_model(study.model, "image_generation", None, None)
     cell = Cell(method="lora", rank=2, lora_alpha="4", init="kaiming",
