@@ -95,7 +95,7 @@ def build_image_generation(spec: TaskSpec, raw: RawSplits, parts: DiffusionParts
 
     def encode(records: Records, split: str) -> Split:
         place = partial(image_place, raw, spec.image_field, records, split)
-        pixels = torch.stack([_pixels(read_rgb(record[spec.image_field], place(i)),
+        pixels = torch.stack([square_pixels(read_rgb(record[spec.image_field], place(i)),
                                       parts.resolution)
                               for i, record in enumerate(records)])
         captions = ["" if spec.prompt_field is None else str(record[spec.prompt_field])
@@ -118,7 +118,7 @@ def build_image_generation(spec: TaskSpec, raw: RawSplits, parts: DiffusionParts
                                encode(raw.validation, "validation"), test)
 
 
-def _pixels(image: Image.Image, size: int) -> torch.Tensor:
+def square_pixels(image: Image.Image, size: int) -> torch.Tensor:
     """An RGB image as the VAE takes it: shorter side resized to `size`, centre-cropped to a
     square, values in [-1, 1], shape (3, size, size)."""
     scale = size / min(image.size)
