@@ -29,6 +29,10 @@ from lorasweep.train import train_group
 from .conftest import assert_export_reproduces, read_rows, trained_model, trial_spec
 from .diffusion_parts import tiny_pipeline
 
+# The diffusion demo: the best LR of each method on its grid, and the validation loss before
+# training (README, "Image generation")
+DEMO_LRS = {"lora": 1e-2, "full": 1e-3}
+DEMO_START = 0.1215
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
 
 
@@ -214,3 +218,18 @@ def test_curvature_measures_the_unet(finished, tmp_path):
                  "--blocks", "joint", "--max-iter", "8", "--out", str(out)]) == 0
     rows = (out / "curvature.csv").read_text().splitlines()
     assert len(rows) == 2 and "joint" in rows[1]
+
+
+def test_the_diffusion_demo_runs_cut_down(tmp_path):
+    """`lorasweep run diffusion`, each method at its grid's best LR (README, "Image
+    generation"), 15 steps: the packaged pipeline loads offline and both methods lower the
+    pretrained UNet's denoising loss on digits 5-9 (DEMO_START, its loss before training)."""
+    out = tmp_path / "diffusion"
+    assert main(["run", "diffusion", "--out", str(out), "--threads", "1",
+                 "--set", "train.steps=15", "--set",
+                 f"search.methods=[{{name: lora, lr: [{DEMO_LRS['lora']}]}}, "
+                 f"{{name: full, lr: [{DEMO_LRS['full']}]}}]"]) == 0
+    rows = read_rows(out)
+    assert [r["method"] for r in rows] == ["lora", "full"]
+    assert all(r["status"] == "complete" and float(r["eval_loss"]) < DEMO_START
+               for r in rows), rows
