@@ -93,14 +93,16 @@ def assert_export_reproduces(ours, base, out: Path, inputs: tuple[int, int] | di
     import torch
     from peft import PeftModel
 
+    from lorasweep.tasks import logits_of
+
     theirs = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
     if isinstance(inputs, tuple):
         generator = torch.Generator().manual_seed(0)
         inputs = {"input_ids": torch.randint(*inputs, (4, 10), generator=generator)}
     with torch.no_grad():
-        a, b = ours(**inputs).logits, theirs(**inputs).logits
+        a, b = logits_of(ours, inputs), logits_of(theirs, inputs)
         assert float((a - b).norm() / b.norm()) < 1e-5
-        assert not torch.allclose(a, base(**inputs).logits, atol=1e-4)
+        assert not torch.allclose(a, logits_of(base, inputs), atol=1e-4)
 
 
 def differing_pair(base, cell):

@@ -171,7 +171,7 @@ def test_lr_range_points_per_decade():
     assert len(LRRange(low=2e-6, high=2e-3, per_decade=4).values()) == 13
 
 
-@pytest.mark.parametrize("name", ["quickstart", "vision"])
+@pytest.mark.parametrize("name", ["quickstart", "vision", "diffusion"])
 def test_builtin_studies_are_valid(name: str):
     """LoRA and full fine-tuning, each on its own grid with room for an optimum inside it."""
     study = load_study(resolve_study_path(name))

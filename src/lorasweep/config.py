@@ -37,6 +37,7 @@ TARGET_PRESETS = ("attention", "mlp", "all-linear")
 # pass@k for each k in `task.pass_k`.
 KIND_METRICS = {"classification": ("accuracy", "eval_loss"),
                 "image_classification": ("accuracy", "eval_loss"), "causal_lm": ("eval_loss",),
+                "image_generation": ("eval_loss",),
                 "math": ("accuracy_flexible", "accuracy_strict", "eval_loss"),
                 "code": ("pass@1", "eval_loss"), "rl": ("mean_reward",)}
 
@@ -89,8 +90,8 @@ class TaskSpec(_Strict):
     """
 
     # external: the study's trainer command loads its own data and reports `metric`
-    kind: Literal["classification", "image_classification", "causal_lm", "math", "code",
-                  "external", "rl"]
+    kind: Literal["classification", "image_classification", "image_generation", "causal_lm",
+                  "math", "code", "external", "rl"]
     dataset: str | None = None
     dataset_config: str | None = None
     train_file: str | None = None
@@ -101,7 +102,9 @@ class TaskSpec(_Strict):
     test_split: str | None = "test"
     text_field: str = "text"
     label_field: str = "label"
-    image_field: str = "image"  # image_classification: an image, its file path, or its bytes
+    image_field: str = "image"  # image kinds: an image, its file path, or its bytes
+    # image_generation: the caption column (None: unconditional, every image under the empty
+    # prompt); text kinds: the prompt of a prompt/response pair
     prompt_field: str | None = None
     response_field: str | None = None
     messages_field: str | None = None  # chat data: [{role, content}, ...] per row (tasks/chat.py)
@@ -200,6 +203,13 @@ class TaskSpec(_Strict):
             if given:
                 raise ValueError(f"{given[0]}: for text kinds; an image_classification task "
                                  "reads task.image_field and task.label_field")
+            return
+        if self.kind == "image_generation":
+            given = [f"task.{n}" for n in ("response_field", "messages_field", "answer_field")
+                     if getattr(self, n) is not None] + ["task.loss_on"] * (self.loss_on != "all")
+            if given:
+                raise ValueError(f"{given[0]}: for text kinds; an image_generation task reads "
+                                 "task.image_field and, for captions, task.prompt_field")
             return
         if self.messages_field is not None:
             if self.prompt_field is not None or self.response_field is not None:

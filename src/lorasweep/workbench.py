@@ -26,7 +26,13 @@ from lorasweep.methods.targets import (
     layer_shape,
     resolve_targets,
 )
-from lorasweep.models import LABELLED_KINDS, load_model, load_preprocessor, max_positions
+from lorasweep.models import (
+    DIFFUSION_KINDS,
+    LABELLED_KINDS,
+    load_model,
+    load_preprocessor,
+    max_positions,
+)
 from lorasweep.precision import base_dtype, check_device_support
 from lorasweep.recipe import Training, resolve_training
 from lorasweep.space import TrialSpec, expand_trials, recipes_of, target_text
@@ -56,7 +62,8 @@ def load_workbench(study: Study, device: str = "cpu") -> Workbench:
     """The study's data and base model (stored in the dtype it trains in on `device`)."""
     check_device_support(study, device)
     trainings = [resolve_training(study.train, text) for text in recipes_of(study)]
-    _check_seq_len(study, {r.train.seq_len for r in trainings} | {study.train.seq_len})
+    if study.task.kind not in DIFFUSION_KINDS:  # a diffusion pipeline has no text model config
+        _check_seq_len(study, {r.train.seq_len for r in trainings} | {study.train.seq_len})
     preprocessor = load_preprocessor(study.model, study.task.kind)
     task = build_task(study, preprocessor)
     tasks = {seq_len: build_task(study, preprocessor, seq_len)

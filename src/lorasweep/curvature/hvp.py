@@ -23,7 +23,18 @@ Params = Sequence[nn.Parameter]
 @contextmanager
 def eager_attention(model: nn.Module) -> Iterator[None]:
     """Plain attention code inside the block (SDPA has no double backward on the CPU), the
-    model's own outside it, so warm-up steps train exactly as the trial does."""
+    model's own outside it, so warm-up steps train exactly as the trial does. A diffusers
+    denoiser has no attention implementation setting but attention processors: its plain one."""
+    if hasattr(model, "set_attn_processor"):
+        from diffusers.models.attention_processor import AttnProcessor
+
+        processors = model.attn_processors
+        model.set_attn_processor(AttnProcessor())
+        try:
+            yield
+        finally:
+            model.set_attn_processor(processors)
+        return
     before = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if before in (None, "eager") or not hasattr(model, "set_attn_implementation"):
         yield

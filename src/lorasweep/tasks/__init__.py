@@ -1,5 +1,5 @@
 """Tasks: one module per kind; `build_task` turns a study's task section into splits of model
-inputs (tokenized text, or pixel values)."""
+inputs (tokenized text, pixel values, or a denoiser's noised latents)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from lorasweep.tasks.classification import ClassificationTask, build_classificat
 from lorasweep.tasks.code import build_code
 from lorasweep.tasks.data import load_splits
 from lorasweep.tasks.image_classification import build_image_classification
+from lorasweep.tasks.image_generation import build_image_generation
 from lorasweep.tasks.math import build_math
 from lorasweep.tasks.rl import build_rl
 
 BUILDERS = {"classification": build_classification, "causal_lm": build_causal_lm,
             "math": build_math, "code": build_code,
-            "image_classification": build_image_classification}
+            "image_classification": build_image_classification,
+            "image_generation": build_image_generation}
 
 
 def build_task(study: Study, preprocessor: Preprocessor, seq_len: int | None = None) -> Task:

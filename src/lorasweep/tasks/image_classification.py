@@ -56,12 +56,7 @@ def build_image_classification(spec: TaskSpec, raw: RawSplits, processor: BaseIm
     """Pixel values and class ids of each split (`seq_len` does not apply to images)."""
     classes = labelled_classes(raw, spec, spec.image_field, "task.image_field")
 
-    def where(records: Records, split: str, index: int) -> str:
-        """The row as stored, and its file when the image is one."""
-        value = records[index][spec.image_field]
-        path = value.get("path") if isinstance(value, dict) else value
-        file = f"{path} (" if isinstance(path, str) and path else ""
-        return f"{file}{raw.where(split, index)}{')' if file else ''}"
+    where = partial(image_place, raw, spec.image_field)
 
     def preprocess(records: Records, split: str, shape: torch.Size | None = None) -> Split:
         """The split's pixel values, all of one shape: `shape` (the training images'), else
@@ -85,13 +80,28 @@ def build_image_classification(spec: TaskSpec, raw: RawSplits, processor: BaseIm
                                    classes.names, where(raw.validation, "validation", 0))
 
 
-def _pixel_values(processor: BaseImageProcessor, value: object, place: str) -> torch.Tensor:
-    """One image's pixel values (C, H, W) as the model's processor makes them."""
+def image_place(raw: RawSplits, field: str, records: Records, split: str, index: int) -> str:
+    """Where an image is: the row as stored, and its file when the image is one (every image
+    kind's errors name it so)."""
+    value = records[index][field]
+    path = value.get("path") if isinstance(value, dict) else value
+    file = f"{path} (" if isinstance(path, str) and path else ""
+    return f"{file}{raw.where(split, index)}{')' if file else ''}"
+
+
+def read_rgb(value: object, place: str) -> Image.Image:
+    """One image decoded and converted to RGB; one that cannot be read is one line naming its
+    place."""
     try:
-        image = _open(value).convert("RGB")
+        return _open(value).convert("RGB")
     except UNREADABLE as exc:
         raise StudyError(f"task.image_field: {place} cannot be read as an image "
                          f"({first_line(exc)})") from None
+
+
+def _pixel_values(processor: BaseImageProcessor, value: object, place: str) -> torch.Tensor:
+    """One image's pixel values (C, H, W) as the model's processor makes them."""
+    image = read_rgb(value, place)
     try:
         return processor(images=image, return_tensors="pt")["pixel_values"][0]
     except (ValueError, RuntimeError) as exc:
