@@ -115,7 +115,8 @@ def test_engine_step_is_the_grpo_step_written_out(tmp_path, rewarded):
     trained_weights = result.weights
     for name, param in attached.trial_params[0]:
         assert torch.allclose(trained_weights[name], param.detach(), rtol=1e-6, atol=1e-8), name
-        assert not torch.equal(param, start[name]), name  # the step moved every weight
+        if name.endswith("lora_B"):  # B starts at 0, so the first step moves B alone
+            assert not torch.equal(param, start[name]), name
 
 
 def test_fused_rl_trials_train_as_each_alone(tmp_path, rewarded):
