@@ -128,7 +128,7 @@ def test_unreadable_yaml(tmp_path: Path, capsys, text):
 
 def test_missing_file_and_bad_override(tmp_path: Path, study_file, capsys):
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
-    assert "built-in studies: quickstart" in capsys.readouterr().err
+    assert "built-in studies: diffusion, quickstart, rl, vision" in capsys.readouterr().err
     assert main(["run", str(study_file()), "--set", "train.steps"]) == 2
     assert "FIELD=VALUE" in capsys.readouterr().err
     assert main(["run", str(study_file()), "--set", "train.steps=0"]) == 2
@@ -171,7 +171,7 @@ def test_lr_range_points_per_decade():
     assert len(LRRange(low=2e-6, high=2e-3, per_decade=4).values()) == 13
 
 
-@pytest.mark.parametrize("name", ["quickstart", "vision", "diffusion"])
+@pytest.mark.parametrize("name", ["quickstart", "vision", "diffusion", "rl"])
 def test_builtin_studies_are_valid(name: str):
     """LoRA and full fine-tuning, each on its own grid with room for an optimum inside it."""
     study = load_study(resolve_study_path(name))
