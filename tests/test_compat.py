@@ -9,6 +9,7 @@ all but two adapters are left out to keep the repository small; everything else 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,17 @@ from lorasweep.study.folder import load_folder_study
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "compat-849cdad"
 WRITTEN = ("trials.csv", "optima.csv", "report.md")
+# A number printed in full (optima.csv's fitted LRs): its last digits depend on the CPU's BLAS
+# kernels (the fixture was written on another machine), so it is compared to 1e-9, all else exact.
+FULL_FLOAT = re.compile(r"-?\d+\.\d{10,}(?:e[-+]?\d+)?")
+
+
+def assert_same_text(written: str, expected: str, name: str) -> None:
+    """Byte for byte, except full-precision numbers, which agree to 1e-9 relative."""
+    assert FULL_FLOAT.sub("#", written) == FULL_FLOAT.sub("#", expected), name
+    pairs = zip(FULL_FLOAT.findall(written), FULL_FLOAT.findall(expected), strict=True)
+    for ours, theirs in pairs:
+        assert float(ours) == pytest.approx(float(theirs), rel=1e-9), (name, ours, theirs)
 
 
 @pytest.fixture
@@ -29,15 +41,15 @@ def old_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def test_an_earlier_folder_reports_byte_for_byte_the_same(old_folder: Path):
+def test_an_earlier_folder_reports_the_same(old_folder: Path):
     """trials.csv from its journal, optima.csv and report.md (with the curvature section read
     from its curvature.csv, every lr_star matched, the peft entry's by its label) come out
-    exactly as the earlier lorasweep wrote them."""
+    as the earlier lorasweep wrote them (fitted numbers to 1e-9, see FULL_FLOAT)."""
     for name in WRITTEN:
         (old_folder / name).unlink()
     assert main(["report", str(old_folder)]) == 0
     for name in WRITTEN:
-        assert (old_folder / name).read_text() == (FIXTURE / name).read_text(), name
+        assert_same_text((old_folder / name).read_text(), (FIXTURE / name).read_text(), name)
     assert "| gauss r=4 a=2r peft batch_size=4 | 0.02662 | 1.12 | 0.03057 |" in \
         (old_folder / "report.md").read_text()
 
