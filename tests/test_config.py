@@ -191,6 +191,17 @@ def test_study_error_is_an_exception_with_one_line():
         resolve_study_path("no-such-study")
 
 
+def test_a_folder_never_hides_a_builtin_study(tmp_path: Path, monkeypatch):
+    """An `rl/` folder where `lorasweep run rl` is typed: the built-in study, not "cannot read";
+    a folder with no built-in of its name is one line naming the file it may have meant."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rl").mkdir()
+    assert resolve_study_path("rl").parent.name == "studies"
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(StudyError, match="mine: a folder, not a study file"):
+        resolve_study_path("mine")
+
+
 def test_task_metric_chooses_the_objective_and_its_direction():
     from lorasweep.config import TaskSpec
 

@@ -845,13 +845,18 @@ def alpha_value(spec: float | str, rank: int) -> float:
 
 
 def resolve_study_path(study: str) -> Path:
-    """A path to a study file, or the name of a built-in study (e.g. `quickstart`)."""
+    """A path to a study file, or the name of a built-in study (e.g. `quickstart`). A folder is
+    never a study file, so a folder that happens to share a built-in study's name (an `rl/`
+    where `lorasweep run rl` is typed) does not hide the built-in."""
     path = Path(study)
-    if path.exists():
+    if path.exists() and not path.is_dir():
         return path
     builtin = BUILTIN_STUDIES_DIR / f"{study}.yaml"
     if builtin.exists():
         return builtin
+    if path.is_dir():
+        raise StudyError(f"{study}: a folder, not a study file (a study folder's own file is "
+                         f"{path / 'study.yaml'})")
     names = sorted(p.stem for p in BUILTIN_STUDIES_DIR.glob("*.yaml"))
     raise StudyError(f"{study}: no such study file; built-in studies: {', '.join(names)}")
 
