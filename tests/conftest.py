@@ -105,6 +105,41 @@ def assert_export_reproduces(ours, base, out: Path, inputs: tuple[int, int] | di
         assert not torch.allclose(a, logits_of(base, inputs), atol=1e-4)
 
 
+def assert_study_lifecycle(folder: Path, capsys, metric: str) -> list[dict]:
+    """A finished 4-trial study of LoRA and full fine-tuning: every trial complete with a test
+    metric; a rerun trains nothing again; the report names `metric`; suggest predicts full
+    fine-tuning's LR. Returns its rows."""
+    from lorasweep.cli import main
+
+    rows = read_rows(folder)
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"complete"}
+    assert all(r["test_metric"] for r in rows)
+    assert main(["run", str(folder / "study.yaml"), "--out", str(folder)]) == 0
+    assert read_rows(folder) == rows  # nothing left to train, nothing trained again
+    assert main(["report", str(folder)]) == 0
+    assert metric in (folder / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["suggest", "--from", str(folder), "--to", "full"]) == 0
+    assert "full" in capsys.readouterr().out
+    return rows
+
+
+def assert_lora_trial_exports(folder: Path, out: Path, kind: str, num_labels: int | None,
+                              inputs: dict) -> None:
+    """The study's first LoRA trial exported to `out` loads in PEFT over the base and
+    reproduces our trained model on `inputs` (assert_export_reproduces)."""
+    from lorasweep.cli import main
+    from lorasweep.models import load_model, load_preprocessor
+    from lorasweep.study.folder import load_folder_study
+
+    row = next(r for r in read_rows(folder) if r["method"] == "lora")
+    assert main(["export", str(folder), "--trial", row["trial"], str(out)]) == 0
+    study = load_folder_study(folder)
+    base = load_model(study.model, kind, num_labels, load_preprocessor(study.model, kind))
+    ours = trained_model(folder, trial_spec(folder, int(row["trial"])), base)
+    assert_export_reproduces(ours, base, out, inputs)
+
+
 def differing_pair(base, cell):
     """Two copies of `base`: a K=2 LoRA group whose trial 1 has weights of its own (trial 0's
     perturbed), and that trial alone; a fused model must compute for trial 1 what it alone does."""

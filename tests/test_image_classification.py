@@ -20,10 +20,9 @@ from transformers import ViTImageProcessorPil
 from lorasweep.cli import main
 from lorasweep.config import ModelSpec, validate_study
 from lorasweep.models import load_model, load_preprocessor
-from lorasweep.study.folder import load_folder_study
 from lorasweep.tasks import build_task
 
-from .conftest import assert_export_reproduces, read_rows, trained_model, trial_spec
+from .conftest import assert_lora_trial_exports, assert_study_lifecycle, read_rows
 
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
 
@@ -74,28 +73,14 @@ def finished(tmp_path_factory, image_data) -> Path:
 
 
 def test_a_study_runs_resumes_and_reports(finished, capsys):
-    rows = read_rows(finished)
-    assert len(rows) == 4 and {r["status"] for r in rows} == {"complete"}
-    assert all(0 <= float(r["metric"]) <= 1 and r["test_metric"] for r in rows)
-    assert main(["run", str(finished / "study.yaml"), "--out", str(finished)]) == 0
-    assert read_rows(finished) == rows  # nothing left to train, nothing trained again
-    assert main(["report", str(finished)]) == 0
-    assert "accuracy" in (finished / "report.md").read_text()
-    capsys.readouterr()
-    assert main(["suggest", "--from", str(finished), "--to", "full"]) == 0
-    assert "full" in capsys.readouterr().out
+    rows = assert_study_lifecycle(finished, capsys, "accuracy")
+    assert all(0 <= float(r["metric"]) <= 1 for r in rows)
 
 
 def test_export_loads_in_peft_and_reproduces_outputs(finished, tmp_path):
-    row = next(r for r in read_rows(finished) if r["method"] == "lora")
-    out = tmp_path / "adapter"
-    assert main(["export", str(finished), "--trial", row["trial"], str(out)]) == 0
-    study = load_folder_study(finished)
-    base = load_model(study.model, "image_classification", 3,
-                      load_preprocessor(study.model, "image_classification"))
-    ours = trained_model(finished, trial_spec(finished, int(row["trial"])), base)
     pixels = torch.randn((4, 3, 32, 32), generator=torch.Generator().manual_seed(0))
-    assert_export_reproduces(ours, base, out, {"pixel_values": pixels})
+    assert_lora_trial_exports(finished, tmp_path / "adapter", "image_classification", 3,
+                              {"pixel_values": pixels})
 
 
 def test_curvature_measures_the_image_model(finished, tmp_path):

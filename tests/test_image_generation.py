@@ -22,11 +22,10 @@ from lorasweep.config import ModelSpec, load_study, validate_study
 from lorasweep.errors import StudyError
 from lorasweep.models import load_model, load_preprocessor
 from lorasweep.space import Cell, TrialSpec
-from lorasweep.study.folder import load_folder_study
 from lorasweep.tasks import build_task
 from lorasweep.train import train_group
 
-from .conftest import assert_export_reproduces, read_rows, trained_model, trial_spec
+from .conftest import assert_lora_trial_exports, assert_study_lifecycle, read_rows
 from .diffusion_parts import tiny_pipeline
 
 # The diffusion demo: the best LR of each method on its grid, and the validation loss before
@@ -91,31 +90,16 @@ def finished(tmp_path_factory, pipeline, image_data) -> Path:
 
 
 def test_a_study_runs_resumes_reports_and_suggests(finished, capsys):
-    rows = read_rows(finished)
-    assert len(rows) == 4 and {r["status"] for r in rows} == {"complete"}
-    assert all(float(r["metric"]) > 0 and r["test_metric"] for r in rows)
-    assert main(["run", str(finished / "study.yaml"), "--out", str(finished)]) == 0
-    assert read_rows(finished) == rows  # nothing left to train, nothing trained again
-    assert main(["report", str(finished)]) == 0
-    assert "eval_loss" in (finished / "report.md").read_text()
-    capsys.readouterr()
-    assert main(["suggest", "--from", str(finished), "--to", "full"]) == 0
-    assert "full" in capsys.readouterr().out
+    rows = assert_study_lifecycle(finished, capsys, "eval_loss")
+    assert all(float(r["metric"]) > 0 for r in rows)
 
 
 def test_export_loads_in_peft_over_the_unet_and_reproduces_it(finished, tmp_path):
-    row = next(r for r in read_rows(finished) if r["method"] == "lora")
-    out = tmp_path / "adapter"
-    assert main(["export", str(finished), "--trial", row["trial"], str(out)]) == 0
-    study = load_folder_study(finished)
-    base = load_model(study.model, "image_generation", None,
-                      load_preprocessor(study.model, "image_generation"))
-    ours = trained_model(finished, trial_spec(finished, int(row["trial"])), base)
     generator = torch.Generator().manual_seed(0)
     inputs = {"sample": torch.randn((2, 4, 8, 8), generator=generator),
               "timestep": torch.tensor([3, 70]),
               "encoder_hidden_states": torch.randn((2, 5, 16), generator=generator)}
-    assert_export_reproduces(ours, base, out, inputs)
+    assert_lora_trial_exports(finished, tmp_path / "adapter", "image_generation", None, inputs)
 
 
 def build(study: dict):
