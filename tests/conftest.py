@@ -105,6 +105,26 @@ def assert_export_reproduces(ours, base, out: Path, inputs: tuple[int, int] | di
         assert not torch.allclose(a, logits_of(base, inputs), atol=1e-4)
 
 
+def write_study(path: Path, study: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def refused(tmp_path: Path, study: dict, capsys) -> str:
+    """The one-line error of a run of `study`, which records nothing."""
+    from lorasweep.cli import main
+
+    out = tmp_path / "out"
+    assert main(["run", str(write_study(tmp_path / "study.yaml", study)), "--out",
+                 str(out)]) == 2
+    assert not (out / "trials.csv").exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
 def assert_study_lifecycle(folder: Path, capsys, metric: str) -> list[dict]:
     """A finished 4-trial study of LoRA and full fine-tuning: every trial complete with a test
     metric; a rerun trains nothing again; the report names `metric`; suggest predicts full

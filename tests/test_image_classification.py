@@ -13,7 +13,6 @@ import datasets
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 from transformers import ViTImageProcessorPil
 
@@ -22,7 +21,13 @@ from lorasweep.config import ModelSpec, validate_study
 from lorasweep.models import load_model, load_preprocessor
 from lorasweep.tasks import build_task
 
-from .conftest import assert_lora_trial_exports, assert_study_lifecycle, read_rows
+from .conftest import (
+    assert_lora_trial_exports,
+    assert_study_lifecycle,
+    read_rows,
+    refused,
+    write_study,
+)
 
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
 
@@ -48,11 +53,6 @@ def image_study(data: Path, **task) -> dict:
             "train": {"steps": 4, "batch_size": 6, "eval_batch_size": 16},
             "search": {"methods": ["lora", "full"], "ranks": [4], "lora_alpha": ["2r"],
                        "lr": [1e-3, 1e-2], "seeds": [0]}}
-
-
-def write_study(path: Path, study: dict) -> Path:
-    path.write_text(yaml.safe_dump(study))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -123,17 +123,6 @@ def model_folder(folder: Path, processor: ViTImageProcessorPil) -> Path:
     load_model(spec, "image_classification", 3, processor).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
-
-
-def refused(tmp_path: Path, study: dict, capsys) -> str:
-    """The one-line error of a run of `study`, which records nothing."""
-    out = tmp_path / "out"
-    assert main(["run", str(write_study(tmp_path / "study.yaml", study)), "--out",
-                 str(out)]) == 2
-    assert not (out / "trials.csv").exists()
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 def test_an_unreadable_file_is_named(image_data, tmp_path, capsys):

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from lorasweep.cli import main
@@ -25,7 +24,13 @@ from lorasweep.space import Cell, TrialSpec
 from lorasweep.tasks import build_task
 from lorasweep.train import train_group
 
-from .conftest import assert_lora_trial_exports, assert_study_lifecycle, read_rows
+from .conftest import (
+    assert_lora_trial_exports,
+    assert_study_lifecycle,
+    read_rows,
+    refused,
+    write_study,
+)
 from .diffusion_parts import tiny_pipeline
 
 # The diffusion demo: the best LR of each method on its grid, and the validation loss before
@@ -73,11 +78,6 @@ def generation_study(pipeline: Path, data: Path, **task) -> dict:
             "search": {"methods": ["lora", "full"], "ranks": [2], "lora_alpha": ["2r"],
                        "target_modules": ["to_q,to_k,to_v,to_out.0"],
                        "lr": [1e-3, 1e-2], "seeds": [0]}}
-
-
-def write_study(path: Path, study: dict) -> Path:
-    path.write_text(yaml.safe_dump(study))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -151,17 +151,6 @@ def test_a_fused_group_trains_each_trial_as_alone(pipeline, image_data, tmp_path
         assert together.status == alone.status == "complete"
         assert together.metrics == pytest.approx(alone.metrics, rel=1e-5)
         assert together.test == pytest.approx(alone.test, rel=1e-5)
-
-
-def refused(tmp_path: Path, study: dict, capsys) -> str:
-    """The one-line error of a run of `study`, which records nothing."""
-    out = tmp_path / "out"
-    assert main(["run", str(write_study(tmp_path / "study.yaml", study)), "--out",
-                 str(out)]) == 2
-    assert not (out / "trials.csv").exists()
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 def test_an_unreadable_image_is_named(pipeline, image_data, tmp_path, capsys):

@@ -77,6 +77,15 @@ class ModelSpec(_Strict):
     quantize: Literal["nf4"] | None = None
 
 
+# The image kinds: the text fields each refuses, and what it reads instead.
+IMAGE_KIND_FIELDS = {
+    "image_classification": (("prompt_field", "response_field", "messages_field"),
+                             "task.image_field and task.label_field"),
+    "image_generation": (("response_field", "messages_field", "answer_field"),
+                         "task.image_field and, for captions, task.prompt_field"),
+}
+
+
 class TaskSpec(_Strict):
     """The data and what is measured on it.
 
@@ -199,19 +208,12 @@ class TaskSpec(_Strict):
         return self
 
     def _check_fields(self) -> None:
-        if self.kind == "image_classification":
-            given = [f"task.{n}" for n in ("prompt_field", "response_field", "messages_field")
+        if self.kind in IMAGE_KIND_FIELDS:
+            refused, reads = IMAGE_KIND_FIELDS[self.kind]
+            given = [f"task.{n}" for n in refused
                      if getattr(self, n) is not None] + ["task.loss_on"] * (self.loss_on != "all")
             if given:
-                raise ValueError(f"{given[0]}: for text kinds; an image_classification task "
-                                 "reads task.image_field and task.label_field")
-            return
-        if self.kind == "image_generation":
-            given = [f"task.{n}" for n in ("response_field", "messages_field", "answer_field")
-                     if getattr(self, n) is not None] + ["task.loss_on"] * (self.loss_on != "all")
-            if given:
-                raise ValueError(f"{given[0]}: for text kinds; an image_generation task reads "
-                                 "task.image_field and, for captions, task.prompt_field")
+                raise ValueError(f"{given[0]}: for text kinds; an {self.kind} task reads {reads}")
             return
         if self.messages_field is not None:
             if self.prompt_field is not None or self.response_field is not None:
