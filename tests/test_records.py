@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -160,7 +161,7 @@ def test_curves_csv_round_trip_and_report_table(tmp_path: Path):
     """curves.csv holds each trial's per-step curves; the report averages each end over seeds;
     a file whose steps jump is refused in one line naming it."""
     from lorasweep.records import CURVES_CSV, TrialRecord, read_curves_csv, write_curves_csv
-    from lorasweep.report.curves import curve_tables
+    from lorasweep.report.curves import curve_names, curve_tables
     from lorasweep.space import TrialSpec
 
     cell = Cell(method="lora", rank=4, lora_alpha="8", init="kaiming",
@@ -186,6 +187,9 @@ def test_curves_csv_round_trip_and_report_table(tmp_path: Path):
     assert table.title == "Reward during training"
     assert [row[1:5] for row in table.rows] == [["0.001", "2", "0.25", "0.75"],
                                                 ["0.01", "1", "1", "0"]]
+    diverged = [dataclasses.replace(r, status="diverged", metric=None) for r in records]
+    assert curve_tables(diverged, written, "mean_reward") == []  # nothing to draw, no figure
+    assert curve_names(diverged, written) == [] and curve_names(records, written) == ["reward"]
     path = tmp_path / CURVES_CSV
     path.write_text(path.read_text().replace("\n0,reward,2,", "\n0,reward,3,", 1))
     with pytest.raises(StudyError, match=r"curves\.csv: not as lorasweep writes it"):

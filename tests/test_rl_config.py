@@ -68,7 +68,8 @@ def test_rl_section_is_the_objective(tmp_path: Path, data_files):
     ({"rl": None}, "rl: the section of task.kind rl"),
     ({"task": {**RL_TASK, "kind": "math", "response_field": "label"}},
      "rl: the section of task.kind rl"),
-    ({"task": {**RL_TASK, "answer_field": None}}, "task.kind 'rl' needs task.prompt_field"),
+    ({"task": {**RL_TASK, "answer_field": None}}, "rl.verifier math needs task.answer_field"),
+    ({"task": {**RL_TASK, "prompt_field": None}}, "task.kind 'rl' needs task.prompt_field"),
     ({"task": {**RL_TASK, "prompt_field": None, "answer_field": None,
                "messages_field": "messages"}}, "task.messages_field: for kinds"),
 ])

@@ -26,7 +26,7 @@ from lorasweep.optim import build_optimizer
 from lorasweep.records import read_curves_csv
 from lorasweep.space import Cell, TrialSpec
 from lorasweep.tasks.grpo import Rollout, completion_logps, group_advantages, policy_losses
-from lorasweep.tasks.rl import RLTask
+from lorasweep.tasks.rl import RLTask, rows_of
 from lorasweep.tasks.rollout import Completions
 from lorasweep.train import train_group
 from lorasweep.workbench import attach_group, batch_order, load_workbench
@@ -147,6 +147,20 @@ def test_micro_batches_add_up_to_the_step(tmp_path, rewarded, loss_type):
     assert results[1].loss_curve == pytest.approx(results[2].loss_curve, rel=1e-5, abs=1e-8)
     for name, value in results[1].weights.items():
         assert torch.allclose(results[2].weights[name], value, rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize(("prompts", "parts"), [(4, 2), (5, 2), (1, 2), (3, 3)])
+def test_micro_batches_cover_every_row_once(prompts, parts):
+    """Every row of a K-block rollout in exactly one micro-batch, each micro-batch the same
+    prompts of every trial's block, none empty, also for a short batch (fewer prompts than
+    grad_accum, or not divisible by it)."""
+    k = 3
+    shares = rows_of(prompts, GROUP, k, parts)
+    assert sorted(torch.cat(shares).tolist()) == list(range(k * prompts * GROUP))
+    assert len(shares) == min(prompts, parts) and all(len(rows) for rows in shares)
+    for rows in shares:
+        blocks = rows.view(k, -1)
+        assert (blocks - blocks[:1] == torch.arange(k)[:, None] * prompts * GROUP).all()
 
 
 def test_adapters_switched_off_score_as_the_base(tmp_path):

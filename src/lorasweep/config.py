@@ -192,6 +192,10 @@ class TaskSpec(_Strict):
         if given and self.kind == "code":
             raise ValueError(f"{given[0]}: a code task is validated on HumanEval's validation "
                              "half; remove it")
+        if self.kind == "code" and self.dataset == "builtin:humaneval":
+            raise ValueError("task.dataset: builtin:humaneval holds the code task's own "
+                             "validation and test problems, so it cannot train it; give "
+                             "instruction data (e.g. a CodeFeedback file)")
 
     def _check_external(self) -> TaskSpec:
         """An external task is only the metric the command reports and which way is better."""
@@ -288,6 +292,8 @@ class TrainSpec(_Strict):
     adam_eps: Annotated[float, Field(ge=0)] = 1e-8
     eval_every: Annotated[int, Field(ge=0)] = 0
     eval_batch_size: Annotated[int, Field(gt=0)] = 64
+    # a trial whose loss grows this many times above its lowest is diverged (not for rl, whose
+    # surrogate loss sits near 0 with either sign: there only a non-finite loss is)
     divergence_factor: Annotated[float, Field(gt=1)] = 4.0
     # bf16: matmuls under autocast in bfloat16; trained weights, optimizer state and losses fp32
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -649,8 +655,8 @@ class Study(_Strict):
         task = self.task
         if (self.rl is not None and self.rl.verifier == "math"
                 and task.response_field is None and task.answer_field is None):
-            raise ValueError("task.kind 'rl' needs task.prompt_field and task.answer_field "
-                             "(or a task.response_field ending in '#### N') to verify against")
+            raise ValueError("rl.verifier math needs task.answer_field (or a "
+                             "task.response_field ending in '#### N') to verify against")
         return self
 
     def _check_kl_reference(self) -> None:

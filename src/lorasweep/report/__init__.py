@@ -244,7 +244,7 @@ def write_report(folder: Path, records: list[TrialRecord], metric_name: str, max
     figures = _figures(folder, analysis) + [
         (f"Training {name} against step", curve_figure(records, curves, name,
                                                        folder / f"{name}_curve.png"))
-        for name in curve_names(curves)]
+        for name in curve_names(records, curves)]
     write_text(folder / "report.md", markdown_report(title, tables, figures, answer))
     write_text(folder / "report.html", html_report(title, tables, figures, answer))
     return [folder / OPTIMA_CSV, folder / "report.md", folder / "report.html"]

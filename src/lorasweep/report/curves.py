@@ -32,8 +32,12 @@ def _ends(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values[:n])), float(np.mean(values[-n:]))
 
 
-def curve_names(curves: Curves) -> list[str]:
-    return sorted({name for named in curves.values() for name in named})
+def curve_names(records: list[TrialRecord], curves: Curves) -> list[str]:
+    """The curves some complete trial recorded (a diverged trial's curve is in curves.csv but
+    in no table or figure: with only such trials there is nothing to draw)."""
+    complete = {r.trial for r in records if r.status == "complete" and r.trial is not None}
+    return sorted({name for trial, named in curves.items() if trial in complete
+                   for name, values in named.items() if values})
 
 
 def curve_tables(records: list[TrialRecord], curves: Curves, metric_name: str) -> list[Table]:
@@ -44,7 +48,7 @@ def curve_tables(records: list[TrialRecord], curves: Curves, metric_name: str) -
         if record.status == "complete" and record.metric is not None:
             metric[cell_name(record.cell), record.lr].append(record.metric)
     tables = []
-    for name in curve_names(curves):
+    for name in curve_names(records, curves):
         rows = []
         for cell, by_lr in sorted(by_cell_lr(records, curves, name).items()):
             for lr, runs in sorted(by_lr.items()):

@@ -21,7 +21,7 @@ from lorasweep.report.curves import by_cell_lr
 from lorasweep.report.numbers import fmt
 
 
-def save_figure(fig, path: Path) -> Path:
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -69,7 +69,7 @@ def metric_vs_lr(records: list[TrialRecord], metric_name: str, path: Path) -> Pa
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel(f"validation {metric_name}")
-    return save_figure(fig, path)
+    return _save(fig, path)
 
 
 def lr_star_vs_rank(fits: list[RankFit], optima: list[Optimum], path: Path) -> Path:
@@ -102,7 +102,7 @@ def lr_star_vs_rank(fits: list[RankFit], optima: list[Optimum], path: Path) -> P
     ax.grid(True, which="both", alpha=0.3)
     if fits:
         ax.legend(fontsize=7)
-    return save_figure(fig, path)
+    return _save(fig, path)
 
 
 def peaks_plot(peaks: list[Peak], metric_name: str, path: Path) -> Path:
@@ -116,7 +116,7 @@ def peaks_plot(peaks: list[Peak], metric_name: str, path: Path) -> Path:
     ax.set_yticks(y, [p.name for p in peaks], fontsize=8)
     ax.set_xlabel(f"validation {metric_name} at each cell's tuned LR")
     ax.grid(True, axis="x", alpha=0.3)
-    return save_figure(fig, path)
+    return _save(fig, path)
 
 
 def lr_star_vs_axis(fits: list[AxisFit], names: list[str], metric_name: str, path: Path) -> Path:
@@ -142,7 +142,7 @@ def lr_star_vs_axis(fits: list[AxisFit], names: list[str], metric_name: str, pat
     left.set_yscale("log")
     left.set_ylabel("optimal learning rate")
     right.set_ylabel(f"peak validation {metric_name}")
-    return save_figure(fig, path)
+    return _save(fig, path)
 
 
 def curve_figure(records: list[TrialRecord], curves: Curves, name: str, path: Path) -> Path:
@@ -164,4 +164,4 @@ def curve_figure(records: list[TrialRecord], curves: Curves, name: str, path: Pa
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel(f"training {name}")
-    return save_figure(fig, path)
+    return _save(fig, path)

@@ -31,9 +31,11 @@ class Objective:
     names the same fields); TRL's GRPOConfig names in brackets.
 
     loss_type: how token losses become one number: grpo, each sequence's mean then the mean over
-    sequences; bnpo and dapo, the mean over all completion tokens of the step (they differ in TRL
-    only when one generation batch is split over accumulation steps, which lorasweep does not
-    do); dr_grpo, the sum over tokens / (sequences x max_new_tokens), free of length bias.
+    sequences; bnpo and dapo, the mean over all completion tokens of the step; dr_grpo, the sum
+    over tokens / (sequences x max_new_tokens), free of length bias. TRL's bnpo differs from its
+    dapo only when a step is split over accumulation steps (each part over its own tokens);
+    lorasweep divides every micro-batch of train.grad_accum by the whole step's denominator, so
+    there its bnpo is dapo (with grad_accum 1 both are TRL's).
     epsilon, epsilon_high: the ratio is clipped to [1 - epsilon, 1 + epsilon_high] (epsilon_high
     None: epsilon). beta: weight of the k3 estimate of KL(policy || base); with
     kl_ratio_correction [use_bias_correction_kl] the KL term is weighted by the importance ratio.
@@ -172,5 +174,5 @@ def policy_losses(model: nn.Module, rollout: Rollout, k: int, objective: Objecti
     losses = token_losses(logps, old, rollout.advantages, objective, rollout.ref_logps)
     mask = rollout.completions.completion_mask
     if counts is None:
-        counts = trial_counts(mask, k, objective)
+        return reduce_trials(losses, mask, k, objective)
     return trial_sums(losses, mask, k, objective) / counts

@@ -123,5 +123,4 @@ def build_math(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokenizerBas
 
     test = None if raw.test is None else tokenize(raw.test, "test")
     return MathTask(tokenize(raw.train, "training"), tokenize(raw.validation, "validation"), test,
-                    tokenizer,
-                    spec.max_new_tokens)
+                    tokenizer, spec.max_new_tokens)

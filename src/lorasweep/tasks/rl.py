@@ -69,12 +69,15 @@ def sampling(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def rows_of(block: int, k: int, parts: int) -> list[torch.Tensor]:
-    """The rows of each of `parts` micro-batches of a (K*block)-row rollout: the same share of
-    every trial's block, so each micro-batch keeps the K blocks the stacked layers split."""
-    size = block // parts
-    return [torch.cat([torch.arange(t * block + p * size, t * block + (p + 1) * size)
-                       for t in range(k)]) for p in range(parts)]
+def rows_of(prompts: int, group: int, k: int, parts: int) -> list[torch.Tensor]:
+    """The rows of each micro-batch of a rollout laid out as K blocks of `prompts` x `group`
+    rows: the same prompts' rows of every trial's block (so each micro-batch keeps the K blocks
+    the stacked layers split), in `parts` shares as even as the prompts allow (a short last batch
+    of an epoch may hold fewer prompts than `parts`: no share is empty)."""
+    block = prompts * group
+    shares = [share for share in torch.arange(prompts).tensor_split(parts) if len(share)]
+    return [torch.cat([t * block + (share[:, None] * group + torch.arange(group)).flatten()
+                       for t in range(k)]) for share in shares]
 
 
 class RLTask(Task):
@@ -128,7 +131,7 @@ class RLTask(Task):
         advantages = group_advantages(rewards, group, k, self.rl.scale_rewards).to(device)
         counts = trial_counts(completions.completion_mask, k, self.objective)
         losses = torch.zeros(k, device=device)
-        for rows in rows_of(len(prompts) * group, k, train.grad_accum):
+        for rows in rows_of(len(prompts), group, k, train.grad_accum):
             rows = rows.to(device)
             part = Rollout(Completions(completions.input_ids[rows],
                                        completions.attention_mask[rows],
@@ -189,7 +192,8 @@ def build_rl(study: Study, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,
         prompts = [format_prompt(tokenizer, verifier.prompt(r, templated), templated)
                    for r in records]
         references = [verifier.reference(r, raw.where(split, i)) for i, r in enumerate(records)]
-        # the rows hold the prompts alone (what data-driven inits and memory probes read)
+        # each row holds its prompt and an eos, no response (what data-driven inits and memory
+        # probes read); the completions are sampled each step
         return tokenize_pairs(tokenizer, prompts, [""] * len(prompts), references, seq_len,
                               "response", templated)
 
