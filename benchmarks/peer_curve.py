@@ -22,7 +22,7 @@ rounding level says that any gap left without `--paired` comes from the random d
 Defaults: the small configuration recorded
 in benchmarks/README.md (MiniLM, built-in shakespeare-genre task, rank 4, lora_alpha 16,
 q/v, 50 steps of 16 x 48 tokens); the quickstart's cell is `--dataset builtin:shakespeare-plays
---ranks 8 --alphas 16 --targets all-linear --steps 40`.
+--ranks 8 --alphas 16 --targets all-linear --steps 40 --grad-clip 1 --lrs 1e-3 3.16e-3 1e-2`.
 
     .venv/bin/python benchmarks/peer_curve.py --lorasweep-dropout model off
     .venv/bin/python benchmarks/peer_curve.py --paired
@@ -56,7 +56,7 @@ def study_for(args: argparse.Namespace, dropout: str):
                  "max_eval_examples": args.validation_size},
         "train": {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                   "warmup_ratio": args.warmup_ratio, "schedule": "cosine",
-                  "weight_decay": 0.0, "grad_clip": None, "dropout": dropout,
+                  "weight_decay": 0.0, "grad_clip": args.grad_clip, "dropout": dropout,
                   "lora_dropout": args.lora_dropout},
         "search": {"methods": ["lora"], "ranks": args.ranks, "lora_alpha": args.alphas,
                    "lr": args.lrs, "seeds": args.seeds, "target_modules": targets(args)},
@@ -78,7 +78,8 @@ def lorasweep_losses(study, bench) -> dict[tuple[int, float, float, int], float]
         results = train_group(bench.base, bench.task, study.train, group, torch.device("cpu"))
         for trial, result in zip(group, results, strict=True):
             key = (trial.cell.rank, trial.cell.alpha, trial.lr, trial.seed)
-            out[key] = result.metrics["eval_loss"]
+            # a diverged trial has no validation loss: NaN, shown as diverged in the table
+            out[key] = result.metrics["eval_loss"] if result.status == "complete" else math.nan
     return out
 
 
@@ -160,6 +161,8 @@ def plain_loss(args: argparse.Namespace, task, rank: int, alpha: float, lr: floa
             torch.manual_seed(step_seed(seed, step))
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
+        if args.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(list(trainable.values()), args.grad_clip)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
@@ -189,6 +192,8 @@ def main() -> None:
     parser.add_argument("--alphas", type=float, nargs="+", default=[16.0])
     parser.add_argument("--targets", nargs="+", default=["query", "value"],
                         help="module names, or all-linear (the quickstart's)")
+    parser.add_argument("--grad-clip", type=float, default=None,
+                        help="clip each trial's gradient norm, on both sides (the quickstart: 1)")
     parser.add_argument("--lora-dropout", type=float, default=0.0,
                         help="PEFT's lora_dropout, on both sides")
     parser.add_argument("--lorasweep-dropout", nargs="+", default=["model"],
@@ -242,8 +247,11 @@ def main() -> None:
             row = f"| r={rank} alpha={alpha:g} | {lr:g} | {_summary(theirs)} |"
             for dropout in args.lorasweep_dropout:
                 mine = [ours[dropout][(rank, alpha, lr, s)] for s in args.seeds]
-                inside = min(theirs) <= statistics.mean(mine) <= max(theirs)
-                row += f" {_summary(mine)} | {'yes' if inside else 'no'} |"
+                if any(map(math.isnan, mine + theirs)):
+                    inside = "n/a"
+                else:
+                    inside = "yes" if min(theirs) <= statistics.mean(mine) <= max(theirs) else "no"
+                row += f" {_summary(mine)} | {inside} |"
             if args.paired:
                 row += f" {max(abs(a - b) for a, b in zip(mine, theirs, strict=True)):.2e} |"
             print(row)
@@ -251,6 +259,9 @@ def main() -> None:
 
 
 def _summary(values: list[float]) -> str:
+    diverged = sum(map(math.isnan, values))
+    if diverged:
+        return f"diverged in {diverged} of {len(values)} seeds"
     return f"{statistics.mean(values):.4f} [{min(values):.4f}, {max(values):.4f}]"
 
 
