@@ -35,7 +35,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both sides on it)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -68,7 +70,7 @@ def main() -> None:
             for name, param in params:
                 if name.endswith("lora_B"):
                     param.normal_(0, 0.02, generator=torch.Generator().manual_seed(i))
-    fused.eval()
+    fused.eval().to(device)
 
     config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     singles = []
@@ -80,9 +82,9 @@ def main() -> None:
         with torch.no_grad():
             for name, value in weights.items():
                 state[name].copy_(value)
-        singles.append(peft_model.eval())
+        singles.append(peft_model.eval().to(device))
 
-    ids, mask = left_padded(prompts, pad)
+    ids, mask = (t.to(device) for t in left_padded(prompts, pad))
     sampling = GenerationConfig(max_new_tokens=args.tokens, do_sample=True, temperature=1.0,
                                 top_k=0, top_p=1.0, num_return_sequences=group,
                                 pad_token_id=pad, eos_token_id=eos)
@@ -112,8 +114,8 @@ def main() -> None:
             started = time.perf_counter()
             tokens[name] = run()
             times[name].append(time.perf_counter() - started)
-    print(f"SmolLM2-135M-Instruct, K={k} LoRA trials x {args.prompts} prompts x G={group}, "
-          f"at most {args.tokens} new tokens, torch threads {torch.get_num_threads()}, "
+    print(f"SmolLM2-135M-Instruct on {device}, K={k} LoRA trials x {args.prompts} prompts x "
+          f"G={group}, at most {args.tokens} new tokens, torch threads {torch.get_num_threads()}, "
           f"median of {args.repeats}")
     print("| mode | seconds | completion tokens | tokens/s | vs one trial at a time |")
     print("|---|---|---|---|---|")
