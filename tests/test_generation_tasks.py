@@ -49,6 +49,10 @@ def test_normalization_and_accuracies():
     assert normalize_number("$1,000.00") == normalize_number("1000") == Fraction(1000)
     assert normalize_number(".5") == Fraction(1, 2) and normalize_number("7.") == 7
     assert normalize_number(None) is None and normalize_number(",") is None
+    # only numbers as the extractors read them: no fractions, exponents (1e99999999 would take
+    # minutes to build) or words
+    assert all(normalize_number(t) is None for t in ("1/2", "1e5", "1e99999999", "nan", "inf"))
+    assert normalize_number(" -$1,000.50 ") == Fraction(-2001, 2)
     texts = ["so #### 18", "it is 18", "#### 17 then 18", "#### 3"]
     assert score(texts, ["18", "18", "18", "4"]) == {"accuracy_strict": 0.25,
                                                      "accuracy_flexible": 0.75}

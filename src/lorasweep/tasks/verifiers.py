@@ -14,19 +14,18 @@ A reward is 0 or 1, never NaN; a record a verifier cannot check is refused at lo
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lorasweep.config import TaskSpec
 from lorasweep.errors import StudyError
-from lorasweep.sandbox import Limits, require_opt_in, run_program
-from lorasweep.tasks.code import WORKERS, program
+from lorasweep.sandbox import Limits, require_opt_in
+from lorasweep.tasks.code import program, run_programs
 from lorasweep.tasks.math import (
-    PLAIN_PROMPT,
     extract_flexible,
     gold_answer,
     is_correct,
     normalize_number,
+    question_prompt,
 )
 
 # The fields a code problem carries besides its prompt, as HumanEval names them.
@@ -57,8 +56,7 @@ class MathVerifier(Verifier):
         self.spec = spec
 
     def prompt(self, record: dict, templated: bool) -> str:
-        question = str(record[self.spec.prompt_field])
-        return question if templated else PLAIN_PROMPT.format(question)
+        return question_prompt(str(record[self.spec.prompt_field]), templated)
 
     def reference(self, record: dict, where: str) -> str:
         gold = gold_answer(record, self.spec, where)
@@ -94,9 +92,7 @@ class CodeVerifier(Verifier):
 
     def rewards(self, texts: list[str], references: list[dict]) -> list[float]:
         jobs = [program(problem, text) for text, problem in zip(texts, references, strict=True)]
-        with ThreadPoolExecutor(WORKERS) as pool:
-            return [float(o.passed) for o in pool.map(lambda p: run_program(p, self.limits),
-                                                      jobs)]
+        return [float(passed) for passed in run_programs(jobs, self.limits)]
 
 
 VERIFIERS: dict[str, type[Verifier]] = {"math": MathVerifier, "code": CodeVerifier}
