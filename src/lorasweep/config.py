@@ -284,7 +284,11 @@ class TrainSpec(_Strict):
     batch_size: Annotated[int, Field(gt=0)] = 16
     seq_len: Annotated[int, Field(ge=8)] = 64
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # after the warmup: cosine or linear decay to zero, constant, or wsd (warmup-stable-decay: a
+    # constant plateau, then a linear cooldown to zero over the last `decay_ratio` of the steps;
+    # other schedules ignore decay_ratio)
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    decay_ratio: Annotated[float, Field(gt=0, le=1)] = 0.2
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     adam_beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
@@ -312,6 +316,9 @@ class TrainSpec(_Strict):
     def _one_length(self) -> TrainSpec:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of train.steps or train.epochs")
+        if self.schedule == "wsd" and self.warmup_ratio + self.decay_ratio > 1:
+            raise ValueError(f"train.warmup_ratio {self.warmup_ratio:g} + train.decay_ratio "
+                             f"{self.decay_ratio:g} is above 1: no steps are left between them")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.grad_accum {self.grad_accum} does not divide "
                              f"train.batch_size {self.batch_size}")
@@ -453,6 +460,34 @@ class MethodEntry(_Strict):
         return variant(self.name).inits(default)
 
 
+class StopEarly(_Strict):
+    """search.stop_early: stop the LRs of a cell that cannot be its optimum (study/rungs.py).
+
+    At each rung (a fraction of the trial's steps) every trial of the cell is evaluated after a
+    decay probe: a copy of its weights and optimizer state trained `cooldown` x the rung's step
+    more steps with the LR falling linearly from the schedule's value to zero, then thrown away.
+    The probe reads what the run would score if it ended there, where the mid-run metric of a
+    high LR still carries the noise that the decay removes. Once every trial of the cell has
+    reached a rung, the LRs outside a window around the rung's best stop (status pruned): one
+    grid step above it, and below it `drift` decades of LR per decade of training still to go
+    (a longer run's optimum sits at a lower LR), at least one grid step; so the best and its
+    grid neighbours never stop. `stop: false` records the rungs and stops nothing (a full grid
+    for benchmarks/search_cost.py to replay)."""
+
+    rungs: Annotated[list[Annotated[float, Field(gt=0, lt=1)]],
+                     Field(min_length=1, max_length=8)] = [0.0625, 0.125, 0.25, 0.5]
+    cooldown: Annotated[float, Field(gt=0, le=1)] = 0.25
+    drift: Annotated[float, Field(ge=0, le=2)] = 0.3
+    stop: bool = True
+
+    @field_validator("rungs")
+    @classmethod
+    def _ascending(cls, value: list[float]) -> list[float]:
+        if sorted(set(value)) != value:
+            raise ValueError(f"{value}: give each rung once, in ascending order")
+        return value
+
+
 class SearchSpec(_Strict):
     """The axes swept: every combination of these (and each LR and seed) is one trial."""
 
@@ -471,6 +506,8 @@ class SearchSpec(_Strict):
     strategy: Literal["grid", "transfer"] = "grid"
     reference_rank: Annotated[int, Field(gt=0)] | None = None  # default: the middle rank
     bracket: Annotated[int, Field(ge=2)] = 3
+    # evaluate every trial at rungs and stop the LRs that cannot be their cell's optimum
+    stop_early: StopEarly | None = None
     # Recipe axes: a field of `train` (or train_examples, target_modules) -> the values swept.
     recipe: dict[str, Annotated[list[Any], Field(min_length=1, max_length=MAX_VALUES)]] = Field(
         default_factory=dict)
@@ -693,6 +730,9 @@ class Study(_Strict):
                 if getattr(self, name) is None:
                     raise ValueError(f"{name}: Field required (or give a trainer command)")
             return self
+        if self.search.stop_early is not None:
+            raise ValueError("search.stop_early: needs lorasweep's own training (it pauses a "
+                             "trial at each rung and probes it), not a trainer command")
         for name in ("model", "train"):
             if getattr(self, name) is not None:
                 raise ValueError(f"{name}: the trainer's command loads and trains its own "

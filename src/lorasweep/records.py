@@ -41,10 +41,25 @@ CURVATURE_COLUMNS = (*CELL_FIELDS, "seed", "stage", "steps", "warmup_lr", "preco
 
 
 @dataclass
+class Checkpoint:
+    """One trial paused at a rung of search.stop_early: what it resumes from (tensors on the
+    CPU; train.py makes and reads it, study/folder.py keeps it in the study folder)."""
+
+    step: int
+    params: list[torch.Tensor]
+    optimizer: list[dict | None]  # each parameter's AdamW state (None: none yet)
+    course: dict = field(default_factory=dict)  # train.TrialCourse's record so far
+
+    def as_dict(self) -> dict:
+        return {"step": self.step, "params": self.params, "optimizer": self.optimizer,
+                "course": self.course}
+
+
+@dataclass
 class TrialResult:
     """What one trial produced. `metrics` are on the validation split; `test` never chooses."""
 
-    status: str  # "complete" or "diverged"
+    status: str  # "complete", "diverged", or "paused" at a rung of search.stop_early
     steps: int
     seconds: float
     train_loss: float
@@ -58,6 +73,9 @@ class TrialResult:
     reason: str | None = None
     selected_step: int | None = None  # the evaluation `metrics` come from (None: diverged)
     weights: dict[str, torch.Tensor] | None = None  # trained adapter and head, for export
+    # search.stop_early: the evaluation at each rung reached ({"step", "probe_steps", metrics})
+    rungs: list[dict] = field(default_factory=list)
+    checkpoint: Checkpoint | None = None  # a paused trial's, to resume from
 
 
 @dataclass(frozen=True)
@@ -68,9 +86,11 @@ class TrialRecord:
     cell: Cell  # as recorded (Cell.recorded)
     lr: float
     seed: int
-    status: str  # "complete", "diverged", "failed", "running" or "waiting"
+    status: str  # "complete", "diverged", "pruned", "failed", "paused", "running", "waiting"
     metric: float | None  # on the validation split; None until complete
     trainable_params: int | None = None
+    steps: int | None = None  # the steps it trained (a pruned trial: the rung where it stopped)
+    probe_steps: int | None = None  # search.stop_early: the steps of its rungs' decay probes
 
     @classmethod
     def from_row(cls, row: dict) -> TrialRecord:
@@ -81,7 +101,8 @@ class TrialRecord:
         return cls(trial=number("trial", int), cell=Cell.from_row(row),
                    lr=float(row["lr"]), seed=int(float(row["seed"])),
                    status=_required(row, "status"), metric=number("metric", float),
-                   trainable_params=number("trainable_params", int))
+                   trainable_params=number("trainable_params", int),
+                   steps=number("steps", int), probe_steps=number("probe_steps", int))
 
 
 @dataclass
@@ -96,7 +117,10 @@ class Optimum:
     peak: float
     peak_std: float | None
     n_seeds: int
-    edge: str  # "low"/"high": the best LR is the grid's smallest/largest; "flat": no LR is better
+    # "low"/"high": the best LR is the grid's smallest/largest; "flat": no LR is better;
+    # "stopped": a grid neighbour of the best stopped at a rung (search.stop_early), so the
+    # best is not refined
+    edge: str
     suggest: list[float]  # LRs to add when the optimum sits at an edge
     n_lrs: int
     diverged: int
@@ -150,9 +174,20 @@ def trial_rows(store: TrialSource, metric_name: str) -> list[dict]:
             "seconds": attrs.get("seconds"), "trainable_params": attrs.get("trainable_params"),
             "effective_scale": attrs.get("effective_scale"), "attempts": attempts,
             "worker": attrs.get("worker"), "reason": attrs.get("reason"),
-            **_other_metrics(attrs, metric_name),
+            **_other_metrics(attrs, metric_name), **_rung_columns(attrs, metric_name),
         })
     return sorted(rows, key=lambda r: r["trial"])
+
+
+def _rung_columns(attrs: dict, metric_name: str) -> dict:
+    """search.stop_early's columns, after COLUMNS, for a trial evaluated at rungs: the steps of
+    its decay probes, and its metric at the last rung it reached (where a pruned trial
+    stopped)."""
+    rungs = attrs.get("rungs")
+    if not rungs:
+        return {}
+    return {"probe_steps": sum(int(r["probe_steps"]) for r in rungs),
+            "rung_metric": rungs[-1].get(metric_name)}
 
 
 def _other_metrics(attrs: dict, metric_name: str) -> dict:
@@ -178,6 +213,54 @@ def write_trials_csv(folder: Path, store: TrialSource, metric_name: str) -> list
     extra = sorted({key for row in rows for key in row} - set(COLUMNS))
     _write_csv(folder / TRIALS_CSV, [*COLUMNS, *extra], rows)
     return [TrialRecord.from_row(row) for row in rows]
+
+
+# rungs.csv: search.stop_early's evaluations, one row per (trial, rung): the step, the length of
+# the decay probe, and the validation metrics after it (with `raw_` before the name: the same
+# metrics before the probe, recorded by a grid that stops nothing, for the replay benchmark).
+RUNGS_CSV = "rungs.csv"
+RUNGS_COLUMNS = ("trial", "rung", "step", "probe_steps")
+Rungs = dict[int, list[dict]]  # trial -> its rung evaluations, in order
+
+
+def write_rungs_csv(folder: Path, store: TrialSource) -> Rungs:
+    """Every trial's rung evaluations from the attempt that decides it (a stale file goes)."""
+    rungs: Rungs = {}
+    for _, trial, _ in store.latest_by_key().values():
+        if trial.user_attrs.get("rungs"):
+            rungs[TrialSpec.from_attrs(trial.user_attrs).grid_id] = trial.user_attrs["rungs"]
+    if not rungs:
+        (folder / RUNGS_CSV).unlink(missing_ok=True)
+        return rungs
+    metrics = sorted({name for entries in rungs.values() for entry in entries
+                      for name in entry} - {"step", "probe_steps"})
+    _write_csv(folder / RUNGS_CSV, [*RUNGS_COLUMNS, *metrics],
+               [{"trial": trial, "rung": index, **entry}
+                for trial, entries in sorted(rungs.items())
+                for index, entry in enumerate(entries)])
+    return rungs
+
+
+def read_rungs_csv(folder: Path) -> Rungs:
+    """rungs.csv's evaluations (none when the study has no rungs)."""
+    path = folder / RUNGS_CSV
+    if not path.is_file():
+        return {}
+    rungs: Rungs = {}
+    for trial, rung, entry in _read_rows(path, str(path), _rung_row, RUNGS_COLUMNS):
+        entries = rungs.setdefault(trial, [])
+        if rung != len(entries):
+            raise StudyError(f"{path}: not as lorasweep writes it (trial {trial}'s rungs jump "
+                             f"to {rung})")
+        entries.append(entry)
+    return rungs
+
+
+def _rung_row(row: dict) -> tuple[int, int, dict]:
+    entry = {"step": int(row["step"]), "probe_steps": int(row["probe_steps"])}
+    entry.update({name: float(value) for name, value in row.items()
+                  if name not in RUNGS_COLUMNS and value not in (None, "")})
+    return int(row["trial"]), int(row["rung"]), entry
 
 
 # curves.csv: the per-step curves a task records beside the loss (RL: each trial's mean reward),
