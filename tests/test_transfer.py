@@ -34,6 +34,7 @@ from lorasweep.records import COLUMNS, read_trials_csv
 from lorasweep.report import write_report
 from lorasweep.space import Cell, expand_trials
 from lorasweep.study.plan import bracket, plan_trials, replay_search, widened
+from lorasweep.study.rungs import Outcome
 
 from .conftest import trial_records
 
@@ -261,7 +262,7 @@ SEARCH = {"name": "s", "model": {"source": "tiny:bert"},
 
 def outcomes_for(study, star) -> dict:
     """Every grid trial's outcome, its metric peaking at star(cell)."""
-    return {t.key: ("complete", 0.9 - 0.1 * math.log10(t.lr / star(t.cell)) ** 2)
+    return {t.key: Outcome("complete", 0.9 - 0.1 * math.log10(t.lr / star(t.cell)) ** 2)
             for t in expand_trials(study)}
 
 
@@ -313,7 +314,7 @@ def test_transfer_search_end_to_end(tmp_path, study_file):
     assert {r.status for r in records} <= {"complete", "diverged"}
     # the runner ran exactly what the plan asks for, given what it ran: its fixpoint
     study = validate_study(yaml.safe_load((out / "study.yaml").read_text()), "s")
-    outcomes = {t.key: (r.status, r.metric) for t in expand_trials(study) for r in records
+    outcomes = {t.key: Outcome(r.status, r.metric) for t in expand_trials(study) for r in records
                 if (r.cell.rank, r.lr) == (t.cell.rank, t.lr)}
     assert {t.key for t in plan_trials(study, outcomes, False)} == set(outcomes)
 

@@ -359,7 +359,8 @@ def _print_status(folder: Path, storage_url: str | None = None) -> None:
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     analysis = StudyAnalysis(records, metric, study.task.maximize)
     for optimum in analysis.optima:
-        edge = f" ({optimum.edge} edge of the grid)" if optimum.edge else ""
+        edge = (" (a grid neighbour stopped early: not refined)" if optimum.edge == "stopped"
+                else f" ({optimum.edge} edge of the grid)" if optimum.edge else "")
         print(f"  {cell_name(optimum.cell):32s} best lr {optimum.lr_best:.3g}"
               f" (refined {optimum.lr_star:.3g}){edge}  {metric} {optimum.peak:.4f}"
               f" over {optimum.n_seeds} seed{'s' if optimum.n_seeds > 1 else ''}")

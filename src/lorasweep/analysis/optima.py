@@ -5,6 +5,8 @@ refined by a parabola in log10(LR) through the best point and its two neighbours
 point is interior and the parabola opens the right way). The interval comes from a bootstrap over
 seeds: resample whole seeds (each seed's curve over the grid), redo the refinement, take the
 2.5th and 97.5th percentiles. A best LR at the end of the grid is flagged, with the LRs to add.
+An LR that search.stop_early stopped at a rung stays on the grid with no value, so a best LR
+beside it is not refined (there is no third point) and is flagged `stopped`.
 """
 
 from __future__ import annotations
@@ -62,8 +64,10 @@ def bootstrap_lr_star(lrs: np.ndarray, table: np.ndarray, maximize: bool,
 
 
 def cell_optimum(cell: Cell, by_seed: dict[int, dict[float, float]], diverged: int,
-                 maximize: bool, rng: np.random.Generator) -> Optimum:
-    """The optimum of one cell from {seed: {lr: metric}} of its complete trials."""
+                 maximize: bool, rng: np.random.Generator,
+                 stopped: frozenset[float] = frozenset()) -> Optimum:
+    """The optimum of one cell from {seed: {lr: metric}} of its complete trials (`stopped`:
+    the LRs search.stop_early stopped, NaN in `by_seed`)."""
     lrs, table = curve_table(by_seed)
     seeds = sorted(by_seed)
     # A diverged trial is recorded as -inf/+inf (the worst score): an LR where any seed diverged
@@ -88,6 +92,8 @@ def cell_optimum(cell: Cell, by_seed: dict[int, dict[float, float]], diverged: i
         edge = "low" if best == 0 else "high"
         step = 1 / ratio if best == 0 else ratio
         suggest = [float(f"{lrs[best] * step ** i:.3g}") for i in (1, 2)]
+    elif stopped & {float(lrs[best - 1]), float(lrs[best + 1])}:
+        edge = "stopped"  # a neighbour stopped at a rung: lr_star is the grid LR, unrefined
     return Optimum(cell=cell, lr_best=float(lrs[best]), lr_star=lr_star, lr_star_low=low,
                    lr_star_high=high, peak=float(at_best.mean()),
                    peak_std=float(at_best.std(ddof=1)) if len(at_best) > 1 else None,
@@ -107,11 +113,13 @@ Curves = dict[Cell, dict[int, dict[float, float]]]
 
 
 def cell_curves(records: list[TrialRecord]) -> tuple[Curves, dict[Cell, int]]:
-    """Per cell: {seed: {lr: metric}} with diverged trials as inf, and the number of diverged
-    trials."""
+    """Per cell: {seed: {lr: metric}} with diverged trials as inf and pruned ones as NaN (on the
+    grid, with no value), and the number of diverged trials."""
     curves: Curves = defaultdict(lambda: defaultdict(dict))
     diverged: dict[Cell, int] = defaultdict(int)
     for record in records:
+        if record.status == "pruned":
+            curves[record.cell][record.seed][record.lr] = math.nan
         if record.status == "diverged":  # part of the grid, but never an optimum
             diverged[record.cell] += 1
             curves[record.cell][record.seed][record.lr] = math.inf
@@ -124,7 +132,12 @@ def cell_curves(records: list[TrialRecord]) -> tuple[Curves, dict[Cell, int]]:
 def find_optima(records: list[TrialRecord], maximize: bool, seed: int = 0) -> list[Optimum]:
     """Optima of every cell with a complete trial."""
     curves, diverged = cell_curves(records)
+    stopped: dict[Cell, set[float]] = defaultdict(set)
+    for record in records:
+        if record.status == "pruned":
+            stopped[record.cell].add(record.lr)
     rng = np.random.default_rng(seed)
-    return [cell_optimum(cell, curves[cell], diverged[cell], maximize, rng)
+    return [cell_optimum(cell, curves[cell], diverged[cell], maximize, rng,
+                         frozenset(stopped[cell]))
             for cell in sorted(curves, key=cell_order)
             if any(math.isfinite(v) for curve in curves[cell].values() for v in curve.values())]

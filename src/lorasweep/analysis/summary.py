@@ -15,6 +15,7 @@ from lorasweep.analysis.compare import Difference, Peak, pairwise, tuned_peaks
 from lorasweep.analysis.optima import Optimum, find_optima
 from lorasweep.analysis.recipe import AxisFit, fit_recipe_axes
 from lorasweep.analysis.scaling import RankFit, fit_rank_scaling
+from lorasweep.analysis.stopping import StopCost, stop_costs
 from lorasweep.analysis.transfer import CheckRow, check_rules, grid_steps
 from lorasweep.records import TrialRecord
 
@@ -56,3 +57,8 @@ class StudyAnalysis:
     @cached_property
     def recipe_fits(self) -> list[AxisFit]:
         return fit_recipe_axes(self.records, self.maximize, optima=self.optima)
+
+    @cached_property
+    def stop_costs(self) -> list[StopCost]:
+        """search.stop_early's savings per cell, then in all (none without it)."""
+        return stop_costs(self.records)

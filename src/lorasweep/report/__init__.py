@@ -13,6 +13,7 @@ from lorasweep.analysis.compare import cell_name, fixed_lr_table
 from lorasweep.analysis.optima import Optimum
 from lorasweep.analysis.recipe import AxisFit
 from lorasweep.analysis.scaling import RankFit
+from lorasweep.analysis.stopping import StopCost
 from lorasweep.analysis.summary import StudyAnalysis
 from lorasweep.analysis.transfer import CheckRow, score_rules
 from lorasweep.files import write_text
@@ -23,6 +24,7 @@ from lorasweep.records import (
     read_curves_csv,
     write_curves_csv,
     write_optima_csv,
+    write_rungs_csv,
     write_trials_csv,
 )
 from lorasweep.report.answer import build_answer
@@ -46,7 +48,8 @@ if TYPE_CHECKING:  # the store pulls in torch; reading a report does not need it
 def build_tables(analysis: StudyAnalysis) -> list[Table]:
     """Every table of the report, in the order it shows them."""
     a = analysis
-    return [_trials_table(a.records), _optima_table(a.optima, a.metric_name),
+    return [_trials_table(a.records), *_stopping_tables(a.stop_costs),
+            _optima_table(a.optima, a.metric_name),
             *_peak_tables(a), *_shared_lr_tables(a.records, a.maximize),
             *_rank_tables(a.rank_fits), *transfer_tables(a.transfer_checks),
             *_recipe_tables(a.recipe_fits, a.metric_name),
@@ -60,13 +63,28 @@ def _trials_table(records: list[TrialRecord]) -> Table:
         ["status", "trials"], [[status, str(n)] for status, n in sorted(counts.items())])
 
 
+def _stopping_tables(costs: list[StopCost]) -> list[Table]:
+    if not costs:
+        return []
+    return [Table(
+        "Stopped early",
+        "search.stop_early: the LRs of a cell that could not be its optimum stopped at a rung "
+        "(pruned), each after a decay probe. steps: what the trials trained, the probes "
+        "included, against the same trials each trained to the end.",
+        ["cell", "complete", "pruned", "diverged", "steps", "to the end", "share"],
+        [[cell_name(c.cell) if c.cell is not None else "all", str(c.complete), str(c.pruned),
+          str(c.diverged), str(c.steps), str(c.full_steps), f"{c.share:.0%}"]
+         for c in costs])]
+
+
 def _optima_table(optima: list[Optimum], metric_name: str) -> Table:
     return Table(
         "Optimal learning rate per cell",
         "lr_best is the best grid LR; lr_star refines it with a parabola in log-LR; the interval "
         "is a bootstrap over seeds (none with one seed). edge: the optimum sits at the end of the "
         "grid, so the true optimum may lie beyond: add the LRs suggested; flat: every LR scored "
-        "the same, so the cell has no optimum (train longer or widen the grid).",
+        "the same, so the cell has no optimum (train longer or widen the grid); stopped: a grid "
+        "neighbour of the best stopped early at a rung, so the best is not refined.",
         ["cell", "lr_best", "lr_star", "interval", f"peak {metric_name}", "std", "seeds", "LRs",
          "diverged", "edge"],
         [[cell_name(o.cell), fmt(o.lr_best), fmt(o.lr_star),
@@ -229,6 +247,7 @@ def write_study_outputs(folder: Path, store: Store, study: Study) -> list[Path]:
     """trials.csv from the store, then the report on it, ranked by the study's metric."""
     records = write_trials_csv(folder, store, study.task.objective)
     write_curves_csv(folder, store)
+    write_rungs_csv(folder, store)
     return write_report(folder, records, study.task.objective, study.task.maximize, study.name)
 
 

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 from lorasweep.analysis.compare import Difference, Peak, cell_name, versus
 from lorasweep.analysis.optima import Optimum
+from lorasweep.analysis.stopping import StopCost
 from lorasweep.analysis.summary import StudyAnalysis
 from lorasweep.recipe import parse_recipe
 from lorasweep.records import TrialRecord
 from lorasweep.report.numbers import fmt
 
-UNFINISHED = ("waiting", "running", "interrupted")
+UNFINISHED = ("waiting", "running", "interrupted", "paused")
 SHOWN_OTHERS = 4  # cells compared with the best one by one; the rest are counted
 
 
@@ -53,8 +54,18 @@ def build_answer(analysis: StudyAnalysis) -> list[AnswerPart]:
     ratio = _ratio_lines(by_method, optima)
     if ratio:
         parts.append(AnswerPart("LoRA / full-FT LR ratio", ratio))
+    if analysis.stop_costs:
+        parts.append(AnswerPart("Stopped early", [stopped_line(analysis.stop_costs[-1])]))
     parts.append(_next(records, optima, rivals))
     return parts
+
+
+def stopped_line(total: StopCost) -> str:
+    """What search.stop_early saved, in one sentence."""
+    ended = total.complete + total.pruned + total.diverged
+    return (f"{total.pruned} of {ended} trials stopped at a rung; they all trained "
+            f"{total.steps} steps (decay probes included) of the {total.full_steps} they would "
+            f"have run to the end ({total.share:.0%})")
 
 
 def answer_text(parts: list[AnswerPart]) -> str:
@@ -118,7 +129,10 @@ def _best_per_method(optima: list[Optimum], peaks: list[Peak], pick) -> dict[str
 
 
 def _edge_warning(optimum: Optimum) -> str:
-    if optimum.edge:
+    if optimum.edge == "stopped":
+        return ("; not refined between grid LRs: a grid neighbour of its best LR was stopped "
+                "early (search.stop_early), so its interval counts only the LRs that ran")
+    if optimum.edge in ("low", "high"):
         return (f"; at the {optimum.edge} edge of its grid, so the optimum may lie "
                 f"{'below' if optimum.edge == 'low' else 'above'}: add "
                 f"{', '.join(map(fmt, optimum.suggest))}")

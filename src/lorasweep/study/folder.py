@@ -22,7 +22,9 @@ from safetensors.torch import save_file
 from lorasweep.config import STORED_DEFAULTS, Study, dump_study, validate_stored_study
 from lorasweep.errors import StudyError
 from lorasweep.files import append_text, atomic_path, check_writable, write_text
+from lorasweep.records import Checkpoint
 from lorasweep.redact import redact_argv, redact_text
+from lorasweep.space import TrialSpec
 from lorasweep.study.backend import JOURNAL_NAME, storage_address
 from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS, STORAGE_ENV
 from lorasweep.study.store import Store
@@ -30,6 +32,7 @@ from lorasweep.study.store import Store
 STUDY_FILE = "study.yaml"
 STORAGE_FILE = "storage.json"  # where the records live, when not in the folder's journal
 WEIGHTS_DIR = "adapters"
+CHECKPOINTS_DIR = "checkpoints"  # search.stop_early: trials paused at a rung
 ENVIRONMENT_FILE = "environment.json"
 RUNS_FILE = "runs.jsonl"
 PACKAGES = ("lorasweep", "torch", "transformers", "peft", "optuna", "datasets", "accelerate",
@@ -227,3 +230,52 @@ def save_weights(folder: Path, grid_id: int, weights: dict[str, torch.Tensor]) -
     path.parent.mkdir(exist_ok=True)
     with atomic_path(path) as tmp:
         save_file({name: t.contiguous() for name, t in weights.items()}, str(tmp))
+
+
+def checkpoint_path(folder: Path, grid_id: int, step: int) -> Path:
+    return folder / CHECKPOINTS_DIR / f"trial-{grid_id}-step-{step}.pt"
+
+
+def save_checkpoint(folder: Path, grid_id: int, checkpoint: Checkpoint) -> None:
+    """A trial paused at a rung, written atomically before the store records the pause (a
+    worker killed in between leaves a file that no record names, which the next pause or the
+    trial's end removes)."""
+    path = checkpoint_path(folder, grid_id, checkpoint.step)
+    path.parent.mkdir(exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint.as_dict(), tmp)
+
+
+def load_checkpoints(folder: Path, specs: list[TrialSpec], step: int
+                     ) -> dict[str, Checkpoint] | None:
+    """The checkpoints of trials going on from the rung at `step`, by trial key; None when any
+    is missing (a worker on another machine, without the folder): the group then trains again
+    from the start, which reaches the same weights."""
+    checkpoints = {}
+    for spec in specs:
+        path = checkpoint_path(folder, spec.grid_id, step)
+        try:
+            checkpoints[spec.key] = Checkpoint(**torch.load(path, weights_only=True))
+        except FileNotFoundError:
+            return None
+    return checkpoints
+
+
+def drop_checkpoints(folder: Path, store: Store) -> None:
+    """Delete the checkpoints no trial will resume from: those of trials that ended, and each
+    trial's older ones (a later one may be being written by the worker that trains it)."""
+    directory = folder / CHECKPOINTS_DIR
+    if not directory.is_dir():
+        return
+    ended, resumes = set(), {}  # grid ids; grid id -> the step its trial resumes from
+    for status, trial, _ in store.latest_by_key().values():
+        grid_id, attrs = int(trial.user_attrs["grid_id"]), trial.user_attrs
+        if status in ("complete", "diverged", "pruned", "failed"):
+            ended.add(grid_id)
+        else:
+            resumes[grid_id] = int(attrs["steps"] if status == "paused"
+                                   else attrs.get("from_step", 0))
+    for path in directory.glob("trial-*-step-*.pt"):
+        grid_id, step = (int(part) for part in path.stem.split("-")[1::2])
+        if grid_id in ended or step < resumes.get(grid_id, 0):
+            path.unlink(missing_ok=True)

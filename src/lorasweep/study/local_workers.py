@@ -96,7 +96,7 @@ def _unfinished(store: Store) -> int:
 
 def _finished(store: Store) -> Counter:
     statuses = Counter(status for status, _, _ in store.latest_by_key().values())
-    return Counter({s: statuses[s] for s in ("complete", "diverged", "failed")})
+    return Counter({s: statuses[s] for s in ("complete", "diverged", "pruned", "failed")})
 
 
 def _signal_name(number: int) -> str:

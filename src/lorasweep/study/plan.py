@@ -11,6 +11,9 @@ muA Init[B]). When a cell's bracket has finished and its best LR is the lowest o
 it ran, the next grid LR beyond that edge is added, one at a time, until the best is inside (or
 the grid ends, as the full grid would have). Every decision is a pure function of the study and
 the finished trials, so resuming, or several workers, reach the same plan.
+
+With search.stop_early (either strategy) the plan also says which trials paused at a rung go on
+and which stop there (study/rungs.py); for the transfer search a stopped trial is finished.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,14 +30,22 @@ import numpy as np
 from lorasweep.analysis.optima import Optimum, find_optima
 from lorasweep.analysis.transfer import Family, Target, predict
 from lorasweep.config import Study
-from lorasweep.records import TrialRecord
+from lorasweep.records import TrialRecord, read_rungs_csv, read_trials_csv
 from lorasweep.space import Cell, TrialSpec, expand_trials
+from lorasweep.study.rungs import Decisions, Outcome, decide
 
 if TYPE_CHECKING:
     from lorasweep.study.store import Store
 
-Outcome = tuple[str, float | None]  # a trial's status and validation metric, by trial key
-DONE = ("complete", "diverged", "failed")
+DONE = ("complete", "diverged", "failed", "pruned")
+
+
+@dataclass
+class Plan:
+    """What the study should hold now: its trials, and the decisions on those paused at a rung."""
+
+    trials: list[TrialSpec]
+    decisions: Decisions = field(default_factory=Decisions)
 
 
 def reference_rank(ranks: list[int], chosen: int | None) -> int:
@@ -63,7 +75,7 @@ def widened(lrs: list[float], ran: list[float], edge: str) -> list[float]:
 def _records(trials: list[TrialSpec], outcomes: dict[str, Outcome]) -> list[TrialRecord]:
     """The trials that have an outcome, as the analysis reads them."""
     return [TrialRecord(trial=t.grid_id, cell=t.cell.recorded, lr=t.lr, seed=t.seed,
-                        status=outcomes[t.key][0], metric=outcomes[t.key][1])
+                        status=outcomes[t.key].status, metric=outcomes[t.key].metric)
             for t in trials if t.key in outcomes]
 
 
@@ -74,7 +86,7 @@ def _optimum(trials: list[TrialSpec], outcomes: dict[str, Outcome],
 
 
 def _finished(trials: list[TrialSpec], outcomes: dict[str, Outcome]) -> bool:
-    return all(t.key in outcomes and outcomes[t.key][0] in DONE for t in trials)
+    return all(t.key in outcomes and outcomes[t.key].status in DONE for t in trials)
 
 
 def plan_trials(study: Study, outcomes: dict[str, Outcome], maximize: bool,
@@ -135,26 +147,77 @@ def _lrs_for(trials: list[TrialSpec], sources: list[list[TrialSpec]], target: Ta
     return sorted(set(bracket(lrs, center, size)) | ran)
 
 
-def planner(study: Study, store: Store, metric_name: str, maximize: bool,
-            widths: dict[str, int] | None = None) -> Callable[[], list[TrialSpec]]:
-    """The plan as the runner asks for it: read every trial's outcome from the store, decide."""
+def plan_study(study: Study, outcomes: dict[str, Outcome], maximize: bool,
+               widths: dict[str, int] | None = None) -> Plan:
+    """The trials the study should have now, with the rung decisions of search.stop_early."""
+    trials = plan_trials(study, outcomes, maximize, widths)
+    rule = study.search.stop_early
+    if rule is None or not rule.stop:  # trials paused before stopping was turned off go on
+        paused = {t.key for t in trials if t.key in outcomes
+                  and outcomes[t.key].status == "paused"}
+        return Plan(trials, Decisions(go=paused))
+    return Plan(trials, decide(trials, outcomes, rule, study.task.objective, maximize))
 
-    def plan() -> list[TrialSpec]:
-        if study.search.strategy == "grid":
-            return expand_trials(study, widths)
-        outcomes = {key: (status, trial.user_attrs.get(f"val_{metric_name}"))
+
+def planner(study: Study, store: Store, maximize: bool,
+            widths: dict[str, int] | None = None) -> Callable[[], Plan]:
+    """The plan as the runner asks for it: read every trial's outcome from the store, decide."""
+    metric_name = study.task.objective
+
+    def plan() -> Plan:
+        if study.search.strategy == "grid" and study.search.stop_early is None:
+            return Plan(expand_trials(study, widths))
+        outcomes = {key: Outcome(status, trial.user_attrs.get(f"val_{metric_name}"),
+                                 tuple(trial.user_attrs.get("rungs") or ()))
                     for key, (status, trial, _) in store.latest_by_key().items()}
-        return plan_trials(study, outcomes, maximize, widths)
+        return plan_study(study, outcomes, maximize, widths)
 
     return plan
 
 
 def replay_search(study: Study, recorded: dict[str, Outcome], maximize: bool) -> dict[str, Outcome]:
     """The trials a single worker's search would run, their outcomes looked up in `recorded`
-    (a finished full grid): plan, run everything planned, plan again, until the plan stops
-    growing. This is how `lorasweep run` proceeds (it replans when nothing is waiting)."""
+    (a finished full grid, its trials evaluated at the rungs): plan, run everything planned,
+    plan again, until the plan stops growing. This is how `lorasweep run` proceeds (it replans
+    when nothing is waiting). With search.stop_early a trial pauses at each rung, and goes on
+    or stops as the plan decides; a stopped trial keeps the rungs it reached, as a real run's
+    pruned trial does."""
+    rule = study.search.stop_early
+    stopping = rule is not None and rule.stop
     seen: dict[str, Outcome] = {}
-    while new := [t for t in plan_trials(study, seen, maximize) if t.key not in seen]:
+    while True:
+        plan = plan_study(study, seen, maximize)
+        new = [t for t in plan.trials if t.key not in seen]
+        moved = plan.decisions.go | set(plan.decisions.stop)
+        if not new and not moved:
+            return seen
         for trial in new:
-            seen[trial.key] = recorded.get(trial.key, ("failed", None))
-    return seen
+            full = recorded.get(trial.key, Outcome("failed"))
+            seen[trial.key] = _paused_at(full, 0) if stopping else full
+        for key in plan.decisions.go:
+            seen[key] = _paused_at(recorded[key], len(seen[key].rungs))
+        for key in plan.decisions.stop:
+            seen[key] = Outcome("pruned", None, seen[key].rungs, seen[key].steps)
+
+
+def _paused_at(full: Outcome, rung: int) -> Outcome:
+    """A recorded trial as a real run sees it at its `rung`-th rung: paused there with the
+    rungs so far, or its outcome (complete, or diverged) once it has no rung left to reach."""
+    if rung >= len(full.rungs):
+        return full
+    return Outcome("paused", None, full.rungs[:rung + 1], int(full.rungs[rung]["step"]))
+
+
+def recorded_outcomes(study: Study, folder: Path) -> dict[str, Outcome]:
+    """A finished study folder's trials as `replay_search` looks them up: each of `study`'s grid
+    trials (matched by cell, LR and seed, so the study may differ from the folder's in its
+    search strategy) with its status, metric and rung evaluations (trials.csv, rungs.csv)."""
+    rungs = read_rungs_csv(folder)
+    by_match = {(r.cell, r.lr, r.seed): r for r in read_trials_csv(folder)}
+    recorded = {}
+    for trial in expand_trials(study):
+        record = by_match.get((trial.cell.recorded, trial.lr, trial.seed))
+        if record is not None:
+            recorded[trial.key] = Outcome(record.status, record.metric,
+                                          tuple(rungs.get(record.trial, ())), record.steps)
+    return recorded

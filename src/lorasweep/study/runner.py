@@ -24,16 +24,19 @@ from lorasweep.report import write_study_outputs
 from lorasweep.space import TrialSpec
 from lorasweep.study.folder import (
     as_in_folder,
+    drop_checkpoints,
+    load_checkpoints,
     load_folder_study,
     open_for_reading,
     open_for_running,
+    save_checkpoint,
     save_weights,
 )
 from lorasweep.study.local_workers import run_local_workers
 from lorasweep.study.options import WorkOptions
-from lorasweep.study.plan import plan_trials, planner
+from lorasweep.study.plan import Plan, plan_trials, planner
 from lorasweep.study.progress import RunProgress
-from lorasweep.study.store import Store
+from lorasweep.study.store import Claimed, Store
 from lorasweep.train import train_group
 from lorasweep.trainers import Trainer
 from lorasweep.trainers.command import CommandTrainer
@@ -83,7 +86,7 @@ def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
     store = open_for_running(study, folder, storage_url, options.patience)
     trainer.keep_in(store)
     store.configure(dump_study(study), lease_seconds, max_attempts)
-    store.sync(_planner(study, store, trainer.widths)(), retry_failed=retry_failed)
+    _sync(store, folder, _planner(study, store, trainer.widths)(), retry_failed=retry_failed)
     if workers == 1:
         trained, failed = work(store, trainer, study, folder)
     else:
@@ -127,12 +130,16 @@ def work(store: Store, trainer: Trainer, study: Study, folder: Path) -> tuple[in
     plan = _planner(study, store, trainer.widths)
     trained = failed = 0
     todo = len([s for s, _, _ in store.latest_by_key().values() if s == "waiting"])
-    progress = RunProgress(f"study {study.name}", todo)
+    # with search.stop_early stopping, a trial trains in segments, rung to rung: those are counted
+    rule = study.search.stop_early
+    progress = RunProgress(f"study {study.name}", todo,
+                           unit="segment" if rule is not None and rule.stop else "trial")
     try:
         while True:
             claimed = store.claim_group(trainer.claim_size())
             if not claimed:
-                added = store.sync(plan())  # new plan entries, dead runs requeued
+                # new plan entries, rung decisions carried out, dead runs requeued
+                added = _sync(store, folder, plan())
                 progress.planned(added)
                 claimed = store.claim_group(trainer.claim_size()) if added else []
             if not claimed:
@@ -140,10 +147,8 @@ def work(store: Store, trainer: Trainer, study: Study, folder: Path) -> tuple[in
                     break
                 time.sleep(min(POLL_SECONDS, store.lease_seconds / 6))
                 continue
-            ids = [trial_id for trial_id, _ in claimed]
-            specs = [spec for _, spec in claimed]
-            failed += _train_claimed(store, trainer, study, folder, ids, specs, progress)
-            trained += len(specs)
+            failed += _train_claimed(store, trainer, study, folder, claimed, progress)
+            trained += len(claimed)
             write_trials_csv(folder, store, study.task.objective)
     finally:
         progress.close()
@@ -151,20 +156,35 @@ def work(store: Store, trainer: Trainer, study: Study, folder: Path) -> tuple[in
 
 
 def _planner(study: Study, store: Store, widths: dict[str, int] | None
-             ) -> Callable[[], list[TrialSpec]]:
-    """What the study should have enqueued now: the grid, or a transfer search's next trials.
+             ) -> Callable[[], Plan]:
+    """What the study should have enqueued now: the grid, or a transfer search's next trials,
+    and which trials paused at a rung go on or stop (search.stop_early).
 
-    Workers re-plan whenever nothing waits, so brackets appear as reference cells finish and
-    trials whose worker died are requeued (failed ones only at the start, with --retry-failed).
+    Workers re-plan whenever nothing waits, so brackets appear as reference cells finish, rungs
+    are decided as cells reach them, and trials whose worker died are requeued (failed ones
+    only at the start, with --retry-failed).
     """
-    return planner(study, store, study.task.objective, study.task.maximize, widths)
+    return planner(study, store, study.task.maximize, widths)
 
 
-def _train_claimed(store: Store, trainer: Trainer, study: Study, folder: Path, ids: list[int],
-                   specs: list[TrialSpec], progress: RunProgress) -> int:
-    """Train the claimed trials of one group, recording each trial as it finishes (and showing
-    it in `progress`); returns how many trials failed."""
+def _sync(store: Store, folder: Path, plan: Plan, retry_failed: bool = False) -> int:
+    """Bring the store to the plan; the checkpoints of trials that ended are deleted."""
+    added = store.sync(plan.trials, retry_failed=retry_failed, go=plan.decisions.go,
+                       stop=plan.decisions.stop)
+    drop_checkpoints(folder, store)
+    return added
+
+
+def _train_claimed(store: Store, trainer: Trainer, study: Study, folder: Path,
+                   claimed: list[Claimed], progress: RunProgress) -> int:
+    """Train the claimed trials of one group (from the checkpoints of a rung they paused at,
+    or without them from the start), recording each trial as it finishes (and showing it in
+    `progress`); returns how many trials failed."""
+    specs = [c.spec for c in claimed]
+    ids = [c.trial_id for c in claimed]
     left = dict(zip((s.key for s in specs), ids, strict=True))  # claimed, not yet recorded
+    after = claimed[0].from_step
+    checkpoints = load_checkpoints(folder, specs, after) if after else None
 
     def record(spec: TrialSpec, result: TrialResult) -> None:
         _record(store, folder, study, left.pop(spec.key), spec, result)
@@ -172,7 +192,7 @@ def _train_claimed(store: Store, trainer: Trainer, study: Study, folder: Path, i
 
     try:
         with _heartbeat(store, ids):
-            trainer.train(specs, record, progress.start)
+            trainer.train(specs, record, progress.start, after, checkpoints)
     except KeyboardInterrupt:
         for trial_id in left.values():
             store.record_failure(trial_id, "interrupted by the user", status="interrupted")
@@ -197,6 +217,8 @@ def _record(store: Store, folder: Path, study: Study, trial_id: int, spec: Trial
         return
     if result.weights is not None:
         save_weights(folder, spec.grid_id, result.weights)
+    if result.checkpoint is not None:
+        save_checkpoint(folder, spec.grid_id, result.checkpoint)
     if not store.record(trial_id, result, study.task.objective):
         tqdm.write(f"trial {spec.grid_id}: its lease was taken over; result not recorded")
 
@@ -234,6 +256,11 @@ def dry_run(study: Study, folder: Path, options: WorkOptions) -> str:
     lines = described.groups
     planned = ("the whole grid" if study.search.strategy == "grid"
                else "the first wave of the transfer search; brackets follow its results")
+    rule = study.search.stop_early
+    if rule is not None:
+        planned += (f"; each evaluated at rungs {', '.join(f'{f:g}' for f in rule.rungs)} of its "
+                    "steps" + (", where the LRs that cannot be its cell's optimum stop"
+                               if rule.stop else ", stopping none"))
     existing = (f"; {folder} exists: the trials it has recorded are not left out here"
                 if folder.exists() else "")
     return "\n".join([

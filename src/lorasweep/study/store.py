@@ -5,6 +5,12 @@ attributes. A worker claims trials by moving them WAITING -> RUNNING through the
 succeeds for exactly one process, so no trial is trained twice. Outcomes map onto Optuna states:
 complete -> COMPLETE (value = the metric), diverged -> PRUNED, failed or interrupted -> FAIL.
 
+With search.stop_early a trial trains in segments, one Optuna trial each: a segment that
+reaches a rung is closed as FAIL with status `paused` (its checkpoint in the study folder, its
+rung evaluations as Optuna intermediate values); once the plan decides, `sync` enqueues the
+next segment (`from_step`: the rung's step) or adds the trial's record as PRUNED with status
+`pruned` (a copy of the paused segment's record: its curve, rungs and the reason it stopped).
+
 Leases: a worker renews a heartbeat on the trials it runs. A RUNNING trial whose process is gone
 (same host) or whose heartbeat is older than the study's lease is closed as interrupted and
 enqueued again, to run from scratch; after `max_attempts` such losses it is closed as failed.
@@ -20,11 +26,12 @@ import os
 import socket
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import wraps
 from pathlib import Path
+from typing import NamedTuple
 
 import optuna
 from optuna.distributions import FloatDistribution
@@ -72,6 +79,15 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class Claimed(NamedTuple):
+    """A claimed trial: its Optuna id, its spec, and the step it starts from (a rung's, for a
+    trial going on after search.stop_early paused it; else 0)."""
+
+    trial_id: int
+    spec: TrialSpec
+    from_step: int = 0
 
 
 @dataclass(frozen=True)
@@ -175,16 +191,19 @@ class Store:
         return self.storage.get_all_trials(self.study_id, deepcopy=False, states=states)
 
     @_patient
-    def sync(self, grid: list[TrialSpec], retry_failed: bool = False) -> int:
+    def sync(self, grid: list[TrialSpec], retry_failed: bool = False, go: Collection[str] = (),
+             stop: Mapping[str, str] | None = None) -> int:
         """Enqueue grid trials not done, queued or running; requeue dead runs. Returns a count.
 
-        A trial keeps the number it was first given; trials new to the store are numbered after
-        the largest number it holds, so widening a grid never renumbers recorded trials. A lock
-        serializes processes that sync one study at once (a file lock in the folder, or a
+        A trial paused at a rung goes on (its next segment enqueued) when its key is in `go`,
+        and is recorded as pruned, for the reason given, when it is in `stop`; otherwise it
+        waits. A trial keeps the number it was first given; trials new to the store are numbered
+        after the largest number it holds, so widening a grid never renumbers recorded trials. A
+        lock serializes processes that sync one study at once (a file lock in the folder, or a
         PostgreSQL advisory lock when workers on many machines share a database).
         """
         with self._sync_lock():
-            return self._sync(grid, retry_failed)
+            return self._sync(grid, retry_failed, go, stop or {})
 
     @contextmanager
     def _sync_lock(self) -> Iterator[None]:
@@ -202,7 +221,8 @@ class Store:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def _sync(self, grid: list[TrialSpec], retry_failed: bool) -> int:
+    def _sync(self, grid: list[TrialSpec], retry_failed: bool, go: Collection[str],
+              stop: Mapping[str, str]) -> int:
         now = time.time()
         settings = self.settings()  # one read for both
         lease = _lease(settings)
@@ -225,14 +245,33 @@ class Store:
                 if status == "running" and self._is_stale(trial, now, lease):
                     status = self._close_lost(trial, attempts, max_attempts)
                 statuses.add(status)
-            if statuses & {"complete", "diverged", "waiting", "running"}:
+            if statuses & {"complete", "diverged", "pruned", "waiting", "running"}:
                 continue
             if "failed" in statuses and not retry_failed:
                 continue
             numbered = replace(spec, grid_id=numbers[spec.key])
-            self.optuna_study.enqueue_trial({"lr": spec.lr}, user_attrs=numbered.to_attrs())
+            attrs = numbered.to_attrs()
+            if "paused" in statuses:
+                paused = max((t for t in attempts if self._status(t) == "paused"),
+                             key=lambda t: int(t.user_attrs["steps"]))
+                if spec.key in stop:
+                    self._add_pruned(paused, stop[spec.key])
+                    continue
+                if spec.key not in go:
+                    continue  # its cell has not decided this rung yet
+                attrs["from_step"] = int(paused.user_attrs["steps"])
+            self.optuna_study.enqueue_trial({"lr": spec.lr}, user_attrs=attrs)
             enqueued += 1
         return enqueued
+
+    def _add_pruned(self, paused: FrozenTrial, reason: str) -> None:
+        """Record a trial stopped at the rung where it paused: a finished PRUNED copy of its
+        paused segment (its curve, rungs and intermediate values) with status pruned."""
+        self.optuna_study.add_trial(optuna.trial.create_trial(
+            state=TrialState.PRUNED, params={"lr": float(paused.user_attrs["lr"])},
+            distributions={"lr": LR_DISTRIBUTION},
+            user_attrs={**paused.user_attrs, "status": "pruned", "reason": reason},
+            intermediate_values=dict(paused.intermediate_values)))
 
     def _close_lost(self, trial: FrozenTrial, attempts: list[FrozenTrial],
                     max_attempts: int) -> str:
@@ -259,20 +298,22 @@ class Store:
                 or _cut_off_in_claim(trial, now))
 
     @_patient
-    def claim_group(self, max_group: int) -> list[tuple[int, TrialSpec]]:
-        """Claim up to `max_group` waiting trials of one fusable group, oldest group first."""
-        claimed: list[tuple[int, TrialSpec]] = []
-        group_key = None
+    def claim_group(self, max_group: int) -> list[Claimed]:
+        """Claim up to `max_group` waiting trials of one fusable group (one cell and seed, and
+        starting from one step), oldest group first."""
+        claimed: list[Claimed] = []
+        group = None
         for trial in self.storage.get_all_trials(self.study_id, deepcopy=False,
                                                  states=(TrialState.WAITING,)):
             spec = TrialSpec.from_attrs(trial.user_attrs)
-            if group_key is not None and spec.group_key != group_key:
+            from_step = int(trial.user_attrs.get("from_step", 0))
+            if group is not None and (spec.group_key, from_step) != group:
                 continue
             trial_id = optuna_trial_id(trial)
             if not self._claim(trial_id, spec.lr):
                 continue
-            group_key = spec.group_key
-            claimed.append((trial_id, spec))
+            group = (spec.group_key, from_step)
+            claimed.append(Claimed(trial_id, spec, from_step))
             if len(claimed) == max_group or not spec.cell.fusable:
                 break
         return claimed
@@ -300,28 +341,36 @@ class Store:
 
     @_patient
     def record(self, trial_id: int, result: TrialResult, metric_name: str) -> bool:
-        """Store a finished trial: COMPLETE with its metric, or PRUNED when it diverged.
+        """Store a finished trial (COMPLETE with its metric, or PRUNED when it diverged) or a
+        segment paused at a rung (FAIL with status paused: the trial itself goes on, or stops,
+        as the plan decides).
 
         Returns False when the trial was closed by someone else first (its lease was taken
         over): the trial then counts once, from its rerun.
         """
         try:
-            for name, value in asdict(result).items():
-                if name not in ("metrics", "test", "weights"):
-                    self.storage.set_trial_user_attr(trial_id, name, _jsonable(value))
+            for name, value in _attrs(result).items():
+                self.storage.set_trial_user_attr(trial_id, name, _jsonable(value))
             for prefix, values in (("val_", result.metrics), ("test_", result.test)):
                 for name, value in values.items():
                     self.storage.set_trial_user_attr(trial_id, prefix + name, _jsonable(value))
+            for rung in result.rungs:  # as Optuna's intermediate values (optuna-dashboard)
+                if math.isfinite(rung.get(metric_name, math.nan)):
+                    self.storage.set_trial_intermediate_value(trial_id, rung["step"],
+                                                              rung[metric_name])
             # straight to the storage (as Study.tell would), which refuses a closed trial
             if result.status == "complete":
                 self.storage.set_trial_state_values(trial_id, TrialState.COMPLETE,
                                                     [result.metrics[metric_name]])
+            elif result.status == "paused":
+                self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
             else:
                 self.storage.set_trial_state_values(trial_id, TrialState.PRUNED)
         except optuna.exceptions.UpdateFinishedTrialError:
             # a retry after an outage lands here when the first try had gone through
             trial = self.storage.get_trial(trial_id)
-            return (trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            return (trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+                    and trial.user_attrs.get("status") == result.status
                     and trial.user_attrs.get("worker") == worker_id())
         return True
 
@@ -344,24 +393,27 @@ class Store:
             return "running"
         if trial.state == TrialState.COMPLETE:
             return "complete"
+        status = trial.user_attrs.get("status")
         if trial.state == TrialState.PRUNED:
-            return "diverged"
-        return "failed" if trial.user_attrs.get("status") == "failed" else "interrupted"
+            return "pruned" if status == "pruned" else "diverged"
+        return status if status in ("failed", "paused") else "interrupted"
 
     def latest_by_key(self) -> dict[str, tuple[str, FrozenTrial, int]]:
-        """Per trial key: its status, the attempt that decides it, and how many attempts ran."""
-        rank = {"complete": 0, "diverged": 0, "running": 1, "waiting": 2, "failed": 3,
-                "interrupted": 4}
-        out: dict[str, tuple[str, FrozenTrial, int]] = {}
+        """Per trial key: its status, the attempt that decides it, and how many attempts ran:
+        the runs lost or failed, and the one that decides (a segment paused at a rung, or the
+        next segment, is part of an attempt, not one of its own)."""
+        rank = {"complete": 0, "diverged": 0, "pruned": 0, "running": 1, "waiting": 2,
+                "paused": 3, "failed": 4, "interrupted": 5}
+        latest: dict[str, tuple[str, FrozenTrial]] = {}
+        lost: dict[str, int] = {}
         for trial in self.trials():
             key = str(trial.user_attrs.get("trial_key"))
             status = self._status(trial)
-            count = out[key][2] + 1 if key in out else 1
-            if key not in out or rank[status] <= rank[out[key][0]]:
-                out[key] = (status, trial, count)
-            else:
-                out[key] = (out[key][0], out[key][1], count)
-        return out
+            lost[key] = lost.get(key, 0) + (status in ("failed", "interrupted"))
+            if key not in latest or rank[status] <= rank[latest[key][0]]:
+                latest[key] = (status, trial)
+        return {key: (status, trial, lost[key] + (status not in ("failed", "interrupted")))
+                for key, (status, trial) in latest.items()}
 
     def leases(self) -> list[Lease]:
         """The running trials, with who runs them and how fresh their lease is."""
@@ -410,6 +462,13 @@ def _cut_off_in_claim(trial: FrozenTrial, now: float) -> bool:
 def _process_gone(trial: FrozenTrial) -> bool:
     host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
     return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+
+
+def _attrs(result: TrialResult) -> dict:
+    """A result's fields as user attributes: all but the metrics (stored one by one), the
+    weights and a checkpoint (files of the study folder)."""
+    return {f.name: getattr(result, f.name) for f in fields(result)
+            if f.name not in ("metrics", "test", "weights", "checkpoint")}
 
 
 def _jsonable(value: object) -> object:

@@ -50,10 +50,12 @@ class Trainer(Protocol):
     def claim_size(self) -> int:
         """How many trials of one group a worker claims at once."""
 
-    def train(self, specs: list[TrialSpec], record: Record, show: Show) -> None:
+    def train(self, specs: list[TrialSpec], record: Record, show: Show, after: int = 0,
+              checkpoints: dict | None = None) -> None:
         """Train one claimed group (one cell and seed), calling `show` with the trials it starts
         and `record` for each trial as it finishes; an exception fails the trials not yet
-        recorded."""
+        recorded. search.stop_early: trials going on from a rung at step `after` resume from
+        their `checkpoints` (by trial key; None: none left, train again from the start)."""
 
     def describe(self, trials: list[TrialSpec]) -> DryRun:
         """The dry run of `trials` (a fresh run's plan): how they would train; writes nothing."""

@@ -91,7 +91,10 @@ class CommandTrainer:
     def claim_size(self) -> int:
         return 1  # each trial is its own process: idle workers take the next one
 
-    def train(self, specs: list[TrialSpec], record: Record, show: Show) -> None:
+    def train(self, specs: list[TrialSpec], record: Record, show: Show, after: int = 0,
+              checkpoints: dict | None = None) -> None:
+        """Each trial a run of the command (search.stop_early is refused for a command, so
+        every trial starts from the start)."""
         for spec in specs:
             show([spec])  # a command's steps are its own: the trial alone is shown
             record(spec, self.run(spec))

@@ -10,6 +10,7 @@ import torch
 
 from lorasweep.config import Study
 from lorasweep.errors import StudyError
+from lorasweep.optim import probe_steps, rung_steps, total_steps
 from lorasweep.recipe import Training, resolve_training
 from lorasweep.records import TrialResult
 from lorasweep.space import TrialSpec, recipes_of
@@ -25,7 +26,7 @@ from lorasweep.study.memory import (
 from lorasweep.study.options import WorkOptions
 from lorasweep.study.store import Store
 from lorasweep.tasks import Task
-from lorasweep.train import BestOf, train_group
+from lorasweep.train import BestOf, Checkpoint, Rungs, train_group
 from lorasweep.trainers import DryRun, Record, Show, describe_cell
 from lorasweep.workbench import Workbench
 
@@ -48,6 +49,23 @@ class FusedTrainer:
 
     def check(self) -> None:
         check_memory(self.study, self.bench, self.options)
+        for text in recipes_of(self.study):
+            self._rungs(resolve_training(self.study.train, text))
+
+    def _rungs(self, training: Training, after: int = 0) -> Rungs | None:
+        """search.stop_early at this training's length (None without it); a trial that goes
+        on from step `after` pauses at the next rung."""
+        stop_early = self.study.search.stop_early
+        if stop_early is None:
+            return None
+        length = total_steps(training.train, len(self.bench.task_for(training).train))
+        try:
+            steps = rung_steps(stop_early.rungs, training.train, length)
+        except ValueError as exc:
+            raise StudyError(f"search.stop_early.rungs: {exc}") from None
+        return Rungs(steps=tuple(steps),
+                     probes=tuple(probe_steps(stop_early.cooldown, s) for s in steps),
+                     pause=stop_early.stop, raw=not stop_early.stop, after=after)
 
     def keep_in(self, store: Store) -> None:
         store.keep_targets(self.bench.targets)
@@ -55,29 +73,33 @@ class FusedTrainer:
     def claim_size(self) -> int:
         return self.sizes.claim
 
-    def train(self, specs: list[TrialSpec], record: Record, show: Show) -> None:
+    def train(self, specs: list[TrialSpec], record: Record, show: Show, after: int = 0,
+              checkpoints: dict[str, Checkpoint] | None = None) -> None:
         training = resolve_training(self.study.train, specs[0].cell.recipe)
         task = self.bench.task_for(training)
         cell, sizes = specs[0].cell, self.sizes
         k = 1 if len(specs) == 1 else sizes.size(cell.key, cell.fusable, lambda: probe_peaks(
             self._group_step(task, training, probe=True), specs[0], cell.fusable, sizes.device))
-        step = self._group_step(task, training, best_of=_best_of(self.study), show=show)
+        step = self._group_step(task, training, best_of=_best_of(self.study), show=show,
+                                rungs=self._rungs(training, after), checkpoints=checkpoints)
         for group, results in train_fitting(step, specs, k, lambda n: sizes.shrink(cell.key, n)):
             for spec, result in zip(group, results, strict=True):
                 record(spec, result)
 
     def _group_step(self, task: Task, training: Training, best_of: BestOf | None = None,
-                    probe: bool = False, show: Show | None = None
+                    probe: bool = False, show: Show | None = None, rungs: Rungs | None = None,
+                    checkpoints: dict[str, Checkpoint] | None = None
                     ) -> Callable[[list[TrialSpec]], list[TrialResult]]:
-        """Train a group of trials (shown by `show`); a probe trains one step and evaluates
-        nothing."""
+        """Train a group of trials (shown by `show`; evaluated at `rungs`; resumed from their
+        `checkpoints`, by trial key); a probe trains one step and evaluates nothing."""
         if probe:
             task, train, best_of = without_evaluation(task), one_step(training.train), None
         else:
             train = training.train
         return lambda group: self._train_group(
             self.bench.base, task, train, group, self.sizes.device, best_of=best_of,
-            progress=show(group) if show is not None else None)
+            progress=show(group) if show is not None else None, rungs=rungs,
+            resume=[checkpoints[t.key] for t in group] if checkpoints else None)
 
     def describe(self, trials: list[TrialSpec]) -> DryRun:
         """Each group with its predicted peak memory (loads nothing more; measures)."""
