@@ -1,5 +1,5 @@
-"""Trials a transfer-first search spends against the full grid, and how often it lands on the full
-grid's optimum.
+"""What the searches that spend less than the full grid spend, and how often they land on the full
+grid's optimum: the transfer-first search (trials) and search.stop_early (training steps).
 
 The search is *replayed* on studies whose full grid was run: the transfer-first plan
 (lorasweep.study.plan, the same code `lorasweep run` uses with `search.strategy: transfer`) picks
@@ -8,7 +8,7 @@ trained again (the numbers it would have got, as training is deterministic). For
 search's optimum (lr_star from the trials it ran) is compared with the full grid's: a hit when
 they differ by at most one grid step.
 
-Two kinds of studies:
+Transfer, two kinds of studies:
 - real: the shipped example studies (examples/*.yaml, results in examples/results/);
 - synthetic: full grids scored by a known response with noise, at the scale the target is set
   for (8 ranks, 6 LRs per decade). The optimum moves with rank as muA says up to a per-family
@@ -17,59 +17,69 @@ Two kinds of studies:
   the metric falls quadratically in log-LR (0.5 per decade squared, twice as fast above the
   optimum), with Gaussian noise of the given sd, and diverges 0.8 decades above the optimum.
 
-Usage: python benchmarks/search_cost.py [--studies N] [--noise SD ...]
+search.stop_early is replayed on full grids that recorded every trial at the rungs without
+stopping any (examples/rungs/*.yaml, `stop_early.stop: false`; results in examples/results/):
+each trial pauses at a rung with the evaluation it recorded there, and goes on or stops as the
+plan decides, by the same code as `lorasweep run`. Its cost is the training steps the trials
+take (a stopped one: up to its rung; the decay probes included) against the steps of the full
+grid without rungs. Variants beside the default rule: the greedy rung (the mid-run metric before
+the probe, no probe: what a generic pruner compares), fewer rungs, other windows, a coarser grid
+(every other LR), and with the transfer search on a family of ranks.
+
+Usage: python benchmarks/search_cost.py [--studies N] [--noise SD ...] [--skip-transfer]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lorasweep.analysis.optima import find_optima
 from lorasweep.analysis.transfer import grid_steps
-from lorasweep.config import Study, load_study, validate_study
-from lorasweep.records import TrialRecord, read_trials_csv
-from lorasweep.space import TrialSpec, expand_trials
-from lorasweep.study.plan import Outcome, replay_search
+from lorasweep.config import StopEarly, Study, load_study, validate_study
+from lorasweep.records import TrialRecord
+from lorasweep.space import expand_trials
+from lorasweep.study.plan import recorded_outcomes, replay_search
+from lorasweep.study.rungs import Outcome
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = [("lora_without_regret", "lora-without-regret"),
         ("learning_rate_matters", "learning-rate-matters")]
 
 
-def _match(trial: TrialSpec) -> tuple:
-    return (trial.cell.recorded, trial.lr, trial.seed)
-
-
 def _records(study: Study, outcomes: dict[str, Outcome]) -> list[TrialRecord]:
     return [TrialRecord(trial=t.grid_id, cell=t.cell.recorded, lr=t.lr, seed=t.seed,
-                        status=outcomes[t.key][0], metric=outcomes[t.key][1])
+                        status=outcomes[t.key].status, metric=outcomes[t.key].metric)
             for t in expand_trials(study) if t.key in outcomes]
+
+
+def misses(study: Study, recorded: dict[str, Outcome], searched: dict[str, Outcome],
+           maximize: bool) -> list[float]:
+    """Per cell of the full grid: how many grid steps the search's lr_star lies from the full
+    grid's (inf where the search found none)."""
+    full_records = _records(study, recorded)
+    steps = grid_steps(full_records)
+    full = {o.cell: o for o in find_optima(full_records, maximize)}
+    found = {o.cell: o for o in find_optima(_records(study, searched), maximize)}
+    return [abs(math.log10(found[cell].lr_star / o.lr_star)) / steps[cell]
+            if cell in found else math.inf for cell, o in full.items()]
 
 
 def compare(study: Study, recorded: dict[str, Outcome], maximize: bool) -> dict:
     """Replay the transfer search on a full grid's outcomes; its cost and hits."""
     searched = replay_search(study, recorded, maximize)
-    full_records = _records(study, recorded)
-    steps = grid_steps(full_records)
-    full = {o.cell: o for o in find_optima(full_records, maximize)}
-    found = {o.cell: o for o in find_optima(_records(study, searched), maximize)}
-    errors = [abs(math.log10(found[cell].lr_star / o.lr_star)) / steps[cell]
-              if cell in found else math.inf for cell, o in full.items()]
-    return {"trials": len(searched), "grid": len(recorded), "cells": len(full),
+    errors = misses(study, recorded, searched, maximize)
+    return {"trials": len(searched), "grid": len(recorded), "cells": len(errors),
             "hits": sum(e <= 1 + 1e-9 for e in errors), "worst": max(errors)}
 
 
 def real_study(name: str, folder: str) -> tuple[Study, dict[str, Outcome], bool]:
     study = load_study(ROOT / "examples" / f"{name}.yaml", ["search.strategy=transfer"])
-    by_match = {(r.cell, r.lr, r.seed): r
-                for r in read_trials_csv(ROOT / "examples" / "results" / folder)}
-    recorded = {t.key: (by_match[_match(t)].status, by_match[_match(t)].metric)
-                for t in expand_trials(study)}
-    return study, recorded, True
+    return study, recorded_outcomes(study, ROOT / "examples" / "results" / folder), True
 
 
 SYNTHETIC = {
@@ -104,11 +114,103 @@ def synthetic_study(rng: np.random.Generator, noise: float) -> tuple[Study, dict
     return study, recorded, True
 
 
+# search.stop_early on real full grids: (study file under examples/rungs/, results folder).
+RUNG_STUDIES = [("text_plays", "rungs-text-plays"), ("vision_ranks", "rungs-vision-ranks"),
+                ("charlm_gsm8k", "rungs-charlm-gsm8k")]
+RECORDED_RUNGS = [0.0625, 0.125, 0.25, 0.5]  # the rungs those grids recorded
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to stop early, replayed: its rule, and whether it compares the mid-run metric
+    (no probe) as a greedy rung would, and how coarse a grid (every n-th LR of the recorded)."""
+
+    name: str
+    rule: StopEarly
+    greedy: bool = False
+    every: int = 1
+    transfer: bool = False
+
+
+VARIANTS = [
+    Variant("greedy rung: the mid-run metric, no probe", StopEarly(), greedy=True),
+    Variant("decay probe at each rung (the default)", StopEarly()),
+    Variant("decay probe, rungs 1/16, 1/4 and 1/2", StopEarly(rungs=[0.0625, 0.25, 0.5])),
+    Variant("decay probe, no drift (one grid step below)", StopEarly(drift=0)),
+    Variant("decay probe, drift 0.5", StopEarly(drift=0.5)),
+    Variant("the default on every other LR (4 per decade)", StopEarly(), every=2),
+    Variant("the default with search.strategy transfer", StopEarly(), transfer=True),
+]
+
+
+def as_variant(recorded: Outcome, variant: Variant, metric_name: str) -> Outcome:
+    """A recorded trial as the variant would have seen it: its rungs (the variant's subset of
+    the recorded ones), each scored by the probe or, greedy, by the metric before it."""
+    picked = [recorded.rungs[RECORDED_RUNGS.index(f)] for f in variant.rule.rungs
+              if RECORDED_RUNGS.index(f) < len(recorded.rungs)]
+    if variant.greedy:
+        picked = [{**r, metric_name: r[f"raw_{metric_name}"], "probe_steps": 0} for r in picked]
+    return Outcome(recorded.status, recorded.metric, tuple(picked), recorded.steps)
+
+
+def stop_replay(name: str, folder: str, variant: Variant) -> dict:
+    """Replay one variant on one recorded grid: steps, cells within a grid step, worst miss."""
+    overrides = ["search.stop_early.stop=true"] + (
+        ["search.strategy=transfer"] if variant.transfer else [])
+    study = load_study(ROOT / "examples" / "rungs" / f"{name}.yaml", overrides)
+    grid = study.search.lr
+    if variant.every > 1:
+        grid = grid.model_copy(update={"per_decade": grid.per_decade / variant.every})
+    search = study.search.model_copy(update={"stop_early": variant.rule, "lr": grid})
+    study = study.model_copy(update={"search": search})
+    metric_name, maximize = study.task.objective, study.task.maximize
+    recorded = {key: as_variant(outcome, variant, metric_name) for key, outcome in
+                recorded_outcomes(study, ROOT / "examples" / "results" / folder).items()}
+    searched = replay_search(study, recorded, maximize)
+    errors = misses(study, recorded, searched, maximize)
+    return {"trials": len(recorded), "lrs": len(search.lrs_for(search.methods[0])),
+            "grid": sum(o.steps or 0 for o in recorded.values()),
+            "spent": sum(_spent(o) for o in searched.values()),
+            "cells": len(errors), "hits": sum(e <= 1 + 1e-9 for e in errors),
+            "worst": max(errors)}
+
+
+def _spent(outcome: Outcome) -> int:
+    """The steps a replayed trial trained: to its end, to where it diverged, or to the rung
+    where it stopped; and the decay probes of the rungs it reached."""
+    probes = sum(int(r["probe_steps"]) for r in outcome.rungs)
+    if outcome.status == "pruned":
+        return int(outcome.rungs[-1]["step"]) + probes
+    return (outcome.steps or 0) + probes
+
+
+def print_stop_early() -> None:
+    print("\n| variant | study | LRs per cell | cells | grid steps | spent | fraction | "
+          "cells within 1 step | worst (steps) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for variant in VARIANTS:
+        for name, folder in RUNG_STUDIES:
+            if not (ROOT / "examples" / "results" / folder / "rungs.csv").is_file():
+                continue
+            r = stop_replay(name, folder, variant)
+            print(f"| {variant.name} | {folder} | {r['lrs']} | {r['cells']} | {r['grid']} | "
+                  f"{r['spent']} | {r['spent'] / r['grid']:.0%} | {r['hits']}/{r['cells']} "
+                  f"({r['hits'] / r['cells']:.0%}) | {r['worst']:.2f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=20, help="synthetic studies per noise")
     parser.add_argument("--noise", type=float, nargs="+", default=[0.005, 0.02])
+    parser.add_argument("--skip-transfer", action="store_true",
+                        help="only the search.stop_early replays")
     args = parser.parse_args(argv)
+    if not args.skip_transfer:
+        print_transfer(args.studies, args.noise)
+    print_stop_early()
+
+
+def print_transfer(studies: int, noises: list[float]) -> None:
     print("| study | grid trials | search trials | fraction | cells within 1 step | "
           "worst (steps) |")
     print("|---|---|---|---|---|---|")
@@ -119,15 +221,15 @@ def main(argv: list[str] | None = None) -> None:
 
     for name, folder in REAL:
         line(f"{name} (real)", compare(*real_study(name, folder)))
-    for noise in args.noise:
+    for noise in noises:
         rng = np.random.default_rng(0)
         total = {"trials": 0, "grid": 0, "cells": 0, "hits": 0, "worst": 0.0}
-        for _ in range(args.studies):
+        for _ in range(studies):
             result = compare(*synthetic_study(rng, noise))
             for key in ("trials", "grid", "cells", "hits"):
                 total[key] += result[key]
             total["worst"] = max(total["worst"], result["worst"])
-        line(f"synthetic, noise sd {noise:g}, {args.studies} studies (summed)", total)
+        line(f"synthetic, noise sd {noise:g}, {studies} studies (summed)", total)
 
 
 if __name__ == "__main__":

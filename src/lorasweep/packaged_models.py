@@ -4,8 +4,9 @@ access.
 Sweeps must run on machines that cannot reach the Hugging Face Hub, so the models come from
 pip-installable packages that bundle their weights; the vision demo's tiny ViT is small enough
 to ship inside lorasweep itself (`data/digits_vit`, built by `scripts/build_digits_base.py`), and
-so is the image-generation demo's pipeline (`data/digits_diffusion`,
-`scripts/build_digits_diffusion.py`).
+so are the image-generation demo's pipeline (`data/digits_diffusion`,
+`scripts/build_digits_diffusion.py`) and a tiny character-level causal LM
+(`data/shakespeare_charlm`, `scripts/build_shakespeare_lm.py`).
 `packaged_model_path` returns a folder that `transformers`' `from_pretrained` loads directly, for
 both the model and its preprocessor (tokenizer or image processor).
 
@@ -38,6 +39,8 @@ PACKAGED_MODELS: MappingProxyType[str, str] = MappingProxyType(
         "digits-diffusion": "a tiny Stable Diffusion-style pipeline (16x16 pixels; UNet, VAE, "
         "text encoder) pretrained by lorasweep on the digits 0-4, captioned by the digit "
         "(ships in lorasweep)",
+        "shakespeare-charlm": "a tiny character-level Llama causal LM (0.45M parameters) "
+        "pretrained by lorasweep on 42 of Shakespeare's plays (ships in lorasweep)",
     }
 )
 
@@ -50,6 +53,7 @@ _INSTALL = {
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 DIGITS_VIT_DIR = Path(__file__).resolve().parent / "data" / "digits_vit"
 DIGITS_DIFFUSION_DIR = Path(__file__).resolve().parent / "data" / "digits_diffusion"
+SHAKESPEARE_CHARLM_DIR = Path(__file__).resolve().parent / "data" / "shakespeare_charlm"
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -75,6 +79,8 @@ def packaged_model_path(name: str) -> Path:
         return DIGITS_VIT_DIR
     if name == "digits-diffusion":
         return DIGITS_DIFFUSION_DIR
+    if name == "shakespeare-charlm":
+        return SHAKESPEARE_CHARLM_DIR
     allowed = ", ".join(repr(n) for n in PACKAGED_MODELS)
     raise ValueError(f"unknown packaged model {name!r}; allowed names: {allowed}")
 
