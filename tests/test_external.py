@@ -149,6 +149,7 @@ def test_dry_run_shows_each_command_and_writes_nothing(tmp_path: Path, capsys):
      "trainer.result.key: 'lora:{lr:.3g}.val_loss' is not a key: give names joined by dots, "
      "quoted where"),
     ({"result": {"file": "r.json", "key": "results[*].loss"}}, "'results[*].loss' is not a key"),
+    ({"result": {"file": "r.json", "key": "results[0:2].loss"}}, "is not a key"),
     ({"result": {"file": "r.json", "key": "$"}}, "trainer.result.key: '$' names no value"),
     ({"result": {"file": "r.json", "key": "'lora:{learning_rate}'.loss"}},
      "trainer.result.key: {learning_rate} is not a template name"),
