@@ -320,3 +320,9 @@ def study_file(tmp_path: Path, data_files: dict[str, Path]):
         return path
 
     return write
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """tests/test_threads.py's rerun of the numerics tests is the longest test by far: first,
+    so that under `-n 2` the other process runs the rest beside it instead of after it."""
+    items.sort(key=lambda item: getattr(item.module, "__name__", "") != "tests.test_threads")

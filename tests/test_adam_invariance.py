@@ -19,6 +19,9 @@ from lorasweep.models import load_model, load_tokenizer
 from lorasweep.optim import build_optimizer
 from lorasweep.space import Cell, TrialSpec
 
+# every test here compares two computations of the same numbers (tests/test_threads.py)
+pytestmark = pytest.mark.numerics
+
 STEPS = 6
 
 

@@ -88,6 +88,7 @@ def check_against_dense(spectrum, dense: torch.Tensor, top_k: int) -> None:
     assert abs(spectrum.smallest - float(values[0])) <= RTOL * radius
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(("method", "block_index"), [
     ("lora", -1), ("pissa", -1), ("pissa", 1), ("full", 3)])
 def test_lanczos_matches_the_dense_hessian(setup, method, block_index):
@@ -105,6 +106,7 @@ def test_lanczos_matches_the_dense_hessian(setup, method, block_index):
     check_against_dense(spectrum, dense_hessian(model, batches, block), top_k=2)
 
 
+@pytest.mark.numerics
 def test_warm_up_takes_the_trainers_own_steps(setup):
     """Warm-up runs the trainer's step: two micro-batches (train.grad_accum) give the state one
     whole batch gives, to rounding, and `precision: bf16` computes under autocast, as in

@@ -14,6 +14,9 @@ from lorasweep.workbench import attach_group
 
 from .test_methods import tiny, toy_task
 
+# every test here compares two computations of the same numbers (tests/test_threads.py)
+pytestmark = pytest.mark.numerics
+
 
 def test_one_trial_is_torch_dropout_bit_for_bit_and_a_group_repeats_its_mask():
     x = torch.randn(6, 5, 7)

@@ -144,11 +144,71 @@ def test_dry_run_shows_each_command_and_writes_nothing(tmp_path: Path, capsys):
     ({"method_args": {"dora": ["x"]}}, "trainer.method_args.dora: not a method"),
     ({"result": {"key": "score"}}, "trainer.result: give file"),
     ({"command": ["a", "b"], "shell": True}, "with shell: true, give one shell line"),
+    ({"command": "python train.py"}, "trainer.command: one string is a shell line: set shell"),
+    ({"result": {"file": "r.json", "key": "lora:{lr:.3g}.val_loss"}},
+     "trainer.result.key: 'lora:{lr:.3g}.val_loss' is not a key: give names joined by dots, "
+     "quoted where"),
+    ({"result": {"file": "r.json", "key": "results[*].loss"}}, "'results[*].loss' is not a key"),
+    ({"result": {"file": "r.json", "key": "results[0:2].loss"}}, "is not a key"),
+    ({"result": {"file": "r.json", "key": "$"}}, "trainer.result.key: '$' names no value"),
+    ({"result": {"file": "r.json", "key": "'lora:{learning_rate}'.loss"}},
+     "trainer.result.key: {learning_rate} is not a template name"),
 ])
 def test_bad_trainer_sections_are_one_line(tmp_path: Path, change, message):
     path = external_study(tmp_path, **change)
     with pytest.raises(StudyError, match=re.escape(message)):
         load_study(path)
+
+
+def test_a_bad_key_is_one_line_and_exit_2_before_anything_runs(tmp_path: Path, capsys):
+    path = external_study(tmp_path, result={"file": "r.json", "key": "lora:{lr:.3g}.val_loss"})
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trainer.result.key: " in err
+    assert not (tmp_path / "out").exists() and not finished_runs(tmp_path)
+
+
+# A script that reports each LR under a name with dots in it, as a sweep script keyed by
+# `f"lora:{lr:.3g}"` does: {"lora:0.001": {"val_loss": ..., "step": 7}}.
+KEYED_TRAIN = '''
+import json, sys
+lr = float(sys.argv[1])
+json.dump({f"lora:{lr:.3g}": {"val_loss": 1 + lr, "step": 7}, "other": 5}, open("r.json", "w"))
+'''
+
+
+def test_a_quoted_key_is_rendered_for_each_trial_and_a_shell_string_runs(tmp_path: Path):
+    """A dotted name quoted in the key, with the trial's LR rendered into it; the command one
+    shell string (shell: true), as the docs write it."""
+    (tmp_path / "keyed.py").write_text(KEYED_TRAIN)
+    path = external_study(tmp_path, lrs=(1e-3, 3e-2), shell=True,
+                          command="{python} {study_dir}/keyed.py {lr}",
+                          result={"file": "r.json", "key": '"lora:{lr:.3g}".val_loss'})
+    assert load_study(path).trainer.command == ["{python} {study_dir}/keyed.py {lr}"]
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    rows = {float(r["lr"]): r for r in read_rows(out)}
+    for lr in (1e-3, 3e-2):
+        assert float(rows[lr]["metric"]) == pytest.approx(1 + lr)
+        assert rows[lr]["steps"] == "7" and rows[lr]["selected_step"] == "7"
+
+
+@pytest.mark.parametrize(("key", "found"), [
+    ("results.0.eval_loss", 1.0),  # a number as a name indexes a list, as keys did before
+    ("results[1].eval_loss", 2.0),
+    ("$.eval.accuracy", 0.5),
+    ("'a.b'", 3),
+    ('"lora:0.001".val_loss', 4.0),
+    ("results[5].eval_loss", None),
+    ("eval.accuracy.more", None),
+])
+def test_a_key_names_one_value(key: str, found):
+    from lorasweep.result_key import find, parse_key
+
+    data = {"results": [{"eval_loss": 1.0}, {"eval_loss": 2.0}], "eval": {"accuracy": 0.5},
+            "a.b": 3, "lora:0.001": {"val_loss": 4.0}}
+    result = find(data, parse_key(key))
+    assert (result and result[0]) == found
 
 
 def test_a_full_cell_has_no_rank_and_a_study_has_one_trainer(tmp_path: Path):
@@ -266,6 +326,7 @@ def test_the_trainer_callback_reports_each_evaluation_as_lorasweep_reads_it(tmp_
 
     from lorasweep.config import ResultSpec
     from lorasweep.integrations import TrainerCallback
+    from lorasweep.result_key import parse_key
     from lorasweep.trainers.command import STDOUT_FILE, read_result
 
     torch.manual_seed(0)
@@ -284,7 +345,7 @@ def test_the_trainer_callback_reports_each_evaluation_as_lorasweep_reads_it(tmp_
     assert [step for step, _ in logged] == [2, 4]
     for spec in (ResultSpec(stdout=True, key="eval_loss"),
                  ResultSpec(file="evals.jsonl", key="eval_loss")):
-        final, curve = read_result(spec, tmp_path, "loss")
+        final, curve = read_result(spec, parse_key(spec.key), tmp_path, "loss")
         assert [(e["step"], e["loss"]) for e in curve] == logged
         assert final["loss"] == logged[-1][1] and final["eval_runtime"] > 0
 

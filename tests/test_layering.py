@@ -24,7 +24,7 @@ LAYERS = [
      "lorasweep.packaged_models", "lorasweep.sandbox", "lorasweep.study.defaults",
      "lorasweep.report.numbers", "lorasweep.integrations"],
     ["lorasweep.variants", "lorasweep.config", "lorasweep.recipe",
-     "lorasweep.precision"],  # the study file
+     "lorasweep.precision", "lorasweep.result_key"],  # the study file
     ["lorasweep.space"],  # cells and trials
     ["lorasweep.records"],  # what is recorded, and every CSV
     ["lorasweep.models", "lorasweep.quantize", "lorasweep.methods", "lorasweep.tasks",

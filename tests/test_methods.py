@@ -113,6 +113,7 @@ def toy_task(n: int = 48) -> ClassificationTask:
     return ClassificationTask(split, split, None, ["a", "b", "c"])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("method", ["lora", "rslora", "loraplus", "dora", "pissa", "milora",
                                     "olora", "init_ab"])
 def test_fused_group_equals_trials_run_one_by_one(method):
@@ -133,6 +134,7 @@ def test_fused_group_equals_trials_run_one_by_one(method):
         assert together.metrics["accuracy"] == alone.metrics["accuracy"]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_fused_group_with_dropout_is_exact_under_accumulation_and_checkpointing(method):
     """Dropout masks are drawn per trial (one trial's rows, tiled), so with grad_accum 2 and
@@ -229,6 +231,7 @@ def test_select_best_reports_the_peak_and_final_the_last_evaluation():
     assert not all(torch.equal(best.weights[n], final.weights[n]) for n in best.weights)
 
 
+@pytest.mark.numerics
 def test_bf16_autocast_keeps_fp32_weights_and_tracks_fp32_training():
     """precision: bf16 runs the matmuls in bfloat16 (the curve differs from fp32's) while the
     trained adapter stays fp32 and the run follows the fp32 one closely."""
@@ -423,6 +426,7 @@ def test_peft_data_driven_inits_see_training_batches(tmp_path, study_file, monke
     assert all(t.shape[1] <= 24 for t in seen)  # the study's seq_len: real training batches
 
 
+@pytest.mark.numerics
 def test_fused_causal_lm_group_equals_trials_run_one_by_one():
     from lorasweep.tasks.causal_lm import CausalLMTask
 

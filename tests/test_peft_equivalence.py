@@ -54,6 +54,9 @@ from lorasweep.variants import VARIANTS
 
 from .diffusion_parts import WIDTH, tiny_unet
 
+# every test here compares two computations of the same numbers (tests/test_threads.py)
+pytestmark = pytest.mark.numerics
+
 TOL = 1e-6
 STEPS = 5
 # Every method with a PEFT form (its own LoraConfig arguments, variants.Variant.peft_arguments),

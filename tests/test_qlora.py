@@ -23,6 +23,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 
 # BERT, Llama, and GPT-2 (whose Conv1D layers become 4-bit linear layers of the transposed weight)
+@pytest.mark.numerics
 @pytest.mark.parametrize(("source", "kind"), [*ARCHS[:2], ("gpt2", "causal_lm")])
 @pytest.mark.parametrize("method", ["lora", "rslora", "loraplus", "dora"])
 def test_matches_peft_over_the_same_4bit_base(source, kind, method):

@@ -51,6 +51,9 @@ from lorasweep.tasks.grpo import (
 from lorasweep.tasks.rollout import Completions
 from lorasweep.workbench import attach_trials
 
+# every test here compares two computations of the same numbers (tests/test_threads.py)
+pytestmark = pytest.mark.numerics
+
 TOL = 1e-6
 ROWS, LENGTH, GROUP = 8, 6, 4  # 2 prompts x 4 completions, up to 6 completion tokens
 

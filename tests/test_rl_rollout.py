@@ -32,6 +32,9 @@ from lorasweep.workbench import attach_trials
 
 from .conftest import differing_pair
 
+# every test here compares two computations of the same numbers (tests/test_threads.py)
+pytestmark = pytest.mark.numerics
+
 CELL = Cell(method="lora", rank=4, lora_alpha="8", init="kaiming", target_modules="all-linear")
 GROUP, NEW = 3, 6
 SAMPLING = dict(group_size=GROUP, temperature=0.7, max_new_tokens=NEW, pad_id=0)

@@ -58,17 +58,18 @@ def trials(method: str, lrs: list[float]) -> list[TrialSpec]:
 
 
 def assert_same_training(a, b) -> None:
-    """Loss curves and final losses to 1e-6. Trained weights are compared loosely: Adam divides
-    a gradient by its own size, so where LoRA's A has a near-zero gradient (B starts at zero) a
-    rounding-level difference becomes a visible step."""
+    """The first step's loss (from the same weights) to 1e-6; later losses and the final
+    validation loss to 1e-4. Not the trained weights: Adam moves a weight by about
+    LR x sign(g), so where a gradient is at rounding level (LoRA's A while B is near zero) two
+    correct sums of it step opposite ways, and a weight compare tests the CPU's rounding. That
+    the update is the whole batch's is test_grad_accum_gradient_is_the_big_batch_gradient's."""
     for x, y in zip(a, b, strict=True):
-        assert torch.allclose(torch.tensor(x.loss_curve), torch.tensor(y.loss_curve),
-                              rtol=1e-6, atol=0), (x.loss_curve, y.loss_curve)
-        assert x.metrics["eval_loss"] == pytest.approx(y.metrics["eval_loss"], rel=1e-6)
-        for name, weight in x.weights.items():
-            assert torch.allclose(weight, y.weights[name], rtol=0, atol=1e-4), name
+        assert x.loss_curve[0] == pytest.approx(y.loss_curve[0], rel=1e-6)
+        assert x.loss_curve == pytest.approx(y.loss_curve, rel=1e-4)
+        assert x.metrics["eval_loss"] == pytest.approx(y.metrics["eval_loss"], rel=1e-4)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(("source", "kind", "method", "lrs"), [
     ("tiny:llama", "causal_lm", "lora", [1e-2]),
     ("tiny:llama", "causal_lm", "dora", [1e-3, 1e-2]),
@@ -89,6 +90,7 @@ def test_grad_accum_equals_one_big_batch(source, kind, method, lrs):
     assert_same_training(runs[4], runs[1])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(("source", "kind", "method", "k"), [
     ("tiny:llama", "causal_lm", "dora", 1), ("tiny:llama", "causal_lm", "lora", 3),
     ("tiny:bert", "classification", "lora", 2), ("tiny:llama", "causal_lm", "full", 1)])
@@ -142,6 +144,7 @@ def test_grad_accum_weights_micro_batches_by_their_tokens():
     assert result.loss_curve[0] == pytest.approx(whole, rel=1e-6)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(("source", "kind", "method"), [
     ("tiny:llama", "causal_lm", "lora"), ("tiny:llama", "causal_lm", "dora"),
     ("tiny:bert", "classification", "lora"), ("tiny:llama", "causal_lm", "full")])

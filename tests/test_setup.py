@@ -54,7 +54,8 @@ def test_the_quickstart_command_sets_up_the_venv_only(tmp_path: Path):
 
 def test_lint_is_clean():
     done = subprocess.run([sys.executable, "-m", "ruff", "check", "src", "tests", "scripts",
-                           "benchmarks"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                           "benchmarks", "examples"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
 
 

@@ -18,6 +18,9 @@ from lorasweep.space import Cell
 
 from .test_peft_equivalence import base_model, linearized, rel_err
 
+# every test here compares two computations of the same numbers (tests/test_threads.py)
+pytestmark = pytest.mark.numerics
+
 
 def layers(prefix: str, names: list[str]) -> list[str]:
     return [f"{prefix}.{i}.{name}" for i in range(2) for name in names]

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes' CPU backend, imported with PEFT, warns that it cannot fetch an optional hub
     # kernel for its inference-only packed layout, which quantize.py turns off anyway.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: every command, its arguments and their help (docs/ prints it)."""
     parser = argparse.ArgumentParser(prog="lorasweep", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from lorasweep.errors import StudyError
+from lorasweep.result_key import parse_key
 from lorasweep.variants import INITS, VARIANTS, get_init, init_pattern, variant
 
 BUILTIN_STUDIES_DIR = Path(__file__).parent / "studies"
@@ -585,11 +586,18 @@ class SearchSpec(_Strict):
 class ResultSpec(_Strict):
     """Where an external command's metric comes from: a JSON file it writes (relative to its
     working folder) or JSON lines on its stdout (the last line with `key` is the result, the
-    earlier ones its evaluation curve). `key` is dotted (`eval.accuracy`, `results.0.loss`)."""
+    earlier ones its evaluation curve). `key` is a JSONPath to one value (`eval.accuracy`,
+    `results[0].loss`, `"lora:{lr:.3g}".val_loss`: see result_key.py), its names templates."""
 
     file: str | None = Field(default=None, min_length=1)
     stdout: bool = False
     key: str = Field(min_length=1)
+
+    @field_validator("key")
+    @classmethod
+    def _key_form(cls, value: str) -> str:
+        parse_key(value)
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ResultSpec:
@@ -626,11 +634,22 @@ class TrainerSpec(_Strict):
     result: ResultSpec
     study_dir: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_string(cls, value: Any) -> Any:
+        """`command` as one string is the shell line of `shell: true`."""
+        if isinstance(value, dict) and isinstance(value.get("command"), str):
+            if value.get("shell") is not True:
+                raise ValueError("trainer.command: one string is a shell line: set shell: true, "
+                                 "or give the argument list ([program, arg, ...])")
+            value = {**value, "command": [value["command"]]}
+        return value
+
     @model_validator(mode="after")
     def _shell_line(self) -> TrainerSpec:
         if self.shell and len(self.command) != 1:
             raise ValueError("trainer.command: with shell: true, give one shell line "
-                             "(a list of one string)")
+                             "(a string, or a list of one string)")
         for name in self.files:
             if Path(name).name != name or name in (".", ".."):
                 raise ValueError(f"trainer.files.{name}: a file name in the trial's folder "
@@ -651,7 +670,8 @@ class TrainerSpec(_Strict):
         return ([(f"trainer.command[{i}]", text) for i, text in enumerate(self.command)]
                 + [(f"trainer.method_args.{label}[{i}]", text)
                    for i, text in enumerate(self.method_args.get(label, []))]
-                + [(f"trainer.env.{name}", text) for name, text in self.env.items()])
+                + [(f"trainer.env.{name}", text) for name, text in self.env.items()]
+                + [("trainer.result.key", self.result.key)])
 
 
 def template_fields(text: str) -> list[str]:
@@ -1021,6 +1041,8 @@ def describe_validation_error(exc: ValidationError) -> str:
         f" (got {SHORT_REPR.repr(got)})"
     )
     more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
+    if location and message.startswith(f"{location}."):  # a section's check names its field
+        return f"{message}{shown}{more}"
     return f"{location or 'study'}: {message}{shown}{more}"
 
 

@@ -198,11 +198,24 @@ def describe_environment() -> dict:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpu": cpu_model(),
         "torch_threads": torch.get_num_threads(),
         "packages": versions,
         "git": git_state(),
         "command": redact_argv(sys.argv),  # a password given on it must not reach the folder
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name as lscpu shows it (Linux), else what `platform` knows: numbers a run
+    records can move on another CPU where a trial is near divergence."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def git_state() -> dict | None:

@@ -37,6 +37,7 @@ from lorasweep.files import write_text
 from lorasweep.recipe import parse_recipe, value_text
 from lorasweep.records import TrialResult
 from lorasweep.redact import redact_argv, redact_env, redact_text
+from lorasweep.result_key import Step, find, key_text, parse_key, render_key
 from lorasweep.space import TrialSpec
 from lorasweep.study.store import Store
 from lorasweep.trainers import DryRun, Record, Show, describe_cell
@@ -116,7 +117,9 @@ class CommandTrainer:
         if code != 0:
             raise TrialFailed(f"the command exited with {_exit_text(code)}: "
                               + _tail(out_dir / STDERR_FILE))
-        final, curve = read_result(self.spec.result, out_dir, self.study.task.objective)
+        key = render_key(parse_key(self.spec.result.key),
+                         lambda name: render(name, values, shell=False))
+        final, curve = read_result(self.spec.result, key, out_dir, self.study.task.objective)
         return self.result(final, curve, seconds)
 
     def trial_dir(self, spec: TrialSpec) -> Path:
@@ -219,11 +222,11 @@ def _run(argv: list[str], cwd: Path, env: dict[str, str]) -> int:
                 process.wait()
 
 
-def read_result(spec: ResultSpec, out_dir: Path, metric: str
+def read_result(spec: ResultSpec, key: tuple[Step, ...], out_dir: Path, metric: str
                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The command's final report and its evaluation curve, from its JSON file (one object: its
     one report) or its JSON lines (on stdout, or a file of them: each line holding the key is
-    one evaluation, the last is the final one)."""
+    one evaluation, the last is the final one). `key`: spec.key parsed and rendered."""
     where = f"its {spec.file}" if spec.file is not None else "its stdout"
     path = out_dir / (spec.file if spec.file is not None else STDOUT_FILE)
     try:
@@ -241,28 +244,24 @@ def read_result(spec: ResultSpec, out_dir: Path, metric: str
                 documents.append(json.loads(line))
             except ValueError:
                 continue  # not every line a command prints is a report
-    curve = [r for r in (_report(d, spec.key, metric) for d in documents) if r is not None]
+    curve = [r for r in (_report(d, key, metric) for d in documents) if r is not None]
     if not curve:
-        raise TrialFailed(f"trainer.result.key: {where} holds no number at '{spec.key}'")
+        raise TrialFailed(f"trainer.result.key: {where} holds no number at "
+                          f"'{spec.key}' ({key_text(key)} for this trial)")
     return curve[-1], curve
 
 
-def _report(data: Any, key: str, metric: str) -> dict[str, Any] | None:
-    """One report: the number at dotted `key`, named `metric`, with the numbers beside it in
-    the same object and at the top level (eval_loss, train_loss, step, ...); None where `key`
-    holds no number."""
-    *path, name = key.split(".")
-    node = data
-    for part in path:
-        try:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        except (KeyError, IndexError, ValueError, TypeError):
-            return None
-    value = node.get(name) if isinstance(node, dict) else None
-    if not _is_number(value):
+def _report(data: Any, key: tuple[Step, ...], metric: str) -> dict[str, Any] | None:
+    """One report: the number at `key`, named `metric`, with the numbers beside it in the same
+    object and at the top level (eval_loss, train_loss, step, ...); None where `key` holds no
+    number."""
+    found = find(data, key)
+    if found is None or not _is_number(found[0]):
         return None
-    around = data if isinstance(data, dict) and data is not node else {}
-    numbers = {k: int(v) if k == "step" else float(v) for k, v in {**around, **node}.items()
+    value, holder = found
+    beside = holder if isinstance(holder, dict) else {}
+    around = data if isinstance(data, dict) and data is not holder else {}
+    numbers = {k: int(v) if k == "step" else float(v) for k, v in {**around, **beside}.items()
                if _is_number(v) and (k != "step" or math.isfinite(v))}
     return {**numbers, metric: float(value)}
 
