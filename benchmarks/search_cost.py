@@ -122,30 +122,38 @@ RECORDED_RUNGS = [0.0625, 0.125, 0.25, 0.5]  # the rungs those grids recorded
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to stop early, replayed: its rule, and whether it compares the mid-run metric
-    (no probe) as a greedy rung would, and how coarse a grid (every n-th LR of the recorded)."""
+    """One way to spend less than the full recorded grid, replayed: a stop_early rule (None: a
+    plain grid that stops nothing), whether it compares the mid-run metric before the probe (a
+    greedy rung, with no probe to pay for), every n-th LR of the recorded grid, and whether the
+    transfer search plans the trials."""
 
     name: str
-    rule: StopEarly
+    rule: StopEarly | None = StopEarly()
     greedy: bool = False
     every: int = 1
     transfer: bool = False
 
 
 VARIANTS = [
-    Variant("greedy rung: the mid-run metric, no probe", StopEarly(), greedy=True),
-    Variant("decay probe at each rung (the default)", StopEarly()),
-    Variant("decay probe, rungs 1/16, 1/4 and 1/2", StopEarly(rungs=[0.0625, 0.25, 0.5])),
-    Variant("decay probe, no drift (one grid step below)", StopEarly(drift=0)),
-    Variant("decay probe, drift 0.5", StopEarly(drift=0.5)),
-    Variant("the default on every other LR (4 per decade)", StopEarly(), every=2),
-    Variant("the default with search.strategy transfer", StopEarly(), transfer=True),
+    Variant("stop_early with its defaults"),
+    Variant("greedy rung: the metric before the probe, no probe", greedy=True),
+    Variant("no drift (the window one grid step each side)", StopEarly(drift=0)),
+    Variant("drift 0.5", StopEarly(drift=0.5)),
+    Variant("rungs 1/16, 1/4 and 1/2", StopEarly(rungs=[0.0625, 0.25, 0.5])),
+    Variant("rungs 1/8, 1/4 and 1/2", StopEarly(rungs=[0.125, 0.25, 0.5])),
+    Variant("stop_early on every other LR", every=2),
+    Variant("plain grid of every other LR", rule=None, every=2),
+    Variant("plain grid of every fourth LR", rule=None, every=4),
+    Variant("stop_early with search.strategy transfer", transfer=True),
+    Variant("plain grid with search.strategy transfer", rule=None, transfer=True),
 ]
 
 
 def as_variant(recorded: Outcome, variant: Variant, metric_name: str) -> Outcome:
     """A recorded trial as the variant would have seen it: its rungs (the variant's subset of
     the recorded ones), each scored by the probe or, greedy, by the metric before it."""
+    if variant.rule is None:
+        return Outcome(recorded.status, recorded.metric, (), recorded.steps)
     picked = [recorded.rungs[RECORDED_RUNGS.index(f)] for f in variant.rule.rungs
               if RECORDED_RUNGS.index(f) < len(recorded.rungs)]
     if variant.greedy:
@@ -154,25 +162,32 @@ def as_variant(recorded: Outcome, variant: Variant, metric_name: str) -> Outcome
 
 
 def stop_replay(name: str, folder: str, variant: Variant) -> dict:
-    """Replay one variant on one recorded grid: steps, cells within a grid step, worst miss."""
-    overrides = ["search.stop_early.stop=true"] + (
-        ["search.strategy=transfer"] if variant.transfer else [])
-    study = load_study(ROOT / "examples" / "rungs" / f"{name}.yaml", overrides)
-    grid = study.search.lr
-    if variant.every > 1:
-        grid = grid.model_copy(update={"per_decade": grid.per_decade / variant.every})
-    search = study.search.model_copy(update={"stop_early": variant.rule, "lr": grid})
-    study = study.model_copy(update={"search": search})
+    """Replay one variant on one recorded grid: the training steps it spends against the whole
+    recorded grid's, and how far each cell's lr_star lies from the whole grid's, in steps of
+    the whole grid."""
+    path, results = ROOT / "examples" / "rungs" / f"{name}.yaml", ROOT / "examples" / "results" / folder
+    whole = load_study(path)
+    search = whole.search.model_copy(update={
+        "stop_early": None if variant.rule is None else variant.rule.model_copy(
+            update={"stop": True}),
+        "strategy": "transfer" if variant.transfer else "grid",
+        "lr": whole.search.lrs_for(whole.search.methods[0])[::variant.every]})
+    study = whole.model_copy(update={"search": search})
     metric_name, maximize = study.task.objective, study.task.maximize
+    reference = recorded_outcomes(whole, results)
     recorded = {key: as_variant(outcome, variant, metric_name) for key, outcome in
-                recorded_outcomes(study, ROOT / "examples" / "results" / folder).items()}
+                recorded_outcomes(study, results).items()}
     searched = replay_search(study, recorded, maximize)
-    errors = misses(study, recorded, searched, maximize)
-    return {"trials": len(recorded), "lrs": len(search.lrs_for(search.methods[0])),
-            "grid": sum(o.steps or 0 for o in recorded.values()),
+    steps = grid_steps(_records(whole, reference))
+    full = {o.cell: o for o in find_optima(_records(whole, reference), maximize)}
+    found = {o.cell: o for o in find_optima(_records(study, searched), maximize)}
+    errors = [abs(math.log10(found[cell].lr_star / o.lr_star)) / steps[cell]
+              if cell in found else math.inf for cell, o in full.items()]
+    return {"lrs": len(search.lrs_for(search.methods[0])),
+            "grid": sum(o.steps or 0 for o in reference.values()),
             "spent": sum(_spent(o) for o in searched.values()),
             "cells": len(errors), "hits": sum(e <= 1 + 1e-9 for e in errors),
-            "worst": max(errors)}
+            "worst": max(errors), "mean": sum(errors) / len(errors)}
 
 
 def _spent(outcome: Outcome) -> int:
@@ -185,17 +200,18 @@ def _spent(outcome: Outcome) -> int:
 
 
 def print_stop_early() -> None:
-    print("\n| variant | study | LRs per cell | cells | grid steps | spent | fraction | "
-          "cells within 1 step | worst (steps) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| variant | study | LRs per cell | cells | steps spent / whole grid | "
+          "cells within 1 step | mean miss | worst miss (steps) |")
+    print("|---|---|---|---|---|---|---|---|")
     for variant in VARIANTS:
         for name, folder in RUNG_STUDIES:
             if not (ROOT / "examples" / "results" / folder / "rungs.csv").is_file():
                 continue
             r = stop_replay(name, folder, variant)
-            print(f"| {variant.name} | {folder} | {r['lrs']} | {r['cells']} | {r['grid']} | "
-                  f"{r['spent']} | {r['spent'] / r['grid']:.0%} | {r['hits']}/{r['cells']} "
-                  f"({r['hits'] / r['cells']:.0%}) | {r['worst']:.2f} |")
+            print(f"| {variant.name} | {folder} | {r['lrs']} | {r['cells']} | "
+                  f"{r['spent']} / {r['grid']} ({r['spent'] / r['grid']:.0%}) | "
+                  f"{r['hits']}/{r['cells']} ({r['hits'] / r['cells']:.0%}) | "
+                  f"{r['mean']:.2f} | {r['worst']:.2f} |")
 
 
 def main(argv: list[str] | None = None) -> None:

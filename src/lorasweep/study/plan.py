@@ -213,10 +213,10 @@ def recorded_outcomes(study: Study, folder: Path) -> dict[str, Outcome]:
     trials (matched by cell, LR and seed, so the study may differ from the folder's in its
     search strategy) with its status, metric and rung evaluations (trials.csv, rungs.csv)."""
     rungs = read_rungs_csv(folder)
-    by_match = {(r.cell, r.lr, r.seed): r for r in read_trials_csv(folder)}
+    by_match = {(r.cell, f"{r.lr:.6g}", r.seed): r for r in read_trials_csv(folder)}
     recorded = {}
-    for trial in expand_trials(study):
-        record = by_match.get((trial.cell.recorded, trial.lr, trial.seed))
+    for trial in expand_trials(study):  # an LR as the trial keys write it (6 digits)
+        record = by_match.get((trial.cell.recorded, f"{trial.lr:.6g}", trial.seed))
         if record is not None:
             recorded[trial.key] = Outcome(record.status, record.metric,
                                           tuple(rungs.get(record.trial, ())), record.steps)
