@@ -25,7 +25,7 @@ from lorasweep.space import Cell, TrialSpec, expand_trials
 from lorasweep.study.plan import recorded_outcomes, replay_search
 from lorasweep.study.rungs import Outcome, decide
 from lorasweep.study.store import Store
-from lorasweep.train import Rungs, train_group
+from lorasweep.train import BestOf, Rungs, train_group
 
 from .conftest import make_records, read_rows, refused, tiny_study, write_jsonl
 from .test_methods import tiny, toy_task
@@ -44,30 +44,35 @@ def test_probes_and_pauses_change_nothing_a_trial_computes(method):
     numbers of a plain run; paused at each rung and resumed from its checkpoints, by fewer
     trials each time (LoRA: K = 3, then 2, then 1: a stopped trial leaves the group; full
     fine-tuning trains one trial per model copy), it ends with them too, bit for bit; and the
-    rungs it records are the recording run's."""
+    rungs it records are the recording run's. The trials count at their best evaluation
+    (task.select best, every 3 steps), which a pause carries over too."""
     base, task = tiny("tiny:bert"), toy_task()
-    train = TrainSpec(steps=16, batch_size=8, warmup_ratio=0.125, lora_dropout=0.1)
+    train = TrainSpec(steps=16, batch_size=8, warmup_ratio=0.125, lora_dropout=0.1,
+                      eval_every=3)
+    best = BestOf("eval_loss", maximize=False)
     trials = _trials() if method == "lora" else _trials(Cell(method="full"), lrs=(1e-3,))
     plain = [r for t in (trials if method == "full" else [None]) for r in
-             train_group(base, task, train, trials if t is None else [t], CPU)]
+             train_group(base, task, train, trials if t is None else [t], CPU,
+                                         best_of=best)]
     recording = Rungs(steps=(4, 8), probes=(2, 3), pause=False, raw=True)
-    probed = train_group(base, task, train, trials, CPU, rungs=recording)
+    probed = train_group(base, task, train, trials, CPU, rungs=recording, best_of=best)
     for a, b in zip(plain, probed, strict=True):
         assert a.loss_curve == b.loss_curve and a.metrics == b.metrics and a.test == b.test
         assert [r["step"] for r in b.rungs] == [4, 8]
         assert {"eval_loss", "accuracy", "raw_eval_loss", "raw_accuracy"} <= set(b.rungs[0])
     assert probed[-1].rungs[1]["eval_loss"] != probed[-1].rungs[1]["raw_eval_loss"]
     pausing = Rungs(steps=(4, 8), probes=(2, 3), pause=True)
-    first = train_group(base, task, train, trials, CPU, rungs=pausing)
+    first = train_group(base, task, train, trials, CPU, rungs=pausing, best_of=best)
     assert {r.status for r in first} == {"paused"} and first[0].steps == 4
-    second = train_group(base, task, train, trials[-2:], CPU, rungs=pausing,
+    second = train_group(base, task, train, trials[-2:], CPU, rungs=pausing, best_of=best,
                          resume=[r.checkpoint for r in first[-2:]])
     assert {r.steps for r in second} == {8}
-    (third,) = train_group(base, task, train, trials[-1:], CPU, rungs=pausing,
+    (third,) = train_group(base, task, train, trials[-1:], CPU, rungs=pausing, best_of=best,
                            resume=[second[-1].checkpoint])
     assert third.status == "complete" and third.steps == 16
     assert third.loss_curve == plain[-1].loss_curve
     assert third.metrics == plain[-1].metrics and third.test == plain[-1].test
+    assert third.selected_step == plain[-1].selected_step
     assert [{k: v for k, v in r.items() if not k.startswith("raw_")} for r in probed[-1].rungs] \
         == third.rungs
     if method == "lora":  # the weights an adapter trial keeps for export are the plain run's
