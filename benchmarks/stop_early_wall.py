@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from search_cost import RUNG_STUDIES, ROOT, Variant, as_variant
+from search_cost import ROOT, RUNG_STUDIES, Variant, as_variant
 
 from lorasweep.config import load_study
 from lorasweep.records import read_optima_csv, read_trials_csv
