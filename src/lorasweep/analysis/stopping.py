@@ -31,7 +31,8 @@ class StopCost:
 
 def stop_costs(records: list[TrialRecord]) -> list[StopCost]:
     """Each cell with a complete trial that was evaluated at rungs, then the study's total (none
-    when no trial was). A trial to the end trains as many steps as the cell's complete ones."""
+    when no trial stopped early). A trial to the end trains as many steps as the cell's complete
+    ones."""
     by_cell: dict[Cell, list[TrialRecord]] = defaultdict(list)
     for record in records:
         if record.status in ENDED and record.steps is not None:
@@ -47,7 +48,7 @@ def stop_costs(records: list[TrialRecord]) -> list[StopCost]:
                               diverged=counts["diverged"],
                               steps=sum((r.steps or 0) + (r.probe_steps or 0) for r in ended),
                               full_steps=length * len(ended)))
-    if not costs:
+    if not any(c.pruned for c in costs):  # a grid that records rungs and stops nothing
         return []
     return [*costs, StopCost(cell=None, **{name: sum(getattr(c, name) for c in costs)
                                            for name in ("complete", "pruned", "diverged",
