@@ -27,6 +27,7 @@ the probe, no probe: what a generic pruner compares), fewer rungs, other windows
 (every other LR), and with the transfer search on a family of ranks.
 
 Usage: python benchmarks/search_cost.py [--studies N] [--noise SD ...] [--skip-transfer]
+                                        [--stop-early all|default|none]
 """
 
 from __future__ import annotations
@@ -140,8 +141,9 @@ VARIANTS = [
     Variant("greedy rung: the metric before the probe, no probe", greedy=True),
     Variant("no drift (the window one grid step each side)", StopEarly(drift=0)),
     Variant("drift 0.5", StopEarly(drift=0.5)),
-    Variant("rungs 1/16, 1/4 and 1/2", StopEarly(rungs=[0.0625, 0.25, 0.5])),
-    Variant("rungs 1/8, 1/4 and 1/2", StopEarly(rungs=[0.125, 0.25, 0.5])),
+    Variant("a fourth rung at 1/2", StopEarly(rungs=RECORDED_RUNGS)),
+    Variant("rungs 1/16 and 1/4 only", StopEarly(rungs=[0.0625, 0.25])),
+    Variant("rungs 1/8 and 1/4 only (no rung at 1/16)", StopEarly(rungs=[0.125, 0.25])),
     Variant("stop_early on every other LR", every=2),
     Variant("plain grid of every other LR", rule=None, every=2),
     Variant("plain grid of every fourth LR", rule=None, every=4),
@@ -217,11 +219,11 @@ def _spent(outcome: Outcome) -> int:
     return (outcome.steps or 0) + probes
 
 
-def print_stop_early() -> None:
+def print_stop_early(variants: list[Variant]) -> None:
     print("\n| variant | study | LRs per cell | cells | steps spent / whole grid | "
           "cells within 1 step | worst miss (steps) | worst regret (seed sd) |")
     print("|---|---|---|---|---|---|---|---|")
-    for variant in VARIANTS:
+    for variant in variants:
         for name, folder in RUNG_STUDIES:
             if not (ROOT / "examples" / "results" / folder / "rungs.csv").is_file():
                 continue
@@ -239,10 +241,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--noise", type=float, nargs="+", default=[0.005, 0.02])
     parser.add_argument("--skip-transfer", action="store_true",
                         help="only the search.stop_early replays")
+    parser.add_argument("--stop-early", choices=["all", "default", "none"], default="all",
+                        help="which search.stop_early variants to replay (default: all)")
     args = parser.parse_args(argv)
     if not args.skip_transfer:
         print_transfer(args.studies, args.noise)
-    print_stop_early()
+    if args.stop_early != "none":
+        print_stop_early(VARIANTS if args.stop_early == "all" else VARIANTS[:1])
 
 
 def print_transfer(studies: int, noises: list[float]) -> None:

@@ -38,6 +38,7 @@ def _trials(cell: Cell = LORA, lrs=(1e-3, 1e-2, 3e-2)) -> list[TrialSpec]:
     return [TrialSpec(grid_id=i, cell=cell, lr=lr, seed=0) for i, lr in enumerate(lrs)]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_probes_and_pauses_change_nothing_a_trial_computes(method):
     """A group evaluated at rungs (each after a decay probe that is thrown away) ends with the
@@ -79,6 +80,7 @@ def test_probes_and_pauses_change_nothing_a_trial_computes(method):
         assert all(torch.equal(third.weights[n], plain[-1].weights[n]) for n in third.weights)
 
 
+@pytest.mark.numerics
 def test_a_wsd_probe_is_the_shorter_wsd_run():
     """With the wsd schedule a probe at step s, of c steps, trains exactly the wsd run of s + c
     steps whose plateau ends at s (Hagele et al. 2024): its evaluation is that run's."""

@@ -326,7 +326,8 @@ def test_search_cost_benchmark_replays_the_shipped_studies(capsys, monkeypatch):
     import importlib
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    importlib.import_module("search_cost").main(["--studies", "1", "--noise", "0.005"])
+    importlib.import_module("search_cost").main(["--studies", "1", "--noise", "0.005",
+                                                 "--stop-early", "none"])
     rows = [line.split(" | ")[1:5] for line in capsys.readouterr().out.splitlines()
             if "(real)" in line]
     assert rows == [["42", "27", "64%", "7/7 (100%)"], ["75", "75", "100%", "5/5 (100%)"]]

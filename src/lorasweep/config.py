@@ -476,7 +476,7 @@ class StopEarly(_Strict):
     for benchmarks/search_cost.py to replay)."""
 
     rungs: Annotated[list[Annotated[float, Field(gt=0, lt=1)]],
-                     Field(min_length=1, max_length=8)] = [0.0625, 0.125, 0.25, 0.5]
+                     Field(min_length=1, max_length=8)] = [0.0625, 0.125, 0.25]
     cooldown: Annotated[float, Field(gt=0, le=1)] = 0.25
     drift: Annotated[float, Field(ge=0, le=2)] = 0.3
     stop: bool = True
