@@ -23,8 +23,8 @@ LAYERS = [
     ["lorasweep", "lorasweep.errors", "lorasweep.files", "lorasweep.redact",
      "lorasweep.packaged_models", "lorasweep.sandbox", "lorasweep.study.defaults",
      "lorasweep.report.numbers", "lorasweep.integrations"],
-    ["lorasweep.variants", "lorasweep.config", "lorasweep.recipe",
-     "lorasweep.precision", "lorasweep.result_key"],  # the study file
+    ["lorasweep.variants", "lorasweep.kinds", "lorasweep.peft_config", "lorasweep.config",
+     "lorasweep.recipe", "lorasweep.precision", "lorasweep.result_key"],  # the study file
     ["lorasweep.space"],  # cells and trials
     ["lorasweep.records"],  # what is recorded, and every CSV
     ["lorasweep.models", "lorasweep.quantize", "lorasweep.methods", "lorasweep.tasks",
