@@ -10,6 +10,7 @@ import torch
 
 from lorasweep.config import Study
 from lorasweep.errors import StudyError
+from lorasweep.kinds import kind_of
 from lorasweep.optim import probe_steps, rung_steps, total_steps
 from lorasweep.recipe import Training, resolve_training
 from lorasweep.records import TrialResult
@@ -147,7 +148,7 @@ def check_memory(study: Study, bench: Workbench, options: WorkOptions) -> None:
     group = 1 if options.group_sizes().automatic else options.max_group
     seq_len = max(r.train.seq_len for r in trainings)
     per_token = getattr(config, "hidden_size", 0) * getattr(config, "num_hidden_layers", 0) + (
-        getattr(config, "vocab_size", 0) if study.task.kind != "classification" else 0)
+        0 if kind_of(study.task.kind).labels else getattr(config, "vocab_size", 0))
     need = (group * batch * seq_len * per_token
             * (2 if study.train.precision == "bf16" else 4))
     free = free_memory(torch.device(options.device))
