@@ -234,8 +234,8 @@ def _work_options(args: argparse.Namespace):
     import torch
 
     from lorasweep.study.backend import check_storage_url
-    from lorasweep.study.memory import parse_memory
     from lorasweep.study.options import WorkOptions
+    from lorasweep.trainers.memory import parse_memory
 
     if args.storage is not None:
         check_storage_url(args.storage)  # before any model is loaded
