@@ -123,7 +123,6 @@ def validate_study(raw: dict[str, Any], where: str) -> Study:
         raise StudyError(f"{where}: {describe_validation_error(exc)}") from None
 
 
-
 def dump_study(study: Study) -> str:
     """The resolved study as YAML, every default written out."""
     return yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False)

@@ -38,7 +38,6 @@ class RLSpec(BaseModel):
     eval_samples: Annotated[int, Field(ge=1)] = 1
 
 
-
 def check_rl(rl: RLSpec | None, task: TaskSpec, search: SearchSpec) -> None:
     """The rl section goes with (and only with) task.kind rl, and can score its data."""
     if (rl is None) != (kind_of(task.kind).section != "rl"):

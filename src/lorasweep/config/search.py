@@ -330,7 +330,6 @@ def alpha_value(spec: float | str, rank: int) -> float:
     return number * rank if mode == "per_rank" else number
 
 
-
 def check_peft_arguments(class_name: str, arguments: dict[str, Any]) -> None:
     """Build the PEFT config once so an unknown class or argument is caught at load time."""
     try:

@@ -124,7 +124,6 @@ def template_fields(text: str) -> list[str]:
     return names
 
 
-
 def check_templates(trainer: TrainerSpec, search: SearchSpec) -> None:
     """Every template of the command names only what a trial of its method gives."""
     labels = [entry.display_name for entry in search.methods]
