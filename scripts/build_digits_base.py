@@ -32,11 +32,10 @@ from pathlib import Path
 import torch
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
-from lorasweep.config import TaskSpec
+from lorasweep.config import ModelSpec, SearchSpec, Study, TaskSpec, TrainSpec
 from lorasweep.packaged_models import DIGITS_VIT_DIR
+from lorasweep.tasks import build_task
 from lorasweep.tasks.base import Split
-from lorasweep.tasks.data import load_splits
-from lorasweep.tasks.image_classification import build_image_classification
 
 SEED = 0
 STEPS = 1200
@@ -44,7 +43,13 @@ BATCH = 32
 LR = 2e-3
 WARMUP = 100
 WEIGHT_DECAY = 0.05
-TASK = TaskSpec(kind="image_classification", dataset="builtin:digits-0-4", validation_size=90)
+# The study whose images the base learns from, read through lorasweep's own loading (a task's
+# builder reads the study it belongs to); its model and recipe are this script's own.
+STUDY = Study(name="digits-vit", seed=SEED, model=ModelSpec(source="tiny:vit"),
+              task=TaskSpec(kind="image_classification", dataset="builtin:digits-0-4",
+                            validation_size=90),
+              train=TrainSpec(steps=STEPS, batch_size=BATCH),
+              search=SearchSpec(methods=["full"], lr=[LR]))
 CONFIG = dict(image_size=8, patch_size=2, num_channels=3, hidden_size=64, num_hidden_layers=4,
               num_attention_heads=4, intermediate_size=128)
 
@@ -61,7 +66,7 @@ def build(out_dir: Path) -> None:
     torch.manual_seed(SEED)
     processor = ViTImageProcessorPil(size={"height": 8, "width": 8},
                                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    task = build_image_classification(TASK, load_splits(TASK, SEED), processor, seq_len=0)
+    task = build_task(STUDY, processor)
     names = task.label_names
     model = ViTForImageClassification(ViTConfig(
         **CONFIG, id2label=dict(enumerate(names)),

@@ -41,12 +41,13 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from lorasweep.config import ModelSpec, TaskSpec
+from lorasweep.config import ModelSpec, SearchSpec, Study, TaskSpec, TrainSpec
 from lorasweep.models import load_model, load_preprocessor
 from lorasweep.packaged_models import DIGITS_DIFFUSION_DIR
+from lorasweep.tasks import build_task
 from lorasweep.tasks.data import load_splits
 from lorasweep.tasks.image_classification import read_rgb
-from lorasweep.tasks.image_generation import build_image_generation, square_pixels
+from lorasweep.tasks.image_generation import square_pixels
 
 SEED = 0
 SIZE = 16
@@ -169,7 +170,9 @@ def report(out_dir: Path) -> None:
     parts = load_preprocessor(spec, "image_generation")
     unet = load_model(spec, "image_generation", None, parts)
     for digits, task_spec in TASKS.items():
-        task = build_image_generation(task_spec, load_splits(task_spec, SEED), parts, 0)
+        study = Study(name=f"digits-{digits}", seed=SEED, model=spec, task=task_spec,
+                      train=TrainSpec(steps=1), search=SearchSpec(methods=["lora"], lr=[1e-3]))
+        task = build_task(study, parts)
         loss = task.evaluate(unet, task.validation, 1, 256, torch.device("cpu"))[0]
         print(f"digits {digits}: validation eval_loss {loss['eval_loss']:.4f} "
               f"({len(task.validation)} images)")

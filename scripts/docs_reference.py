@@ -1,6 +1,6 @@
 """The two generated pages of the docs site, so that neither can drift from the code.
 
-- The study-file reference: every field of the pydantic `Study` (lorasweep/config.py), section
+- The study-file reference: every field of the pydantic `Study` (lorasweep/config/), section
   by section, with its type, its default and the comment the code gives it.
 - The command reference: the help of every `lorasweep` command, from the CLI's own parsers.
 
@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from lorasweep.cli import build_parser
-from lorasweep.config import Study
+from lorasweep.config import OneOf, Study
 
 MARKER = re.compile(r"^<!-- generated: ([a-z-]+) -->$", re.MULTILINE)
 HELP_WIDTH = 100
@@ -43,7 +43,8 @@ def study_file_reference() -> str:
         for name, field in model.model_fields.items():
             default = ("required" if field.is_required() else
                        f"`{_value(field.get_default(call_default_factory=True))}`")
-            kind = _type(field.annotation) + _bounds(field.metadata)
+            kind = _registered(field.metadata) or (_type(field.annotation)
+                                                    + _bounds(field.metadata))
             parts.append(f"| `{name}` | {kind} | {default} | "
                          f"{comments.get(name, '')} |")
             queue += [(f"{prefix}{name}.", sub) for sub in _sections(field.annotation)]
@@ -94,6 +95,13 @@ def _type(annotation: Any) -> str:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "section (below)"
     return getattr(annotation, "__name__", str(annotation))
+
+
+def _registered(metadata: typing.Iterable[Any]) -> str:
+    """A name checked against a registry (kinds.KINDS, variants.VARIANTS): its names, as a
+    Literal's values are shown ("" for any other field)."""
+    tables = [m.func.table for m in metadata if isinstance(getattr(m, "func", None), OneOf)]
+    return " \\| ".join(f"`{name}`" for name in tables[0]) if tables else ""
 
 
 def _bounds(metadata: typing.Iterable[Any]) -> str:

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from lorasweep.analysis.curvature import CellCurvature, predict_lrs
 from lorasweep.cli import main
 from lorasweep.config import validate_study
 from lorasweep.curvature.hvp import LossHessian, adam_scale, eager_attention
 from lorasweep.curvature.lanczos import lanczos
 from lorasweep.curvature.measure import blocks_of, grid_middle, select_cells, warm_up
-from lorasweep.curvature.predict import CellCurvature, predict_lrs
 from lorasweep.records import Optimum
 from lorasweep.space import Cell, TrialSpec
 from lorasweep.workbench import attach_group, batch_order, load_workbench

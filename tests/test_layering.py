@@ -1,4 +1,5 @@
-"""The layers of ARCHITECTURE.md hold: no module imports a higher layer, and no import cycles.
+"""The layers of ARCHITECTURE.md hold: no module imports a higher layer, no folder imports a folder
+above it, and no import cycles.
 
 Imports are read from the source (function-level ones too, which hide cycles). `if TYPE_CHECKING:`
 blocks never run, so the layer rule skips them, but the cycle rule counts them: two modules that
@@ -23,18 +24,18 @@ LAYERS = [
     ["lorasweep", "lorasweep.errors", "lorasweep.files", "lorasweep.redact",
      "lorasweep.packaged_models", "lorasweep.sandbox", "lorasweep.study.defaults",
      "lorasweep.report.numbers", "lorasweep.integrations"],
-    ["lorasweep.variants", "lorasweep.config", "lorasweep.recipe",
-     "lorasweep.precision", "lorasweep.result_key"],  # the study file
+    ["lorasweep.variants", "lorasweep.kinds", "lorasweep.peft_config", "lorasweep.config",
+     "lorasweep.recipe", "lorasweep.precision", "lorasweep.result_key"],  # the study file
     ["lorasweep.space"],  # cells and trials
     ["lorasweep.records"],  # what is recorded, and every CSV
     ["lorasweep.models", "lorasweep.quantize", "lorasweep.methods", "lorasweep.tasks",
      "lorasweep.dropout"],
     ["lorasweep.workbench", "lorasweep.optim"],  # groups: what a trial starts from
-    ["lorasweep.train", "lorasweep.study.memory", "lorasweep.curvature.hvp",
+    ["lorasweep.train", "lorasweep.curvature.hvp",
      "lorasweep.curvature.lanczos", "lorasweep.curvature.measure"],
     ["lorasweep.study.backend", "lorasweep.study.store"],
     ["lorasweep.trainers", "lorasweep.study.options"],  # how a claimed group trains
-    ["lorasweep.analysis", "lorasweep.curvature.predict"],
+    ["lorasweep.analysis"],
     ["lorasweep.report"],
     ["lorasweep.study", "lorasweep.curvature", "lorasweep.export", "lorasweep.suggest",
      "lorasweep.cli"],  # commands: the worker loop, plan, folder, curvature, export, suggest
@@ -103,6 +104,33 @@ def test_no_module_imports_a_higher_layer():
     assert not upward, "\n".join(upward)
 
 
+def unit(name: str) -> str:
+    """The folder a module is in (lorasweep.study.store: lorasweep.study); a module directly in
+    lorasweep, and lorasweep itself, is a unit of its own."""
+    folder = ".".join(name.split(".")[:2])
+    return folder if SRC.joinpath(*folder.split(".")).is_dir() else name
+
+
+def folder_imports() -> dict[str, set[str]]:
+    """Which units each unit imports (type-only imports too, as the cycle rule counts them)."""
+    out: dict[str, set[str]] = {}
+    for name, deps in graph(type_only=True).items():
+        out.setdefault(unit(name), set()).update(unit(d) for d in deps if unit(d) != unit(name))
+    return out
+
+
+def test_no_folder_imports_a_higher_or_cyclic_folder():
+    """A folder, taken whole, sits at the layer of its highest module and imports only what sits
+    at or below it; folders of one layer import one way (no cycle between folders)."""
+    known = modules()
+    height = {u: max(layer(n) for n in known if unit(n) == u) for u in map(unit, known)}
+    edges = folder_imports()
+    upward = [f"{name} (layer {height[name]}) imports {dep} (layer {height[dep]})"
+              for name, deps in edges.items() for dep in deps if height[dep] > height[name]]
+    assert not upward, "\n".join(upward)
+    graphlib.TopologicalSorter(edges).prepare()  # a CycleError names the cycle
+
+
 def test_no_import_cycles():
     graphlib.TopologicalSorter(graph(type_only=True)).prepare()  # a CycleError names the cycle
 
@@ -119,6 +147,8 @@ def test_the_check_sees_an_upward_and_a_hidden_cyclic_import(tmp_path):
     assert imports(source, set(modules()), type_only=True) == {"lorasweep.report.tables",
                                                                "lorasweep.train"}
     assert layer("lorasweep.report.tables") > layer("lorasweep.records")
+    assert (unit("lorasweep.study.store"), unit("lorasweep.space")) == ("lorasweep.study",
+                                                                         "lorasweep.space")
     with pytest.raises(graphlib.CycleError):
         graphlib.TopologicalSorter({"a": {"b"}, "b": {"a"}}).prepare()
 

@@ -13,7 +13,8 @@ from lorasweep.cli import main
 from lorasweep.config import load_study
 from lorasweep.recipe import resolve_training
 from lorasweep.space import expand_trials
-from lorasweep.study.memory import (
+from lorasweep.train import train_group
+from lorasweep.trainers.memory import (
     GroupSizes,
     PeakModel,
     free_memory,
@@ -24,7 +25,6 @@ from lorasweep.study.memory import (
     train_fitting,
     without_evaluation,
 )
-from lorasweep.train import train_group
 
 
 def read_rows(folder: Path) -> list[dict]:

@@ -35,6 +35,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorasweep.config import ModelSpec, TrainSpec
 from lorasweep.dropout import TiledDropout, set_training
+from lorasweep.kinds import kind_of
 from lorasweep.methods import get_method
 from lorasweep.methods.stacked import StackedLoRALinear
 from lorasweep.methods.targets import (
@@ -45,7 +46,7 @@ from lorasweep.methods.targets import (
     resolve_targets,
     uses_conv1d,
 )
-from lorasweep.models import LABELLED_KINDS, load_model, load_preprocessor
+from lorasweep.models import load_model, load_preprocessor
 from lorasweep.optim import build_optimizer
 from lorasweep.quantize import quantize_base
 from lorasweep.space import Cell, TrialSpec
@@ -128,7 +129,7 @@ def base_model(source: str, kind: str, quantize: str | None = None) -> torch.nn.
             model = (auto(config) if source in NOT_AUTO else auto.from_config(config)).eval()
         return quantize_base(model, quantize) if quantize else model
     spec = ModelSpec(source=source, quantize=quantize)
-    return load_model(spec, kind, 3 if kind in LABELLED_KINDS else None,
+    return load_model(spec, kind, 3 if kind_of(kind).labels else None,
                       load_preprocessor(spec, kind))
 
 
@@ -233,7 +234,7 @@ def losses_of(model, kind: str, inputs, labels, k: int = 1) -> list[torch.Tensor
     for part in logits.chunk(k):
         if kind == "image_generation":
             out.append(F.mse_loss(part, labels))
-        elif kind in LABELLED_KINDS:
+        elif kind_of(kind).labels:
             out.append(F.cross_entropy(part, labels))
         else:
             out.append(F.cross_entropy(part[:, :-1].reshape(-1, part.shape[-1]),

@@ -14,7 +14,7 @@ import pytest
 from lorasweep.cli import main
 from lorasweep.study.store import Store
 
-from .conftest import kill_mid_run, read_rows
+from .conftest import kill_mid_run, read_rows, tiny_study
 
 HERE = Path(__file__).resolve().parent
 
@@ -167,17 +167,18 @@ def test_causal_lm_sweep_on_response_tokens(tmp_path: Path):
         assert row["test_metric"] == ""  # no test file was given
 
 
-def test_response_mask_covers_only_the_answer():
-    from lorasweep.config import ModelSpec, TaskSpec
+def test_response_mask_covers_only_the_answer(data_files):
+    from lorasweep.config import validate_study
     from lorasweep.models import load_tokenizer
     from lorasweep.tasks.causal_lm import IGNORE, build_causal_lm
     from lorasweep.tasks.data import RawSplits
 
-    tokenizer = load_tokenizer(ModelSpec(source="smollm2"))
-    spec = TaskSpec(kind="causal_lm", train_file="x.jsonl", prompt_field="q",
-                    response_field="a", loss_on="response")
+    study = validate_study(tiny_study(data_files, model={"source": "smollm2"}, task={
+        "kind": "causal_lm", "prompt_field": "q", "response_field": "a", "loss_on": "response"}),
+        "test")
+    tokenizer = load_tokenizer(study.model)
     records = [{"q": "Question: two plus two?\nAnswer:", "a": " four"}]
-    task = build_causal_lm(spec, RawSplits(records, records, None), tokenizer, seq_len=32)
+    task = build_causal_lm(study, RawSplits(records, records, None), tokenizer, seq_len=32)
     labels = task.train.labels[0]
     scored = labels[labels != IGNORE]
     assert tokenizer.decode(scored).strip() == "four"

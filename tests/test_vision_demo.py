@@ -15,11 +15,11 @@ import torch
 from transformers import AutoModelForImageClassification
 
 from lorasweep.cli import main
-from lorasweep.config import ModelSpec, TaskSpec
+from lorasweep.config import validate_study
 from lorasweep.models import load_image_processor
 from lorasweep.packaged_models import packaged_model_path
-from lorasweep.tasks.data import BUILTIN_DATA_DIR, load_splits
-from lorasweep.tasks.image_classification import build_image_classification
+from lorasweep.tasks import build_task
+from lorasweep.tasks.data import BUILTIN_DATA_DIR
 
 from .conftest import read_rows
 
@@ -51,10 +51,12 @@ def test_the_digits_rebuild_byte_for_byte(tmp_path):
 def test_the_base_scores_on_its_own_digits_as_documented():
     """digits-vit loads offline (HF_HUB_OFFLINE=1, conftest) with its own image processor and
     classifies 177 of the 180 test images of digits 0-4 (its README: 0.9833)."""
-    spec = TaskSpec(kind="image_classification", dataset="builtin:digits-0-4",
-                    validation_size=90)
-    processor = load_image_processor(ModelSpec(source="digits-vit"))
-    task = build_image_classification(spec, load_splits(spec, 0), processor, seq_len=0)
+    study = validate_study({"name": "digits", "model": {"source": "digits-vit"},
+                            "task": {"kind": "image_classification",
+                                     "dataset": "builtin:digits-0-4", "validation_size": 90},
+                            "train": {"steps": 1}, "search": {"methods": ["lora"], "lr": [1e-3]}},
+                           "test")
+    task = build_task(study, load_image_processor(study.model))
     model = AutoModelForImageClassification.from_pretrained(packaged_model_path("digits-vit"))
     assert task.label_names == [model.config.id2label[i] for i in range(5)]
     with torch.no_grad():

@@ -107,6 +107,27 @@ def test_lost_trials_rerun_a_bounded_number_of_times(tmp_path: Path, study_path:
     assert {s for s, _, _ in store.latest_by_key().values()} == {"waiting"}
 
 
+def test_status_flags_a_claim_cut_off_as_the_store_does(tmp_path: Path, study_path: Path,
+                                                       monkeypatch, capsys):
+    """A worker killed between claiming a trial and naming itself leaves a running trial that
+    nobody owns; `status` calls it stale by the store's own rule (Store._is_stale), so what it
+    shows is what the next worker will do."""
+    from lorasweep.cli import main
+    from lorasweep.study.backend import optuna_trial_id
+
+    folder = tmp_path / "study"
+    store = create_study(study_path, folder, None, lease=60, max_attempts=2)
+    [waiting, *_] = store.storage.get_all_trials(store.study_id, states=(TrialState.WAITING,))
+    store.storage.set_trial_state_values(optuna_trial_id(waiting), state=TrialState.RUNNING)
+    assert main(["status", str(folder)]) == 0
+    claimed = f"running trial {waiting.user_attrs['grid_id']}: "
+    assert f"{claimed}heartbeat " in capsys.readouterr().out  # within its claim's moment
+    monkeypatch.setattr("lorasweep.study.store.CLAIM_SECONDS", 0.0)
+    assert main(["status", str(folder)]) == 0
+    assert f"{claimed}STALE: its claim was cut off" in capsys.readouterr().out
+    assert [lease.stale for lease in store.leases()] == [True]
+
+
 def _dead_pid() -> int:
     process = subprocess.Popen(["true"])
     process.wait()

@@ -234,8 +234,8 @@ def _work_options(args: argparse.Namespace):
     import torch
 
     from lorasweep.study.backend import check_storage_url
-    from lorasweep.study.memory import parse_memory
     from lorasweep.study.options import WorkOptions
+    from lorasweep.trainers.memory import parse_memory
 
     if args.storage is not None:
         check_storage_url(args.storage)  # before any model is loaded
@@ -385,14 +385,17 @@ def _print_workers(rows: list[dict], store) -> None:
         finished = ", ".join(f"{n} {s}" for s, n in sorted(done.get(worker, {}).items()))
         print(f"  {worker}: {finished or 'nothing finished yet'}")
         for lease in (lease for lease in leases if lease.worker == worker):
-            if lease.process_gone:
+            if not lease.stale:  # the store's rule (Store._is_stale); the lines say why
+                state = (f"heartbeat {lease.heartbeat_age:.0f} s ago, lease "
+                         f"{lease.lease_left:.0f} s left")
+            elif lease.process_gone:
                 state = "STALE: its process has ended; the next worker reruns it"
             elif lease.lease_left <= 0:
                 state = (f"STALE: silent for {lease.heartbeat_age:.0f} s, lease expired "
                          f"{-lease.lease_left:.0f} s ago; the next worker reruns it")
             else:
-                state = (f"heartbeat {lease.heartbeat_age:.0f} s ago, lease "
-                         f"{lease.lease_left:.0f} s left")
+                state = ("STALE: its claim was cut off before a worker took it; the next "
+                         "worker reruns it")
             print(f"    running trial {lease.grid_id}: {state}")
 
 

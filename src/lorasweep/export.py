@@ -25,9 +25,10 @@ from safetensors.torch import load_file, save_file
 
 from lorasweep.config import Study
 from lorasweep.errors import StudyError
+from lorasweep.kinds import kind_of
 from lorasweep.methods.stacked import StackedLoRALinear
 from lorasweep.methods.targets import peft_task, resolve_targets, uses_conv1d
-from lorasweep.models import LABELLED_KINDS, load_model, load_preprocessor
+from lorasweep.models import load_model, load_preprocessor
 from lorasweep.recipe import resolve_training
 from lorasweep.space import TrialSpec
 from lorasweep.study.folder import open_for_reading, weights_path
@@ -63,6 +64,9 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     if study.trainer is not None:
         raise StudyError(f"--trial {grid_id}: the study's trials ran its trainer command, which "
                          f"keeps what it trained (see {folder}/trials/trial-{grid_id}/)")
+    kind = kind_of(study.task.kind)
+    if kind.no_export is not None:
+        raise StudyError(f"--trial {grid_id}: {kind.no_export}")
     if not cell.is_adapter:
         raise StudyError(f"--trial {grid_id}: full fine-tuning has no adapter to export")
     method = variant(cell.method)
@@ -82,10 +86,9 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     if method.peft_flags is None:  # a peft entry: PEFT's own model
         return _export_peft_entry(study, spec, trained, out)
 
-    kind = study.task.kind
-    preprocessor = load_preprocessor(study.model, kind)
-    labels = num_labels(build_task(study, preprocessor)) if kind in LABELLED_KINDS else None
-    base = load_model(study.model, kind, labels, preprocessor)
+    preprocessor = load_preprocessor(study.model, kind.name)
+    labels = num_labels(build_task(study, preprocessor)) if kind.labels else None
+    base = load_model(study.model, kind.name, labels, preprocessor)
     start = _initial_layers(base, spec)
     targets = resolve_targets(base, cell.target_modules)
     rank = cell.rank * (2 if residual else 1)
@@ -97,7 +100,7 @@ def export_trial(folder: Path, grid_id: int, out: Path) -> Path:
     lora_dropout = resolve_training(study.train, cell.recipe).train.lora_dropout
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=lora_dropout,
                         fan_in_fan_out=uses_conv1d(base, targets),
-                        **method.peft_flags, **peft_task(kind, base))
+                        **method.peft_flags, **peft_task(kind.name, base))
     peft_model = get_peft_model(copy.deepcopy(base), config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

@@ -10,19 +10,18 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import transformers
 from huggingface_hub import hf_hub_download
 from torch import nn
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
-    AutoModelForCausalLM,
-    AutoModelForImageClassification,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedTokenizerBase,
@@ -32,6 +31,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from lorasweep.config import ModelSpec
 from lorasweep.errors import StudyError, first_line
+from lorasweep.kinds import DENOISER, kind_of
 from lorasweep.packaged_models import (
     PACKAGED_MODELS,
     ModelNotAvailableError,
@@ -84,13 +84,6 @@ RANDOM_CONFIGS = {
 CONFIG_SOURCES = {**TINY_CONFIGS, **RANDOM_CONFIGS}
 
 
-# The kinds whose model ends in a freshly drawn head of `num_labels` outputs, by auto class; every
-# other kind loads a causal LM.
-LABELLED_KINDS = {"classification": AutoModelForSequenceClassification,
-                  "image_classification": AutoModelForImageClassification}
-IMAGE_KINDS = ("image_classification",)
-# Kinds whose base model is a diffusion pipeline's denoiser (its other parts: DiffusionParts).
-DIFFUSION_KINDS = ("image_generation",)
 # The only libraries a pipeline's model_index.json may name a part's class from: a class is
 # looked up by name in one of these, never imported from a path the pipeline chooses.
 PIPELINE_LIBRARIES = ("diffusers", "transformers")
@@ -116,15 +109,14 @@ Preprocessor = PreTrainedTokenizerBase | BaseImageProcessor | DiffusionParts
 
 
 def _auto_class(kind: str) -> type:
-    return LABELLED_KINDS.get(kind, AutoModelForCausalLM)
+    """The transformers auto class the kind's base model loads as (kinds.Kind.model)."""
+    return getattr(transformers, kind_of(kind).model)
 
 
 def load_preprocessor(spec: ModelSpec, kind: str) -> Preprocessor:
-    """The model's image processor for an image kind, a diffusion pipeline's frozen parts for
-    image generation, else its tokenizer."""
-    if kind in DIFFUSION_KINDS:
-        return load_diffusion_parts(spec)
-    return load_image_processor(spec) if kind in IMAGE_KINDS else load_tokenizer(spec)
+    """What turns the kind's examples into model inputs (kinds.Kind.preprocessor): its
+    tokenizer, image processor, or a diffusion pipeline's frozen parts."""
+    return PREPROCESSORS[kind_of(kind).preprocessor](spec)
 
 
 def _pipeline_part(spec: ModelSpec, part: str, dtype: torch.dtype = torch.float32) -> object:
@@ -241,17 +233,23 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+# Each kind's preprocessor by its name in kinds.Kind.preprocessor.
+PREPROCESSORS: dict[str, Callable[[ModelSpec], Preprocessor]] = {
+    "tokenizer": load_tokenizer, "image_processor": load_image_processor,
+    "diffusion_parts": load_diffusion_parts}
+
+
 def load_model(spec: ModelSpec, kind: str, num_labels: int | None,
                preprocessor: Preprocessor, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The base model in `dtype` on the CPU (its block linears in NF4 with `quantize: nf4`), in
     eval mode (dropout off, see train.py). A classifier's head has `num_labels` outputs; a
     pretrained head of another size is left out (its weights are drawn per trial anyway)."""
-    if kind in DIFFUSION_KINDS:
+    if kind_of(kind).model == DENOISER:
         return load_denoiser(spec, dtype).eval()
     check_quantize(spec.quantize)
     tokenizer = preprocessor if isinstance(preprocessor, PreTrainedTokenizerBase) else None
     extra = ({"num_labels": num_labels, "ignore_mismatched_sizes": True}
-             if kind in LABELLED_KINDS else {})
+             if kind_of(kind).labels else {})
     if spec.source in CONFIG_SOURCES:
         # tiny models are drawn in fp32 and then rounded, so a bf16 base is the fp32 one stored
         # in bf16; published sizes are drawn in their dtype (an 8B model in fp32 is 32 GB)
@@ -314,7 +312,7 @@ def build_from_config(source: str, kind: str, num_labels: int | None, vocab_size
     values = dict(CONFIG_SOURCES[source])
     if source in TINY_CONFIGS and vocab_size is not None:
         values["vocab_size"] = vocab_size  # published models keep their own vocabulary size
-    extra = {"num_labels": num_labels} if kind in LABELLED_KINDS else {}
+    extra = {"num_labels": num_labels} if kind_of(kind).labels else {}
     config = AutoConfig.for_model(**values, **extra)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         return _auto_class(kind).from_config(config, dtype=dtype)

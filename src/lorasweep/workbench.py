@@ -17,6 +17,7 @@ from torch import nn
 
 from lorasweep.config import TARGETS_AXIS, Study, TrainSpec
 from lorasweep.errors import StudyError
+from lorasweep.kinds import DENOISER, kind_of
 from lorasweep.methods import Attached, get_method
 from lorasweep.methods.peft_passthrough import names_own_targets, needs_data
 from lorasweep.methods.targets import (
@@ -26,13 +27,7 @@ from lorasweep.methods.targets import (
     layer_shape,
     resolve_targets,
 )
-from lorasweep.models import (
-    DIFFUSION_KINDS,
-    LABELLED_KINDS,
-    load_model,
-    load_preprocessor,
-    max_positions,
-)
+from lorasweep.models import load_model, load_preprocessor, max_positions
 from lorasweep.precision import base_dtype, check_device_support
 from lorasweep.recipe import Training, resolve_training
 from lorasweep.space import TrialSpec, expand_trials, recipes_of, target_text
@@ -62,7 +57,8 @@ def load_workbench(study: Study, device: str = "cpu") -> Workbench:
     """The study's data and base model (stored in the dtype it trains in on `device`)."""
     check_device_support(study, device)
     trainings = [resolve_training(study.train, text) for text in recipes_of(study)]
-    if study.task.kind not in DIFFUSION_KINDS:  # a diffusion pipeline has no text model config
+    kind = kind_of(study.task.kind)
+    if kind.model != DENOISER:  # a diffusion pipeline has no text model config
         _check_seq_len(study, {r.train.seq_len for r in trainings} | {study.train.seq_len})
     preprocessor = load_preprocessor(study.model, study.task.kind)
     task = build_task(study, preprocessor)
@@ -74,7 +70,7 @@ def load_workbench(study: Study, device: str = "cpu") -> Workbench:
                              f"than the {len(task.train)} training examples (after validation)")
     base = load_model(study.model, study.task.kind, num_labels(task), preprocessor,
                       base_dtype(study.model, study.train, device))
-    if study.task.kind in LABELLED_KINDS and not head_module_names(base):
+    if kind.labels and not head_module_names(base):
         # a head lorasweep cannot find would stay frozen at its random init under LoRA
         raise StudyError(f"model.source: '{study.model.source}' has no task head named "
                          f"{' or '.join(HEAD_NAMES)}, which every method trains fully "

@@ -1,1 +1,2 @@
-"""From finished trials to answers: optima per cell, and how they scale with rank."""
+"""From finished trials to answers: optima per cell, how they scale with rank, and the LRs the
+measured curvature predicts."""

@@ -92,7 +92,7 @@ def cell_optimum(cell: Cell, by_seed: dict[int, dict[float, float]], diverged: i
         edge = "low" if best == 0 else "high"
         step = 1 / ratio if best == 0 else ratio
         suggest = [float(f"{lrs[best] * step ** i:.3g}") for i in (1, 2)]
-    elif stopped & {float(lrs[best - 1]), float(lrs[best + 1])}:
+    elif stopped & {float(lrs[i]) for i in (best - 1, best + 1) if 0 <= i < len(lrs)}:
         edge = "stopped"  # a neighbour stopped at a rung: lr_star is the grid LR, unrefined
     return Optimum(cell=cell, lr_best=float(lrs[best]), lr_star=lr_star, lr_star_low=low,
                    lr_star_high=high, peak=float(at_best.mean()),

@@ -16,6 +16,7 @@ from lorasweep.curvature.measure import (
 )
 from lorasweep.errors import StudyError
 from lorasweep.files import write_text
+from lorasweep.kinds import kind_of
 from lorasweep.records import (
     OPTIMA_CSV,
     CurvatureRecord,
@@ -40,9 +41,9 @@ def open_target(target: str, out: Path | None, overrides: list[str]) -> tuple[St
     if study.trainer is not None:
         raise StudyError(f"{target}: curvature is measured on lorasweep's own model and data; "
                          "this study's trainer command keeps both to itself")
-    if study.task.kind == "rl":
-        raise StudyError(f"{target}: curvature is measured on a fixed batch's loss; an rl "
-                         "study's loss depends on the completions each step samples")
+    refused = kind_of(study.task.kind).no_curvature
+    if refused is not None:
+        raise StudyError(f"{target}: {refused}")
     return study, folder
 
 

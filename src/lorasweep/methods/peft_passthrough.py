@@ -22,9 +22,9 @@ from peft.tuners.lora.corda import preprocess_corda
 from peft.tuners.lora.loraga import preprocess_loraga
 from torch import nn
 
-from lorasweep.config import build_peft_config
 from lorasweep.methods.base import Attached, Batches, Method, init_head
 from lorasweep.methods.targets import head_module_names, resolve_targets, uses_conv1d
+from lorasweep.peft_config import build_peft_config
 from lorasweep.space import Cell
 
 DATA_INITS = ("eva", "corda", "lora_ga")  # PEFT inits that look at training batches first

@@ -12,6 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorasweep.errors import StudyError
+from lorasweep.kinds import kind_of
 
 ADAPTABLE = (nn.Linear, Conv1D)
 ADAPTABLE_TEXT = "nn.Linear or transformers' Conv1D"
@@ -22,9 +23,6 @@ ATTENTION_LEAVES = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "o_pr
 # Attribute names transformers uses for a freshly initialized classification head (PEFT's
 # SEQ_CLS_HEAD_NAMES).
 HEAD_NAMES = ("classifier", "score")
-# PEFT's task type for each text kind (it has none for image classification).
-PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "math": "CAUSAL_LM",
-                   "code": "CAUSAL_LM", "rl": "CAUSAL_LM"}
 
 
 def head_module_names(model: nn.Module) -> list[str]:
@@ -36,8 +34,9 @@ def peft_task(kind: str, model: nn.Module) -> dict:
     """A LoraConfig's arguments that tell PEFT the task: its task type for text (a SEQ_CLS model
     saves its head); for an image classifier the head as modules_to_save, as PEFT's own image
     classification guide gives it (PEFT's all-linear then leaves the head out too)."""
-    if kind in PEFT_TASK_TYPES:
-        return {"task_type": PEFT_TASK_TYPES[kind]}
+    task_type = kind_of(kind).peft_task_type
+    if task_type is not None:
+        return {"task_type": task_type}
     return {"modules_to_save": head_module_names(model)}
 
 

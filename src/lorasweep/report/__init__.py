@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from lorasweep.analysis.compare import cell_name, fixed_lr_table
 from lorasweep.analysis.optima import Optimum
@@ -16,10 +15,12 @@ from lorasweep.analysis.scaling import RankFit
 from lorasweep.analysis.stopping import StopCost
 from lorasweep.analysis.summary import StudyAnalysis
 from lorasweep.analysis.transfer import CheckRow, score_rules
+from lorasweep.config import Study
 from lorasweep.files import write_text
 from lorasweep.records import (
     OPTIMA_CSV,
     TrialRecord,
+    TrialSource,
     read_curvature_csv,
     read_curves_csv,
     write_curves_csv,
@@ -39,10 +40,6 @@ from lorasweep.report.plots import (
     peaks_plot,
 )
 from lorasweep.report.tables import Table, html_report, markdown_report
-
-if TYPE_CHECKING:  # the store pulls in torch; reading a report does not need it
-    from lorasweep.config import Study
-    from lorasweep.study.store import Store
 
 
 def build_tables(analysis: StudyAnalysis) -> list[Table]:
@@ -243,7 +240,7 @@ def transfer_tables(checks: list[CheckRow]) -> list[Table]:
          for c in checks])]
 
 
-def write_study_outputs(folder: Path, store: Store, study: Study) -> list[Path]:
+def write_study_outputs(folder: Path, store: TrialSource, study: Study) -> list[Path]:
     """trials.csv from the store, then the report on it, ranked by the study's metric."""
     records = write_trials_csv(folder, store, study.task.objective)
     write_curves_csv(folder, store)

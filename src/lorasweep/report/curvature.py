@@ -1,6 +1,6 @@
 """The report's curvature section, from curvature.csv (`lorasweep curvature`) and the optima.
 
-Shared by `lorasweep report` and `lorasweep curvature`: it reads curvature.predict and renders
+Shared by `lorasweep report` and `lorasweep curvature`: it reads analysis/curvature.py and renders
 through report.tables, and imports neither command.
 
 Absent curvature.csv, the section is absent: the rest of the report never depends on it.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 
 from lorasweep.analysis.compare import cell_name
-from lorasweep.curvature.predict import (
+from lorasweep.analysis.curvature import (
     ANCHOR_METHOD,
     DEFAULT_P,
     cell_curvatures,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS
-from lorasweep.study.memory import GroupSizes
+from lorasweep.trainers.memory import GroupSizes
 
 
 @dataclass(frozen=True)

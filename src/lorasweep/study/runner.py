@@ -51,7 +51,7 @@ def default_max_group(device: str) -> int | None:
 
     On a CPU the work is compute-bound and fusing measured no faster (benchmarks/README.md), so
     the CPU default is 1; on a GPU a group fills the device that one small trial leaves idle, as
-    many trials as fit its memory (study/memory.py).
+    many trials as fit its memory (trainers/memory.py).
     """
     return 1 if device == "cpu" else None
 
@@ -61,7 +61,8 @@ def trainer_for(study: Study, folder: Path, options: WorkOptions) -> Trainer:
     study file), else lorasweep's own engine over the base model and data loaded here."""
     if study.trainer is not None:
         return CommandTrainer(study, folder)
-    return FusedTrainer(study, load_workbench(study, options.device), options, train_group)
+    return FusedTrainer(study, load_workbench(study, options.device), options.group_sizes(),
+                        train_group)
 
 
 @dataclass

@@ -99,6 +99,7 @@ class Lease:
     heartbeat_age: float  # seconds since the worker last renewed the lease
     lease_left: float  # seconds before others may take the trial over; <= 0: stale
     process_gone: bool  # the worker ran on this host and its process has ended
+    stale: bool  # nobody works on it any more (Store._is_stale): the next worker reruns it
 
 
 def _patient(method: Callable) -> Callable:
@@ -421,7 +422,8 @@ class Store:
         return [Lease(grid_id=int(t.user_attrs["grid_id"]),
                       worker=str(t.user_attrs.get("worker", "?")),
                       heartbeat_age=now - _heartbeat(t, now),
-                      lease_left=_lease_left(t, now, lease), process_gone=_process_gone(t))
+                      lease_left=_lease_left(t, now, lease), process_gone=_process_gone(t),
+                      stale=self._is_stale(t, now, lease))
                 for t in self.trials(states=(TrialState.RUNNING,))]
 
     def others_running(self) -> bool:

@@ -1,41 +1,44 @@
 """Tasks: one module per kind; `build_task` turns a study's task section into splits of model
-inputs (tokenized text, pixel values, or a denoiser's noised latents)."""
+inputs (tokenized text, pixel values, or a denoiser's noised latents) through the builder its
+kind names in kinds.KINDS."""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+
 from lorasweep.config import Study
+from lorasweep.kinds import Kind, kind_of
 from lorasweep.models import Preprocessor
 from lorasweep.tasks import chat
 from lorasweep.tasks.base import Split, Task, TokenSplit, logits_of
-from lorasweep.tasks.causal_lm import build_causal_lm
-from lorasweep.tasks.classification import ClassificationTask, build_classification
-from lorasweep.tasks.code import build_code
-from lorasweep.tasks.data import load_splits
-from lorasweep.tasks.image_classification import build_image_classification
-from lorasweep.tasks.image_generation import build_image_generation
-from lorasweep.tasks.math import build_math
-from lorasweep.tasks.rl import build_rl
+from lorasweep.tasks.classification import ClassificationTask
+from lorasweep.tasks.data import RawSplits, load_splits
 
-BUILDERS = {"classification": build_classification, "causal_lm": build_causal_lm,
-            "math": build_math, "code": build_code,
-            "image_classification": build_image_classification,
-            "image_generation": build_image_generation}
+# A kind's builder: (study, its raw splits, the preprocessor, seq_len) -> its Task. The study's
+# task section is as the builder reads it (chat data of a `pair` kind already made pairs).
+Builder = Callable[[Study, RawSplits, Preprocessor, int], Task]
+
+
+def builder_of(kind: Kind) -> Builder:
+    """The function `kind.builder` names ("module:function"), imported when first needed."""
+    assert kind.builder is not None, f"task.kind {kind.name} is trained by its trainer command"
+    module, _, name = kind.builder.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def build_task(study: Study, preprocessor: Preprocessor, seq_len: int | None = None) -> Task:
     """The study's task as model inputs: text tokenized to `seq_len` (default: the train
     section's) by the model's tokenizer, images by its image processor."""
     spec = study.task
-    # chat data (messages_field) is text: config.py refuses it for image kinds
+    kind = kind_of(spec.kind)
+    # chat data (messages_field) is text: config/task.py refuses it for kinds that read none
     check = None if spec.messages_field is None else chat.row_checker(spec, preprocessor)
     raw = load_splits(spec, study.seed, check)
-    if spec.messages_field is not None and spec.kind == "causal_lm":
-        return chat.build_chat_lm(spec, raw, preprocessor, seq_len or study.train.seq_len)
-    if spec.messages_field is not None:
+    if spec.messages_field is not None and kind.messages == "pair":
         spec, raw = chat.as_pairs(spec, raw)
-    if spec.kind == "rl":  # the only builder that reads the study's rl section and seed
-        return build_rl(study, raw, preprocessor, seq_len or study.train.seq_len)
-    return BUILDERS[spec.kind](spec, raw, preprocessor, seq_len or study.train.seq_len)
+        study = study.model_copy(update={"task": spec})
+    return builder_of(kind)(study, raw, preprocessor, seq_len or study.train.seq_len)
 
 
 def num_labels(task: Task) -> int | None:

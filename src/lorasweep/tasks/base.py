@@ -56,6 +56,9 @@ class Split:
                 "labels": labels}
 
 
+IGNORE = -100  # the label of a token no loss is taken on (PyTorch's ignore_index)
+
+
 class TokenSplit(Split):
     """Tokenized examples padded on the right to the study's sequence length; a batch is trimmed
     to its longest sequence."""
@@ -112,7 +115,7 @@ class StepOutcome:
 
 
 class Task(ABC):
-    """A task kind: its data, training loss and validation metrics (config.KIND_METRICS)."""
+    """A task kind: its data, training loss and validation metrics (kinds.Kind.metrics)."""
 
     # whether a loss far above its start means divergence (train.DivergenceWatch); a loss that
     # is not a distance to a target (RL's policy-gradient surrogate, about 0, either sign) is

@@ -8,12 +8,11 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from lorasweep.config import TaskSpec
+from lorasweep.config import Study, TaskSpec
 from lorasweep.errors import StudyError
-from lorasweep.tasks.base import Task, TokenSplit, per_trial
+from lorasweep.tasks.base import IGNORE, Task, TokenSplit, per_trial
+from lorasweep.tasks.chat import tokenize_conversations
 from lorasweep.tasks.data import RawSplits, Records, require_field
-
-IGNORE = -100
 
 
 class CausalLMTask(Task):
@@ -48,8 +47,13 @@ class CausalLMTask(Task):
         return out
 
 
-def build_causal_lm(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,
+def build_causal_lm(study: Study, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,
                     seq_len: int) -> CausalLMTask:
+    """Next-token data: whole conversations (task.messages_field), prompt/response pairs, or
+    plain text."""
+    spec = study.task
+    if spec.messages_field is not None:
+        return _build_chat_lm(spec, raw, tokenizer, seq_len)
     paired = spec.prompt_field is not None and spec.response_field is not None
     fields = [spec.prompt_field, spec.response_field] if paired else [spec.text_field]
     for field in fields:
@@ -79,3 +83,13 @@ def build_causal_lm(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokeniz
     test = None if raw.test is None else tokenize(raw.test, "test")
     return CausalLMTask(tokenize(raw.train, "training"), tokenize(raw.validation, "validation"),
                         test)
+
+
+def _build_chat_lm(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,
+                   seq_len: int) -> CausalLMTask:
+    """A causal_lm task on whole conversations (rows already checked by chat.row_checker)."""
+    test = None if raw.test is None else tokenize_conversations(tokenizer, raw.test, spec,
+                                                                seq_len, "test")
+    return CausalLMTask(tokenize_conversations(tokenizer, raw.train, spec, seq_len, "training"),
+                        tokenize_conversations(tokenizer, raw.validation, spec, seq_len,
+                                               "validation"), test)

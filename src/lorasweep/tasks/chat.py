@@ -2,8 +2,9 @@
 SFTTrainer stores it), rendered with the model's own chat template.
 
 causal_lm trains on whole conversations, with the loss on every assistant turn (`loss_on:
-assistant`) or on every token (`loss_on: all`). math and code take each row's last assistant turn
-as the response and the last user turn before it as the prompt, and go on as prompt/response data.
+assistant`) or on every token (`loss_on: all`). The kinds that read chat data as a pair
+(kinds.Kind.messages: math and code) take each row's last assistant turn as the response and the
+last user turn before it as the prompt, and go on as prompt/response data.
 
 The assistant-token mask is computed by rendering prefixes of each conversation, not with
 `return_assistant_tokens_mask`, which needs `{% generation %}` markers that most models' templates
@@ -24,8 +25,8 @@ from transformers import PreTrainedTokenizerBase
 
 from lorasweep.config import TaskSpec
 from lorasweep.errors import StudyError
-from lorasweep.tasks.base import TokenSplit
-from lorasweep.tasks.causal_lm import IGNORE, CausalLMTask
+from lorasweep.kinds import kind_of
+from lorasweep.tasks.base import IGNORE, TokenSplit
 from lorasweep.tasks.data import RawSplits, Records, RowCheck
 
 Turns = list[dict]
@@ -35,7 +36,7 @@ SETTING = "task.messages_field"
 def row_checker(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> RowCheck:
     """The check (data.load_splits) of each row a study uses: well-formed turns with an
     assistant turn, a rendering the template accepts, assistant turns it can locate (with
-    `loss_on: assistant`), and for math/code a user turn before the last assistant turn."""
+    `loss_on: assistant`), and for a pair a user turn before the last assistant turn."""
     if not getattr(tokenizer, "chat_template", None):
         raise StudyError(f"{SETTING}: the model's tokenizer has no chat template; give it one "
                          "(chat_template in its tokenizer_config.json) or use "
@@ -45,7 +46,7 @@ def row_checker(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> RowCheck:
         for number in numbers:
             where = f"row {number} of the {source} data"
             turns = conversation(records[number], spec.messages_field, where)
-            if spec.kind in ("math", "code"):
+            if kind_of(spec.kind).messages == "pair":
                 render(tokenizer, turns, where)
                 last_pair(turns, where)
             elif spec.loss_on == "assistant":
@@ -144,16 +145,6 @@ def tokenize_conversations(tokenizer: PreTrainedTokenizerBase, records: Records,
     return TokenSplit(input_ids, mask, labels)
 
 
-def build_chat_lm(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,
-                  seq_len: int) -> CausalLMTask:
-    """A causal_lm task on whole conversations (rows already checked by `row_checker`)."""
-    test = None if raw.test is None else tokenize_conversations(tokenizer, raw.test, spec,
-                                                                seq_len, "test")
-    return CausalLMTask(tokenize_conversations(tokenizer, raw.train, spec, seq_len, "training"),
-                        tokenize_conversations(tokenizer, raw.validation, spec, seq_len,
-                                               "validation"), test)
-
-
 def last_pair(turns: Turns, where: str) -> tuple[str, str]:
     """(prompt, response) of a conversation: the last user turn before the last assistant turn,
     and that assistant turn."""
@@ -165,7 +156,7 @@ def last_pair(turns: Turns, where: str) -> tuple[str, str]:
 
 
 def as_pairs(spec: TaskSpec, raw: RawSplits) -> tuple[TaskSpec, RawSplits]:
-    """math/code data from conversations: each row gains prompt and response fields (named after
+    """Chat data read as pairs (math, code): each row gains prompt and response fields (named after
     the messages field) from `last_pair`, and the spec names them."""
     prompt, response = f"{spec.messages_field}.prompt", f"{spec.messages_field}.response"
 

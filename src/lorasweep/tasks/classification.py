@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from lorasweep.config import TaskSpec
+from lorasweep.config import Study, TaskSpec
 from lorasweep.errors import StudyError
 from lorasweep.tasks.base import Split, Task, TokenSplit, per_trial
 from lorasweep.tasks.data import RawSplits, Records, require_field
@@ -71,8 +71,9 @@ def labelled_classes(raw: RawSplits, spec: TaskSpec, input_field: str, setting: 
     return Classes(raw, spec.label_field)
 
 
-def build_classification(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,
+def build_classification(study: Study, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,
                          seq_len: int) -> ClassificationTask:
+    spec = study.task
     classes = labelled_classes(raw, spec, spec.text_field, "task.text_field")
 
     def tokenize(records: Records, split: str) -> TokenSplit:

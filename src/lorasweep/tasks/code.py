@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lorasweep.config import TaskSpec
+from lorasweep.config import Study, TaskSpec
 from lorasweep.sandbox import Limits, require_opt_in, run_program
 from lorasweep.tasks import packaged_data
 from lorasweep.tasks.causal_lm import CausalLMTask
@@ -141,8 +141,9 @@ class CodeTask(CausalLMTask):
                 for loss, correct in zip(losses, per_trial, strict=True)]
 
 
-def build_code(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,
+def build_code(study: Study, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,
                seq_len: int) -> CodeTask:
+    spec = study.task
     require_opt_in(spec.execute_code)
     for name in (spec.prompt_field, spec.response_field):
         require_field(raw, name, "task.prompt_field/response_field")

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 from transformers.image_processing_utils import BaseImageProcessor
 
-from lorasweep.config import TaskSpec
+from lorasweep.config import Study
 from lorasweep.errors import StudyError, first_line
 from lorasweep.tasks.base import Split, logits_of
 from lorasweep.tasks.classification import ClassificationTask, labelled_classes
@@ -51,9 +51,10 @@ class ImageClassificationTask(ClassificationTask):
                              f"({first_line(exc)})") from None
 
 
-def build_image_classification(spec: TaskSpec, raw: RawSplits, processor: BaseImageProcessor,
+def build_image_classification(study: Study, raw: RawSplits, processor: BaseImageProcessor,
                                seq_len: int) -> ImageClassificationTask:
     """Pixel values and class ids of each split (`seq_len` does not apply to images)."""
+    spec = study.task
     classes = labelled_classes(raw, spec, spec.image_field, "task.image_field")
 
     where = partial(image_place, raw, spec.image_field)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from lorasweep.config import TaskSpec
+from lorasweep.config import Study
 from lorasweep.errors import StudyError, first_line
 from lorasweep.models import DiffusionParts
 from lorasweep.tasks.base import Split, Task, logits_of, per_trial
@@ -81,10 +81,11 @@ class ImageGenerationTask(Task):
                              f"({first_line(exc)})") from None
 
 
-def build_image_generation(spec: TaskSpec, raw: RawSplits, parts: DiffusionParts,
+def build_image_generation(study: Study, raw: RawSplits, parts: DiffusionParts,
                            seq_len: int) -> ImageGenerationTask:
     """Noised latents, timesteps, caption embeddings and targets of each split (`seq_len` does
     not apply: captions take the text encoder's own length)."""
+    spec = study.task
     require_field(raw, spec.image_field, "task.image_field")
     if spec.prompt_field is not None:
         require_field(raw, spec.prompt_field, "task.prompt_field")

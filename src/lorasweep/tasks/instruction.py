@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from lorasweep.tasks.base import TokenSplit
-from lorasweep.tasks.causal_lm import IGNORE
+from lorasweep.tasks.base import IGNORE, TokenSplit
 
 
 class PromptSplit(TokenSplit):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lorasweep.config import TaskSpec
+from lorasweep.config import Study, TaskSpec
 from lorasweep.errors import StudyError
 from lorasweep.tasks.causal_lm import CausalLMTask
 from lorasweep.tasks.data import RawSplits, Records, require_field
@@ -114,8 +114,9 @@ def gold_answer(record: dict, spec: TaskSpec, where: str) -> str:
     return found
 
 
-def build_math(spec: TaskSpec, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,
+def build_math(study: Study, raw: RawSplits, tokenizer: PreTrainedTokenizerBase,
                seq_len: int) -> MathTask:
+    spec = study.task
     for name in (spec.prompt_field, spec.response_field, spec.answer_field):
         if name is not None:
             require_field(raw, name, "task.prompt_field/response_field/answer_field")

@@ -15,7 +15,6 @@ from typing import Protocol
 
 from lorasweep.records import TrialResult
 from lorasweep.space import Cell, TrialSpec
-from lorasweep.study.store import Store
 
 # Called by a trainer for each trial as soon as it finishes, so a crash later in the group loses
 # only the trials not yet recorded.
@@ -23,6 +22,13 @@ Record = Callable[[TrialSpec, TrialResult], None]
 # Called by a trainer with the trials it starts training together; returns the hook it calls
 # with (step, steps) as they train (study/progress.RunProgress.start: what a person watches).
 Show = Callable[[list[TrialSpec]], Callable[[int, int], None]]
+
+
+class Keeper(Protocol):
+    """What a trainer may record in the store (study/store.Store), named here so that trainers
+    import no store: the worker loop's folder, study/, imports the trainers."""
+
+    def keep_targets(self, targets: dict[str, list[str]]) -> None: ...
 
 
 @dataclass
@@ -44,7 +50,7 @@ class Trainer(Protocol):
     def check(self) -> None:
         """Refuse input that cannot train (StudyError), before the store is touched."""
 
-    def keep_in(self, store: Store) -> None:
+    def keep_in(self, store: Keeper) -> None:
         """Record in the store what every worker of the study must agree on."""
 
     def claim_size(self) -> int:

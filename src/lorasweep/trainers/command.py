@@ -39,8 +39,7 @@ from lorasweep.records import TrialResult
 from lorasweep.redact import redact_argv, redact_env, redact_text
 from lorasweep.result_key import Step, find, key_text, parse_key, render_key
 from lorasweep.space import TrialSpec
-from lorasweep.study.store import Store
-from lorasweep.trainers import DryRun, Record, Show, describe_cell
+from lorasweep.trainers import DryRun, Keeper, Record, Show, describe_cell
 
 TRIALS_DIR = "trials"
 COMMAND_FILE = "command.json"  # the rendered command of the trial's last attempt, secrets masked
@@ -86,7 +85,7 @@ class CommandTrainer:
             raise StudyError(f"trainer.command[0]: '{program}' is not a program this worker "
                              "can run (not on PATH, or not executable)")
 
-    def keep_in(self, store: Store) -> None:
+    def keep_in(self, store: Keeper) -> None:
         """Nothing beyond the resolved study file, which the store keeps already."""
 
     def claim_size(self) -> int:

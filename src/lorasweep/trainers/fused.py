@@ -1,20 +1,23 @@
 """lorasweep's own engine as a trainer: the study's base model and data loaded once per process
 (workbench.py), K trials of a group in one forward and backward (train.py), as many at a time as
-fit the memory (study/memory.py), a group split in halves when it runs out of memory."""
+fit the memory (trainers/memory.py), a group split in halves when it runs out of memory."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-
 from lorasweep.config import Study
 from lorasweep.errors import StudyError
+from lorasweep.kinds import kind_of
 from lorasweep.optim import probe_steps, rung_steps, total_steps
 from lorasweep.recipe import Training, resolve_training
 from lorasweep.records import TrialResult
 from lorasweep.space import TrialSpec, recipes_of
-from lorasweep.study.memory import (
+from lorasweep.tasks import Task
+from lorasweep.train import BestOf, Checkpoint, Rungs, train_group
+from lorasweep.trainers import DryRun, Keeper, Record, Show, describe_cell
+from lorasweep.trainers.memory import (
+    GroupSizes,
     format_bytes,
     free_memory,
     how_measured,
@@ -23,11 +26,6 @@ from lorasweep.study.memory import (
     train_fitting,
     without_evaluation,
 )
-from lorasweep.study.options import WorkOptions
-from lorasweep.study.store import Store
-from lorasweep.tasks import Task
-from lorasweep.train import BestOf, Checkpoint, Rungs, train_group
-from lorasweep.trainers import DryRun, Record, Show, describe_cell
 from lorasweep.workbench import Workbench
 
 TrainGroup = Callable[..., list[TrialResult]]  # train.train_group's signature
@@ -40,15 +38,14 @@ class FusedTrainer:
     it, so a test can stand in a device that runs out of memory.
     """
 
-    def __init__(self, study: Study, bench: Workbench, options: WorkOptions,
+    def __init__(self, study: Study, bench: Workbench, sizes: GroupSizes,
                  train: TrainGroup = train_group) -> None:
-        self.study, self.bench, self.options = study, bench, options
-        self.sizes = options.group_sizes()
+        self.study, self.bench, self.sizes = study, bench, sizes
         self.widths = bench.widths
         self._train_group = train
 
     def check(self) -> None:
-        check_memory(self.study, self.bench, self.options)
+        check_memory(self.study, self.bench, self.sizes)
         for text in recipes_of(self.study):
             self._rungs(resolve_training(self.study.train, text))
 
@@ -67,7 +64,7 @@ class FusedTrainer:
                      probes=tuple(probe_steps(stop_early.cooldown, s) for s in steps),
                      pause=stop_early.stop, raw=not stop_early.stop, after=after)
 
-    def keep_in(self, store: Store) -> None:
+    def keep_in(self, store: Keeper) -> None:
         store.keep_targets(self.bench.targets)
 
     def claim_size(self) -> int:
@@ -103,7 +100,7 @@ class FusedTrainer:
 
     def describe(self, trials: list[TrialSpec]) -> DryRun:
         """Each group with its predicted peak memory (loads nothing more; measures)."""
-        sizes, options, study = self.sizes, self.options, self.study
+        sizes, study = self.sizes, self.study
         groups: dict[str, list[TrialSpec]] = {}
         for trial in trials:
             groups.setdefault(trial.group_key, []).append(trial)
@@ -124,17 +121,17 @@ class FusedTrainer:
                 lines.append(f"  {describe_cell(cell)} seed {specs[0].seed}: K={len(group)}, "
                              f"lr {lrs}: predicted peak {format_bytes(peaks.at(len(group)))}"
                              f"{over}")
-        size = ("as many as fit" if sizes.automatic and options.max_group is None
-                else f"at most {options.max_group}")
+        size = ("as many as fit" if sizes.automatic and sizes.max_group is None
+                else f"at most {sizes.max_group}")
         budget = (f"; budget {format_bytes(sizes.budget())} "
-                  f"({'--memory-limit' if options.memory_limit else 'free memory x 0.9'})"
+                  f"({'--memory-limit' if sizes.memory_limit else 'free memory x 0.9'})"
                   if sizes.automatic else "")
-        return DryRun(how=f"on {options.device}, {size} per group{budget}", groups=lines,
+        return DryRun(how=f"on {sizes.device}, {size} per group{budget}", groups=lines,
                       notes=[f"peak memory: {how_measured(sizes.device)}, predicted for K as "
                              "peak(1) + (K-1) x (peak(2) - peak(1))"])
 
 
-def check_memory(study: Study, bench: Workbench, options: WorkOptions) -> None:
+def check_memory(study: Study, bench: Workbench, sizes: GroupSizes) -> None:
     """Refuse a step that cannot fit: a lower bound on one training step's activations (each of
     K trials keeps every layer's hidden states for the backward pass, and a causal LM its
     logits) against the memory free now. Only a lower bound, so it never refuses what fits: a
@@ -144,17 +141,17 @@ def check_memory(study: Study, bench: Workbench, options: WorkOptions) -> None:
     trainings = [resolve_training(study.train, text) for text in recipes_of(study)]
     batch = min(max(r.train.batch_size // r.train.grad_accum for r in trainings),
                 len(bench.task.train))
-    group = 1 if options.group_sizes().automatic else options.max_group
+    group = 1 if sizes.automatic else sizes.max_group
     seq_len = max(r.train.seq_len for r in trainings)
     per_token = getattr(config, "hidden_size", 0) * getattr(config, "num_hidden_layers", 0) + (
-        getattr(config, "vocab_size", 0) if study.task.kind != "classification" else 0)
+        0 if kind_of(study.task.kind).labels else getattr(config, "vocab_size", 0))
     need = (group * batch * seq_len * per_token
             * (2 if study.train.precision == "bf16" else 4))
-    free = free_memory(torch.device(options.device))
+    free = free_memory(sizes.device)
     if need > free:
         raise StudyError(f"micro-batch x train.seq_len x --max-group ({batch} x {seq_len} x "
                          f"{group}): one step needs at least {format_bytes(need)}; "
-                         f"{format_bytes(free)} is free on {options.device}: lower one of them")
+                         f"{format_bytes(free)} is free on {sizes.device}: lower one of them")
 
 
 def _best_of(study: Study) -> BestOf | None:
