@@ -108,10 +108,10 @@ def synthetic_study(rng: np.random.Generator, noise: float) -> tuple[Study, dict
             star = base[cell.lora_alpha] * (cell.rank / 16) ** beta[cell.lora_alpha]
         off = math.log10(trial.lr / star)
         if off > 0.8:
-            recorded[trial.key] = ("diverged", None)
+            recorded[trial.key] = Outcome("diverged")
             continue
         drop = 0.5 * off ** 2 * (2 if off > 0 else 1)
-        recorded[trial.key] = ("complete", 0.5 - drop + rng.normal(0, noise))
+        recorded[trial.key] = Outcome("complete", 0.5 - drop + rng.normal(0, noise))
     return study, recorded, True
 
 

@@ -80,8 +80,9 @@ def _optima_table(optima: list[Optimum], metric_name: str) -> Table:
         "lr_best is the best grid LR; lr_star refines it with a parabola in log-LR; the interval "
         "is a bootstrap over seeds (none with one seed). edge: the optimum sits at the end of the "
         "grid, so the true optimum may lie beyond: add the LRs suggested; flat: every LR scored "
-        "the same, so the cell has no optimum (train longer or widen the grid); stopped: a grid "
-        "neighbour of the best stopped early at a rung, so the best is not refined.",
+        "the same, so the cell has no optimum (train longer or widen the grid)"
+        + ("; stopped: a grid neighbour of the best stopped early at a rung, so the best is not "
+           "refined." if any(o.edge == "stopped" for o in optima) else "."),
         ["cell", "lr_best", "lr_star", "interval", f"peak {metric_name}", "std", "seeds", "LRs",
          "diverged", "edge"],
         [[cell_name(o.cell), fmt(o.lr_best), fmt(o.lr_star),
