@@ -56,6 +56,22 @@ def test_missing_trials_and_cells_without_results():
     assert len(optima) == 1 and optima[0].n_lrs == 12
 
 
+def test_a_stopped_neighbour_of_the_best_leaves_it_unrefined_and_one_lr_is_no_edge():
+    """search.stop_early's pruned trials are on the grid without a value: a best LR whose grid
+    neighbour stopped has edge 'stopped' and lr_star = lr_best; a cell of one LR (no neighbours,
+    an IndexError in every one-LR study once) has no edge."""
+    rows = rows_for(3.3e-3)
+    for row in rows:
+        if row["lr"] > 10 ** -2.5:
+            row.update(status="pruned", metric=None)
+    (optimum,) = find_optima(trial_records(rows), maximize=True)
+    assert optimum.edge == "stopped" and optimum.lr_star == optimum.lr_best == \
+        pytest.approx(10 ** -2.5) and optimum.n_lrs == len(GRID) and optimum.suggest == []
+    (one,) = find_optima(trial_records([r for r in rows_for(3.3e-3) if r["lr"] == GRID[5]]),
+                         maximize=True)
+    assert one.edge == "" and one.n_lrs == 1
+
+
 @pytest.mark.parametrize(("beta", "mode"), [(-0.5, "per_rank"), (0.0, "constant")])
 def test_rank_scaling_fit_recovers_the_exponent(beta, mode):
     rows = []
