@@ -140,10 +140,18 @@ def test_a_later_rung_waits_for_the_trials_that_went_on_and_never_reopens_the_fi
     outcomes[GRID[3].key] = _paused(0.5, 0.45)
     outcomes[GRID[4].key] = Outcome("waiting")
     assert decide(GRID, outcomes, RULE, "eval_loss", False).go == set()
-    outcomes[GRID[4].key] = _paused(0.7, 0.30)  # the highest kept LR is now the best
+    outcomes[GRID[2].key] = _paused(0.6, 0.30)  # the lowest kept LR is now the best
+    outcomes[GRID[4].key] = _paused(0.7, 0.50)
     made = decide(GRID, outcomes, RULE, "eval_loss", False)
-    assert made.go == {GRID[3].key, GRID[4].key} and set(made.stop) == {GRID[2].key}
-    # the LR above the best stopped at rung 1 stays stopped: decisions are never reopened
+    assert made.go == {GRID[2].key, GRID[3].key} and set(made.stop) == {GRID[4].key}
+    # the LR below the best stopped at rung 1 stays stopped: decisions are never reopened
+    assert GRID[1].key not in made.go
+    # a best that moves up (1e-2) is noise, as the horizon only pulls the optimum down: the
+    # window still reaches one grid step below the lowest best of any rung (3e-3)
+    outcomes[GRID[2].key] = _paused(0.6, 0.40)
+    outcomes[GRID[4].key] = _paused(0.7, 0.30)
+    made = decide(GRID, outcomes, RULE, "eval_loss", False)
+    assert made.go == {t.key for t in GRID[2:5]} and not made.stop
     assert GRID[5].key not in made.go
 
 

@@ -89,6 +89,7 @@ def _decide_cell(trials: list[TrialSpec], outcomes: Mapping[str, Outcome], rule:
     for trial in trials:
         by_lr[trial.lr].append(trial)
     stopped: set[str] = set()  # trial keys stopped here, at a rung before the one decided now
+    lowest = len(lrs)  # the lowest LR (its index) that was the best at a rung decided so far
     for rung in range(len(rule.rungs)):
         scores: dict[float, float] = {}
         at_rung: list[TrialSpec] = []  # paused at this rung: they take its decision
@@ -112,8 +113,11 @@ def _decide_cell(trials: list[TrialSpec], outcomes: Mapping[str, Outcome], rule:
             return
         best = max(scores, key=lambda lr: (scores[lr], -lr))  # ties: the lower LR
         index = lrs.index(best)
+        # The horizon only pulls the optimum down (a longer run prefers a lower LR), so a best
+        # above an earlier rung's best is noise: the window reaches below the lowest of them.
+        lowest = min(lowest, index)
         below = window_below(rule, rung, grid_step(lrs))
-        window = set(lrs[max(0, index - below):index + 2])
+        window = set(lrs[max(0, lowest - below):index + 2])
         step = _rung_step(by_lr, outcomes, rung)
         for trial in at_rung:
             if trial.lr in window:
