@@ -369,3 +369,19 @@ def load_study_dict(search: dict):
                            "train": {"steps": 16, "warmup_ratio": 0.0},
                            "search": {"methods": ["lora"], "lr": [1e-3, 1e-2, 1e-1],
                                       **search}}, "s")
+
+
+def test_the_replay_on_the_shipped_grids_gives_the_figures_benchmarks_readme_records(
+        capsys, monkeypatch):
+    """`benchmarks/search_cost.py --stop-early default` on the three recorded real grids
+    (examples/results/rungs-*): the steps spent and every cell within one grid step, as
+    benchmarks/README.md and docs/search.md state them."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    importlib.import_module("search_cost").main(["--skip-transfer", "--stop-early", "default"])
+    rows = {cells[1]: cells[4:6] for line in capsys.readouterr().out.splitlines()
+            if (cells := line.split(" | "))[0] == "| stop_early with its defaults"}
+    assert rows == {"rungs-text-plays": ["1278 / 4896 (26%)", "3/3 (100%)"],
+                    "rungs-vision-ranks": ["2352 / 9484 (25%)", "4/4 (100%)"],
+                    "rungs-charlm-gsm8k": ["1440 / 5472 (26%)", "3/3 (100%)"]}
