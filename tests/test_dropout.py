@@ -60,3 +60,17 @@ def test_a_model_outside_training_mode_draws_nothing():
         losses.append(accumulate_gradients(model, task, torch.arange(8), 1, train,
                                            torch.ones(1, dtype=torch.bool)))
     assert torch.equal(losses[0], losses[1])
+
+
+def test_a_per_example_draw_is_one_trials_draw_tiled_and_others_are_left_alone():
+    """Drop path draws torch.rand((rows, 1, ..., 1)): in a group of K, trial 0's rows are drawn
+    and tiled (the draw alone would make); any other draw is the plain one."""
+    torch.manual_seed(3)
+    alone = torch.rand((2, 1, 1))
+    other = torch.rand(4, 3)
+    torch.manual_seed(3)
+    with TiledDropout(2):
+        fused = torch.rand((4, 1, 1))
+        same = torch.rand(4, 3)
+    assert torch.equal(fused, alone.repeat(2, 1, 1))
+    assert torch.equal(same, other)

@@ -384,14 +384,18 @@ def dropout_base(source: str, kind: str, attention: str) -> torch.nn.Module:
 
 
 def check_dropout_against_peft(source: str, kind: str, method: str, k: int, attention: str,
-                               tol: float = TOL) -> None:
+                               tol: float = TOL, base: torch.nn.Module | None = None,
+                               dropout: str = "model") -> None:
     """K trials under lorasweep's training mode (dropout.set_training, TiledDropout) against a
-    stock PEFT model in train() mode per trial, the same seed set before each step on both
-    sides: losses, step-0 gradients and STEPS AdamW steps within `tol`."""
-    base = dropout_base(source, kind, attention)
-    ours, refs, cell, attached, trials = build_pair(source, kind, method, k, lora_dropout=0.2,
-                                                    base=base)
-    train = TrainSpec(steps=STEPS, dropout="model", lora_dropout=0.2)
+    stock PEFT model per trial in the mode the Hugging Face Trainer trains in (train() with
+    `dropout: model`, eval() with `off`), the same seed set before each step on both sides:
+    losses, step-0 gradients and STEPS AdamW steps within `tol`. `base`: the model (else a
+    DROPOUT_CONFIGS one with `attention`)."""
+    base = dropout_base(source, kind, attention) if base is None else base
+    lora_dropout = 0.2 if dropout == "model" else 0.0
+    ours, refs, cell, attached, trials = build_pair(source, kind, method, k,
+                                                    lora_dropout=lora_dropout, base=base)
+    train = TrainSpec(steps=STEPS, dropout=dropout, lora_dropout=lora_dropout)
     specs = [TrialSpec(grid_id=i, cell=cell, lr=lr, seed=0)
              for i, lr in enumerate([2e-3, 6e-3][:k])]
     our_opt = build_optimizer(get_method(method), attached, specs, train)
@@ -400,7 +404,7 @@ def check_dropout_against_peft(source: str, kind: str, method: str, k: int, atte
     ref_params = [trainable(ref) for ref in refs]
     set_training(ours, train)
     for ref in refs:
-        ref.train()
+        ref.train(dropout == "model")
     for step in range(STEPS):
         inputs, labels = batch(kind, step)
         torch.manual_seed(step)

@@ -14,7 +14,13 @@ masks. Each step starts from `torch.manual_seed(step_seed(seed, step))`.
 
 The draws are taken over with a TorchFunctionMode rather than by replacing modules: it reaches
 every dropout the model makes, nn.Dropout modules, eager attention's functional dropout and the
-dropout inside scaled_dot_product_attention alike, in any architecture.
+dropout inside scaled_dot_product_attention alike, in any architecture. Stochastic depth (drop
+path: Swin, BEiT, ConvNeXt, ... keep or drop a whole residual branch per example) draws
+`torch.rand((rows, 1, ..., 1))`; that draw too is one trial's rows, tiled.
+
+Norms that compute batch statistics (BatchNorm) cannot be made exact this way: in train mode they
+would normalize over the K trials' rows together and mix their running statistics, so
+`check_norms` refuses them where they would run so (tests/test_vision_zoo.py).
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lorasweep.config import TrainSpec
+from lorasweep.errors import StudyError
 from lorasweep.methods.stacked import StackedLoRALinear
 
 DROPOUT_STREAM = 1  # SeedSequence spawn key of the dropout stream (the init draws from the seed)
@@ -59,6 +67,19 @@ def drop(x: torch.Tensor, p: float, k: int, inplace: bool = False) -> torch.Tens
     if k > 1:
         mask = mask.repeat(k, *[1] * (x.ndim - 1))
     return x.mul_(mask) if inplace else x * mask
+
+
+def per_row_draw(size: tuple[int, ...], k: int, kwargs: dict) -> torch.Tensor:
+    """A drop path's uniform draw of shape (K*b, 1, ..., 1): trial 0's b values, tiled."""
+    rows = torch.rand((size[0] // k, *size[1:]), **kwargs)
+    return rows.repeat(k, *[1] * (len(size) - 1))
+
+
+def _size(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    """torch.rand's shape, given as one sequence or as separate ints."""
+    size = kwargs.get("size", args[0] if len(args) == 1 and not isinstance(args[0], int)
+                      else args)
+    return tuple(size) if all(isinstance(d, int) for d in size) else None
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -101,6 +122,11 @@ class TiledDropout(TorchFunctionMode):
             if not bound["training"]:
                 return bound["input"]
             return drop(bound["input"], bound["p"], self.k, bound["inplace"])
+        if func is torch.rand and self.k > 1:
+            size = _size(args, kwargs)
+            if size and len(size) > 1 and size[0] % self.k == 0 and set(size[1:]) == {1}:
+                return per_row_draw(size, self.k, {n: v for n, v in kwargs.items()
+                                                  if n != "size"})
         if func is F.scaled_dot_product_attention and kwargs.get(
                 "dropout_p", args[4] if len(args) > 4 else 0.0) > 0:
             return attention(*args, **kwargs, k=self.k)
@@ -117,6 +143,21 @@ def _bind(names: tuple[str, ...], defaults: tuple, args: tuple, kwargs: dict) ->
     values.update(zip(names, args, strict=False))
     values.update({n: v for n, v in kwargs.items() if n in values})
     return values
+
+
+def check_norms(model: nn.Module, train: TrainSpec) -> None:
+    """Refuse a norm that would normalize over a fused group's rows together: BatchNorm in train
+    mode (`train.dropout: model`), or one that keeps no running statistics at all. With
+    `train.dropout: off` the others use their pretrained running statistics, per example."""
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and (train.dropout == "model"
+                                               or not module.track_running_stats):
+            fix = ("set train.dropout: off (its running statistics then stay as loaded, "
+                   "as when fine-tuning with frozen norms)" if module.track_running_stats
+                   else "it keeps no running statistics, so no mode avoids that")
+            raise StudyError(f"train.dropout: {train.dropout}: layer {name} "
+                             f"({type(module).__name__}) would normalize over all trials of a "
+                             f"fused group at once and mix their statistics; {fix}")
 
 
 def set_training(model: nn.Module, train: TrainSpec) -> None:

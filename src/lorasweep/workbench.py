@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from lorasweep.config import TARGETS_AXIS, Study, TrainSpec
+from lorasweep.dropout import check_norms
 from lorasweep.errors import StudyError
-from lorasweep.kinds import DENOISER, kind_of
+from lorasweep.kinds import DENOISER, Kind, kind_of
 from lorasweep.methods import Attached, get_method
 from lorasweep.methods.peft_passthrough import names_own_targets, needs_data
 from lorasweep.methods.targets import (
@@ -70,11 +71,7 @@ def load_workbench(study: Study, device: str = "cpu") -> Workbench:
                              f"than the {len(task.train)} training examples (after validation)")
     base = load_model(study.model, study.task.kind, num_labels(task), preprocessor,
                       base_dtype(study.model, study.train, device))
-    if kind.labels and not head_module_names(base):
-        # a head lorasweep cannot find would stay frozen at its random init under LoRA
-        raise StudyError(f"model.source: '{study.model.source}' has no task head named "
-                         f"{' or '.join(HEAD_NAMES)}, which every method trains fully "
-                         "(a timm model through transformers keeps its head inside timm_model)")
+    check_base(base, kind, study.model.source, study.train)
     task.check_model(base)
     widths = None
     if study.search.match_params:
@@ -84,11 +81,13 @@ def load_workbench(study: Study, device: str = "cpu") -> Workbench:
     # target sets' ranks from them, larger ones included, and those are the study's design
     written = (None if widths is None else target_text(study.search.recipe[TARGETS_AXIS][0]))
     targets: dict[str, list[str]] = {}
+    unfusable = task.unfusable_layers(base)
     for cell in {t.cell for t in expand_trials(study, widths)}:
         if cell.is_adapter and not names_own_targets(cell):
             assert cell.target_modules is not None
             layers = targets.setdefault(cell.target_modules,
                                         resolve_targets(base, cell.target_modules))
+            check_fusable(layers, unfusable, cell.target_modules)
             if written in (None, cell.target_modules):
                 _check_rank(base, layers, cell.rank)
         if cell.method == "peft" and not needs_data(cell):
@@ -101,6 +100,27 @@ def load_workbench(study: Study, device: str = "cpu") -> Workbench:
                                  f"{str(exc).splitlines()[0]}") from None
     return Workbench(task=task, base=base, tasks=tasks, widths=widths,
                      targets=dict(sorted(targets.items())))
+
+
+def check_base(base: nn.Module, kind: Kind, source: str, train: TrainSpec) -> None:
+    """Refuse, in one line, a base model lorasweep would train other than as it would alone or
+    as PEFT does: a classifier whose head it cannot find (the head would stay frozen at its
+    random init under LoRA), or a norm that would mix a fused group's trials."""
+    if kind.labels and not head_module_names(base):
+        raise StudyError(f"model.source: '{source}' has no task head named "
+                         f"{' or '.join(HEAD_NAMES)}, which every method trains fully "
+                         "(a timm model through transformers keeps its head inside timm_model)")
+    check_norms(base, train)
+
+
+def check_fusable(layers: list[str], unfusable: dict[str, str], targets: str) -> None:
+    """Refuse an adapter on a layer that cannot hold one per trial (tasks.layers_off_the_rows):
+    in a fused group it would be wrong, and alone PEFT's would not train."""
+    for name in layers:
+        if name in unfusable:
+            raise StudyError(f"search.target_modules: '{targets}' reaches layer {name}, where "
+                             f"an adapter cannot train per trial: {unfusable[name]}; name the "
+                             "target modules without it")
 
 
 def _check_seq_len(study: Study, lengths: set[int]) -> None:

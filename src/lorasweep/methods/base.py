@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorasweep.methods.stacked import StackedLinear
+from lorasweep.errors import StudyError
+from lorasweep.methods.stacked import StackedCopies, StackedLinear
 from lorasweep.methods.targets import head_module_names, replace_module
 from lorasweep.space import Cell
 from lorasweep.variants import Variant
@@ -86,24 +87,34 @@ def decay_groups(params: NamedParams, lr: float, weight_decay: float) -> list[di
     ) if group["params"]]
 
 
-def init_head(model: nn.Module, generator: torch.Generator) -> list[tuple[str, nn.Linear]]:
-    """Draw the task head's linear layers from the trial seed (N(0, initializer_range), zero
-    bias, as transformers does), rather than keep whatever the model loader left there.
+def init_head(model: nn.Module, generator: torch.Generator) -> list[tuple[str, nn.Module]]:
+    """The task head's layers that hold weights, with its linear layers drawn from the trial
+    seed (N(0, initializer_range), zero bias, as transformers does) rather than kept as the
+    model loader left them; its other layers (norms) keep their loaded weights.
 
-    The head trains, so it is made fp32 over a half-precision base, and casts its input to fp32.
+    The head trains, so its linear layers are made fp32 over a half-precision base, and cast
+    their input to fp32. A head layer that holds weights of its own beside layers that hold
+    more cannot be copied per trial layer by layer, and is refused.
     """
     std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
-    linears = []
+    layers: list[tuple[str, nn.Module]] = []
     for head_name in head_module_names(model):
         for name, module in model.get_submodule(head_name).named_modules():
+            if not any(True for _ in module.parameters(recurse=False)):
+                continue
+            full_name = f"{head_name}.{name}" if name else head_name
+            if any(True for child in module.children() for _ in child.parameters()):
+                raise StudyError(f"model.source: the task head's layer {full_name} "
+                                 f"({type(module).__name__}) holds weights beside layers "
+                                 "that hold more; lorasweep trains a head layer by layer")
             if isinstance(module, nn.Linear):
                 module.float().register_forward_pre_hook(_inputs_to_fp32)
                 with torch.no_grad():
                     module.weight.normal_(0.0, std, generator=generator)
                     if module.bias is not None:
                         module.bias.zero_()
-                linears.append((f"{head_name}.{name}" if name else head_name, module))
-    return linears
+            layers.append((full_name, module))
+    return layers
 
 
 def _inputs_to_fp32(module: nn.Module, args: tuple) -> tuple:
@@ -113,15 +124,20 @@ def _inputs_to_fp32(module: nn.Module, args: tuple) -> tuple:
 def stack_head(model: nn.Module, k: int, generator: torch.Generator) -> list[NamedParams]:
     """Give each trial its own trainable task head, freshly initialized from the trial seed.
 
-    The head is trained under every method (LoRA and full fine-tuning alike), and drawn from the
+    The head is trained under every method (LoRA and full fine-tuning alike), all its weights
+    as PEFT's modules_to_save trains them (norms too), and its linear layers are drawn from the
     seed rather than from whatever the model loader left there, so runs are reproducible.
     """
     per_trial: list[NamedParams] = [[] for _ in range(k)]
-    for full_name, linear in init_head(model, generator):
-        stacked = StackedLinear(linear, k)
+    for full_name, layer in init_head(model, generator):
+        if isinstance(layer, nn.Linear):
+            stacked: nn.Module = StackedLinear(layer, k)
+            trials = [[("weight", stacked.weight[i])] + (
+                [] if stacked.bias is None else [("bias", stacked.bias[i])]) for i in range(k)]
+        else:
+            stacked = StackedCopies(layer, k)
+            trials = [list(one.named_parameters()) for one in stacked.copies]
         replace_module(model, full_name, stacked)
-        for i in range(k):
-            per_trial[i].append((f"{full_name}.weight", stacked.weight[i]))
-            if stacked.bias is not None:
-                per_trial[i].append((f"{full_name}.bias", stacked.bias[i]))
+        for i, params in enumerate(trials):
+            per_trial[i].extend((f"{full_name}.{name}", param) for name, param in params)
     return per_trial

@@ -23,7 +23,7 @@ from peft.tuners.lora.loraga import preprocess_loraga
 from torch import nn
 
 from lorasweep.methods.base import Attached, Batches, Method, init_head
-from lorasweep.methods.targets import head_module_names, resolve_targets, uses_conv1d
+from lorasweep.methods.targets import head_save_names, resolve_targets, uses_conv1d
 from lorasweep.peft_config import build_peft_config
 from lorasweep.space import Cell
 
@@ -39,7 +39,7 @@ class PeftPassThrough(Method):
         spec = json.loads(cell.peft)
         config_class = getattr(peft, spec["config"])
         defaults = {"r": cell.rank, "lora_alpha": cell.alpha, "lora_dropout": lora_dropout,
-                    "modules_to_save": head_module_names(model) or None}
+                    "modules_to_save": head_save_names(model) or None}
         if not names_own_targets(cell):
             targets = resolve_targets(model, cell.target_modules)
             defaults |= {"target_modules": targets, "fan_in_fan_out": uses_conv1d(model, targets)}

@@ -11,6 +11,7 @@ rounding into visible differences within a few steps.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -181,3 +182,19 @@ class StackedLinear(nn.Module):
         biases = self.bias if self.bias is not None else [None] * self.k
         return join_trials([F.linear(xk.to(w.dtype), w, b) for xk, w, b in
                             zip(split_trials(x, self.k), self.weight, biases, strict=True)])
+
+
+class StackedCopies(nn.Module):
+    """K independent, fully trainable fp32 copies of a head layer that is not a linear one (a
+    norm inside the task head, as LeViT's), each applied to its trial's rows: PEFT's
+    modules_to_save trains every weight of the head, and so does each trial here."""
+
+    def __init__(self, template: nn.Module, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.copies = nn.ModuleList(copy.deepcopy(template).float().requires_grad_()
+                                    for _ in range(k))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return join_trials([layer(xk.float()) for layer, xk in
+                            zip(self.copies, split_trials(x, self.k), strict=True)])

@@ -30,6 +30,21 @@ def head_module_names(model: nn.Module) -> list[str]:
     return [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
 
 
+def head_save_names(model: nn.Module) -> list[str]:
+    """The head as PEFT's modules_to_save names it: PEFT cannot wrap a container, so a head
+    that is a ModuleList or ModuleDict (HGNetV2's, TextNet's) is named by its members that hold
+    weights."""
+    names = []
+    for head in head_module_names(model):
+        module = model.get_submodule(head)
+        if isinstance(module, nn.ModuleList | nn.ModuleDict):
+            names += [f"{head}.{child}" for child, part in module.named_children()
+                      if any(True for _ in part.parameters())]
+        else:
+            names.append(head)
+    return names
+
+
 def peft_task(kind: str, model: nn.Module) -> dict:
     """A LoraConfig's arguments that tell PEFT the task: its task type for text (a SEQ_CLS model
     saves its head); for an image classifier the head as modules_to_save, as PEFT's own image
@@ -37,7 +52,7 @@ def peft_task(kind: str, model: nn.Module) -> dict:
     task_type = kind_of(kind).peft_task_type
     if task_type is not None:
         return {"task_type": task_type}
-    return {"modules_to_save": head_module_names(model)}
+    return {"modules_to_save": head_save_names(model)}
 
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:

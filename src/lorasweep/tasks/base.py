@@ -95,6 +95,40 @@ def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output.sample
 
 
+@torch.no_grad()
+def layers_off_the_rows(model: nn.Module, batch: dict[str, torch.Tensor],
+                        layers: tuple[type, ...]) -> dict[str, str]:
+    """The `layers` one forward on `batch` does not call as modules on a tensor carrying the
+    batch's rows. A fused group's adapted layer splits its input's rows among the trials, so it
+    can give each trial its own adapter only where the input holds the examples' rows: not on a
+    table shared by all examples (Swin v2's relative-position MLP), nor where the model reads
+    the layer's weight itself (torch's MultiheadAttention and its out_proj)."""
+    rows = next(iter(batch.values())).shape[0]
+    seen: dict[str, int] = {}
+
+    def record(name: str, args: tuple) -> None:
+        seen.setdefault(name, args[0].shape[0] if args else 0)
+
+    handles = [module.register_forward_pre_hook(lambda _, args, name=name: record(name, args))
+               for name, module in model.named_modules() if isinstance(module, layers)]
+    try:
+        logits_of(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    off = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, layers):
+            continue
+        if name not in seen:
+            off[name] = ("the forward never calls it as a module (unused, or the model reads "
+                         "its weight itself)")
+        elif seen[name] % rows:
+            off[name] = (f"it computes on {seen[name]} rows shared by a batch of {rows} "
+                         "examples, not on the examples")
+    return off
+
+
 def per_trial(values: torch.Tensor, k: int, reduce: str = "sum") -> torch.Tensor:
     """Reduce each trial's block of a (K*...) tensor to one number, shape (K,).
 
@@ -139,6 +173,11 @@ class Task(ABC):
         """Refuse, as one line, inputs the base model cannot take (before any trial runs);
         tokenized text is cut to fit by the tokenizer, so only other inputs check."""
         return None
+
+    def unfusable_layers(self, model: nn.Module) -> dict[str, str]:
+        """Adaptable layers a fused group cannot give each trial its own adapter on, with why
+        (see `layers_off_the_rows`); none known unless the task probes its model."""
+        return {}
 
     def train_step(self, model: nn.Module, index: torch.Tensor, k: int, train: TrainSpec,
                    active: torch.Tensor, seed: int) -> StepOutcome:

@@ -21,7 +21,8 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from lorasweep.config import Study
 from lorasweep.errors import StudyError, first_line
-from lorasweep.tasks.base import Split, logits_of
+from lorasweep.methods.targets import ADAPTABLE
+from lorasweep.tasks.base import Split, layers_off_the_rows, logits_of
 from lorasweep.tasks.classification import ClassificationTask, labelled_classes
 from lorasweep.tasks.data import RawSplits, Records
 
@@ -44,11 +45,22 @@ class ImageClassificationTask(ClassificationTask):
         batch = self.validation.batch(torch.arange(1), 1)
         try:
             logits_of(model, batch)
-        except (ValueError, RuntimeError) as exc:
-            size = "x".join(map(str, batch["pixel_values"].shape[-2:]))
-            raise StudyError(f"task.image_field: {self.first}: the model cannot take images "
-                             f"of {size} pixels after its image processor "
+        except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            # a model that wants text as well (a VLM, ImageGPT's color tokens), or gives no
+            # logits, is not an image classifier to lorasweep; anything else is the image size
+            if not isinstance(exc, TypeError | AttributeError) and "input_ids" not in str(exc):
+                size = "x".join(map(str, batch["pixel_values"].shape[-2:]))
+                raise StudyError(f"task.image_field: {self.first}: the model cannot take "
+                                 f"images of {size} pixels after its image processor "
+                                 f"({first_line(exc)})") from None
+            raise StudyError(f"model.source: {type(model).__name__} does not classify pixel "
+                             f"values alone, as image classification feeds it "
                              f"({first_line(exc)})") from None
+
+
+    def unfusable_layers(self, model: nn.Module) -> dict[str, str]:
+        rows = torch.arange(min(2, len(self.validation))).repeat(2)[:2]  # 2 rows, 1 image too
+        return layers_off_the_rows(model, self.validation.batch(rows, 1), ADAPTABLE)
 
 
 def build_image_classification(study: Study, raw: RawSplits, processor: BaseImageProcessor,

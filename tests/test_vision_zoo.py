@@ -1,0 +1,193 @@
+"""Every image classifier transformers can build (tests/vision_zoo.py), trained as lorasweep
+trains it: alone = fused = PEFT, or refused in one line that says why.
+
+In train mode with the model's own dropout and drop path (`train.dropout: model`, the default)
+and lora_dropout 0.2, LoRA's K = 1 and K = 2 trials match stock PEFT models (the head as
+modules_to_save, norms included) in losses, step-0 gradients and 5 AdamW steps, each trial
+against its own PEFT run (test_peft_equivalence.check_dropout_against_peft). A model lorasweep
+refuses gets the one line its checks give (workbench.check_base, the task's check_model); one
+refused only for its BatchNorm layers is exact with `train.dropout: off`, and is checked so.
+docs/images.md's table and README.md's list are this file's verdicts (scripts/vision_zoo_table.py
+writes them; test_the_docs_table_and_readme_list_are_these_verdicts fails where they part).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorasweep.config import TrainSpec
+from lorasweep.errors import StudyError
+from lorasweep.kinds import kind_of
+from lorasweep.methods.targets import resolve_targets
+from lorasweep.tasks.base import Split
+from lorasweep.tasks.image_classification import ImageClassificationTask
+from lorasweep.workbench import check_base, check_fusable
+
+from .test_peft_equivalence import check_dropout_against_peft
+from .vision_zoo import LABELS, PIXELS, TINY, model_types, tiny_model
+
+pytestmark = pytest.mark.numerics
+
+ROOT = Path(__file__).resolve().parents[1]
+KIND = "image_classification"
+EXACT = "exact"
+EXACT_OFF = "exact with train.dropout: off"
+
+
+@functools.cache
+def verdict(model_type: str) -> tuple[str, str]:
+    """(what lorasweep does with the type, the line that says why where it is not exact in
+    train mode)."""
+    try:
+        base = tiny_model(model_type)
+    except ImportError as exc:  # transformers needs a package lorasweep does not install
+        return "not built here", _needs(exc)
+    refusal = _refusal(base, "model")
+    if refusal is None:
+        return EXACT, ""
+    if refusal.startswith("train.dropout: model:"):  # its norms: what does dropout off meet?
+        other = _refusal(base, "off")
+        return (EXACT_OFF, refusal) if other is None else ("refused", other)
+    return "refused", refusal
+
+
+def _needs(exc: ImportError) -> str:
+    names = re.findall(r"`pip install (\S+)`", str(exc)) or re.findall(r"(\w+) library", str(exc))
+    return f"transformers needs {', '.join(sorted(set(names))) or 'a package not installed'}"
+
+
+def _refusal(base: torch.nn.Module, dropout: str) -> str | None:
+    """The line lorasweep refuses the base with, trained with `train.dropout: dropout`."""
+    pixels = torch.randn((2, 3, PIXELS, PIXELS), generator=torch.Generator().manual_seed(0))
+    split = Split({"pixel_values": pixels}, torch.arange(2) % LABELS)
+    task = ImageClassificationTask(split, split, None, [str(i) for i in range(LABELS)],
+                                   "validation row 0")
+    try:
+        check_base(base, kind_of(KIND), "zoo", TrainSpec(steps=1, dropout=dropout))
+        task.check_model(base)
+        check_fusable(resolve_targets(base, "all-linear"), task.unfusable_layers(base),
+                      "all-linear")
+    except StudyError as exc:
+        return str(exc)
+    return None
+
+
+def test_every_image_classifier_transformers_builds_has_a_tiny_config():
+    assert set(model_types()) == set(TINY)
+
+
+def test_refusals_are_one_line_that_names_why():
+    for model_type in model_types():
+        what, why = verdict(model_type)
+        assert "\n" not in why and (what == EXACT) == (why == ""), model_type
+
+
+@pytest.mark.parametrize("model_type", model_types())
+def test_alone_fused_and_peft_agree_or_the_model_is_refused(model_type):
+    what, _ = verdict(model_type)
+    if what not in (EXACT, EXACT_OFF):
+        return  # the line is the result (test_refusals_are_one_line_that_names_why)
+    base = tiny_model(model_type)
+    dropout = "model" if what == EXACT else "off"
+    for k in (1, 2):
+        check_dropout_against_peft(model_type, KIND, "lora", k, "eager", base=base,
+                                   dropout=dropout)
+
+
+def test_drop_path_is_drawn_per_trial_and_tiled():
+    """Swin's stochastic depth (drop_path_rate 0.1 by default) drops the same examples'
+    branches in each trial of a group as alone. Without the tiling the fused pairs of Swin,
+    Donut-Swin and BEiT above differ from PEFT by 5e-5 to 2e-4 relative after 5 steps here
+    (0.16 to 0.34 in larger configs, as reported in issue 33)."""
+    assert tiny_model("swin").config.drop_path_rate > 0
+    assert verdict("swin")[0] == EXACT
+
+
+def test_a_batchnorm_model_is_refused_in_train_mode_naming_the_layer():
+    what, why = verdict("mobilevit")
+    assert what == EXACT_OFF
+    assert why.startswith("train.dropout: model: layer mobilevit.conv_stem.normalization "
+                          "(BatchNorm2d)") and "set train.dropout: off" in why
+
+
+def test_a_head_with_a_norm_trains_the_norm_as_modules_to_save_does():
+    """LeViT's classifier holds a BatchNorm1d before its linear layer: its weight and bias
+    train per trial (with train.dropout: off the norm uses its running statistics)."""
+    assert verdict("levit")[0] == EXACT_OFF
+
+
+def table() -> str:
+    """The Markdown table of the verdicts, as docs/images.md shows it."""
+    rows = ["| model type | with lorasweep | why |", "|---|---|---|"]
+    for model_type in model_types():
+        what, why = verdict(model_type)
+        rows.append(f"| `{model_type}` | {what} | {why.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+def summary() -> str:
+    """The verdicts as README.md lists them: the model types under each verdict."""
+    lines = []
+    for what in (EXACT, EXACT_OFF, "refused", "not built here"):
+        types = [f"`{t}`" for t in model_types() if verdict(t)[0] == what]
+        lines.append(f"- {what} ({len(types)}): {', '.join(types)}")
+    return "\n".join(lines) + "\n"
+
+
+BEGIN, END = "<!-- vision-zoo: begin -->\n", "<!-- vision-zoo: end -->"
+WRITTEN = {"docs/images.md": table, "README.md": summary}
+
+
+def test_the_docs_table_and_readme_list_are_these_verdicts():
+    for name, write in WRITTEN.items():
+        text = (ROOT / name).read_text()
+        assert text[text.index(BEGIN) + len(BEGIN):text.index(END)] == write(), \
+            f"{name}: run .venv/bin/python scripts/vision_zoo_table.py"
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory) -> Path:
+    from .test_image_classification import write_images
+
+    root = tmp_path_factory.mktemp("zoo-images") / "data"
+    write_images(root / "train", 8, 0, size=(PIXELS, PIXELS))
+    return root
+
+
+def saved(model_type: str, folder: Path) -> Path:
+    """The type's tiny classifier as a model folder, with an image processor to 32 pixels."""
+    from transformers import ViTImageProcessorPil
+
+    tiny_model(model_type).save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": PIXELS, "width": PIXELS}).save_pretrained(folder)
+    return folder
+
+
+def test_the_cli_refuses_as_the_verdicts_say_and_runs_what_they_allow(image_data, tmp_path,
+                                                                      capsys):
+    """Through `lorasweep run`: LeViT's BatchNorm refused in train mode (exit 2, one line,
+    nothing recorded) and trained with train.dropout: off; Swin v2's all-linear refused."""
+    from lorasweep.cli import main
+
+    from .conftest import refused, write_study
+    from .test_image_classification import image_study
+
+    study = image_study(image_data, validation_size=4)
+    study["search"]["methods"] = ["lora"]
+    study["model"] = {"source": str(saved("levit", tmp_path / "levit"))}
+    swinv2 = str(saved("swinv2", tmp_path / "swinv2"))
+    capsys.readouterr()  # what saving printed
+    assert refused(tmp_path, study, capsys) == "lorasweep: error: " + verdict("levit")[1]
+    study["train"]["dropout"] = "off"
+    out = tmp_path / "levit-run"
+    assert main(["run", str(write_study(tmp_path / "levit.yaml", study)), "--out",
+                 str(out)]) == 0
+    assert (out / "trials.csv").read_text().count(",complete,") == 2
+    study["model"] = {"source": swinv2}
+    capsys.readouterr()
+    assert "continuous_position_bias_mlp" in refused(tmp_path, study, capsys)
