@@ -171,10 +171,11 @@ def saved(model_type: str, folder: Path) -> Path:
 def test_the_cli_refuses_as_the_verdicts_say_and_runs_what_they_allow(image_data, tmp_path,
                                                                       capsys):
     """Through `lorasweep run`: LeViT's BatchNorm refused in train mode (exit 2, one line,
-    nothing recorded) and trained with train.dropout: off; Swin v2's all-linear refused."""
+    nothing recorded), trained with train.dropout: off and exported to PEFT with its head's norm
+    (the adapter reproduces the trial's outputs); Swin v2's all-linear refused."""
     from lorasweep.cli import main
 
-    from .conftest import refused, write_study
+    from .conftest import assert_lora_trial_exports, refused, write_study
     from .test_image_classification import image_study
 
     study = image_study(image_data, validation_size=4)
@@ -188,6 +189,8 @@ def test_the_cli_refuses_as_the_verdicts_say_and_runs_what_they_allow(image_data
     assert main(["run", str(write_study(tmp_path / "levit.yaml", study)), "--out",
                  str(out)]) == 0
     assert (out / "trials.csv").read_text().count(",complete,") == 2
+    pixels = torch.randn((4, 3, PIXELS, PIXELS), generator=torch.Generator().manual_seed(0))
+    assert_lora_trial_exports(out, tmp_path / "adapter", KIND, LABELS, {"pixel_values": pixels})
     study["model"] = {"source": swinv2}
     capsys.readouterr()
     assert "continuous_position_bias_mlp" in refused(tmp_path, study, capsys)
