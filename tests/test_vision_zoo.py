@@ -29,7 +29,15 @@ from lorasweep.tasks.image_classification import ImageClassificationTask
 from lorasweep.workbench import check_base, check_fusable
 
 from .test_peft_equivalence import check_dropout_against_peft
-from .vision_zoo import LABELS, PIXELS, TINY, model_types, tiny_model
+from .vision_zoo import (
+    LABELS,
+    PIXELS,
+    TINY,
+    classifiers,
+    model_type_of,
+    model_types,
+    tiny_model,
+)
 
 pytestmark = pytest.mark.numerics
 
@@ -40,11 +48,11 @@ EXACT_OFF = "exact with train.dropout: off"
 
 
 @functools.cache
-def verdict(model_type: str) -> tuple[str, str]:
-    """(what lorasweep does with the type, the line that says why where it is not exact in
-    train mode)."""
+def verdict(class_name: str) -> tuple[str, str]:
+    """(what lorasweep does with the classifier, the line that says why where it is not exact
+    in train mode)."""
     try:
-        base = tiny_model(model_type)
+        base = tiny_model(class_name)
     except ImportError as exc:  # transformers needs a package lorasweep does not install
         return "not built here", _needs(exc)
     refusal = _refusal(base, "model")
@@ -82,20 +90,20 @@ def test_every_image_classifier_transformers_builds_has_a_tiny_config():
 
 
 def test_refusals_are_one_line_that_names_why():
-    for model_type in model_types():
-        what, why = verdict(model_type)
-        assert "\n" not in why and (what == EXACT) == (why == ""), model_type
+    for class_name in classifiers():
+        what, why = verdict(class_name)
+        assert "\n" not in why and (what == EXACT) == (why == ""), class_name
 
 
-@pytest.mark.parametrize("model_type", model_types())
-def test_alone_fused_and_peft_agree_or_the_model_is_refused(model_type):
-    what, _ = verdict(model_type)
+@pytest.mark.parametrize("class_name", classifiers())
+def test_alone_fused_and_peft_agree_or_the_model_is_refused(class_name):
+    what, _ = verdict(class_name)
     if what not in (EXACT, EXACT_OFF):
         return  # the line is the result (test_refusals_are_one_line_that_names_why)
-    base = tiny_model(model_type)
+    base = tiny_model(class_name)
     dropout = "model" if what == EXACT else "off"
     for k in (1, 2):
-        check_dropout_against_peft(model_type, KIND, "lora", k, "eager", base=base,
+        check_dropout_against_peft(class_name, KIND, "lora", k, "eager", base=base,
                                    dropout=dropout)
 
 
@@ -104,12 +112,12 @@ def test_drop_path_is_drawn_per_trial_and_tiled():
     branches in each trial of a group as alone. Without the tiling the fused pairs of Swin,
     Donut-Swin and BEiT above differ from PEFT by 5e-5 to 2e-4 relative after 5 steps here
     (0.16 to 0.34 in larger configs, as reported in issue 33)."""
-    assert tiny_model("swin").config.drop_path_rate > 0
-    assert verdict("swin")[0] == EXACT
+    assert tiny_model("SwinForImageClassification").config.drop_path_rate > 0
+    assert verdict("SwinForImageClassification")[0] == EXACT
 
 
 def test_a_batchnorm_model_is_refused_in_train_mode_naming_the_layer():
-    what, why = verdict("mobilevit")
+    what, why = verdict("MobileViTForImageClassification")
     assert what == EXACT_OFF
     assert why.startswith("train.dropout: model: layer mobilevit.conv_stem.normalization "
                           "(BatchNorm2d)") and "set train.dropout: off" in why
@@ -118,23 +126,36 @@ def test_a_batchnorm_model_is_refused_in_train_mode_naming_the_layer():
 def test_a_head_with_a_norm_trains_the_norm_as_modules_to_save_does():
     """LeViT's classifier holds a BatchNorm1d before its linear layer: its weight and bias
     train per trial (with train.dropout: off the norm uses its running statistics)."""
-    assert verdict("levit")[0] == EXACT_OFF
+    assert verdict("LevitForImageClassification")[0] == EXACT_OFF
+
+
+def test_every_head_that_makes_logits_trains():
+    """A classifier's other heads (LeViT's and DeiT's distillation heads, HGNetV2's `fc`) train
+    as `classifier` does: left out, they would stay at their random init on both sides, and
+    PEFT's equivalence alone would not tell."""
+    from lorasweep.methods.targets import head_module_names
+
+    assert head_module_names(tiny_model("LevitForImageClassificationWithTeacher")) == [
+        "classifier", "classifier_distill"]
+    assert head_module_names(tiny_model("HGNetV2ForImageClassification")) == ["classifier", "fc"]
+    assert head_module_names(tiny_model("ViTForImageClassification")) == ["classifier"]
 
 
 def table() -> str:
     """The Markdown table of the verdicts, as docs/images.md shows it."""
-    rows = ["| model type | with lorasweep | why |", "|---|---|---|"]
-    for model_type in model_types():
-        what, why = verdict(model_type)
-        rows.append(f"| `{model_type}` | {what} | {why.replace('|', '/')} |")
+    rows = ["| class (model type) | with lorasweep | why |", "|---|---|---|"]
+    for class_name in classifiers():
+        what, why = verdict(class_name)
+        rows.append(f"| `{class_name}` ({model_type_of(class_name)}) | {what} | "
+                    f"{why.replace('|', '/')} |")
     return "\n".join(rows) + "\n"
 
 
 def summary() -> str:
-    """The verdicts as README.md lists them: the model types under each verdict."""
+    """The verdicts as README.md lists them: the classes under each verdict."""
     lines = []
     for what in (EXACT, EXACT_OFF, "refused", "not built here"):
-        types = [f"`{t}`" for t in model_types() if verdict(t)[0] == what]
+        types = [f"`{t}`" for t in classifiers() if verdict(t)[0] == what]
         lines.append(f"- {what} ({len(types)}): {', '.join(types)}")
     return "\n".join(lines) + "\n"
 
@@ -159,11 +180,11 @@ def image_data(tmp_path_factory) -> Path:
     return root
 
 
-def saved(model_type: str, folder: Path) -> Path:
-    """The type's tiny classifier as a model folder, with an image processor to 32 pixels."""
+def saved(class_name: str, folder: Path) -> Path:
+    """The tiny classifier as a model folder, with an image processor to 32 pixels."""
     from transformers import ViTImageProcessorPil
 
-    tiny_model(model_type).save_pretrained(folder)
+    tiny_model(class_name).save_pretrained(folder)
     ViTImageProcessorPil(size={"height": PIXELS, "width": PIXELS}).save_pretrained(folder)
     return folder
 
@@ -180,10 +201,11 @@ def test_the_cli_refuses_as_the_verdicts_say_and_runs_what_they_allow(image_data
 
     study = image_study(image_data, validation_size=4)
     study["search"]["methods"] = ["lora"]
-    study["model"] = {"source": str(saved("levit", tmp_path / "levit"))}
-    swinv2 = str(saved("swinv2", tmp_path / "swinv2"))
+    study["model"] = {"source": str(saved("LevitForImageClassification", tmp_path / "levit"))}
+    swinv2 = str(saved("Swinv2ForImageClassification", tmp_path / "swinv2"))
     capsys.readouterr()  # what saving printed
-    assert refused(tmp_path, study, capsys) == "lorasweep: error: " + verdict("levit")[1]
+    assert refused(tmp_path, study, capsys) == "lorasweep: error: " + verdict(
+        "LevitForImageClassification")[1]
     study["train"]["dropout"] = "off"
     out = tmp_path / "levit-run"
     assert main(["run", str(write_study(tmp_path / "levit.yaml", study)), "--out",

@@ -75,7 +75,7 @@ TINY: dict[str, dict] = {
     "mobilevitv2": dict(image_size=PIXELS, width_multiplier=0.25, output_stride=8,
                         n_attn_blocks=[1, 1, 1], base_attn_unit_dims=[16, 16, 16]),
     "perceiver": dict(num_latents=4, d_latents=16, d_model=16, num_self_attends_per_block=1,
-                      num_self_attention_heads=2, num_cross_attention_heads=2,
+                      num_self_attention_heads=2, num_cross_attention_heads=1,
                       image_size=PIXELS),
     "poolformer": dict(depths=[1, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3], strides=[4, 2],
                        padding=[2, 1], num_encoder_blocks=2),
@@ -121,14 +121,25 @@ def model_types() -> list[str]:
     return sorted(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)
 
 
-def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
-    """The type's image classifier from its tiny config, random weights drawn from `seed`, in
+def classifiers() -> list[str]:
+    """Every image-classifier class of those types (DeiT and LeViT have one with a
+    distillation head too, Perceiver three), by class name."""
+    return sorted(name for names in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values()
+                  for name in ((names,) if isinstance(names, str) else names))
+
+
+def model_type_of(class_name: str) -> str:
+    return next(model_type for model_type, names in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+                .items() if class_name in ((names,) if isinstance(names, str) else names))
+
+
+def tiny_model(class_name: str, seed: int = 0) -> torch.nn.Module:
+    """The image classifier from its type's tiny config, random weights drawn from `seed`, in
     eval mode (a test puts it in the mode it trains in)."""
-    classes = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[model_type]
-    first = classes[0] if isinstance(classes, tuple) else classes
-    # the auto class picks among several classes by the config's architectures, as a
+    model_type = model_type_of(class_name)
+    # the auto class picks among a type's classes by the config's architectures, as a
     # checkpoint's config.json names them
-    config = AutoConfig.for_model(model_type, num_labels=LABELS, architectures=[first],
+    config = AutoConfig.for_model(model_type, num_labels=LABELS, architectures=[class_name],
                                   **TINY[model_type])
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
 from transformers.pytorch_utils import Conv1D
 
 from lorasweep.errors import StudyError
@@ -25,9 +29,27 @@ ATTENTION_LEAVES = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "o_pr
 HEAD_NAMES = ("classifier", "score")
 
 
+# The classes transformers builds a classifier with: their heads are freshly initialized.
+CLASSIFIER_CLASSES = {name for mapping in (MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+                                           MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+                      for names in mapping.values()
+                      for name in ((names,) if isinstance(names, str) else names)}
+
+
 def head_module_names(model: nn.Module) -> list[str]:
-    """The task head's top-level module names (empty for a causal LM, whose head is pretrained)."""
-    return [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+    """The task head's top-level module names (empty for a causal LM, whose head is pretrained):
+    `classifier` or `score`, and in a transformers classifier every other top-level module
+    outside the backbone that ends in the logits (a layer of num_labels outputs: DeiT's and
+    LeViT's distillation heads, SwiftFormer's `head` and `dist_head`, HGNetV2's `fc`), which
+    would otherwise stay at their random init."""
+    named = [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+    if type(model).__name__ not in CLASSIFIER_CLASSES:
+        return named
+    labels, backbone = model.config.num_labels, getattr(model, "base_model_prefix", "")
+    return named + [name for name, child in model.named_children()
+                    if name not in named and name != backbone
+                    and any(isinstance(m, nn.Linear) and m.out_features == labels
+                            for m in child.modules())]
 
 
 def head_save_names(model: nn.Module) -> list[str]:
