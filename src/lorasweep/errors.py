@@ -15,3 +15,8 @@ def first_line(exc: Exception) -> str:
     name when it has none: the reason inside a one-line error."""
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+class Terminated(Exception):
+    """SIGTERM reached a worker (a SLURM preemption, time limit or scancel; a Kubernetes pod
+    deleted): it gives its running trials back under the lease rules, then stops."""
