@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-SBIN = Path("/usr/sbin")
+from .system_parts import system_program
+
 CPUS = 4  # more than the machine may have: three workers at once (config_overrides trusts it)
 
 
@@ -46,15 +47,15 @@ class SlurmCluster:
         key = self.root / "munge.key"
         key.write_bytes(os.urandom(128))
         key.chmod(0o600)
-        self._daemon([str(SBIN / "munged"), "--foreground", "--force",
+        self._daemon([str(system_program("munged")), "--foreground", "--force",
                       f"--socket={self.munge_socket}", f"--key-file={key}",
                       f"--pid-file={self.root / 'munged.pid'}",
                       f"--seed-file={self.root / 'munged.seed'}",
                       f"--log-file={self.root / 'log' / 'munged.log'}"])
         self._wait_for(self.munge_socket, "munged")
         self.conf.write_text(self._config())
-        self._daemon([str(SBIN / "slurmctld"), "-D", "-i", "-f", str(self.conf)])
-        self._daemon([str(SBIN / "slurmd"), "-D", "-f", str(self.conf), "-N", self.node])
+        self._daemon([str(system_program("slurmctld")), "-D", "-i", "-f", str(self.conf)])
+        self._daemon([str(system_program("slurmd")), "-D", "-f", str(self.conf), "-N", self.node])
         deadline = time.time() + 30
         while time.time() < deadline:
             state = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.strip()

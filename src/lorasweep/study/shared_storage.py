@@ -27,15 +27,13 @@ MOUNTINFO = Path("/proc/self/mountinfo")
 
 
 def filesystem_type(path: Path, mountinfo: Path = MOUNTINFO) -> str | None:
-    """The type of the file system `path` (or its nearest existing parent) is on; None where
+    """The type of the file system `path` is on (the longest mount point above it); None where
     the mount table cannot be read."""
     try:
         lines = mountinfo.read_text().splitlines()
     except OSError:
         return None
-    target = path.resolve()
-    while not target.exists() and target != target.parent:
-        target = target.parent
+    target = path.resolve()  # links followed as far as the path exists
     best, kind = -1, None
     for line in lines:
         fields = line.split()
