@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .system_parts import system_program
 
+CRED_EXPIRE = 10
 CPUS = 4  # more than the machine may have: three workers at once (config_overrides trusts it)
 
 
@@ -76,7 +77,9 @@ class SlurmCluster:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            # a job's credential lives this long: a requeued task waits it out before it
+            # starts again (SLURM's default, 120 s, would hold the test up)
+            f"AuthInfo=socket={self.munge_socket},cred_expire={CRED_EXPIRE}",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "JobAcctGatherType=jobacct_gather/none",
