@@ -17,6 +17,8 @@ def first_line(exc: Exception) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
-class Terminated(Exception):
+class Terminated(BaseException):
     """SIGTERM reached a worker (a SLURM preemption, time limit or scancel; a Kubernetes pod
-    deleted): it gives its running trials back under the lease rules, then stops."""
+    deleted): it gives its running trials back under the lease rules, then stops. Not an
+    Exception, as KeyboardInterrupt is not: no `except Exception` on the way (a trial's
+    failure, a storage retry) may take it for an error of the trial's own."""
