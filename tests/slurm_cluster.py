@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .system_parts import system_program
 
-CRED_EXPIRE = 10
+CRED_EXPIRE = 5  # seconds
 CPUS = 4  # more than the machine may have: three workers at once (config_overrides trusts it)
 
 
