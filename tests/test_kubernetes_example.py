@@ -2,11 +2,13 @@
 (not run): every manifest against Kubernetes' own schema (kubernetes-validate ships it, strict:
 an unknown or misspelt field fails), and the parts that must agree with lorasweep and with each
 other: the study file the Job mounts loads, its command parses, its storage URL names the
-database's Service."""
+database's Service. And what the Job does first, every pod opening a fresh database at once,
+is run against a real PostgreSQL (skipped where it is not installed)."""
 
 from __future__ import annotations
 
 import copy
+import threading
 from pathlib import Path
 
 import kubernetes_validate
@@ -16,6 +18,7 @@ from sqlalchemy.engine import make_url
 
 from lorasweep.cli import build_parser
 from lorasweep.config import load_study
+from lorasweep.study.store import Store
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "kubernetes"
 KUBERNETES = "1.37.0"  # the newest schema kubernetes-validate ships (requirements-dev.txt)
@@ -69,3 +72,27 @@ def test_the_workers_run_the_mounted_study_on_the_database(tmp_path: Path):
     secret = env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]
     assert secret == db_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
     assert secret["name"] == database["Secret"]["metadata"]["name"]
+
+
+def test_pods_that_start_at_once_all_join_a_fresh_database(postgres, tmp_path: Path):
+    """Every pod runs `lorasweep run` at the same moment on an empty database: they race to
+    create Optuna's tables and the study (PostgreSQL fails the losers on a duplicate key), and
+    each must come out with the one study."""
+    url = postgres.new_database()
+    start, errors, ids = threading.Barrier(6), [], []
+
+    def pod(number: int) -> None:
+        start.wait()
+        try:
+            ids.append(Store(tmp_path / str(number), "race", maximize=True, storage_url=url,
+                             patience=30).study_id)
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    pods = [threading.Thread(target=pod, args=(n,)) for n in range(6)]
+    for thread in pods:
+        thread.start()
+    for thread in pods:
+        thread.join()
+    assert not errors, errors
+    assert len(ids) == 6 and len(set(ids)) == 1
