@@ -221,3 +221,20 @@ def test_a_released_trial_is_lost_once_and_runs_again(tmp_path: Path, study_path
     assert (status, attempts) == ("waiting", 2)
     closed = store.storage.get_trial(claimed.trial_id)
     assert closed.user_attrs["lost"] and closed.user_attrs["reason"] == LOST_REASON
+
+
+def test_a_dry_run_prints_the_script_and_keeps_the_password_off_it(study_path: Path,
+                                                                     tmp_path: Path,
+                                                                     monkeypatch, capsys):
+    """On a database, each task's worker joins the study by its name, with the URL (password
+    and all) in the environment sbatch passes on, never in the script; a dry run writes
+    nothing."""
+    monkeypatch.setattr(slurm, "other_nodes", lambda partition: ["node7"])
+    url = "postgresql://me:s3cret@db.cluster/sweeps"
+    assert main(["slurm", str(study_path), "--array", "2", "--gpus-per-task", "1",
+                 "--storage", url, "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    assert "s3cret" not in script and "--study tiny --device cuda" in script
+    assert "#SBATCH --array=0-1" in script and "#SBATCH --gpus-per-task=1" in script
+    assert not (tmp_path / "out").exists()
+    assert slurm.storage_env({"A": "1"}, url) == {"A": "1", "LORASWEEP_STORAGE": url}
