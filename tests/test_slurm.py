@@ -11,6 +11,7 @@ refusals without a cluster.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from lorasweep.config import dump_study, load_study
 from lorasweep.errors import StudyError
 from lorasweep.space import expand_trials
 from lorasweep.study import slurm
+from lorasweep.study.backend import optuna_trial_id
 from lorasweep.study.folder import open_for_running
 from lorasweep.study.shared_storage import check_reachable, filesystem_type
 from lorasweep.study.store import LOST_REASON, Store
@@ -238,3 +240,34 @@ def test_a_dry_run_prints_the_script_and_keeps_the_password_off_it(study_path: P
     assert "#SBATCH --array=0-1" in script and "#SBATCH --gpus-per-task=1" in script
     assert not (tmp_path / "out").exists()
     assert slurm.storage_env({"A": "1"}, url) == {"A": "1", "LORASWEEP_STORAGE": url}
+
+
+def test_sigterm_gives_the_running_trial_back_at_once(study_path: Path, tmp_path: Path):
+    """Without SLURM: a worker stopped by SIGTERM mid-trial says so in one line (exit 143)
+    and ends its lease at once (heartbeat 0), though its lease had minutes left; the next run
+    closes the trial as lost and trains it, once."""
+    out = tmp_path / "study"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    run = subprocess.Popen([sys.executable, "-m", "lorasweep.cli", "run", str(study_path),
+                            "--out", str(out), "--lease-seconds", "600", "--threads", "1"],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        store = wait_until("the study", lambda: (out / "optuna.journal").exists()
+                           and Store(out, "tiny", maximize=True, create=False), timeout=120)
+        [running] = wait_until("a running trial", lambda: store.trials((TrialState.RUNNING,)),
+                               timeout=120)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 143
+    assert err.strip().splitlines()[-1].startswith("lorasweep: stopped by SIGTERM;")
+    released = store.storage.get_trial(optuna_trial_id(running))
+    assert released.state == TrialState.RUNNING and released.user_attrs["heartbeat"] == 0.0
+    assert main(["run", str(study_path), "--out", str(out), "--threads", "1"]) == 0
+    trials = store.trials()
+    key = running.user_attrs["trial_key"]
+    assert [t.state for t in trials if t.user_attrs["trial_key"] == key] == [
+        TrialState.FAIL, TrialState.COMPLETE]
+    assert Counter(t.state for t in trials)[TrialState.COMPLETE] == 6
