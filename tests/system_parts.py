@@ -30,6 +30,14 @@ def postgres_bindir() -> Path | None:
     return Path(found).resolve().parent if found else None
 
 
+def system_program(name: str) -> Path | None:
+    """A program of a system package, on PATH or where Debian puts daemons (/usr/sbin, off a
+    plain user's PATH), or None."""
+    found = shutil.which(name) or next(
+        (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/bin") / name) if p.exists()), None)
+    return Path(found) if found else None
+
+
 @dataclass(frozen=True)
 class Part:
     package: str  # the Debian/Ubuntu package
@@ -52,6 +60,12 @@ PARTS = {part.package: part for part in (
     Part("postgresql", "PostgreSQL's server (initdb, pg_ctl)",
          "the tests of workers sharing a database (tests/test_workers.py, tests/test_export.py)",
          lambda: postgres_bindir() is not None),
+    Part("slurm-wlm", "SLURM (slurmctld, slurmd, sbatch)",
+         "the test of workers as a SLURM job array (tests/test_slurm.py)",
+         lambda: all(system_program(p) for p in ("slurmctld", "slurmd", "sbatch", "squeue"))),
+    Part("munge", "MUNGE (munged), SLURM's authentication",
+         "the test of workers as a SLURM job array (tests/test_slurm.py)",
+         lambda: system_program("munged") is not None),
 )}
 
 

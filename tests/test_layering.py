@@ -52,6 +52,9 @@ NOT_LOADED = {
     "lorasweep.workbench": ["optuna", "lorasweep.study", "lorasweep.train", "lorasweep.report"],
     # curvature warms up through the trainer's own step, never through the worker loop
     "lorasweep.curvature.command": ["lorasweep.study.runner", "lorasweep.study.local_workers"],
+    # `lorasweep slurm --dry-run` and its refusals load no deep-learning library
+    "lorasweep.study.slurm": ["torch", "optuna", "lorasweep.study.runner"],
+    "lorasweep.study.shared_storage": ["torch", "optuna", "lorasweep.study.store"],
 }
 
 

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorasweep.errors import EXIT_BAD_INPUT, StudyError
+from lorasweep.errors import EXIT_BAD_INPUT, StudyError, Terminated
 from lorasweep.files import is_disk_full
 
 if TYPE_CHECKING:  # the commands import what they need when they run
@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lorasweep: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Terminated:
+        print("lorasweep: stopped by SIGTERM; the trials it ran go back to the queue for the "
+              "other workers (or the next run)", file=sys.stderr)
+        return 128 + 15
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--study", help="the study's name in the --storage database")
     _add_worker_options(worker)
     worker.set_defaults(handler=_worker)
+
+    _slurm_parser(commands)
 
     export = commands.add_parser("export", help="write a trial's adapter as a PEFT folder")
     export.add_argument("folder", type=Path, help="the study folder")
@@ -142,6 +148,51 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=float, default=DEFAULT_PATIENCE_SECONDS, metavar="S",
                         help="how long to wait for an unreachable storage before giving up "
                              f"(default: {DEFAULT_PATIENCE_SECONDS:.0f})")
+
+
+def _slurm_parser(commands) -> None:
+    slurm = commands.add_parser(
+        "slurm", help="train a study with N workers as a SLURM job array",
+        description="Check the study and create it in its shared storage (as run does), then "
+                    "submit a job array whose every task is one `lorasweep worker`; a task "
+                    "preempted or at its time limit gives its trials back and is requeued. "
+                    "The storage must reach every node: the study folder's journal on a shared "
+                    "file system, or --storage postgresql://...")
+    slurm.add_argument("study", help="a study file, or a built-in study name")
+    slurm.add_argument("--array", required=True, metavar="N",
+                       help="how many workers: array tasks 0..N-1")
+    slurm.add_argument("--parallel", metavar="P",
+                       help="at most P tasks running at once (sbatch --array=0-(N-1)%%P)")
+    slurm.add_argument("--partition", help="the SLURM partition (default: the cluster's)")
+    slurm.add_argument("--account", help="the SLURM account to charge")
+    slurm.add_argument("--time", metavar="LIMIT",
+                       help="each task's time limit: MINUTES, HH:MM:SS or D-HH:MM:SS; a task "
+                            "warned 120 s before it is requeued (default: the partition's)")
+    slurm.add_argument("--gpus-per-task", metavar="G",
+                       help="GPUs per worker (default: 0; with G > 0, --device defaults to cuda)")
+    slurm.add_argument("--cpus-per-task", metavar="C",
+                       help="CPU cores per worker, also its torch threads (default: SLURM's, 1)")
+    slurm.add_argument("--sbatch-option", dest="sbatch_options", action="append", default=[],
+                       metavar="OPTION", help="another sbatch option for every task, written "
+                       "as one word: --sbatch-option=--mem=32G (repeatable)")
+    slurm.add_argument("--out", type=Path, help="study folder (default: lorasweep-studies/NAME);"
+                       " it keeps the batch script and the tasks' logs (slurm/)")
+    slurm.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="FIELD=VALUE", help="override a study field (repeatable)")
+    slurm.add_argument("--retry-failed", action="store_true", help="run failed trials again")
+    slurm.add_argument("--lease-seconds", type=float, metavar="S",
+                       help="a running trial whose worker has been silent this long is run "
+                            "again (default: 180; kept in the study)")
+    slurm.add_argument("--max-attempts", type=int, metavar="N",
+                       help="runs of one trial lost to dead, preempted or timed-out workers "
+                            "before it is marked failed (default: 3; kept in the study)")
+    slurm.add_argument("--dry-run", action="store_true",
+                       help="print the batch script; check the storage; submit nothing")
+    slurm.add_argument("--wait", action="store_true",
+                       help="wait until the job leaves the queue, then write the report and "
+                            "print the status (as run does)")
+    _add_worker_options(slurm)
+    slurm.set_defaults(handler=_slurm, device=None)
 
 
 def _curvature_parser(commands) -> None:
@@ -217,6 +268,74 @@ def _run(args: argparse.Namespace) -> int:
     print(f"trained {summary.trained} trials in {elapsed:.0f} s; results in {folder}/trials.csv")
     _print_status(folder, args.storage)  # the full URL: the folder keeps it without its password
     return 1 if summary.failed else 0
+
+
+def _slurm(args: argparse.Namespace) -> int:
+    from lorasweep.config import load_study, resolve_study_path
+    from lorasweep.study import slurm
+    from lorasweep.study.backend import check_storage_url
+    from lorasweep.study.shared_storage import check_reachable
+
+    job = slurm.slurm_job(args.array, args.parallel, args.partition, args.account, args.time,
+                          args.gpus_per_task, args.cpus_per_task, args.sbatch_options)
+    if args.storage is not None:
+        check_storage_url(args.storage)
+    for flag, value in (("--max-attempts", args.max_attempts),
+                        ("--lease-seconds", args.lease_seconds), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise StudyError(f"{flag} {value:g}: must be at least 1")
+    if args.patience < 0:
+        raise StudyError(f"--patience {args.patience:g}: must be at least 0")
+    device = args.device or ("cuda" if job.gpus_per_task else "cpu")
+    max_group = _max_group(args.max_group, device, None)
+    study = load_study(resolve_study_path(args.study), args.overrides)
+    folder = (args.out or Path("lorasweep-studies") / study.name).absolute()
+    check_reachable(args.storage, folder, slurm.other_nodes(job.partition))
+    worker = [sys.executable, "-m", "lorasweep.cli", "worker", str(folder),
+              *(["--study", study.name] if args.storage else []), "--device", device,
+              "--max-group", str(max_group or "auto"), "--patience", str(args.patience),
+              "--threads", str(args.threads or job.cpus_per_task or 1),
+              *(["--memory-limit", args.memory_limit] if args.memory_limit else [])]
+    logs = folder / slurm.LOG_FOLDER
+    script = slurm.batch_script(job, study.name, worker, logs)
+    if args.dry_run:
+        print(script, end="")
+        print(f"# dry run: nothing was written or submitted; without --dry-run this is "
+              f"{logs / slurm.SCRIPT_NAME}")
+        return 0
+    return _submit(args, study, folder, job, script)
+
+
+def _submit(args: argparse.Namespace, study: Study, folder: Path, job, script: str) -> int:
+    """`lorasweep slurm` past its checks: the study created and checked as `run` does it
+    (on this machine's CPU, or its GPU where the job's device is here), then the array."""
+    from lorasweep.files import write_text
+    from lorasweep.report import write_study_outputs
+    from lorasweep.study import slurm
+    from lorasweep.study.options import WorkOptions
+    from lorasweep.study.runner import start_study
+
+    _quiet_libraries()
+    here = args.device if args.device and _device_available(args.device) else "cpu"
+    study, store, _ = start_study(study, folder, WorkOptions(device=here, patience=args.patience),
+                                  retry_failed=args.retry_failed, storage_url=args.storage,
+                                  lease_seconds=args.lease_seconds,
+                                  max_attempts=args.max_attempts)
+    path = folder / slurm.LOG_FOLDER / slurm.SCRIPT_NAME
+    path.parent.mkdir(exist_ok=True)
+    write_text(path, script)
+    job_id = slurm.submit(path, slurm.storage_env(dict(os.environ), args.storage))
+    print(f"submitted job {job_id}: {job.tasks} workers on study {study.name} "
+          f"(script {path}, logs {path.parent}/{job_id}_*.out); follow it with "
+          f"`lorasweep status {folder}` or `squeue -j {job_id}`")
+    if not args.wait:
+        return 0
+    slurm.wait_for(job_id)
+    write_study_outputs(folder, store, study)
+    _print_status(folder, args.storage)
+    unfinished = [s for s, _, _ in store.latest_by_key().values()
+                  if s not in ("complete", "diverged", "pruned")]
+    return 1 if unfinished else 0
 
 
 def _worker(args: argparse.Namespace) -> int:

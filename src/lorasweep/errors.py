@@ -15,3 +15,10 @@ def first_line(exc: Exception) -> str:
     name when it has none: the reason inside a one-line error."""
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+class Terminated(BaseException):
+    """SIGTERM reached a worker (a SLURM preemption, time limit or scancel; a Kubernetes pod
+    deleted): it gives its running trials back under the lease rules, then stops. Not an
+    Exception, as KeyboardInterrupt is not: no `except Exception` on the way (a trial's
+    failure, a storage retry) may take it for an error of the trial's own."""

@@ -201,9 +201,26 @@ def open_storage(url: str | None, folder: Path, patience: float) -> BaseStorage:
         return patiently(lambda: JournalStorage(SafeJournalFileBackend(str(path))),
                          f"{path}", patience)
     check_storage_url(url)
-    # pool_pre_ping replaces connections that a database restart closed, instead of failing once.
-    return patiently(lambda: RDBStorage(url, engine_kwargs={"pool_pre_ping": True}),
-                     f"--storage {redact_text(url)}", patience)
+    return patiently(lambda: _database(url), f"--storage {redact_text(url)}", patience)
+
+
+def _database(url: str, tries: int = 5) -> RDBStorage:
+    """Optuna's storage in the database at `url`, creating its tables in a fresh database.
+
+    Workers that all start at once on a fresh database (the pods of a Kubernetes Job) race to
+    create the tables: PostgreSQL lets one win and fails the others on a duplicate key in its
+    catalog. A loser tries again, and then finds the tables made. pool_pre_ping replaces
+    connections that a database restart closed, instead of failing once.
+    """
+    for attempt in range(tries):
+        try:
+            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            raced = any(words in str(exc) for words in ("duplicate key", "already exists"))
+            if not raced or attempt == tries - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def check_storage_url(url: str) -> None:

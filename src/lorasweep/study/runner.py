@@ -6,10 +6,11 @@ before the store is touched, so a bad run never disturbs what a study already re
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm  # its write() keeps a message clear of the live progress line
 
 from lorasweep.config import Study, dump_study
-from lorasweep.errors import StudyError
+from lorasweep.errors import StudyError, Terminated
 from lorasweep.files import is_disk_full
 from lorasweep.records import TrialResult, write_trials_csv
 from lorasweep.report import write_study_outputs
@@ -81,13 +82,8 @@ def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
     The study is created and its grid enqueued here, once; then this process trains (one
     worker) or starts `workers` worker processes that share the store and waits for them.
     """
-    study = as_in_folder(study, folder)
-    trainer = trainer_for(study, folder, options)
-    trainer.check()
-    store = open_for_running(study, folder, storage_url, options.patience)
-    trainer.keep_in(store)
-    store.configure(dump_study(study), lease_seconds, max_attempts)
-    _sync(store, folder, _planner(study, store, trainer.widths)(), retry_failed=retry_failed)
+    study, store, trainer = start_study(study, folder, options, retry_failed, storage_url,
+                                        lease_seconds, max_attempts)
     if workers == 1:
         trained, failed = work(store, trainer, study, folder)
     else:
@@ -96,6 +92,22 @@ def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
                                             storage_url)
     write_study_outputs(folder, store, study)
     return RunSummary(folder=folder, trained=trained, failed=failed)
+
+
+def start_study(study: Study, folder: Path, options: WorkOptions, retry_failed: bool = False,
+                storage_url: str | None = None, lease_seconds: float | None = None,
+                max_attempts: int | None = None) -> tuple[Study, Store, Trainer]:
+    """Check the study, then create it in its store (once) with its settings and its first
+    plan enqueued: what every launcher (`run`, `run --workers`, `slurm`) does before workers
+    start, so a bad study never reaches a queue."""
+    study = as_in_folder(study, folder)
+    trainer = trainer_for(study, folder, options)
+    trainer.check()
+    store = open_for_running(study, folder, storage_url, options.patience)
+    trainer.keep_in(store)
+    store.configure(dump_study(study), lease_seconds, max_attempts)
+    _sync(store, folder, _planner(study, store, trainer.widths)(), retry_failed=retry_failed)
+    return study, store, trainer
 
 
 def run_worker(options: WorkOptions, folder: Path | None = None,
@@ -136,21 +148,22 @@ def work(store: Store, trainer: Trainer, study: Study, folder: Path) -> tuple[in
     progress = RunProgress(f"study {study.name}", todo,
                            unit="segment" if rule is not None and rule.stop else "trial")
     try:
-        while True:
-            claimed = store.claim_group(trainer.claim_size())
-            if not claimed:
-                # new plan entries, rung decisions carried out, dead runs requeued
-                added = _sync(store, folder, plan())
-                progress.planned(added)
-                claimed = store.claim_group(trainer.claim_size()) if added else []
-            if not claimed:
-                if not store.others_running():
-                    break
-                time.sleep(min(POLL_SECONDS, store.lease_seconds / 6))
-                continue
-            failed += _train_claimed(store, trainer, study, folder, claimed, progress)
-            trained += len(claimed)
-            write_trials_csv(folder, store, study.task.objective)
+        with _terminable():
+            while True:
+                claimed = store.claim_group(trainer.claim_size())
+                if not claimed:
+                    # new plan entries, rung decisions carried out, dead runs requeued
+                    added = _sync(store, folder, plan())
+                    progress.planned(added)
+                    claimed = store.claim_group(trainer.claim_size()) if added else []
+                if not claimed:
+                    if not store.others_running():
+                        break
+                    time.sleep(min(POLL_SECONDS, store.lease_seconds / 6))
+                    continue
+                failed += _train_claimed(store, trainer, study, folder, claimed, progress)
+                trained += len(claimed)
+                write_trials_csv(folder, store, study.task.objective)
     finally:
         progress.close()
     return trained, failed
@@ -198,6 +211,10 @@ def _train_claimed(store: Store, trainer: Trainer, study: Study, folder: Path,
         for trial_id in left.values():
             store.record_failure(trial_id, "interrupted by the user", status="interrupted")
         raise
+    except Terminated:  # preempted, timed out, cancelled: the lease rules take the trials back
+        for trial_id in left.values():
+            store.release(trial_id)
+        raise
     except Exception as exc:  # a crash fails these trials; the study goes on
         if is_disk_full(exc):  # ...but a full disk stops it (cli.py says so in one line)
             raise
@@ -222,6 +239,26 @@ def _record(store: Store, folder: Path, study: Study, trial_id: int, spec: Trial
         save_checkpoint(folder, spec.grid_id, result.checkpoint)
     if not store.record(trial_id, result, study.task.objective):
         tqdm.write(f"trial {spec.grid_id}: its lease was taken over; result not recorded")
+
+
+@contextmanager
+def _terminable() -> Iterator[None]:
+    """SIGTERM raises Terminated in the worker loop, so that a worker that a scheduler stops
+    (SLURM's preemption, time limit or scancel; a deleted Kubernetes pod) gives back the trials
+    it runs at once, instead of leaving them to its lease's end. Only the main thread has
+    signal handlers; elsewhere (a test calling `work`) SIGTERM keeps its default."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated("stopped by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

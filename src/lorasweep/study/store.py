@@ -335,6 +335,14 @@ class Store:
         self.storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
 
     @_patient
+    def release(self, trial_id: int) -> None:
+        """End this worker's lease on a trial now (it was stopped mid-trial): the next worker
+        that looks closes it as lost, a loss toward max_attempts like any other, and runs it
+        again, without waiting for the lease to run out."""
+        if self.still_ours(trial_id):
+            self.storage.set_trial_user_attr(trial_id, "heartbeat", 0.0)
+
+    @_patient
     def still_ours(self, trial_id: int) -> bool:
         """False when another process declared this trial dead and closed it meanwhile."""
         trial = self.storage.get_trial(trial_id)
