@@ -158,6 +158,19 @@ class SafeJournalFileBackend(JournalFileBackend):
                 f"the file from a backup, or cut it at byte {offset} to keep what precedes it")
 
 
+class ReadOnlyJournalBackend(SafeJournalFileBackend):
+    """The journal file as a viewer (optuna-dashboard) reads it while workers write it: nothing
+    is cut or appended. A record cut short at the end is skipped by Optuna's reader, and the
+    next worker to open the journal repairs it; anything that would write is refused."""
+
+    def __init__(self, file_path: str) -> None:  # skips the repair on opening: a viewer writes
+        JournalFileBackend.__init__(self, file_path, lock_obj=journal_lock(file_path))
+
+    def append_logs(self, logs: list[dict]) -> None:
+        raise StudyError(f"{self._file_path}: opened read-only (lorasweep dashboard): "
+                         "nothing is written to a study from its live view")
+
+
 def _is_record(line: bytes) -> bool:
     if not line.endswith(b"\n"):
         return False
@@ -204,6 +217,21 @@ def open_storage(url: str | None, folder: Path, patience: float) -> BaseStorage:
     # pool_pre_ping replaces connections that a database restart closed, instead of failing once.
     return patiently(lambda: RDBStorage(url, engine_kwargs={"pool_pre_ping": True}),
                      f"--storage {redact_text(url)}", patience)
+
+
+def open_storage_to_view(url: str | None, journal: Path) -> BaseStorage:
+    """A study's storage for a live view: the journal file read-only, or the database at `url`
+    (which the view reads as the URL's user may; its tables are neither created nor upgraded)."""
+    if url is None:
+        if not journal.is_file():
+            raise StudyError(f"{journal}: no such journal file (has the study started?)")
+        return JournalStorage(ReadOnlyJournalBackend(str(journal)))
+    check_storage_url(url)
+    try:
+        return RDBStorage(url, skip_table_creation=True, skip_compatibility_check=True,
+                          engine_kwargs={"pool_pre_ping": True})
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise StudyError(f"--storage {redact_text(url)}: {_first_line(exc)}") from None
 
 
 def check_storage_url(url: str) -> None:
