@@ -32,8 +32,10 @@ from tqdm.auto import tqdm
 
 from lorasweep.errors import StudyError
 from lorasweep.redact import MASK, redact_text
+from lorasweep.study.defaults import STORAGE_ENV
 
 JOURNAL_NAME = "optuna.journal"
+STORAGE_FILE = "storage.json"  # in a study folder: where the records live, when not in its journal
 LOCK_SUFFIX = ".flock"  # the journal's lock file, beside it
 DATABASE_SCHEMES = ("postgresql", "sqlite")
 # File-system errors that may clear by themselves (NFS hiccups); the rest are the user's to fix.
@@ -217,6 +219,18 @@ def open_storage(url: str | None, folder: Path, patience: float) -> BaseStorage:
     # pool_pre_ping replaces connections that a database restart closed, instead of failing once.
     return patiently(lambda: RDBStorage(url, engine_kwargs={"pool_pre_ping": True}),
                      f"--storage {redact_text(url)}", patience)
+
+
+def storage_of(folder: Path) -> str | None:
+    """The database URL a folder's study lives in (None: the folder's journal file).
+
+    The folder keeps the URL without its password; $LORASWEEP_STORAGE, when set, gives the full
+    URL (or the client finds the password in PGPASSWORD or ~/.pgpass).
+    """
+    path = folder / STORAGE_FILE
+    if not path.exists():
+        return None
+    return os.environ.get(STORAGE_ENV) or json.loads(path.read_text())["storage"]
 
 
 def open_storage_to_view(url: str | None, journal: Path) -> BaseStorage:

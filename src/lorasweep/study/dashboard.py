@@ -18,8 +18,12 @@ from optuna.storages import BaseStorage
 from lorasweep.errors import StudyError
 from lorasweep.optional import require
 from lorasweep.redact import redact_text
-from lorasweep.study.backend import JOURNAL_NAME, open_storage_to_view, storage_address
-from lorasweep.study.folder import storage_of
+from lorasweep.study.backend import (
+    JOURNAL_NAME,
+    open_storage_to_view,
+    storage_address,
+    storage_of,
+)
 
 PACKAGE = "optuna-dashboard"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorasweep.errors import StudyError, first_line
 from lorasweep.redact import redact_text
-from lorasweep.tracking import KEY_TAG, TrackedTrial
+from lorasweep.tracking.trial import KEY_TAG, TrackedTrial
 
 LOCAL_DIR = "mlflow"  # in the study folder: mlflow.db and the experiment's artifacts
 BATCH = 1000  # MLflow's most metrics in one log_batch

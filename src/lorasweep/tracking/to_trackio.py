@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 
-from lorasweep.tracking import TrackedTrial
+from lorasweep.tracking.trial import TrackedTrial
 
 KEY_FIELD = "lorasweep_trial_key"
 
