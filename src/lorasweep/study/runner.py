@@ -278,7 +278,8 @@ def _heartbeat(store: Store, ids: list[int]):
 def dry_run(study: Study, folder: Path, options: WorkOptions) -> str:
     """`lorasweep run --dry-run`: the trials a fresh run would plan, in the groups a worker would
     train them, as the trainer describes them (the fused engine: each group's predicted peak
-    memory, measured). Writes nothing anywhere."""
+    memory, measured). Writes nothing anywhere; a tracker the study names must be installed."""
+    check_tracking(study)
     trainer = trainer_for(study, folder, options)
     trials = plan_trials(study, {}, study.task.maximize, trainer.widths)
     described = trainer.describe(trials)
