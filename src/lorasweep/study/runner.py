@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from optuna.trial import FrozenTrial
 from tqdm.auto import tqdm  # its write() keeps a message clear of the live progress line
 
 from lorasweep.config import Study, dump_study
@@ -38,6 +39,7 @@ from lorasweep.study.plan import Plan, plan_trials, planner
 from lorasweep.study.progress import RunProgress
 from lorasweep.study.store import Claimed, Store
 from lorasweep.tracking import FINISHED, Tracking, check_tracking, open_tracking, tracked_trial
+from lorasweep.tracking.trial import TrackedTrial
 from lorasweep.train import train_group
 from lorasweep.trainers import Trainer
 from lorasweep.trainers.command import CommandTrainer
@@ -200,10 +202,7 @@ def _train_claimed(store: Store, trainer: Trainer, study: Study, folder: Path,
     def record(spec: TrialSpec, result: TrialResult) -> None:
         trial_id = left.pop(spec.key)
         if _record(store, folder, study, trial_id, spec, result) and tracking is not None:
-            status, trial = store.recorded(trial_id)
-            if status in FINISHED:
-                tracking.log([tracked_trial(trial_row(status, trial, study.task.objective),
-                                            trial.user_attrs)])
+            _track(tracking, store, study, trial_id)
         progress.finished([spec])
 
     try:
@@ -242,14 +241,32 @@ def _record(store: Store, folder: Path, study: Study, trial_id: int, spec: Trial
     return True
 
 
+def _track(tracking: Tracking, store: Store, study: Study, trial_id: int) -> None:
+    """Log a trial just recorded to the study's trackers, as the store holds it (trials.csv's
+    numbers); whatever goes wrong there is one line, never the trial's or the study's end."""
+    try:
+        status, trial = store.recorded(trial_id)
+        if status in FINISHED:
+            tracking.log([_as_run(status, trial, study)])
+    except Exception as exc:
+        tqdm.write(f"lorasweep: trial {trial_id} not logged to the trackers "
+                   f"({type(exc).__name__}: {exc}); the next `lorasweep run` logs it"
+                   .splitlines()[0])
+
+
 def _catch_up(tracking: Tracking | None, store: Store, study: Study) -> None:
     """Log every finished trial the store holds that the trackers do not (each tracker skips
     what it holds): after a kill between a record and its log, or a `track` section added to a
     study that had run without it."""
     if tracking is None:
         return
-    tracking.log([tracked_trial(trial_row(status, trial, study.task.objective), trial.user_attrs)
+    tracking.log([_as_run(status, trial, study)
                   for status, trial, _ in store.latest_by_key().values() if status in FINISHED])
+
+
+def _as_run(status: str, trial: FrozenTrial, study: Study) -> TrackedTrial:
+    """A recorded trial as a tracker's run: its trials.csv row, and its curves."""
+    return tracked_trial(trial_row(status, trial, study.task.objective), trial.user_attrs)
 
 
 @contextmanager
