@@ -35,9 +35,10 @@ class MlflowTracker:
     """The study's MLflow experiment (created at the first run that tracks it)."""
 
     def __init__(self, study: str, folder: Path, uri: str | None) -> None:
-        for name in ("mlflow", "alembic"):  # their table set-up reports, line by line
-            logging.getLogger(name).setLevel(logging.WARNING)
         from mlflow import MlflowClient
+
+        for name in ("mlflow", "alembic"):  # their table set-up reports, line by line (after
+            logging.getLogger(name).setLevel(logging.WARNING)  # mlflow's import sets its own)
 
         self.uri = tracking_uri(folder, uri)
         self.label = f"MLflow at {redact_text(self.uri)} (experiment {study})"
