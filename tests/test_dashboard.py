@@ -141,3 +141,13 @@ def test_where_a_dashboard_reads(tmp_path: Path, capsys):
     assert main(["dashboard", "mysql://me:hunter2@host/db"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 2 and "hunter2" not in err, err
+
+
+def test_dashboard_not_installed_is_one_line(tmp_path: Path, monkeypatch, capsys):
+    from lorasweep import optional
+
+    monkeypatch.setattr(optional, "installed", lambda module: module != "optuna_dashboard")
+    assert main(["dashboard", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("lorasweep: error: lorasweep dashboard: needs optuna-dashboard, which is not "
+                   "installed here: pip install optuna-dashboard"), err
