@@ -156,3 +156,13 @@ def test_a_tracker_outage_is_one_line_and_each_trial_is_logged_once(tmp_path: Pa
     for _ in range(2):  # the next catch-up logs it; later ones find it there
         tracking.log([trial, other, trial])
     assert tracker.runs == ["k", "k2"]
+
+
+def test_trackio_is_local_only(monkeypatch):
+    from lorasweep.errors import StudyError
+    from lorasweep.tracking.to_trackio import TrackioTracker
+
+    monkeypatch.setenv("TRACKIO_SERVER_URL", "https://host/?write_token=hunter2")
+    with pytest.raises(StudyError, match=r"\$TRACKIO_SERVER_URL") as refused_:
+        TrackioTracker("tiny")
+    assert "hunter2" not in str(refused_.value)

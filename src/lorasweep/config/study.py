@@ -35,6 +35,7 @@ class Study(BaseModel):
     search: SearchSpec
     trainer: TrainerSpec | None = None
     rl: RLSpec | None = None
+    # each finished trial also logged as a run to MLflow or trackio (docs: Watching a study)
     track: TrackSpec | None = None
 
     @model_validator(mode="after")

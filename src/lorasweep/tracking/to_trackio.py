@@ -10,16 +10,26 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 
+from lorasweep.errors import StudyError
 from lorasweep.tracking.trial import TrackedTrial
 
 KEY_FIELD = "lorasweep_trial_key"
+# trackio's settings that send runs elsewhere than its local store, where lorasweep checks that
+# a trial is logged once
+REMOTE_ENV = ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL")
 
 
 class TrackioTracker:
     """The study's trackio project, in trackio's local store."""
 
     def __init__(self, study: str) -> None:
+        for name in REMOTE_ENV:  # named, never shown: a server URL may carry a write token
+            if os.environ.get(name):
+                raise StudyError(f"track.report_to: trackio: logs to trackio's local store only "
+                                 f"(it checks there that each trial is logged once), but ${name} "
+                                 "sends runs elsewhere; unset it, and sync the project later")
         import trackio.utils
 
         self.project = study
