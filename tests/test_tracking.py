@@ -158,11 +158,11 @@ def test_a_tracker_outage_is_one_line_and_each_trial_is_logged_once(tmp_path: Pa
     assert tracker.runs == ["k", "k2"]
 
 
-def test_trackio_is_local_only(monkeypatch):
-    from lorasweep.errors import StudyError
-    from lorasweep.tracking.to_trackio import TrackioTracker
-
+def test_trackio_is_local_only(tmp_path: Path, data_files: dict[str, Path], monkeypatch,
+                               capsys):
     monkeypatch.setenv("TRACKIO_SERVER_URL", "https://host/?write_token=hunter2")
-    with pytest.raises(StudyError, match=r"\$TRACKIO_SERVER_URL") as refused_:
-        TrackioTracker("tiny")
-    assert "hunter2" not in str(refused_.value)
+    study = tiny_study(data_files)
+    study["track"] = ["trackio"]
+    err = refused(tmp_path, study, capsys)
+    assert "$TRACKIO_SERVER_URL" in err and "hunter2" not in err, err
+    assert not (tmp_path / "out").exists()  # before anything is written

@@ -50,6 +50,10 @@ def check_tracking(study: Study) -> None:
     for name in study.track.report_to if study.track else ():
         module, package = PACKAGES[name]
         require(module, package, f"track.report_to: {name}")
+        if name == "trackio":
+            from lorasweep.tracking.to_trackio import check_local
+
+            check_local()
 
 
 class Tracking:

@@ -21,15 +21,21 @@ KEY_FIELD = "lorasweep_trial_key"
 REMOTE_ENV = ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL")
 
 
+def check_local() -> None:
+    """Refuse trackio's settings that would send runs away from its local store (named, never
+    shown: a server URL may carry a write token)."""
+    for name in REMOTE_ENV:
+        if os.environ.get(name):
+            raise StudyError(f"track.report_to: trackio: logs to trackio's local store only "
+                             f"(it checks there that each trial is logged once), but ${name} "
+                             "sends runs elsewhere; unset it, and sync the project later")
+
+
 class TrackioTracker:
     """The study's trackio project, in trackio's local store."""
 
     def __init__(self, study: str) -> None:
-        for name in REMOTE_ENV:  # named, never shown: a server URL may carry a write token
-            if os.environ.get(name):
-                raise StudyError(f"track.report_to: trackio: logs to trackio's local store only "
-                                 f"(it checks there that each trial is logged once), but ${name} "
-                                 "sends runs elsewhere; unset it, and sync the project later")
+        check_local()
         import trackio.utils
 
         self.project = study
