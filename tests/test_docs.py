@@ -31,7 +31,7 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 README_LINES = 250
 FENCE = re.compile(r"^```(\S*)")
 # Programs a block may run besides lorasweep, the repository's scripts and its venv's tools.
-OUTSIDE = {"pip", "optuna-dashboard", "kubectl"}
+OUTSIDE = {"pip", "optuna-dashboard", "kubectl", "mlflow", "trackio"}
 # A fragment merges over this: a complete study on the tiny test model.
 BASE = {"name": "fragment", "model": {"source": "tiny:bert"},
         "task": {"kind": "classification", "dataset": "builtin:shakespeare-plays"},

@@ -23,7 +23,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [
     ["lorasweep", "lorasweep.errors", "lorasweep.files", "lorasweep.redact",
      "lorasweep.packaged_models", "lorasweep.sandbox", "lorasweep.study.defaults",
-     "lorasweep.report.numbers", "lorasweep.integrations"],
+     "lorasweep.report.numbers", "lorasweep.integrations", "lorasweep.optional"],
     ["lorasweep.variants", "lorasweep.kinds", "lorasweep.peft_config", "lorasweep.config",
      "lorasweep.recipe", "lorasweep.precision", "lorasweep.result_key"],  # the study file
     ["lorasweep.space"],  # cells and trials
@@ -37,6 +37,7 @@ LAYERS = [
     ["lorasweep.trainers", "lorasweep.study.options"],  # how a claimed group trains
     ["lorasweep.analysis"],
     ["lorasweep.report"],
+    ["lorasweep.tracking"],  # each finished trial also a run in MLflow or trackio
     ["lorasweep.study", "lorasweep.curvature", "lorasweep.export", "lorasweep.suggest",
      "lorasweep.cli"],  # commands: the worker loop, plan, folder, curvature, export, suggest
 ]
@@ -47,6 +48,8 @@ NOT_LOADED = {
     "lorasweep.study.store": ["torch", "peft", "lorasweep.train", "lorasweep.workbench"],
     "lorasweep.analysis.transfer": ["torch", "optuna", "lorasweep.report"],
     "lorasweep.report": ["torch", "optuna", "lorasweep.curvature.command"],
+    # the optional trackers load when a study names them, never with the worker loop
+    "lorasweep.tracking": ["torch", "mlflow", "trackio", "lorasweep.study"],
     # a worker over an external command loads no deep-learning library for it
     "lorasweep.trainers.command": ["torch", "lorasweep.train", "lorasweep.workbench"],
     "lorasweep.workbench": ["optuna", "lorasweep.study", "lorasweep.train", "lorasweep.report"],

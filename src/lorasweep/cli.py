@@ -99,6 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("folder", type=Path)
     status.set_defaults(handler=_status)
 
+    dashboard = commands.add_parser(
+        "dashboard", help="open optuna-dashboard on a study's records, live while it runs",
+        description="Serve optuna-dashboard (pip install optuna-dashboard) on a study folder's "
+                    "journal file (read-only) or database: each trial with its lr and metrics "
+                    "as workers record it.")
+    dashboard.add_argument("source", help="a study folder, its optuna.journal, or a database "
+                                          "URL such as postgresql://USER@HOST/DB")
+    dashboard.add_argument("--host", default="127.0.0.1",
+                           help="address to listen on (default: 127.0.0.1, this machine only)")
+    dashboard.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    dashboard.add_argument("--storage", default=os.environ.get(STORAGE_ENV), metavar="URL",
+                           help="the full database URL of a folder whose study lives in one "
+                                f"(default: ${STORAGE_ENV}, else the folder's storage.json)")
+    dashboard.set_defaults(handler=_dashboard)
+
     suggest = commands.add_parser(
         "suggest", help="the LR for a new rank, width or full fine-tuning, from finished studies")
     source = suggest.add_mutually_exclusive_group(required=True)
@@ -516,6 +531,16 @@ def _print_workers(rows: list[dict], store) -> None:
                 state = ("STALE: its claim was cut off before a worker took it; the next "
                          "worker reruns it")
             print(f"    running trial {lease.grid_id}: {state}")
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from lorasweep.study.dashboard import serve
+
+    try:
+        serve(args.source, args.host, args.port, storage_url=args.storage)
+    except KeyboardInterrupt:
+        print("dashboard stopped", file=sys.stderr)
+    return 0
 
 
 def _suggest(args: argparse.Namespace) -> int:

@@ -160,23 +160,28 @@ class TrialSource(Protocol):
 
 def trial_rows(store: TrialSource, metric_name: str) -> list[dict]:
     """One row per trial of the grid, from the attempt that decides its status."""
-    rows = []
-    for status, trial, attempts in store.latest_by_key().values():
-        spec = TrialSpec.from_attrs(trial.user_attrs)
-        attrs = trial.user_attrs
-        cell = spec.cell
-        rows.append({
-            "trial": spec.grid_id, **cell.to_row(), "lr": spec.lr, "seed": spec.seed,
-            "status": status, "train_loss": attrs.get("train_loss"),
-            "eval_loss": attrs.get("val_eval_loss"), "metric": attrs.get(f"val_{metric_name}"),
-            "test_metric": attrs.get(f"test_{metric_name}"), "steps": attrs.get("steps"),
-            "selected_step": attrs.get("selected_step"),
-            "seconds": attrs.get("seconds"), "trainable_params": attrs.get("trainable_params"),
-            "effective_scale": attrs.get("effective_scale"), "attempts": attempts,
-            "worker": attrs.get("worker"), "reason": attrs.get("reason"),
-            **_other_metrics(attrs, metric_name), **_rung_columns(attrs, metric_name),
-        })
-    return sorted(rows, key=lambda r: r["trial"])
+    return sorted((trial_row(status, trial, metric_name, attempts)
+                   for status, trial, attempts in store.latest_by_key().values()),
+                  key=lambda r: r["trial"])
+
+
+def trial_row(status: str, trial: FrozenTrial, metric_name: str,
+              attempts: int | None = None) -> dict:
+    """One trial's row of trials.csv, from the attempt that decides its status (also what a
+    tracker logs of it: the same numbers)."""
+    spec = TrialSpec.from_attrs(trial.user_attrs)
+    attrs = trial.user_attrs
+    return {
+        "trial": spec.grid_id, **spec.cell.to_row(), "lr": spec.lr, "seed": spec.seed,
+        "status": status, "train_loss": attrs.get("train_loss"),
+        "eval_loss": attrs.get("val_eval_loss"), "metric": attrs.get(f"val_{metric_name}"),
+        "test_metric": attrs.get(f"test_{metric_name}"), "steps": attrs.get("steps"),
+        "selected_step": attrs.get("selected_step"),
+        "seconds": attrs.get("seconds"), "trainable_params": attrs.get("trainable_params"),
+        "effective_scale": attrs.get("effective_scale"), "attempts": attempts,
+        "worker": attrs.get("worker"), "reason": attrs.get("reason"),
+        **_other_metrics(attrs, metric_name), **_rung_columns(attrs, metric_name),
+    }
 
 
 def _rung_columns(attrs: dict, metric_name: str) -> dict:

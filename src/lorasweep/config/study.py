@@ -13,6 +13,7 @@ from lorasweep.config.model import ModelSpec
 from lorasweep.config.rl import RLSpec, check_rl
 from lorasweep.config.search import SearchSpec
 from lorasweep.config.task import TaskSpec
+from lorasweep.config.track import TrackSpec
 from lorasweep.config.train import TrainSpec
 from lorasweep.config.trainer import TrainerSpec, check_templates
 from lorasweep.kinds import kind_of
@@ -34,6 +35,8 @@ class Study(BaseModel):
     search: SearchSpec
     trainer: TrainerSpec | None = None
     rl: RLSpec | None = None
+    # each finished trial also logged as a run to MLflow or trackio (docs: Watching a study)
+    track: TrackSpec | None = None
 
     @model_validator(mode="after")
     def _rl_section(self) -> Study:

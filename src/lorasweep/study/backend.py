@@ -32,8 +32,10 @@ from tqdm.auto import tqdm
 
 from lorasweep.errors import StudyError
 from lorasweep.redact import MASK, redact_text
+from lorasweep.study.defaults import STORAGE_ENV
 
 JOURNAL_NAME = "optuna.journal"
+STORAGE_FILE = "storage.json"  # in a study folder: where the records live, when not in its journal
 LOCK_SUFFIX = ".flock"  # the journal's lock file, beside it
 DATABASE_SCHEMES = ("postgresql", "sqlite")
 # File-system errors that may clear by themselves (NFS hiccups); the rest are the user's to fix.
@@ -158,6 +160,19 @@ class SafeJournalFileBackend(JournalFileBackend):
                 f"the file from a backup, or cut it at byte {offset} to keep what precedes it")
 
 
+class ReadOnlyJournalBackend(SafeJournalFileBackend):
+    """The journal file as a viewer (optuna-dashboard) reads it while workers write it: nothing
+    is cut or appended. A record cut short at the end is skipped by Optuna's reader, and the
+    next worker to open the journal repairs it; anything that would write is refused."""
+
+    def __init__(self, file_path: str) -> None:  # skips the repair on opening: a viewer writes
+        JournalFileBackend.__init__(self, file_path, lock_obj=journal_lock(file_path))
+
+    def append_logs(self, logs: list[dict]) -> None:
+        raise StudyError(f"{self._file_path}: opened read-only (lorasweep dashboard): "
+                         "nothing is written to a study from its live view")
+
+
 def _is_record(line: bytes) -> bool:
     if not line.endswith(b"\n"):
         return False
@@ -221,6 +236,33 @@ def _database(url: str, tries: int = 5) -> RDBStorage:
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def storage_of(folder: Path) -> str | None:
+    """The database URL a folder's study lives in (None: the folder's journal file).
+
+    The folder keeps the URL without its password; $LORASWEEP_STORAGE, when set, gives the full
+    URL (or the client finds the password in PGPASSWORD or ~/.pgpass).
+    """
+    path = folder / STORAGE_FILE
+    if not path.exists():
+        return None
+    return os.environ.get(STORAGE_ENV) or json.loads(path.read_text())["storage"]
+
+
+def open_storage_to_view(url: str | None, journal: Path) -> BaseStorage:
+    """A study's storage for a live view: the journal file read-only, or the database at `url`
+    (which the view reads as the URL's user may; its tables are neither created nor upgraded)."""
+    if url is None:
+        if not journal.is_file():
+            raise StudyError(f"{journal}: no such journal file (has the study started?)")
+        return JournalStorage(ReadOnlyJournalBackend(str(journal)))
+    check_storage_url(url)
+    try:
+        return RDBStorage(url, skip_table_creation=True, skip_compatibility_check=True,
+                          engine_kwargs={"pool_pre_ping": True})
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise StudyError(f"--storage {redact_text(url)}: {_first_line(exc)}") from None
 
 
 def check_storage_url(url: str) -> None:

@@ -7,7 +7,6 @@ A folder belongs to one model, task and recipe. Re-running it resumes; widening 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -25,12 +24,11 @@ from lorasweep.files import append_text, atomic_path, check_writable, write_text
 from lorasweep.records import Checkpoint
 from lorasweep.redact import redact_argv, redact_text
 from lorasweep.space import TrialSpec
-from lorasweep.study.backend import JOURNAL_NAME, storage_address
-from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS, STORAGE_ENV
+from lorasweep.study.backend import JOURNAL_NAME, STORAGE_FILE, storage_address, storage_of
+from lorasweep.study.defaults import DEFAULT_PATIENCE_SECONDS
 from lorasweep.study.store import Store
 
 STUDY_FILE = "study.yaml"
-STORAGE_FILE = "storage.json"  # where the records live, when not in the folder's journal
 WEIGHTS_DIR = "adapters"
 CHECKPOINTS_DIR = "checkpoints"  # search.stop_early: trials paused at a rung
 ENVIRONMENT_FILE = "environment.json"
@@ -63,18 +61,6 @@ def prepare_folder(folder: Path, study: Study, storage_url: str | None = None) -
     except OSError as exc:
         raise StudyError(f"--out {folder}: cannot write there ({exc.strerror}); what was "
                          "recorded before is intact") from None
-
-
-def storage_of(folder: Path) -> str | None:
-    """The database URL a folder's study lives in (None: the folder's journal file).
-
-    The folder keeps the URL without its password; $LORASWEEP_STORAGE, when set, gives the full
-    URL (or the client finds the password in PGPASSWORD or ~/.pgpass).
-    """
-    path = folder / STORAGE_FILE
-    if not path.exists():
-        return None
-    return os.environ.get(STORAGE_ENV) or json.loads(path.read_text())["storage"]
 
 
 def _check_same_storage(folder: Path, storage_url: str | None) -> None:

@@ -15,12 +15,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from optuna.trial import FrozenTrial
 from tqdm.auto import tqdm  # its write() keeps a message clear of the live progress line
 
 from lorasweep.config import Study, dump_study
 from lorasweep.errors import StudyError, Terminated
 from lorasweep.files import is_disk_full
-from lorasweep.records import TrialResult, write_trials_csv
+from lorasweep.records import TrialResult, trial_row, write_trials_csv
 from lorasweep.report import write_study_outputs
 from lorasweep.space import TrialSpec
 from lorasweep.study.folder import (
@@ -38,6 +39,8 @@ from lorasweep.study.options import WorkOptions
 from lorasweep.study.plan import Plan, plan_trials, planner
 from lorasweep.study.progress import RunProgress
 from lorasweep.study.store import Claimed, Store
+from lorasweep.tracking import FINISHED, Tracking, check_tracking, open_tracking, tracked_trial
+from lorasweep.tracking.trial import TrackedTrial
 from lorasweep.train import train_group
 from lorasweep.trainers import Trainer
 from lorasweep.trainers.command import CommandTrainer
@@ -84,13 +87,16 @@ def run_study(study: Study, folder: Path, options: WorkOptions = WorkOptions(),
     """
     study, store, trainer = start_study(study, folder, options, retry_failed, storage_url,
                                         lease_seconds, max_attempts)
+    tracking = open_tracking(study, folder)
+    _catch_up(tracking, store, study)  # what an earlier run recorded but did not log
     if workers == 1:
-        trained, failed = work(store, trainer, study, folder)
+        trained, failed = work(store, trainer, study, folder, tracking)
     else:
         del trainer  # checked; each worker process makes its own
         trained, failed = run_local_workers(store, folder, workers, options, threads,
                                             storage_url)
     write_study_outputs(folder, store, study)
+    _catch_up(tracking, store, study)  # trials stopped at a rung, records a worker did not log
     return RunSummary(folder=folder, trained=trained, failed=failed)
 
 
@@ -101,6 +107,7 @@ def start_study(study: Study, folder: Path, options: WorkOptions, retry_failed: 
     plan enqueued: what every launcher (`run`, `run --workers`, `slurm`) does before workers
     start, so a bad study never reaches a queue."""
     study = as_in_folder(study, folder)
+    check_tracking(study)
     trainer = trainer_for(study, folder, options)
     trainer.check()
     store = open_for_running(study, folder, storage_url, options.patience)
@@ -125,16 +132,19 @@ def run_worker(options: WorkOptions, folder: Path | None = None,
         study = load_folder_study(folder)
     else:
         raise StudyError("lorasweep worker: give a study folder, or --storage URL and --study NAME")
+    check_tracking(study)
     trainer = trainer_for(study, folder, options)
     trainer.check()
     store = open_for_running(study, folder, storage_url, options.patience)
     trainer.keep_in(store)
-    trained, failed = work(store, trainer, study, folder)
+    trained, failed = work(store, trainer, study, folder, open_tracking(study, folder))
     return RunSummary(folder=folder, trained=trained, failed=failed)
 
 
-def work(store: Store, trainer: Trainer, study: Study, folder: Path) -> tuple[int, int]:
-    """Claim and train groups until no trial waits and none runs elsewhere.
+def work(store: Store, trainer: Trainer, study: Study, folder: Path,
+         tracking: Tracking | None = None) -> tuple[int, int]:
+    """Claim and train groups until no trial waits and none runs elsewhere; each trial recorded
+    is also logged to the study's trackers (`tracking`).
 
     A worker with nothing to claim stays while others run: if one of them dies, its trials come
     back to the queue once their lease runs out, and someone must be there to take them.
@@ -161,7 +171,8 @@ def work(store: Store, trainer: Trainer, study: Study, folder: Path) -> tuple[in
                         break
                     time.sleep(min(POLL_SECONDS, store.lease_seconds / 6))
                     continue
-                failed += _train_claimed(store, trainer, study, folder, claimed, progress)
+                failed += _train_claimed(store, trainer, study, folder, claimed, progress,
+                                         tracking)
                 trained += len(claimed)
                 write_trials_csv(folder, store, study.task.objective)
     finally:
@@ -190,7 +201,8 @@ def _sync(store: Store, folder: Path, plan: Plan, retry_failed: bool = False) ->
 
 
 def _train_claimed(store: Store, trainer: Trainer, study: Study, folder: Path,
-                   claimed: list[Claimed], progress: RunProgress) -> int:
+                   claimed: list[Claimed], progress: RunProgress,
+                   tracking: Tracking | None = None) -> int:
     """Train the claimed trials of one group (from the checkpoints of a rung they paused at,
     or without them from the start), recording each trial as it finishes (and showing it in
     `progress`); returns how many trials failed."""
@@ -201,7 +213,9 @@ def _train_claimed(store: Store, trainer: Trainer, study: Study, folder: Path,
     checkpoints = load_checkpoints(folder, specs, after) if after else None
 
     def record(spec: TrialSpec, result: TrialResult) -> None:
-        _record(store, folder, study, left.pop(spec.key), spec, result)
+        trial_id = left.pop(spec.key)
+        if _record(store, folder, study, trial_id, spec, result) and tracking is not None:
+            _track(tracking, store, study, trial_id)
         progress.finished([spec])
 
     try:
@@ -229,16 +243,47 @@ def _train_claimed(store: Store, trainer: Trainer, study: Study, folder: Path,
 
 
 def _record(store: Store, folder: Path, study: Study, trial_id: int, spec: TrialSpec,
-            result: TrialResult) -> None:
+            result: TrialResult) -> bool:
+    """Record a finished trial (or a paused segment); False when its lease was taken over."""
     if not store.still_ours(trial_id):  # declared dead and requeued: the rerun records it
         tqdm.write(f"trial {spec.grid_id}: its lease was taken over; result not recorded")
-        return
+        return False
     if result.weights is not None:
         save_weights(folder, spec.grid_id, result.weights)
     if result.checkpoint is not None:
         save_checkpoint(folder, spec.grid_id, result.checkpoint)
     if not store.record(trial_id, result, study.task.objective):
         tqdm.write(f"trial {spec.grid_id}: its lease was taken over; result not recorded")
+        return False
+    return True
+
+
+def _track(tracking: Tracking, store: Store, study: Study, trial_id: int) -> None:
+    """Log a trial just recorded to the study's trackers, as the store holds it (trials.csv's
+    numbers); whatever goes wrong there is one line, never the trial's or the study's end."""
+    try:
+        status, trial = store.recorded(trial_id)
+        if status in FINISHED:
+            tracking.log([_as_run(status, trial, study)])
+    except Exception as exc:
+        tqdm.write(f"lorasweep: trial {trial_id} not logged to the trackers "
+                   f"({type(exc).__name__}: {exc}); the next `lorasweep run` logs it"
+                   .splitlines()[0])
+
+
+def _catch_up(tracking: Tracking | None, store: Store, study: Study) -> None:
+    """Log every finished trial the store holds that the trackers do not (each tracker skips
+    what it holds): after a kill between a record and its log, or a `track` section added to a
+    study that had run without it."""
+    if tracking is None:
+        return
+    tracking.log([_as_run(status, trial, study)
+                  for status, trial, _ in store.latest_by_key().values() if status in FINISHED])
+
+
+def _as_run(status: str, trial: FrozenTrial, study: Study) -> TrackedTrial:
+    """A recorded trial as a tracker's run: its trials.csv row, and its curves."""
+    return tracked_trial(trial_row(status, trial, study.task.objective), trial.user_attrs)
 
 
 @contextmanager
@@ -287,7 +332,8 @@ def _heartbeat(store: Store, ids: list[int]):
 def dry_run(study: Study, folder: Path, options: WorkOptions) -> str:
     """`lorasweep run --dry-run`: the trials a fresh run would plan, in the groups a worker would
     train them, as the trainer describes them (the fused engine: each group's predicted peak
-    memory, measured). Writes nothing anywhere."""
+    memory, measured). Writes nothing anywhere; a tracker the study names must be installed."""
+    check_tracking(study)
     trainer = trainer_for(study, folder, options)
     trials = plan_trials(study, {}, study.task.maximize, trainer.widths)
     described = trainer.describe(trials)

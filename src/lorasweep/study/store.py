@@ -384,6 +384,12 @@ class Store:
         return True
 
     @_patient
+    def recorded(self, trial_id: int) -> tuple[str, FrozenTrial]:
+        """A trial's status and record as the store holds them now (what a tracker logs)."""
+        trial = self.storage.get_trial(trial_id)
+        return self._status(trial), trial
+
+    @_patient
     def record_failure(self, trial_id: int, reason: str, status: str = "failed") -> None:
         """Close a trial as FAIL: `failed` (it crashed) or `interrupted` (it will run again)."""
         try:
