@@ -17,7 +17,14 @@ from diffusers import (
     SD3Transformer2DModel,
     UNet2DConditionModel,
 )
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import (
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
 
 from lorasweep.packaged_models import packaged_model_path
 
@@ -106,19 +113,25 @@ def tiny_sdxl_pipeline(folder: Path) -> Path:
         "scheduler": DDPMScheduler(num_train_timesteps=100)})
 
 
-def tiny_sd3_pipeline(folder: Path) -> Path:
-    """An SD3 pipeline folder without T5 (text_encoder_3 and tokenizer_3 null), seed 0; its VAE
-    shifts and scales latents as SD3's does."""
+def tiny_sd3_pipeline(folder: Path, t5: bool = False) -> Path:
+    """An SD3 pipeline folder, seed 0, without T5 (text_encoder_3 and tokenizer_3 null) or with
+    a tiny T5 encoder of the joint width (over MiniLM's tokenizer: T5's own needs the hub); its
+    VAE shifts and scales latents as SD3's does."""
     tokenizer = AutoTokenizer.from_pretrained(packaged_model_path("minilm"))
     with torch.random.fork_rng():
         torch.manual_seed(0)
         vae = _vae(shift_factor=0.0609, scaling_factor=1.5035)
         first, second = _clip(tokenizer, True), _clip(tokenizer, True)
+        encoder = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer), d_model=2 * WIDTH, d_kv=8, d_ff=32, num_layers=1,
+            num_heads=2, pad_token_id=tokenizer.pad_token_id)) if t5 else None
+    third = ({"text_encoder_3": encoder, "tokenizer_3": tokenizer} if t5
+             else {})
+    missing = {} if t5 else {"text_encoder_3": [None, None], "tokenizer_3": [None, None]}
     return _save(folder, "StableDiffusion3Pipeline", {
         "transformer": tiny_sd3_transformer(), "vae": vae, "text_encoder": first,
-        "tokenizer": tokenizer, "text_encoder_2": second, "tokenizer_2": tokenizer,
-        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0)},
-        text_encoder_3=[None, None], tokenizer_3=[None, None])
+        "tokenizer": tokenizer, "text_encoder_2": second, "tokenizer_2": tokenizer, **third,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0)}, **missing)
 
 
 def tiny_pipeline(folder: Path) -> Path:

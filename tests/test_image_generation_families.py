@@ -122,6 +122,16 @@ def test_sd3_inputs_and_loss_are_its_scripts(image_data, tmp_path):
     assert metrics["eval_loss"] == pytest.approx(float(script), rel=1e-6)
 
 
+def test_sd3_with_t5_puts_its_states_after_clips(image_data, tmp_path):
+    """A pipeline that has T5: its 77 last hidden states follow the CLIP part on the sequence
+    (the CLIP part zero-padded to T5's width, here equal), and they depend on the caption."""
+    task = build(generation_study(tiny_sd3_pipeline(tmp_path, t5=True), image_data))
+    states = task.train.inputs["encoder_hidden_states"]
+    assert states.shape == (11, 12 + 77, 32)
+    t5 = states[:, 12:]
+    assert t5.any() and len({tuple(row.flatten().tolist()) for row in t5}) == 3
+
+
 def test_a_fused_group_trains_each_trial_as_alone(pipeline, image_data, tmp_path):
     study = load_study(write_study(tmp_path / "s.yaml", generation_study(pipeline, image_data)))
     task = build_task(study, load_preprocessor(study.model, "image_generation"))
