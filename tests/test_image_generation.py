@@ -169,8 +169,8 @@ def test_a_missing_caption_column_is_named(pipeline, image_data, tmp_path, capsy
 
 
 def test_what_does_not_apply_is_refused_in_one_line(pipeline, image_data, tmp_path):
-    """Text fields, a 4-bit base, and a pipeline whose denoiser is not a UNet (DiT, SD3 and
-    Flux name a `transformer`)."""
+    """Text fields, a 4-bit base, and a UNet where a pipeline names its transformer (SD3's
+    and Flux's folder; tests/test_image_generation_families.py has the other layouts)."""
     study = generation_study(pipeline, image_data)
     with pytest.raises(StudyError, match=r"task\.response_field: for text kinds"):
         validate_study({**study, "task": {**study["task"], "response_field": "x"}}, "s")
@@ -181,7 +181,8 @@ def test_what_does_not_apply_is_refused_in_one_line(pipeline, image_data, tmp_pa
     index = json.loads((other / "model_index.json").read_text())
     index["transformer"] = index.pop("unet")
     (other / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(StudyError, match=r"^model\.source: .*names no unet"):
+    with pytest.raises(StudyError, match=r"^model\.source: .*names a UNet2DConditionModel "
+                                         "denoiser in transformer/"):
         load_model(ModelSpec(source=str(other)), "image_generation", None, None)
 
 

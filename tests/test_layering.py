@@ -24,7 +24,8 @@ LAYERS = [
     ["lorasweep", "lorasweep.errors", "lorasweep.files", "lorasweep.redact",
      "lorasweep.packaged_models", "lorasweep.sandbox", "lorasweep.study.defaults",
      "lorasweep.report.numbers", "lorasweep.integrations", "lorasweep.optional"],
-    ["lorasweep.variants", "lorasweep.kinds", "lorasweep.peft_config", "lorasweep.config",
+    ["lorasweep.variants", "lorasweep.kinds", "lorasweep.denoisers", "lorasweep.peft_config",
+     "lorasweep.config",
      "lorasweep.recipe", "lorasweep.precision", "lorasweep.result_key"],  # the study file
     ["lorasweep.space"],  # cells and trials
     ["lorasweep.records"],  # what is recorded, and every CSV

@@ -10,7 +10,9 @@ fan_in_fan_out), OPT (with project_in / project_out), Qwen2, Phi-3 (fused qkv_pr
 gate_up_proj), Gemma-2 and Gemma-3 decoders, the image classifiers ViT and ConvNeXt (whose
 pointwise convolutions are nn.Linear layers; PEFT takes the head as modules_to_save), and a
 Stable Diffusion UNet (its attention, feed-forward and time-embedding linears between
-convolutions, trained on the noise-prediction loss). `all-linear` selects exactly the layers
+convolutions, trained on the noise-prediction loss), SDXL's UNet (with its pooled-text and
+time-id embedding) and SD3's MMDiT transformer (joint attention, AdaLN; on the flow-matching
+loss with SD3's output preconditioning). `all-linear` selects exactly the layers
 PEFT's own `all-linear` selects.
 """
 
@@ -46,14 +48,14 @@ from lorasweep.methods.targets import (
     resolve_targets,
     uses_conv1d,
 )
-from lorasweep.models import load_model, load_preprocessor
+from lorasweep.models import load_model, load_preprocessor, take_added_conditioning
 from lorasweep.optim import build_optimizer
 from lorasweep.quantize import quantize_base
 from lorasweep.space import Cell, TrialSpec
 from lorasweep.tasks import logits_of
 from lorasweep.variants import VARIANTS
 
-from .diffusion_parts import WIDTH, tiny_unet
+from .diffusion_parts import POOLED, WIDTH, tiny_sd3_transformer, tiny_sdxl_unet, tiny_unet
 
 # every test here compares two computations of the same numbers (tests/test_threads.py)
 pytestmark = pytest.mark.numerics
@@ -113,12 +115,17 @@ NOT_AUTO = {"clvp_decoder": ClvpForCausalLM}  # no AutoModelForCausalLM entry
 ARCHS = [("tiny:bert", "classification"), ("tiny:llama", "causal_lm"),
          *((name, "causal_lm") for name in DECODERS),
          ("tiny:vit", "image_classification"), ("tiny:convnext", "image_classification"),
-         ("tiny-unet", "image_generation")]
+         ("tiny-unet", "image_generation"), ("tiny-sdxl", "image_generation"),
+         ("tiny-sd3", "image_generation")]
+# The denoisers by source: SDXL's UNet takes its added conditioning as keyword arguments, as
+# models.load_denoiser leaves it.
+DENOISERS = {"tiny-unet": tiny_unet, "tiny-sdxl": lambda: take_added_conditioning(tiny_sdxl_unet()),
+             "tiny-sd3": tiny_sd3_transformer}
 
 
 def base_model(source: str, kind: str, quantize: str | None = None) -> torch.nn.Module:
     if kind == "image_generation":
-        return tiny_unet()
+        return DENOISERS[source]()
     if source in DECODERS:
         labels = {"num_labels": 3, "pad_token_id": 0} if kind == "classification" else {}
         config = AutoConfig.for_model(**{**DECODERS[source], **labels}, vocab_size=5000)
@@ -205,10 +212,27 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
     return {peft_key(name): p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def batch(kind: str, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def batch(kind: str, seed: int, source: str = "tiny-unet"
+          ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Model inputs (token ids, 32x32 pixel values, or a UNet's noised latents, timesteps
     and text states) and labels (the noise, for a UNet)."""
     generator = torch.Generator().manual_seed(seed)
+    if source == "tiny-sdxl":
+        inputs = {"sample": torch.randn((4, 4, 8, 8), generator=generator),
+                  "timestep": torch.randint(0, 1000, (4,), generator=generator),
+                  "encoder_hidden_states": torch.randn((4, 6, 2 * WIDTH), generator=generator),
+                  "text_embeds": torch.randn((4, POOLED), generator=generator),
+                  "time_ids": torch.tensor([[20.0, 24.0, 2.0, 4.0, 16.0, 16.0]]).repeat(4, 1)}
+        return inputs, torch.randn((4, 4, 8, 8), generator=generator)
+    if source == "tiny-sd3":  # labels: latents, sigmas (the loss is sd3_loss)
+        latents, noise = (torch.randn((4, 4, 8, 8), generator=generator) for _ in range(2))
+        sigmas = torch.rand((4,), generator=generator)
+        line = sigmas[:, None, None, None]
+        inputs = {"hidden_states": (1 - line) * latents + line * noise,
+                  "timestep": sigmas * 1000,
+                  "encoder_hidden_states": torch.randn((4, 6, 2 * WIDTH), generator=generator),
+                  "pooled_projections": torch.randn((4, 2 * WIDTH), generator=generator)}
+        return inputs, (latents, line)
     if kind == "image_generation":
         inputs = {"sample": torch.randn((4, 4, 8, 8), generator=generator),
                   "timestep": torch.randint(0, 1000, (4,), generator=generator),
@@ -232,7 +256,10 @@ def losses_of(model, kind: str, inputs, labels, k: int = 1) -> list[torch.Tensor
     logits = logits_of(model, repeated(inputs, k))
     out = []
     for part in logits.chunk(k):
-        if kind == "image_generation":
+        if "pooled_projections" in inputs:  # SD3's preconditioned flow loss, as its script's
+            latents, sigmas = labels
+            out.append(F.mse_loss(part * (-sigmas) + inputs["hidden_states"], latents))
+        elif kind == "image_generation":
             out.append(F.mse_loss(part, labels))
         elif kind_of(kind).labels:
             out.append(F.cross_entropy(part, labels))
@@ -257,7 +284,8 @@ def peft_optimizer(method: str, ref, lr: float, weight_decay: float) -> torch.op
 @pytest.mark.parametrize(("source", "kind"), ARCHS)
 @pytest.mark.parametrize("method", PEFT_FORMS)
 def test_matches_peft(source, kind, method, k):
-    with in_float64() if (kind, method) in IN_FLOAT64 else contextlib.nullcontext():
+    in_fp64 = {(kind, method), (source, method, k)} & IN_FLOAT64
+    with in_float64() if in_fp64 else contextlib.nullcontext():
         check_against_peft(source, kind, method, k)
 
 
@@ -265,7 +293,15 @@ def test_matches_peft(source, kind, method, k):
 # convolutions and group norms differ from PEFT's by up to 3e-6 in fp32 (the worst: a
 # magnitude vector's), by 6e-15 in fp64. The same code, weights and steps,
 # checked in fp64.
-IN_FLOAT64 = {("image_generation", "dora")}
+# SD3's MMDiT fused: a batch of 8 rows rounds differently from 4 in fp32, and 5 Adam steps
+# grow that to 1e-6..1e-5 on the timestep embedder's A (Adam divides gradients of rounding
+# size by their own size); in fp64 LoRA and LoRA+ match to 1e-13.
+IN_FLOAT64 = {("image_generation", "dora"), ("tiny-sd3", "lora", 2),
+              ("tiny-sd3", "loraplus", 2)}
+# PEFT refuses to initialize PiSSA in fp64: fused on SD3 its outputs and step-0 gradients match
+# to TOL, its weights after 5 steps to 3e-5 and its outputs then to 6e-6 (the same rounding
+# as above).
+AFTER_STEPS = {("tiny-sd3", "pissa", 2): 1e-4}
 
 
 @contextlib.contextmanager
@@ -292,14 +328,14 @@ def check_against_peft(source: str, kind: str, method: str, k: int = 1,
                 for ref, lr in zip(refs, lrs, strict=True)]
     ref_params = [trainable(ref) for ref in refs]
 
-    def same_outputs(inputs) -> None:
+    def same_outputs(inputs, tol: float = TOL) -> None:
         ours_out = logits_of(ours, repeated(inputs, k)).chunk(k)
         for mine, ref in zip(ours_out, refs, strict=True):
-            assert rel_err(mine, logits_of(ref, inputs)) < TOL
+            assert rel_err(mine, logits_of(ref, inputs)) < tol
 
-    same_outputs(batch(kind, 0)[0])
+    same_outputs(batch(kind, 0, source)[0])
     for step in range(STEPS):
-        inputs, labels = batch(kind, step)
+        inputs, labels = batch(kind, step, source)
         our_losses = losses_of(ours, kind, inputs, labels, k)
         ref_losses = [losses_of(ref, kind, inputs, labels)[0] for ref in refs]
         for mine, theirs in zip(our_losses, ref_losses, strict=True):
@@ -312,11 +348,12 @@ def check_against_peft(source: str, kind: str, method: str, k: int = 1,
         for opt in [our_opt, *ref_opts]:
             opt.step()
             opt.zero_grad()
-    assert_same_params(trials, ref_params, TOL)
+    after = AFTER_STEPS.get((source, method, k), TOL)
+    assert_same_params(trials, ref_params, after)
     if k == 2:  # the two LRs led the trials apart: each matched its own run, not a shared one
         some = next(key for key in trials[0] if key.endswith("lora_A"))
         assert rel_err(trials[0][some], trials[1][some]) > 1e-3
-    same_outputs(batch(kind, 99)[0])
+    same_outputs(batch(kind, 99, source)[0], after)
     return ours, refs
 
 
@@ -344,7 +381,12 @@ LANDMARKS = {"tiny:bert": ("bert.pooler.dense",),
              "tiny:convnext": ("convnext.encoder.stages.1.layers.0.pwconv2",),
              "tiny-unet": ("time_embedding.linear_1", "mid_block.resnets.0.time_emb_proj",
                            "up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k",
-                           "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2")}
+                           "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"),
+             "tiny-sdxl": ("add_embedding.linear_1", "add_embedding.linear_2",
+                           "up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k"),
+             "tiny-sd3": ("context_embedder", "time_text_embed.text_embedder.linear_1",
+                          "transformer_blocks.1.attn.add_k_proj",
+                          "transformer_blocks.0.norm1_context.linear")}
 
 
 def test_loraplus_lr_groups_follow_peft():

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,7 @@ from transformers import (
 from transformers.image_processing_utils import BaseImageProcessor
 
 from lorasweep.config import ModelSpec
+from lorasweep.denoisers import FAMILIES, Family, family_of
 from lorasweep.errors import StudyError, first_line
 from lorasweep.kinds import DENOISER, kind_of
 from lorasweep.packaged_models import (
@@ -40,7 +41,7 @@ from lorasweep.packaged_models import (
 from lorasweep.quantize import check_quantize, quantize_base
 
 if TYPE_CHECKING:  # diffusers is imported where a diffusion kind loads it: 2 s other kinds skip
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Small random models built from a config: real architectures, seconds to train, for tests.
@@ -92,16 +93,28 @@ PIPELINE_LIBRARIES = ("diffusers", "transformers")
 @dataclass
 class DiffusionParts:
     """The frozen parts of a diffusion pipeline that make the denoiser's inputs, once per
-    dataset (tasks/image_generation.py): the VAE (images to latents), the text encoder and its
-    tokenizer (captions to embeddings), the noise schedule, and the image size the denoiser was
+    dataset (tasks/image_generation.py): the VAE (images to latents), the text encoders and
+    their tokenizers (captions to embeddings, in the family's order; None where a pipeline
+    leaves an optional one out, as SD3 may T5), the noise schedule (DDPM's, or a
+    FlowMatchEulerDiscreteScheduler for a flow family), and the image size the denoiser was
     built for (its latent sample size times the VAE's downscaling). None of them trains, and
     none runs on a training step."""
 
     vae: AutoencoderKL
-    text_encoder: nn.Module
-    tokenizer: PreTrainedTokenizerBase
-    scheduler: DDPMScheduler
+    encoders: list[tuple[nn.Module, PreTrainedTokenizerBase] | None]
+    scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler
     resolution: int
+    family: Family = FAMILIES["sd"]
+    denoiser_config: dict = field(default_factory=dict)
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        """The first text encoder (every family has one)."""
+        return self.encoders[0][0]
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.encoders[0][1]
 
 
 # What turns raw examples into model inputs.
@@ -119,12 +132,9 @@ def load_preprocessor(spec: ModelSpec, kind: str) -> Preprocessor:
     return PREPROCESSORS[kind_of(kind).preprocessor](spec)
 
 
-def _pipeline_part(spec: ModelSpec, part: str, dtype: torch.dtype = torch.float32) -> object:
-    """One part of a diffusers pipeline (a folder or hub id laid out as Stable Diffusion's:
-    unet, vae, text_encoder, tokenizer, scheduler), of the class its model_index.json names,
-    from safetensors only (a pickle checkpoint is not loaded, as for every other model)."""
-    from diffusers import DDPMScheduler
-
+def pipeline_index(spec: ModelSpec) -> tuple[str, dict, Family]:
+    """The pipeline's folder (or hub id), its model_index.json and its denoiser's family, read
+    before anything else loads: a layout image_generation does not train is one line."""
     source = _resolve_source(spec.source)
     try:
         if Path(source).is_dir():
@@ -132,15 +142,39 @@ def _pipeline_part(spec: ModelSpec, part: str, dtype: torch.dtype = torch.float3
         else:
             index_file = Path(hf_hub_download(source, "model_index.json", revision=spec.revision))
         index = json.loads(index_file.read_text())
+        if not isinstance(index, dict):
+            raise ValueError("its model_index.json is not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise StudyError(_load_error(spec, exc)) from None
+    try:
+        return source, index, family_of(index)
+    except ValueError as exc:
+        raise StudyError(f"model.source: '{spec.source}': {exc}") from None
+
+
+def _pipeline_part(spec: ModelSpec, part: str, dtype: torch.dtype = torch.float32,
+                   optional: bool = False) -> object:
+    """One part of a diffusers pipeline (a folder or hub id laid out as diffusers lays one out:
+    unet or transformer, vae, text_encoder(s), tokenizer(s), scheduler), of the class its
+    model_index.json names, from safetensors only (a pickle checkpoint is not loaded, as for
+    every other model); None for an `optional` part the index leaves out (null)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    source, index, family = pipeline_index(spec)
+    try:
         library, name = index.get(part) or (None, None)
+        if optional and name is None:
+            return None
         if library not in PIPELINE_LIBRARIES:
             raise ValueError(f"its model_index.json names no {part} from "
                              f"{' or '.join(PIPELINE_LIBRARIES)}")
         cls = getattr(importlib.import_module(library), name)
-        if part == "tokenizer":
+        if part.startswith("tokenizer"):
             return cls.from_pretrained(source, subfolder=part, revision=spec.revision)
-        if part == "scheduler":  # training adds noise as DDPM does, with the pipeline's betas
-            return DDPMScheduler.from_pretrained(source, subfolder=part, revision=spec.revision)
+        if part == "scheduler":  # training noises as the family's objective does
+            schedule = (FlowMatchEulerDiscreteScheduler if family.objective == "flow"
+                        else DDPMScheduler)  # DDPM's with the pipeline's betas
+            return schedule.from_pretrained(source, subfolder=part, revision=spec.revision)
         return cls.from_pretrained(source, subfolder=part, revision=spec.revision,
                                    use_safetensors=True, torch_dtype=dtype)
     except (OSError, ValueError, AttributeError) as exc:
@@ -148,46 +182,72 @@ def _pipeline_part(spec: ModelSpec, part: str, dtype: torch.dtype = torch.float3
 
 
 def load_diffusion_parts(spec: ModelSpec) -> DiffusionParts:
-    """The pipeline's VAE, text encoder, tokenizer and noise schedule, frozen, fp32, eval."""
+    """The pipeline's VAE, text encoders, tokenizers and noise schedule, frozen, fp32, eval."""
+    _, _, family = pipeline_index(spec)
     vae = _pipeline_part(spec, "vae")
-    text_encoder = _pipeline_part(spec, "text_encoder")
-    unet_config = _pipeline_part_config(spec)
+    encoders = []
+    for name in family.encoders:
+        encoder = _pipeline_part(spec, name, optional=name in family.optional)
+        tokenizer_name = name.replace("text_encoder", "tokenizer")
+        encoders.append(None if encoder is None else (
+            encoder.eval().requires_grad_(False), _pipeline_part(spec, tokenizer_name)))
+    config = _denoiser_config(spec, family)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    return DiffusionParts(vae=vae.eval().requires_grad_(False),
-                          text_encoder=text_encoder.eval().requires_grad_(False),
-                          tokenizer=_pipeline_part(spec, "tokenizer"),
+    return DiffusionParts(vae=vae.eval().requires_grad_(False), encoders=encoders,
                           scheduler=_pipeline_part(spec, "scheduler"),
-                          resolution=unet_config["sample_size"] * scale)
+                          resolution=config["sample_size"] * scale, family=family,
+                          denoiser_config=dict(config))
 
 
-def _pipeline_part_config(spec: ModelSpec) -> dict:
+def _denoiser_config(spec: ModelSpec, family: Family) -> dict:
     """The denoiser's config alone (its sample size), without its weights."""
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
     try:
-        return UNet2DConditionModel.load_config(_resolve_source(spec.source), subfolder="unet",
-                                                revision=spec.revision)
+        return getattr(diffusers, family.model_class).load_config(
+            _resolve_source(spec.source), subfolder=family.folder, revision=spec.revision)
     except (OSError, ValueError) as exc:
         raise StudyError(_load_error(spec, exc)) from None
 
 
 def load_denoiser(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
-    """The pipeline's denoiser, the model image_generation trains: a text-conditioned
-    UNet2DConditionModel (Stable Diffusion 1.x / 2.x and their fine-tunes); other denoisers
-    (DiT and other transformers, SDXL's extra conditioning) take inputs this kind does not make."""
-    from diffusers import UNet2DConditionModel
-
+    """The pipeline's denoiser, the model image_generation trains, of its family
+    (denoisers.FAMILIES): a text-conditioned UNet2DConditionModel (Stable Diffusion 1.x/2.x),
+    SDXL's UNet with its added conditioning (which then takes `text_embeds` and `time_ids` as
+    keyword arguments: take_added_conditioning), or SD3's transformer."""
     if spec.quantize is not None:
         raise StudyError("model.quantize: nf4 quantizes a transformers model's block linears; "
                          "an image_generation denoiser is not one; remove it")
-    model = _pipeline_part(spec, "unet", dtype)
+    _, _, family = pipeline_index(spec)
+    model = _pipeline_part(spec, family.folder, dtype)
     extra = getattr(model.config, "addition_embed_type", None)
-    if type(model) is not UNet2DConditionModel or extra is not None:
+    if type(model).__name__ != family.model_class or extra != family.added:
         raise StudyError(f"model.source: the denoiser of '{spec.source}' is a "
-                         f"{type(model).__name__}{f' with {extra} conditioning' if extra else ''};"
-                         " image_generation trains a text-conditioned UNet2DConditionModel "
-                         "(Stable Diffusion 1.x/2.x)")
+                         f"{type(model).__name__}{f' with {extra} conditioning' if extra else ''}"
+                         f"; a {family.title} pipeline's is a {family.model_class}"
+                         f"{f' with {family.added} conditioning' if family.added else ''}")
+    if family.added:
+        take_added_conditioning(model)
     return model
+
+
+def _added_conditioning(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """SDXL's pooled text embeddings and time ids, given as keyword arguments, passed as the
+    UNet's added_cond_kwargs."""
+    if "text_embeds" in kwargs:
+        kwargs = dict(kwargs)
+        kwargs["added_cond_kwargs"] = {"text_embeds": kwargs.pop("text_embeds"),
+                                       "time_ids": kwargs.pop("time_ids")}
+    return args, kwargs
+
+
+def take_added_conditioning(unet: nn.Module) -> nn.Module:
+    """An SDXL UNet that takes `text_embeds` and `time_ids` as plain keyword arguments (a
+    forward pre-hook), so its inputs are a flat dict of tensors as every Split's are (fused
+    groups repeat them, logits_of casts them): the module and its parameter names stay the
+    UNet's own, so adapters export as diffusers names them."""
+    unet.register_forward_pre_hook(_added_conditioning, with_kwargs=True)
+    return unet
 
 
 def _say_remote_code(spec: ModelSpec) -> None:

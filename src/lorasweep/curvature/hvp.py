@@ -24,11 +24,19 @@ Params = Sequence[nn.Parameter]
 def eager_attention(model: nn.Module) -> Iterator[None]:
     """Plain attention code inside the block (SDPA has no double backward on the CPU), the
     model's own outside it, so warm-up steps train exactly as the trial does. A diffusers
-    denoiser has no attention implementation setting but attention processors: its plain one."""
+    denoiser has no attention implementation setting but attention processors: its plain one;
+    a joint-attention transformer's (SD3's MMDiT) has no plain processor, so its SDPA runs on
+    torch's math backend, which has one."""
     if hasattr(model, "set_attn_processor"):
         from diffusers.models.attention_processor import AttnProcessor
 
         processors = model.attn_processors
+        if any(type(p).__name__.startswith("Joint") for p in processors.values()):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):
+                yield
+            return
         model.set_attn_processor(AttnProcessor())
         try:
             yield

@@ -87,10 +87,12 @@ def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
     Floating inputs (pixel values) reach the model in the dtype its weights are stored in (a
     bf16 base's convolution refuses fp32 input; ViT casts its own, ConvNeXt does not); token
-    ids pass as they are. A diffusers denoiser returns its prediction as `sample`, which is
-    its logits here (tasks/image_generation.py)."""
+    ids pass as they are, and so does a denoiser's `timestep` (a flow schedule's is a float,
+    which diffusers' scripts pass in fp32; bf16 would round 999.7 to 1000). A diffusers
+    denoiser returns its prediction as `sample`, which is its logits here
+    (tasks/image_generation.py)."""
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    output = model(**{name: t.to(dtype) if t.is_floating_point() else t
+    output = model(**{name: t.to(dtype) if t.is_floating_point() and name != "timestep" else t
                       for name, t in batch.items() if name != "labels"})
     return output.logits if hasattr(output, "logits") else output.sample
 
