@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -326,3 +327,15 @@ def pytest_collection_modifyitems(items: list) -> None:
     """tests/test_threads.py's rerun of the numerics tests is the longest test by far: first,
     so that under `-n 2` the other process runs the rest beside it instead of after it."""
     items.sort(key=lambda item: getattr(item.module, "__name__", "") != "tests.test_threads")
+
+
+def wait_until(what: str, check, timeout: float = 60):
+    """check()'s first true value, polled every 0.2 s; a test failure naming `what` after
+    `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

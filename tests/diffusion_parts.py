@@ -35,9 +35,10 @@ WIDTH = 16
 POOLED, TIME_WIDTH = 16, 4
 
 
-def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+def tiny_unet(seed: int = 0, **conditioning) -> UNet2DConditionModel:
     """A two-level UNet with cross-attention at both: convolutions, attention, feed-forward and
-    time-embedding linears, as Stable Diffusion's, at a few thousand weights."""
+    time-embedding linears, as Stable Diffusion's, at a few thousand weights (`conditioning`:
+    the config fields of another family's, as tiny_sdxl_unet's)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return UNet2DConditionModel(
@@ -45,22 +46,15 @@ def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
             block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=WIDTH).eval()
+            **{"cross_attention_dim": WIDTH, **conditioning}).eval()
 
 
 def tiny_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
     """tiny_unet with SDXL's added conditioning: cross-attention over both encoders' states
     side by side, the pooled text and six time ids embedded into the time embedding."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=2 * WIDTH, addition_embed_type="text_time",
-            addition_time_embed_dim=TIME_WIDTH,
-            projection_class_embeddings_input_dim=POOLED + 6 * TIME_WIDTH).eval()
+    return tiny_unet(seed, cross_attention_dim=2 * WIDTH, addition_embed_type="text_time",
+                     addition_time_embed_dim=TIME_WIDTH,
+                     projection_class_embeddings_input_dim=POOLED + 6 * TIME_WIDTH)
 
 
 def tiny_sd3_transformer(seed: int = 0) -> SD3Transformer2DModel:

@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from lorasweep.study.backend import ReadOnlyJournalBackend
 from lorasweep.study.dashboard import locate
 from lorasweep.study.store import Store
 
-from .conftest import need_part, tiny_study, write_study
+from .conftest import need_part, tiny_study, wait_until, write_study
 
 # LRs whose shortest text is the same in Python and JavaScript (no exponent in either)
 LRS = [1e-4, 1.5e-4, 2e-4, 3e-4, 4e-4, 5e-4, 7e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 4e-3, 5e-3, 7e-3,
@@ -42,16 +41,6 @@ def lorasweep(*args: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "-m", "lorasweep.cli", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_for(check, what: str, timeout: float = 40.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def completed(store: Store) -> dict[int, tuple[float, float]]:
@@ -81,11 +70,11 @@ def test_dashboard_lists_recorded_trials_with_lr_and_metric_while_the_study_runs
     run = lorasweep("run", str(study), "--out", str(out), "--threads", "1")
     dashboard = None
     try:
-        wait_for(lambda: (out / "optuna.journal").exists(), "the study's journal")
+        wait_until("the study's journal", lambda: (out / "optuna.journal").exists(), 40)
         store = Store(out, "tiny", maximize=True, create=False)
-        wait_for(lambda: len(completed(store)) >= 2, "two recorded trials", 60)
+        wait_until("two recorded trials", lambda: len(completed(store)) >= 2, 60)
         dashboard = lorasweep("dashboard", str(out), "--port", str(port))
-        wait_for(lambda: serving(f"http://127.0.0.1:{port}/api/meta"), "the dashboard", 60)
+        wait_until("the dashboard", lambda: serving(f"http://127.0.0.1:{port}/api/meta"), 60)
         shown = completed(store)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(

@@ -64,7 +64,11 @@ def pipeline(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def image_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("captions") / "data"
+    return captioned_images(tmp_path_factory.mktemp("captions") / "data")
+
+
+def captioned_images(root: Path) -> Path:
+    """Five captioned training images per colour and one test image each."""
     write_images(root / "train", 5, 0)
     write_images(root / "test", 1, 1)
     return root
@@ -137,6 +141,11 @@ def test_a_fused_group_trains_each_trial_as_alone(pipeline, image_data, tmp_path
     the trials share one mask, as they would alone)."""
     study = generation_study(pipeline, image_data)
     study["train"]["lora_dropout"] = lora_dropout
+    assert_fused_trains_as_alone(study, tmp_path)
+
+
+def assert_fused_trains_as_alone(study: dict, tmp_path: Path) -> None:
+    """Two LoRA LRs trained as one group get the validation and test metrics each gets alone."""
     study = load_study(write_study(tmp_path / "s.yaml", study))
     task = build_task(study, load_preprocessor(study.model, "image_generation"))
     base = load_model(study.model, "image_generation", None, None)

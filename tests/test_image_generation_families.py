@@ -17,28 +17,23 @@ import pytest
 import torch
 
 from lorasweep.cli import main
-from lorasweep.config import ModelSpec, load_study, validate_study
+from lorasweep.config import ModelSpec, validate_study
 from lorasweep.denoisers import FAMILIES, family_of
 from lorasweep.errors import StudyError
 from lorasweep.models import load_model, load_preprocessor
-from lorasweep.space import Cell, TrialSpec
 from lorasweep.tasks import build_task
 from lorasweep.tasks.diffusion_text import FAMILY_TEXT
-from lorasweep.train import train_group
 
 from .conftest import assert_lora_trial_exports, assert_study_lifecycle, refused, write_study
 from .diffusion_parts import tiny_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
-from .test_image_generation import generation_study, write_images
+from .test_image_generation import assert_fused_trains_as_alone, captioned_images, generation_study
 
 PIPELINES = {"sdxl": tiny_sdxl_pipeline, "sd3": tiny_sd3_pipeline}
 
 
 @pytest.fixture(scope="module")
 def image_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("captions") / "data"
-    write_images(root / "train", 5, 0)
-    write_images(root / "test", 1, 1)
-    return root
+    return captioned_images(tmp_path_factory.mktemp("captions") / "data")
 
 
 @pytest.fixture(scope="module", params=list(PIPELINES))
@@ -133,19 +128,7 @@ def test_sd3_with_t5_puts_its_states_after_clips(image_data, tmp_path):
 
 
 def test_a_fused_group_trains_each_trial_as_alone(pipeline, image_data, tmp_path):
-    study = load_study(write_study(tmp_path / "s.yaml", generation_study(pipeline, image_data)))
-    task = build_task(study, load_preprocessor(study.model, "image_generation"))
-    base = load_model(study.model, "image_generation", None, None)
-    cell = Cell(method="lora", rank=2, lora_alpha="4", init="kaiming",
-                target_modules="all-linear")
-    trials = [TrialSpec(grid_id=i, cell=cell, lr=lr, seed=0) for i, lr in enumerate([1e-3, 3e-2])]
-    cpu = torch.device("cpu")
-    fused = train_group(base, task, study.train, trials, cpu)
-    assert fused[0].metrics["eval_loss"] != fused[1].metrics["eval_loss"]
-    for trial, together in zip(trials, fused, strict=True):
-        alone = train_group(base, task, study.train, [trial], cpu)[0]
-        assert together.status == alone.status == "complete"
-        assert together.metrics == pytest.approx(alone.metrics, rel=1e-5)
+    assert_fused_trains_as_alone(generation_study(pipeline, image_data), tmp_path)
 
 
 def test_the_family_is_read_from_model_index_json():

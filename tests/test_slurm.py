@@ -32,7 +32,7 @@ from lorasweep.study.folder import open_for_running
 from lorasweep.study.shared_storage import check_reachable, filesystem_type
 from lorasweep.study.store import LOST_REASON, Store
 
-from .conftest import make_records, need_part, tiny_study, write_jsonl
+from .conftest import make_records, need_part, tiny_study, wait_until, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -84,16 +84,6 @@ def running_in_task(store: Store, exclude: set[str]) -> tuple[str, str] | None:
         if task is not None and task not in exclude:
             return str(trial.user_attrs["trial_key"]), task
     return None
-
-
-def wait_until(what: str, check, timeout: float = 60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_an_array_finishes_a_study_through_a_cancel_and_a_requeue(cluster, study_path: Path,

@@ -57,20 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run (or resume) a study")
     run.add_argument("study", help="a study file, or a built-in study name such as 'quickstart'")
     run.add_argument("--out", type=Path, help="study folder (default: lorasweep-studies/NAME)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                     help="override a study field, e.g. --set train.steps=200 (repeatable)")
-    run.add_argument("--retry-failed", action="store_true", help="run failed trials again")
     run.add_argument("--workers", type=int, default=1, metavar="N",
                      help="worker processes on this machine sharing the study (default: 1)")
-    run.add_argument("--lease-seconds", type=float, metavar="S",
-                     help="a running trial whose worker has been silent this long is run again "
-                          "(default: 180; kept in the study)")
     run.add_argument("--dry-run", action="store_true",
                      help="print the planned trials, groups and predicted peak memory of each "
                           "group; write nothing")
-    run.add_argument("--max-attempts", type=int, metavar="N",
-                     help="runs of one trial lost to dead workers before it is marked failed "
-                          "(default: 3; kept in the study)")
+    _add_launch_options(run)
     _add_worker_options(run)
     run.set_defaults(handler=_run)
 
@@ -144,6 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_launch_options(parser: argparse.ArgumentParser) -> None:
+    """What a command that creates a study and starts its workers (run, slurm) takes."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="FIELD=VALUE",
+                        help="override a study field, e.g. --set train.steps=200 (repeatable)")
+    parser.add_argument("--retry-failed", action="store_true", help="run failed trials again")
+    parser.add_argument("--lease-seconds", type=float, metavar="S",
+                        help="a running trial whose worker has been silent this long is run "
+                             "again (default: 180; kept in the study)")
+    parser.add_argument("--max-attempts", type=int, metavar="N",
+                        help="runs of one trial lost to dead, preempted or timed-out workers "
+                             "before it is marked failed (default: 3; kept in the study)")
+
+
 def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", default=os.environ.get(STORAGE_ENV), metavar="URL",
                         help="a database shared by workers on many machines, e.g. "
@@ -192,20 +198,12 @@ def _slurm_parser(commands) -> None:
                        "as one word: --sbatch-option=--mem=32G (repeatable)")
     slurm.add_argument("--out", type=Path, help="study folder (default: lorasweep-studies/NAME);"
                        " it keeps the batch script and the tasks' logs (slurm/)")
-    slurm.add_argument("--set", dest="overrides", action="append", default=[],
-                       metavar="FIELD=VALUE", help="override a study field (repeatable)")
-    slurm.add_argument("--retry-failed", action="store_true", help="run failed trials again")
-    slurm.add_argument("--lease-seconds", type=float, metavar="S",
-                       help="a running trial whose worker has been silent this long is run "
-                            "again (default: 180; kept in the study)")
-    slurm.add_argument("--max-attempts", type=int, metavar="N",
-                       help="runs of one trial lost to dead, preempted or timed-out workers "
-                            "before it is marked failed (default: 3; kept in the study)")
     slurm.add_argument("--dry-run", action="store_true",
                        help="print the batch script; check the storage; submit nothing")
     slurm.add_argument("--wait", action="store_true",
                        help="wait until the job leaves the queue, then write the report and "
                             "print the status (as run does)")
+    _add_launch_options(slurm)
     _add_worker_options(slurm)
     slurm.set_defaults(handler=_slurm, device=None)
 
