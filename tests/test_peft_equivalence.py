@@ -41,6 +41,7 @@ from lorasweep.kinds import kind_of
 from lorasweep.methods import get_method
 from lorasweep.methods.stacked import StackedLoRALinear
 from lorasweep.methods.targets import (
+    head_module_names,
     layer_shape,
     out_in_weight,
     peft_task,
@@ -492,3 +493,20 @@ def test_dropout_matches_peft_under_sdpa(source, kind):
     by torch's reference formula with tiled masks. On the CPU both draw the same mask from the
     same generator state, so a fused pair matches PEFT within rounding (1e-5), not bit for bit."""
     check_dropout_against_peft(source, kind, "lora", 2, "sdpa", tol=1e-5)
+
+
+def test_a_head_named_otherwise_trains_as_peft_saves_it():
+    """XLNet's classifier ends in `logits_proj`, neither `classifier` nor `score`: it is the head
+    (trained, drawn from the seed), and PEFT is told to save it beside SEQ_CLS's own. Alone only:
+    XLNet computes time-major (its layers see (sequence, batch) rows), so a fused group's row
+    split is not a split by trial there (found here; open, see the session notes)."""
+    config = AutoConfig.for_model("xlnet", d_model=32, n_layer=2, n_head=4, d_inner=64,
+                                  vocab_size=5000, num_labels=3)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        base = AutoModelForSequenceClassification.from_config(config).eval()
+    assert head_module_names(base) == ["logits_proj"]
+    assert peft_task("classification", base) == {"task_type": "SEQ_CLS",
+                                                  "modules_to_save": ["logits_proj"]}
+    check_dropout_against_peft("xlnet", "classification", "lora", 1, "eager", base=base,
+                               dropout="off")

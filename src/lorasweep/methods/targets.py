@@ -72,9 +72,13 @@ def peft_task(kind: str, model: nn.Module) -> dict:
     saves its head); for an image classifier the head as modules_to_save, as PEFT's own image
     classification guide gives it (PEFT's all-linear then leaves the head out too)."""
     task_type = kind_of(kind).peft_task_type
-    if task_type is not None:
-        return {"task_type": task_type}
-    return {"modules_to_save": head_save_names(model)}
+    heads = head_save_names(model)
+    if task_type is None:
+        return {"modules_to_save": heads}
+    # PEFT's SEQ_CLS saves `classifier` and `score` itself; a head named otherwise (BART's
+    # classification_head, XLNet's logits_proj) it must be told of
+    others = [name for name in heads if name.split(".")[0] not in HEAD_NAMES]
+    return {"task_type": task_type, **({"modules_to_save": others} if others else {})}
 
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:
