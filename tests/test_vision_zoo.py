@@ -45,23 +45,33 @@ ROOT = Path(__file__).resolve().parents[1]
 KIND = "image_classification"
 EXACT = "exact"
 EXACT_OFF = "exact with train.dropout: off"
+EXACT_ALONE = "exact, one trial at a time"
+EXACT_OFF_ALONE = "exact with train.dropout: off, one trial at a time"
 
 
 @functools.cache
 def verdict(class_name: str) -> tuple[str, str]:
     """(what lorasweep does with the classifier, the line that says why where it is not exact
-    in train mode)."""
+    in train mode in fused groups)."""
     try:
         base = tiny_model(class_name)
     except ImportError as exc:  # transformers needs a package lorasweep does not install
         return "not built here", _needs(exc)
-    refusal = _refusal(base, "model")
+    refusal, alone = _checks(base, "model")
     if refusal is None:
-        return EXACT, ""
+        return (EXACT, "") if alone is None else (EXACT_ALONE, alone)
     if refusal.startswith("train.dropout: model:"):  # its norms: what does dropout off meet?
-        other = _refusal(base, "off")
-        return (EXACT_OFF, refusal) if other is None else ("refused", other)
+        other, alone = _checks(base, "off")
+        if other is None:
+            return (EXACT_OFF, refusal) if alone is None else (EXACT_OFF_ALONE,
+                                                               f"{refusal}; {alone}")
+        return "refused", other
     return "refused", refusal
+
+
+# how each verdict is checked against PEFT: the dropout mode, and alone / in a fused pair
+CHECKED = {EXACT: ("model", (1, 2)), EXACT_ALONE: ("model", (1,)),
+           EXACT_OFF: ("off", (1, 2)), EXACT_OFF_ALONE: ("off", (1,))}
 
 
 def _needs(exc: ImportError) -> str:
@@ -69,8 +79,9 @@ def _needs(exc: ImportError) -> str:
     return f"transformers needs {', '.join(sorted(set(names))) or 'a package not installed'}"
 
 
-def _refusal(base: torch.nn.Module, dropout: str) -> str | None:
-    """The line lorasweep refuses the base with, trained with `train.dropout: dropout`."""
+def _checks(base: torch.nn.Module, dropout: str) -> tuple[str | None, str | None]:
+    """The line lorasweep refuses the base with, trained with `train.dropout: dropout`, and the
+    line saying why its trials train one at a time (each None where it does not)."""
     pixels = torch.randn((2, 3, PIXELS, PIXELS), generator=torch.Generator().manual_seed(0))
     split = Split({"pixel_values": pixels}, torch.arange(2) % LABELS)
     task = ImageClassificationTask(split, split, None, [str(i) for i in range(LABELS)],
@@ -78,11 +89,10 @@ def _refusal(base: torch.nn.Module, dropout: str) -> str | None:
     try:
         check_base(base, kind_of(KIND), "zoo", TrainSpec(steps=1, dropout=dropout))
         task.check_model(base)
-        check_fusable(resolve_targets(base, "all-linear"), task.unfusable_layers(base),
-                      "all-linear")
+        return None, check_fusable(resolve_targets(base, "all-linear"),
+                                   task.layers_off_the_rows(base), "all-linear")
     except StudyError as exc:
-        return str(exc)
-    return None
+        return str(exc), None
 
 
 def test_every_image_classifier_transformers_builds_has_a_tiny_config():
@@ -98,11 +108,11 @@ def test_refusals_are_one_line_that_names_why():
 @pytest.mark.parametrize("class_name", classifiers())
 def test_alone_fused_and_peft_agree_or_the_model_is_refused(class_name):
     what, _ = verdict(class_name)
-    if what not in (EXACT, EXACT_OFF):
+    if what not in CHECKED:
         return  # the line is the result (test_refusals_are_one_line_that_names_why)
     base = tiny_model(class_name)
-    dropout = "model" if what == EXACT else "off"
-    for k in (1, 2):
+    dropout, ks = CHECKED[what]
+    for k in ks:
         check_dropout_against_peft(class_name, KIND, "lora", k, "eager", base=base,
                                    dropout=dropout)
 
@@ -114,6 +124,16 @@ def test_drop_path_is_drawn_per_trial_and_tiled():
     (0.16 to 0.34 in larger configs, as reported in issue 33)."""
     assert tiny_model("SwinForImageClassification").config.drop_path_rate > 0
     assert verdict("SwinForImageClassification")[0] == EXACT
+
+
+def test_a_layer_on_a_table_shared_by_the_examples_trains_its_trials_one_at_a_time():
+    """Swin v2's relative-position MLP computes on one table for all examples: a fused group
+    cannot give each trial its own adapter there, so its trials train alone (exact, as PEFT);
+    an adapter the forward never calls (SigLIP's MultiheadAttention out_proj) is refused."""
+    what, why = verdict("Swinv2ForImageClassification")
+    assert what == EXACT_ALONE and "continuous_position_bias_mlp" in why
+    what, why = verdict("SiglipForImageClassification")
+    assert what == "refused" and "head.attention.out_proj" in why and "never trains" in why
 
 
 def test_a_batchnorm_model_is_refused_in_train_mode_naming_the_layer():
@@ -154,8 +174,10 @@ def table() -> str:
 def summary() -> str:
     """The verdicts as README.md lists them: the classes under each verdict."""
     lines = []
-    for what in (EXACT, EXACT_OFF, "refused", "not built here"):
+    for what in (*CHECKED, "refused", "not built here"):
         types = [f"`{t}`" for t in classifiers() if verdict(t)[0] == what]
+        if not types:
+            continue
         lines.append(f"- {what} ({len(types)}): {', '.join(types)}")
     return "\n".join(lines) + "\n"
 
@@ -193,7 +215,8 @@ def test_the_cli_refuses_as_the_verdicts_say_and_runs_what_they_allow(image_data
                                                                       capsys):
     """Through `lorasweep run`: LeViT's BatchNorm refused in train mode (exit 2, one line,
     nothing recorded), trained with train.dropout: off and exported to PEFT with its head's norm
-    (the adapter reproduces the trial's outputs); Swin v2's all-linear refused."""
+    (the adapter reproduces the trial's outputs); Swin v2's trials planned one at a time, with
+    the line that says why."""
     from lorasweep.cli import main
 
     from .conftest import assert_lora_trial_exports, refused, write_study
@@ -214,5 +237,11 @@ def test_the_cli_refuses_as_the_verdicts_say_and_runs_what_they_allow(image_data
     pixels = torch.randn((4, 3, PIXELS, PIXELS), generator=torch.Generator().manual_seed(0))
     assert_lora_trial_exports(out, tmp_path / "adapter", KIND, LABELS, {"pixel_values": pixels})
     study["model"] = {"source": swinv2}
+    study["train"]["dropout"] = "model"
+    study["search"]["ranks"] = [1]  # its position MLP ends in a layer one head wide
     capsys.readouterr()
-    assert "continuous_position_bias_mlp" in refused(tmp_path, study, capsys)
+    assert main(["run", str(write_study(tmp_path / "swinv2.yaml", study)), "--dry-run",
+                 "--max-group", "2"]) == 0
+    shown = capsys.readouterr().out
+    assert "K=1, lr" in shown and "K=2, lr" not in shown
+    assert "continuous_position_bias_mlp" in shown and "train one at a time" in shown

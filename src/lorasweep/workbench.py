@@ -31,8 +31,9 @@ from lorasweep.methods.targets import (
 from lorasweep.models import load_model, load_preprocessor, max_positions
 from lorasweep.precision import base_dtype, check_device_support
 from lorasweep.recipe import Training, resolve_training
-from lorasweep.space import TrialSpec, expand_trials, recipes_of, target_text
+from lorasweep.space import Cell, TrialSpec, expand_trials, recipes_of, target_text
 from lorasweep.tasks import Task, build_task, num_labels
+from lorasweep.tasks.base import OffTheRows
 
 CALIBRATION_BATCHES = 8
 
@@ -47,6 +48,12 @@ class Workbench:
     widths: dict[str, int] | None = None  # adapter width per target set, for match_params
     # the layers each target set the study's adapter cells name resolves to in this process
     targets: dict[str, list[str]] = field(default_factory=dict)
+    # target sets whose trials train one at a time, with why (check_fusable)
+    alone: dict[str, str] = field(default_factory=dict)
+
+    def fusable(self, cell: Cell) -> bool:
+        """Whether K trials of the cell may train in one group."""
+        return cell.fusable and cell.target_modules not in self.alone
 
     def task_for(self, training: Training) -> Task:
         """What a trial trains on: the task at its sequence length, cut to its subset."""
@@ -81,13 +88,16 @@ def load_workbench(study: Study, device: str = "cpu") -> Workbench:
     # target sets' ranks from them, larger ones included, and those are the study's design
     written = (None if widths is None else target_text(study.search.recipe[TARGETS_AXIS][0]))
     targets: dict[str, list[str]] = {}
-    unfusable = task.unfusable_layers(base)
+    off = task.layers_off_the_rows(base)
+    alone: dict[str, str] = {}
     for cell in {t.cell for t in expand_trials(study, widths)}:
         if cell.is_adapter and not names_own_targets(cell):
             assert cell.target_modules is not None
             layers = targets.setdefault(cell.target_modules,
                                         resolve_targets(base, cell.target_modules))
-            check_fusable(layers, unfusable, cell.target_modules)
+            reason = check_fusable(layers, off, cell.target_modules)
+            if reason is not None:
+                alone[cell.target_modules] = reason
             if written in (None, cell.target_modules):
                 _check_rank(base, layers, cell.rank)
         if cell.method == "peft" and not needs_data(cell):
@@ -99,7 +109,7 @@ def load_workbench(study: Study, device: str = "cpu") -> Workbench:
                 raise StudyError(f"search.methods: peft entry '{cell.label}' cannot be built: "
                                  f"{str(exc).splitlines()[0]}") from None
     return Workbench(task=task, base=base, tasks=tasks, widths=widths,
-                     targets=dict(sorted(targets.items())))
+                     targets=dict(sorted(targets.items())), alone=alone)
 
 
 def check_base(base: nn.Module, kind: Kind, source: str, train: TrainSpec) -> None:
@@ -113,14 +123,18 @@ def check_base(base: nn.Module, kind: Kind, source: str, train: TrainSpec) -> No
     check_norms(base, train)
 
 
-def check_fusable(layers: list[str], unfusable: dict[str, str], targets: str) -> None:
-    """Refuse an adapter on a layer that cannot hold one per trial (tasks.layers_off_the_rows):
-    in a fused group it would be wrong, and alone PEFT's would not train."""
+def check_fusable(layers: list[str], off: OffTheRows, targets: str) -> str | None:
+    """Refuse an adapter that would never train (tasks.layers_off_the_rows); where a layer's
+    input does not hold the examples' rows, the line saying why the cell's trials train one at
+    a time (exact, as PEFT trains one), else None."""
     for name in layers:
-        if name in unfusable:
-            raise StudyError(f"search.target_modules: '{targets}' reaches layer {name}, where "
-                             f"an adapter cannot train per trial: {unfusable[name]}; name the "
-                             "target modules without it")
+        if name in off.unused:
+            raise StudyError(f"search.target_modules: '{targets}' reaches layer {name}: "
+                             f"{off.unused[name]}; name the target modules without it")
+    shared = [name for name in layers if name in off.shared]
+    return (None if not shared else
+            f"target modules '{targets}': layer {shared[0]}: {off.shared[shared[0]]}; its "
+            "trials train one at a time")
 
 
 def _check_seq_len(study: Study, lengths: set[int]) -> None:

@@ -97,14 +97,23 @@ def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output.sample
 
 
+@dataclass
+class OffTheRows:
+    """Adaptable layers that a fused group's row split does not reach, with why. A fused group's
+    adapted layer splits its input's rows among the trials, so it gives each trial its own adapter
+    only where the input holds the examples' rows."""
+
+    unused: dict[str, str] = field(default_factory=dict)  # an adapter there never trains
+    shared: dict[str, str] = field(default_factory=dict)  # trials there train one at a time
+
+
 @torch.no_grad()
 def layers_off_the_rows(model: nn.Module, batch: dict[str, torch.Tensor],
-                        layers: tuple[type, ...]) -> dict[str, str]:
-    """The `layers` one forward on `batch` does not call as modules on a tensor carrying the
-    batch's rows. A fused group's adapted layer splits its input's rows among the trials, so it
-    can give each trial its own adapter only where the input holds the examples' rows: not on a
-    table shared by all examples (Swin v2's relative-position MLP), nor where the model reads
-    the layer's weight itself (torch's MultiheadAttention and its out_proj)."""
+                        layers: tuple[type, ...]) -> OffTheRows:
+    """The `layers` that one forward on `batch` does not call as modules (unused, or the model
+    reads the weight itself: torch's MultiheadAttention and its out_proj), and those it calls on
+    a tensor that does not carry the batch's rows (a table shared by all examples: Swin v2's
+    relative-position MLP)."""
     rows = next(iter(batch.values())).shape[0]
     seen: dict[str, int] = {}
 
@@ -118,16 +127,16 @@ def layers_off_the_rows(model: nn.Module, batch: dict[str, torch.Tensor],
     finally:
         for handle in handles:
             handle.remove()
-    off = {}
+    off = OffTheRows()
     for name, module in model.named_modules():
         if not isinstance(module, layers):
             continue
         if name not in seen:
-            off[name] = ("the forward never calls it as a module (unused, or the model reads "
-                         "its weight itself)")
+            off.unused[name] = ("the forward never calls it as a module (unused, or the model "
+                                "reads its weight itself), so an adapter there never trains")
         elif seen[name] % rows:
-            off[name] = (f"it computes on {seen[name]} rows shared by a batch of {rows} "
-                         "examples, not on the examples")
+            off.shared[name] = (f"it computes on {seen[name]} rows shared by a batch of {rows} "
+                                "examples, which a fused group cannot split by trial")
     return off
 
 
@@ -176,10 +185,10 @@ class Task(ABC):
         tokenized text is cut to fit by the tokenizer, so only other inputs check."""
         return None
 
-    def unfusable_layers(self, model: nn.Module) -> dict[str, str]:
+    def layers_off_the_rows(self, model: nn.Module) -> OffTheRows:
         """Adaptable layers a fused group cannot give each trial its own adapter on, with why
         (see `layers_off_the_rows`); none known unless the task probes its model."""
-        return {}
+        return OffTheRows()
 
     def train_step(self, model: nn.Module, index: torch.Tensor, k: int, train: TrainSpec,
                    active: torch.Tensor, seed: int) -> StepOutcome:

@@ -22,7 +22,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from lorasweep.config import Study
 from lorasweep.errors import StudyError, first_line
 from lorasweep.methods.targets import ADAPTABLE
-from lorasweep.tasks.base import Split, layers_off_the_rows, logits_of
+from lorasweep.tasks.base import OffTheRows, Split, layers_off_the_rows, logits_of
 from lorasweep.tasks.classification import ClassificationTask, labelled_classes
 from lorasweep.tasks.data import RawSplits, Records
 
@@ -58,7 +58,7 @@ class ImageClassificationTask(ClassificationTask):
                              f"({first_line(exc)})") from None
 
 
-    def unfusable_layers(self, model: nn.Module) -> dict[str, str]:
+    def layers_off_the_rows(self, model: nn.Module) -> OffTheRows:
         rows = torch.arange(min(2, len(self.validation))).repeat(2)[:2]  # 2 rows, 1 image too
         return layers_off_the_rows(model, self.validation.batch(rows, 1), ADAPTABLE)
 

@@ -75,8 +75,9 @@ class FusedTrainer:
         training = resolve_training(self.study.train, specs[0].cell.recipe)
         task = self.bench.task_for(training)
         cell, sizes = specs[0].cell, self.sizes
-        k = 1 if len(specs) == 1 else sizes.size(cell.key, cell.fusable, lambda: probe_peaks(
-            self._group_step(task, training, probe=True), specs[0], cell.fusable, sizes.device))
+        fusable = self.bench.fusable(cell)
+        k = 1 if len(specs) == 1 else sizes.size(cell.key, fusable, lambda: probe_peaks(
+            self._group_step(task, training, probe=True), specs[0], fusable, sizes.device))
         step = self._group_step(task, training, best_of=_best_of(self.study), show=show,
                                 rungs=self._rungs(training, after), checkpoints=checkpoints)
         for group, results in train_fitting(step, specs, k, lambda n: sizes.shrink(cell.key, n)):
@@ -109,10 +110,11 @@ class FusedTrainer:
             cell = specs[0].cell
             training = resolve_training(study.train, cell.recipe)
             probe = self._group_step(self.bench.task_for(training), training, probe=True)
-            peaks = sizes.peaks.get(cell.key) or probe_peaks(probe, specs[0], cell.fusable,
+            fusable = self.bench.fusable(cell)
+            peaks = sizes.peaks.get(cell.key) or probe_peaks(probe, specs[0], fusable,
                                                              sizes.device)
             sizes.peaks[cell.key] = peaks
-            k = sizes.size(cell.key, cell.fusable, lambda peaks=peaks: peaks)
+            k = sizes.size(cell.key, fusable, lambda peaks=peaks: peaks)
             for start in range(0, len(specs), k):
                 group = specs[start:start + k]
                 lrs = ", ".join(f"{t.lr:.3g}" for t in group)
@@ -128,7 +130,8 @@ class FusedTrainer:
                   if sizes.automatic else "")
         return DryRun(how=f"on {sizes.device}, {size} per group{budget}", groups=lines,
                       notes=[f"peak memory: {how_measured(sizes.device)}, predicted for K as "
-                             "peak(1) + (K-1) x (peak(2) - peak(1))"])
+                             "peak(1) + (K-1) x (peak(2) - peak(1))",
+                             *self.bench.alone.values()])
 
 
 def check_memory(study: Study, bench: Workbench, sizes: GroupSizes) -> None:
