@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,15 @@ def test_the_digits_rebuild_byte_for_byte(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts" / "build_digits.py"), "--out",
                     str(tmp_path)], check=True, capture_output=True)
     for name in SHA256:
-        assert (tmp_path / name).read_bytes() == (DIGITS / name).read_bytes(), name
+        assert without_writer((tmp_path / name).read_bytes()) == without_writer(
+            (DIGITS / name).read_bytes()), name
+
+
+def without_writer(parquet: bytes) -> bytes:
+    """A parquet file's bytes but for the version its footer names as the writer's (pyarrow is
+    not pinned: MLflow, a test dependency, holds it below 26, so the set-up's may differ from
+    the one that wrote the shipped files; the data and its layout may not)."""
+    return re.sub(rb"parquet-cpp-arrow version [0-9.]+", b"parquet-cpp-arrow version X", parquet)
 
 
 def test_the_base_scores_on_its_own_digits_as_documented():
