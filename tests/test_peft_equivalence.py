@@ -41,6 +41,7 @@ from lorasweep.kinds import kind_of
 from lorasweep.methods import get_method
 from lorasweep.methods.stacked import StackedLoRALinear
 from lorasweep.methods.targets import (
+    ADAPTABLE,
     head_module_names,
     layer_shape,
     out_in_weight,
@@ -54,6 +55,7 @@ from lorasweep.optim import build_optimizer
 from lorasweep.quantize import quantize_base
 from lorasweep.space import Cell, TrialSpec
 from lorasweep.tasks import logits_of
+from lorasweep.tasks.classification import ClassificationTask
 from lorasweep.variants import VARIANTS
 
 from .diffusion_parts import POOLED, WIDTH, tiny_sd3_transformer, tiny_sdxl_unet, tiny_unet
@@ -497,9 +499,8 @@ def test_dropout_matches_peft_under_sdpa(source, kind):
 
 def test_a_head_named_otherwise_trains_as_peft_saves_it():
     """XLNet's classifier ends in `logits_proj`, neither `classifier` nor `score`: it is the head
-    (trained, drawn from the seed), and PEFT is told to save it beside SEQ_CLS's own. Alone only:
-    XLNet computes time-major (its layers see (sequence, batch) rows), so a fused group's row
-    split is not a split by trial there (found here; open, see the session notes)."""
+    (trained, drawn from the seed), and PEFT is told to save it beside SEQ_CLS's own. Alone:
+    XLNet computes time-major, so its trials never fuse (the next test)."""
     config = AutoConfig.for_model("xlnet", d_model=32, n_layer=2, n_head=4, d_inner=64,
                                   vocab_size=5000, num_labels=3)
     with torch.random.fork_rng():
@@ -510,3 +511,24 @@ def test_a_head_named_otherwise_trains_as_peft_saves_it():
                                                   "modules_to_save": ["logits_proj"]}
     check_dropout_against_peft("xlnet", "classification", "lora", 1, "eager", base=base,
                                dropout="off")
+
+
+def test_a_time_major_model_trains_its_trials_one_at_a_time():
+    """XLNet's blocks see (sequence, batch) rows: the probe on 2 and 3 rows of 8 tokens finds
+    their rows are not the examples' (its pooled summary's are), so its trials train alone
+    (exact, the test above), never fused; BERT's are the examples' rows."""
+    from lorasweep.tasks.base import TokenSplit
+
+    ids = torch.randint(1000, 5000, (4, 12), generator=torch.Generator().manual_seed(0))
+    split = TokenSplit(ids, torch.ones_like(ids), torch.zeros(4, dtype=torch.long))
+    task = ClassificationTask(split, split, None, ["a", "b", "c"])
+    config = AutoConfig.for_model("xlnet", d_model=32, n_layer=2, n_head=4, d_inner=64,
+                                  vocab_size=5000, num_labels=3)
+    xlnet = AutoModelForSequenceClassification.from_config(config).eval()
+    shared = task.layers_off_the_rows(xlnet, ADAPTABLE).shared
+    blocks = {name for name in resolve_targets(xlnet, "all-linear")
+              if name.startswith("transformer.")}
+    assert blocks and blocks <= set(shared) and "sequence_summary.summary" not in shared
+    assert "first dimension is 8 for a batch of 2" in shared["transformer.layer.0.ff.layer_1"]
+    assert not task.layers_off_the_rows(base_model("tiny:bert", "classification"),
+                                        ADAPTABLE).shared

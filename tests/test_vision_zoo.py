@@ -23,7 +23,7 @@ import torch
 from lorasweep.config import TrainSpec
 from lorasweep.errors import StudyError
 from lorasweep.kinds import kind_of
-from lorasweep.methods.targets import resolve_targets
+from lorasweep.methods.targets import ADAPTABLE, resolve_targets
 from lorasweep.tasks.base import Split
 from lorasweep.tasks.image_classification import ImageClassificationTask
 from lorasweep.workbench import check_base, check_fusable
@@ -90,7 +90,7 @@ def _checks(base: torch.nn.Module, dropout: str) -> tuple[str | None, str | None
         check_base(base, kind_of(KIND), "zoo", TrainSpec(steps=1, dropout=dropout))
         task.check_model(base)
         return None, check_fusable(resolve_targets(base, "all-linear"),
-                                   task.layers_off_the_rows(base), "all-linear")
+                                   task.layers_off_the_rows(base, ADAPTABLE), "all-linear")
     except StudyError as exc:
         return str(exc), None
 

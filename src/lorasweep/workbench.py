@@ -22,6 +22,7 @@ from lorasweep.kinds import DENOISER, Kind, kind_of
 from lorasweep.methods import Attached, get_method
 from lorasweep.methods.peft_passthrough import names_own_targets, needs_data
 from lorasweep.methods.targets import (
+    ADAPTABLE,
     HEAD_NAMES,
     adapter_width,
     head_module_names,
@@ -88,7 +89,7 @@ def load_workbench(study: Study, device: str = "cpu") -> Workbench:
     # target sets' ranks from them, larger ones included, and those are the study's design
     written = (None if widths is None else target_text(study.search.recipe[TARGETS_AXIS][0]))
     targets: dict[str, list[str]] = {}
-    off = task.layers_off_the_rows(base)
+    off = task.layers_off_the_rows(base, ADAPTABLE)
     alone: dict[str, str] = {}
     for cell in {t.cell for t in expand_trials(study, widths)}:
         if cell.is_adapter and not names_own_targets(cell):

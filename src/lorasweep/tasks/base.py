@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -108,22 +109,25 @@ class OffTheRows:
 
 
 @torch.no_grad()
-def layers_off_the_rows(model: nn.Module, batch: dict[str, torch.Tensor],
+def layers_off_the_rows(model: nn.Module, batch_of: Callable[[int], dict[str, torch.Tensor]],
                         layers: tuple[type, ...]) -> OffTheRows:
-    """The `layers` that one forward on `batch` does not call as modules (unused, or the model
-    reads the weight itself: torch's MultiheadAttention and its out_proj), and those it calls on
-    a tensor that does not carry the batch's rows (a table shared by all examples: Swin v2's
-    relative-position MLP)."""
-    rows = next(iter(batch.values())).shape[0]
-    seen: dict[str, int] = {}
+    """The `layers` that a forward does not call as modules (unused, or the model reads the
+    weight itself: torch's MultiheadAttention and its out_proj), and those it calls on a tensor
+    whose first dimension is not the batch's rows times a constant: a table shared by all
+    examples (Swin v2's relative-position MLP), or time-major rows (XLNet's (sequence, batch)).
+    `batch_of(n)`: n rows of the task's inputs; forwards on 2 and 3 rows tell the two apart."""
+    seen: dict[str, list[int]] = {}
 
     def record(name: str, args: tuple) -> None:
-        seen.setdefault(name, args[0].shape[0] if args else 0)
+        seen.setdefault(name, []).append(args[0].shape[0] if args else 0)
 
     handles = [module.register_forward_pre_hook(lambda _, args, name=name: record(name, args))
                for name, module in model.named_modules() if isinstance(module, layers)]
     try:
-        logits_of(model, batch)
+        for rows in (2, 3):
+            logits_of(model, batch_of(rows))
+            for calls in seen.values():  # a layer's first call on this batch is its witness
+                del calls[rows - 1:]
     finally:
         for handle in handles:
             handle.remove()
@@ -134,9 +138,10 @@ def layers_off_the_rows(model: nn.Module, batch: dict[str, torch.Tensor],
         if name not in seen:
             off.unused[name] = ("the forward never calls it as a module (unused, or the model "
                                 "reads its weight itself), so an adapter there never trains")
-        elif seen[name] % rows:
-            off.shared[name] = (f"it computes on {seen[name]} rows shared by a batch of {rows} "
-                                "examples, which a fused group cannot split by trial")
+        elif len(seen[name]) < 2 or seen[name][0] * 3 != seen[name][1] * 2:
+            off.shared[name] = (f"its input's first dimension is {seen[name][0]} for a batch of "
+                                "2 examples, not the examples' rows, which a fused group "
+                                "cannot split by trial")
     return off
 
 
@@ -185,10 +190,20 @@ class Task(ABC):
         tokenized text is cut to fit by the tokenizer, so only other inputs check."""
         return None
 
-    def layers_off_the_rows(self, model: nn.Module) -> OffTheRows:
-        """Adaptable layers a fused group cannot give each trial its own adapter on, with why
-        (see `layers_off_the_rows`); none known unless the task probes its model."""
-        return OffTheRows()
+    def layers_off_the_rows(self, model: nn.Module, layers: tuple[type, ...]) -> OffTheRows:
+        """Adaptable `layers` a fused group cannot give each trial its own adapter on, with why
+        (see `layers_off_the_rows`). Token inputs are probed on their first 8 positions (cheap
+        for any model size); an unused layer is not refused for them (not yet checked across
+        text architectures), only rows that are not the examples' (XLNet's time-major layers).
+        Other inputs: none known unless the task probes its model."""
+        if not isinstance(self.validation, TokenSplit):
+            return OffTheRows()
+
+        def batch_of(rows: int) -> dict[str, torch.Tensor]:
+            batch = self.validation.batch(torch.zeros(rows, dtype=torch.long), 1)
+            return {name: t[:, :8] if t.ndim > 1 else t for name, t in batch.items()}
+
+        return OffTheRows(shared=layers_off_the_rows(model, batch_of, layers).shared)
 
     def train_step(self, model: nn.Module, index: torch.Tensor, k: int, train: TrainSpec,
                    active: torch.Tensor, seed: int) -> StepOutcome:

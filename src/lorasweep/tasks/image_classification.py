@@ -21,7 +21,6 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from lorasweep.config import Study
 from lorasweep.errors import StudyError, first_line
-from lorasweep.methods.targets import ADAPTABLE
 from lorasweep.tasks.base import OffTheRows, Split, layers_off_the_rows, logits_of
 from lorasweep.tasks.classification import ClassificationTask, labelled_classes
 from lorasweep.tasks.data import RawSplits, Records
@@ -58,9 +57,10 @@ class ImageClassificationTask(ClassificationTask):
                              f"({first_line(exc)})") from None
 
 
-    def layers_off_the_rows(self, model: nn.Module) -> OffTheRows:
-        rows = torch.arange(min(2, len(self.validation))).repeat(2)[:2]  # 2 rows, 1 image too
-        return layers_off_the_rows(model, self.validation.batch(rows, 1), ADAPTABLE)
+    def layers_off_the_rows(self, model: nn.Module, layers: tuple[type, ...]) -> OffTheRows:
+        return layers_off_the_rows(
+            model, lambda rows: self.validation.batch(torch.zeros(rows, dtype=torch.long), 1),
+            layers)
 
 
 def build_image_classification(study: Study, raw: RawSplits, processor: BaseImageProcessor,
