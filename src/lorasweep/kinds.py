@@ -13,8 +13,9 @@ without loading them: a kind's builder and model class are names, resolved where
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 # Kind.model of a kind that trains a diffusion pipeline's denoiser (models.load_denoiser), which
@@ -45,6 +46,10 @@ class Kind:
     study file's section of its own, given exactly when the kind is this one. `check`: rules of
     its own on the task section (config.TaskSpec), raising ValueError.
 
+    `defaults`: task fields the kind fills when the study leaves them out (vision_language:
+    TRL's column names). `rows`: "module:function" giving the check (tasks/data.RowCheck) of
+    each row of chat data from (task section, preprocessor); None: tasks/chat.row_checker.
+
     `no_curvature`, `no_export`: why `lorasweep curvature` cannot measure it, or `lorasweep
     export` cannot write its trials as PEFT adapters (None: they can).
     """
@@ -64,6 +69,8 @@ class Kind:
     loss_on: Literal["all", "response"] = "all"
     section: str | None = None
     check: Callable[[Any], None] | None = None
+    defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    rows: str | None = None
     no_curvature: str | None = None
     no_export: str | None = None
 
@@ -91,6 +98,14 @@ def _code_data(task: Any) -> None:
                          "instruction data (e.g. a CodeFeedback file)")
 
 
+def _chat_only(task: Any) -> None:
+    """A vision_language task trains on conversations (TRL's messages with images)."""
+    if task.messages_field is None:
+        raise ValueError("task.messages_field: a vision_language task reads conversations "
+                         "(TRL's messages, with image entries) and their images "
+                         "(task.image_field)")
+
+
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     Kind("classification", ("accuracy", "eval_loss"),
          "lorasweep.tasks.classification:build_classification",
@@ -112,6 +127,13 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
          loss_on="response"),
     Kind("code", ("pass@1", "eval_loss"), "lorasweep.tasks.code:build_code", pass_k=True,
          messages="pair", pairs="required", loss_on="response", check=_code_data),
+    # image-text chat as TRL's SFTTrainer takes it (tasks/vision_language.py)
+    Kind("vision_language", ("eval_loss", "token_accuracy", "exact_match"),
+         "lorasweep.tasks.vision_language:build_vision_language",
+         model="AutoModelForImageTextToText", preprocessor="processor",
+         messages="conversation", check=_chat_only,
+         defaults=MappingProxyType({"messages_field": "messages", "image_field": "images"}),
+         rows="lorasweep.tasks.vision_language:row_checker"),
     # the metric and its goal are the study's own (task.metric, task.goal)
     Kind("external", (), None),
     Kind("rl", ("mean_reward",), "lorasweep.tasks.rl:build_rl", pairs="prompt", section="rl",

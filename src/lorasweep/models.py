@@ -22,12 +22,14 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
+    AutoProcessor,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedTokenizerBase,
     ViTImageProcessorPil,
 )
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.processing_utils import ProcessorMixin
 
 from lorasweep.config import ModelSpec
 from lorasweep.denoisers import FAMILIES, Family, family_of
@@ -118,7 +120,7 @@ class DiffusionParts:
 
 
 # What turns raw examples into model inputs.
-Preprocessor = PreTrainedTokenizerBase | BaseImageProcessor | DiffusionParts
+Preprocessor = PreTrainedTokenizerBase | BaseImageProcessor | ProcessorMixin | DiffusionParts
 
 
 def _auto_class(kind: str) -> type:
@@ -274,6 +276,32 @@ def load_image_processor(spec: ModelSpec) -> BaseImageProcessor:
         raise StudyError(_load_error(spec, exc)) from None
 
 
+def load_processor(spec: ModelSpec) -> ProcessorMixin:
+    """A vision-language model's own processor: its tokenizer, its image processor (the PIL
+    form, as load_image_processor says why) and its chat template, which the task renders."""
+    if spec.source in CONFIG_SOURCES:
+        raise StudyError(f"model.source: '{spec.source}' has no processor of text and images; "
+                         "a vision_language task needs a model folder or hub id that has one")
+    _say_remote_code(spec)
+    try:
+        processor = AutoProcessor.from_pretrained(_resolve_source(spec.source),
+                                                  revision=spec.revision, backend="pil",
+                                                  trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise StudyError(_load_error(spec, exc)) from None
+    if not isinstance(processor, ProcessorMixin) or not all(
+            isinstance(getattr(processor, part, None), kind) for part, kind in
+            (("tokenizer", PreTrainedTokenizerBase), ("image_processor", BaseImageProcessor))):
+        what = ("a tokenizer only" if isinstance(processor, PreTrainedTokenizerBase)
+                else f"a {type(processor).__name__}")
+        raise StudyError(f"model.source: '{spec.source}' has no processor of text and images "
+                         f"(its AutoProcessor is {what}); a "
+                         "vision_language task needs one (processor_config.json or "
+                         "preprocessor_config.json beside a tokenizer)")
+    _pad_right(processor.tokenizer, spec)
+    return processor
+
+
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     """The tokenizer of the model (models built from a config borrow MiniLM's, which ships
     offline: its ids fit every vocabulary here)."""
@@ -284,6 +312,12 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
                                                   trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise StudyError(_load_error(spec, exc)) from None
+    return _pad_right(tokenizer, spec)
+
+
+def _pad_right(tokenizer: PreTrainedTokenizerBase, spec: ModelSpec) -> PreTrainedTokenizerBase:
+    """The tokenizer padding on the right (batches are trimmed and masked there), with its eos
+    token as the pad token where it has none."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise StudyError(f"model.source: the tokenizer of '{spec.source}' has neither a pad "
@@ -296,7 +330,7 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
 # Each kind's preprocessor by its name in kinds.Kind.preprocessor.
 PREPROCESSORS: dict[str, Callable[[ModelSpec], Preprocessor]] = {
     "tokenizer": load_tokenizer, "image_processor": load_image_processor,
-    "diffusion_parts": load_diffusion_parts}
+    "processor": load_processor, "diffusion_parts": load_diffusion_parts}
 
 
 def load_model(spec: ModelSpec, kind: str, num_labels: int | None,
@@ -307,7 +341,8 @@ def load_model(spec: ModelSpec, kind: str, num_labels: int | None,
     if kind_of(kind).model == DENOISER:
         return load_denoiser(spec, dtype).eval()
     check_quantize(spec.quantize)
-    tokenizer = preprocessor if isinstance(preprocessor, PreTrainedTokenizerBase) else None
+    tokenizer = preprocessor if isinstance(preprocessor, PreTrainedTokenizerBase) else getattr(
+        preprocessor, "tokenizer", None)  # a vision-language processor's
     extra = ({"num_labels": num_labels, "ignore_mismatched_sizes": True}
              if kind_of(kind).labels else {})
     if spec.source in CONFIG_SOURCES:
@@ -332,8 +367,9 @@ def load_model(spec: ModelSpec, kind: str, num_labels: int | None,
                 trust_remote_code=spec.trust_remote_code, dtype=dtype, **extra)
         except (OSError, ValueError) as exc:
             raise StudyError(_load_error(spec, exc)) from None
-    if tokenizer is not None and model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    text_config = model.config.get_text_config()  # a vision-language model's text model's
+    if tokenizer is not None and getattr(text_config, "pad_token_id", None) is None:
+        text_config.pad_token_id = tokenizer.pad_token_id
     if spec.quantize is not None:
         quantize_base(model, spec.quantize)
     return model.eval()

@@ -11,6 +11,7 @@ from itertools import pairwise, product
 from typing import Any
 
 from lorasweep.config import TARGETS_AXIS, Study, alpha_value, parse_lora_alpha
+from lorasweep.config.search import is_parts
 from lorasweep.recipe import recipe_text
 from lorasweep.variants import get_variant, variant
 
@@ -125,8 +126,9 @@ class Cell:
     def key(self) -> str:
         """The cell's identity in the store; a cell without recipe axes keeps its old key."""
         suffix = "" if self.recipe is None else f"|{self.recipe}"
-        if not self.is_adapter:
-            return self.method + suffix
+        if not self.is_adapter:  # full fine-tuning of every weight, or of named parts
+            parts = "" if self.target_modules is None else f"|{self.target_modules}"
+            return self.method + parts + suffix
         parts = [self.method, f"r={self.rank}", f"alpha={self.lora_alpha}", self.init,
                  self.target_modules]
         if self.loraplus_ratio is not None:
@@ -220,7 +222,10 @@ def cells_of(study: Study, widths: dict[str, int] | None = None
     for entry, recipe in product(search.methods, recipes_of(study)):
         lrs = search.lrs_for(entry)
         if not variant(entry.name).is_adapter:
-            out.append((Cell(method=entry.name, recipe=recipe), lrs))
+            # full fine-tuning trains every weight, or every weight of the parts a target names
+            parts = [target for target in targets if is_parts(target)] or [None]
+            out.extend((Cell(method=entry.name, target_modules=part, recipe=recipe), lrs)
+                       for part in parts)
             continue
         ratio = search.loraplus_ratio if variant(entry.name).b_lr_ratio else None
         peft = None if entry.peft is None else json.dumps(

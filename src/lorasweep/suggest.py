@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from lorasweep.analysis.transfer import (
     score_rules,
 )
 from lorasweep.config import Study, parse_lora_alpha
+from lorasweep.config.search import REGEX_PREFIX, TARGET_PRESETS, is_parts
 from lorasweep.errors import StudyError
 from lorasweep.files import write_text
 from lorasweep.recipe import resolve_training
@@ -177,9 +179,9 @@ def settings(prediction: Prediction, study: Study | None) -> dict:
                          "as lorasweep's README says, or train with lorasweep")
         else:
             peft["init_lora_weights"] = peft_init
-        if cell.target_modules in ("attention", "mlp"):
+        if cell.target_modules in ("attention", "mlp") or is_parts(cell.target_modules):
             notes.append(f"target_modules '{cell.target_modules}' is a lorasweep preset: "
-                         "name the modules for PEFT")
+                         "name the modules for PEFT (lorasweep export writes them)")
         doc["peft_config"] = peft
     optimizer: dict = {"name": "AdamW", "lr": doc["lr"]}
     if study is not None and study.trainer is not None:
@@ -207,7 +209,16 @@ def settings(prediction: Prediction, study: Study | None) -> dict:
 
 
 def _peft_targets(targets: str) -> str | list[str]:
-    return targets if targets in ("all-linear", "attention", "mlp") else targets.split(",")
+    """target_modules as PEFT takes them: a list of names, or, where the cell has `re:`
+    patterns, one pattern (PEFT full-matches a string against each module's name) with each
+    name as a pattern matching it or its last components, as PEFT matches a listed name."""
+    if targets in TARGET_PRESETS or is_parts(targets):
+        return targets
+    entries = targets.split(",")
+    if not any(e.startswith(REGEX_PREFIX) for e in entries):
+        return entries
+    return "|".join(f"(?:{e.removeprefix(REGEX_PREFIX)})" if e.startswith(REGEX_PREFIX)
+                    else rf"(?:(?:.*\.)?{re.escape(e)})" for e in entries)
 
 
 def settings_format(path: Path) -> str:

@@ -25,13 +25,13 @@ def cell_name(cell: Cell, with_rank: bool = True) -> str:
     """A short, readable name of a cell for tables and legends (without its rank: its family's
     name)."""
     recipe = f" {cell.recipe.replace(';', ' ')}" if cell.recipe else ""
+    targets = (f" {cell.target_modules}" if cell.target_modules not in (None, "all-linear")
+               else "")
     if not cell.is_adapter or (cell.rank is None and with_rank):
-        return f"{cell.label}{recipe}"
+        return f"{cell.label}{targets}{recipe}"
     rank = f" r={cell.rank}" if with_rank else ""
     alpha = f" a={cell.alpha_spec}" if cell.alpha_spec else ""
     init = f" {cell.init}" if cell.init not in (None, "kaiming", cell.label) else ""
-    targets = (f" {cell.target_modules}" if cell.target_modules not in (None, "all-linear")
-               else "")
     return f"{cell.label}{rank}{alpha}{init}{targets}{recipe}"
 
 

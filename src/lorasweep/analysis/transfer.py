@@ -235,7 +235,9 @@ def check_rules(studies: list[tuple[list[Optimum], dict[Cell, float]]]) -> list[
                           for i, s in enumerate(studies)]
                 target = Target(rank=held.cell.rank)
                 rows += _scored(predict(reduced, target, fits_by_family(*others)), held, step)
-            for full in (o for o in optima if o.cell.method == "full"):
+            # full fine-tuning of a model's parts is predicted from LoRA on the same parts
+            for full in (o for o in optima if o.cell.method == "full" and o.cell.target_modules
+                         in (None, family.cell.target_modules)):
                 step = steps.get(full.cell, math.nan)
                 if math.isfinite(step):
                     rows += _scored(predict(family, Target(full=True), {}), full, step)

@@ -10,6 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from lorasweep.config.error_text import describe_validation_error
+from lorasweep.config.search import TARGETS_AXIS
 from lorasweep.config.study import Study
 from lorasweep.errors import StudyError
 
@@ -124,6 +125,10 @@ def validate_study(raw: dict[str, Any], where: str) -> Study:
 
 
 def dump_study(study: Study) -> str:
-    """The resolved study as YAML, every default written out."""
-    return yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False)
+    """The resolved study as YAML, every default written out (but search.target_modules when
+    the recipe sweeps it: the study file may give it in one place only)."""
+    raw = study.model_dump(mode="json")
+    if TARGETS_AXIS in raw["search"]["recipe"]:
+        del raw["search"]["target_modules"]
+    return yaml.safe_dump(raw, sort_keys=False)
 

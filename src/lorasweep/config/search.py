@@ -4,6 +4,7 @@ lora_alpha, inits, seeds, recipe axes) and how the sweep spends its trials."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -25,6 +26,40 @@ from lorasweep.peft_config import build_peft_config
 from lorasweep.variants import VARIANTS, get_init, init_pattern, variant
 
 TARGET_PRESETS = ("attention", "mlp", "all-linear")
+# A vision-language model's parts (methods/targets.part_of), named alone or joined by "+" as a
+# target_modules value: "language", "language+projector", "language+projector+vision".
+PARTS = ("language", "projector", "vision")
+REGEX_PREFIX = "re:"  # a target_modules entry "re:<pattern>" full-matches layers' names
+
+
+def is_parts(value: object) -> bool:
+    """Whether a target_modules value names parts of a vision-language model."""
+    if not isinstance(value, str):
+        return False
+    parts = value.split("+")
+    return len(set(parts)) == len(parts) and set(parts) <= set(PARTS)
+
+
+def check_targets(value: list[str] | str) -> list[str] | str:
+    """A target_modules value: a preset, parts, or a list of layer names and `re:` patterns."""
+    if isinstance(value, str):
+        if value not in TARGET_PRESETS and not is_parts(value):
+            raise ValueError(f"target_modules '{value}' is not a preset; allowed: "
+                             f"{', '.join(TARGET_PRESETS)}, parts of a vision-language model "
+                             f"({', '.join(PARTS)}, joined by '+'), or a list of module names "
+                             f"and '{REGEX_PREFIX}<pattern>' entries")
+        return value
+    for entry in value:
+        if entry.startswith(REGEX_PREFIX) and "," in entry:  # a cell keeps its list comma-joined
+            raise ValueError(f"target_modules entry '{entry}': a pattern cannot hold a comma "
+                             "(write {m,n} as a repetition)")
+        if entry.startswith(REGEX_PREFIX):
+            try:
+                re.compile(entry[len(REGEX_PREFIX):])
+            except re.error as exc:
+                raise ValueError(f"target_modules entry '{entry}' is not a regular "
+                                 f"expression: {exc}") from None
+    return value
 
 
 class LRRange(BaseModel):
@@ -219,12 +254,7 @@ class SearchSpec(BaseModel):
     @field_validator("target_modules")
     @classmethod
     def _targets(cls, value: list[str] | str) -> list[str] | str:
-        if isinstance(value, str) and value not in TARGET_PRESETS:
-            raise ValueError(
-                f"'{value}' is not a preset; allowed: {', '.join(TARGET_PRESETS)}, "
-                "or a list of module names"
-            )
-        return value
+        return check_targets(value)
 
     @field_validator("ranks", "seeds", "inits")
     @classmethod
@@ -290,9 +320,8 @@ def check_recipe_axis(axis: str, values: list[Any]) -> list[Any]:
             raise ValueError(f"{axis} {value!r}: {exc.errors()[0]['msg']}") from None
         if value is None and axis in ("steps", "epochs"):
             raise ValueError(f"{axis}: give numbers")
-        if axis == TARGETS_AXIS and isinstance(value, str) and value not in TARGET_PRESETS:
-            raise ValueError(f"target_modules '{value}' is not a preset; allowed: "
-                             f"{', '.join(TARGET_PRESETS)}, or a list of module names")
+        if axis == TARGETS_AXIS:
+            check_targets(value)
     seen = [yaml.safe_dump(v) for v in checked]
     if len(set(seen)) != len(seen):
         raise ValueError(f"{axis} {values}: a value is listed twice")

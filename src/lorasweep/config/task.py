@@ -40,7 +40,9 @@ class TaskSpec(BaseModel):
     test_split: str | None = "test"
     text_field: str = "text"
     label_field: str = "label"
-    image_field: str = "image"  # image kinds: an image, its file path, or its bytes
+    # image kinds: an image, its file path, or its bytes; vision_language: a row's list of them
+    # (its default there is TRL's `images`, as messages_field's is `messages`: kinds.Kind.defaults)
+    image_field: str = "image"
     # image_generation: the caption column (None: unconditional, every image under the empty
     # prompt); text kinds: the prompt of a prompt/response pair
     prompt_field: str | None = None
@@ -97,12 +99,14 @@ class TaskSpec(BaseModel):
         unless the study says otherwise."""
         if not isinstance(value, dict):
             return value
+        kind = value.get("kind")
+        if isinstance(kind, str) and kind in KINDS:
+            value = {**KINDS[kind].defaults, **value}
         given = any(value.get(n) is not None for n in ("validation_split", "validation_file"))
         if given and "validation_size" not in value:
             value = {**value, "validation_size": None}
         if value.get("messages_field") is not None:
             return {"loss_on": "assistant", **value}
-        kind = value.get("kind")
         if isinstance(kind, str) and kind in KINDS and KINDS[kind].loss_on != "all":
             return {"loss_on": KINDS[kind].loss_on, **value}
         return value

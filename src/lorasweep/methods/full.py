@@ -1,11 +1,14 @@
-"""Full fine-tuning: every weight trains. One trial per model copy, so it never fuses."""
+"""Full fine-tuning: every weight trains (every weight of the chosen parts of a vision-language
+model, when the cell names parts). One trial per model copy, so it never fuses."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from lorasweep.config.search import is_parts
 from lorasweep.methods.base import Attached, Batches, Method, stack_head
+from lorasweep.methods.targets import in_parts
 from lorasweep.space import Cell
 
 
@@ -19,7 +22,8 @@ class FullFineTuning(Method):
         model.float()
         head = stack_head(model, 1, generator)[0]
         in_head = {id(p) for _, p in head}
-        body = [(n, p) for n, p in model.named_parameters() if id(p) not in in_head]
+        body = [(n, p) for n, p in model.named_parameters() if id(p) not in in_head
+                and (not is_parts(cell.target_modules) or in_parts(n, cell.target_modules))]
         for _, param in body + head:
             param.requires_grad_(True)
         return Attached(trial_params=[body + head])

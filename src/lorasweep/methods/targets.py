@@ -7,6 +7,8 @@ computes x W + b with W stored transposed, (in, out); PEFT adapts it with `fan_i
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 from transformers.models.auto.modeling_auto import (
@@ -15,6 +17,7 @@ from transformers.models.auto.modeling_auto import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from lorasweep.config.search import REGEX_PREFIX, is_parts
 from lorasweep.errors import StudyError
 from lorasweep.kinds import kind_of
 
@@ -24,6 +27,15 @@ ADAPTABLE_TEXT = "nn.Linear or transformers' Conv1D"
 # contains "attn" or "attention".
 ATTENTION_LEAVES = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj",
                     "c_attn", "query_key_value", "wqkv"}
+# Module names that place a vision-language model's layer in its projector (LLaVA's
+# multi_modal_projector, Qwen2-VL's visual.merger and Qwen3-VL's deepstack mergers, Idefics3's
+# and SmolVLM's connector) or vision tower (vision_tower, Qwen's visual, Idefics3's
+# vision_model); every other layer is the language model's (lm_head and embeddings included).
+# The projector is checked first: Qwen's merger sits inside its visual tower.
+PROJECTOR_NAMES = {"multi_modal_projector", "merger", "deepstack_merger_list", "connector",
+                   "mm_projector", "projector", "vision_projection", "aligner"}
+VISION_NAMES = {"vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder",
+                "vision_backbone", "vision"}
 # Attribute names transformers uses for a freshly initialized classification head (PEFT's
 # SEQ_CLS_HEAD_NAMES).
 HEAD_NAMES = ("classifier", "score")
@@ -119,6 +131,22 @@ def all_linear(model: nn.Module) -> list[str]:
             if output is None or model.get_submodule(name) is not output]
 
 
+def part_of(name: str) -> str:
+    """The part of a vision-language model a module or parameter is in: projector, vision or
+    language (config/search.PARTS); a text model is all language."""
+    components = name.split(".")
+    if any(c in PROJECTOR_NAMES for c in components):
+        return "projector"
+    if any(c in VISION_NAMES for c in components):
+        return "vision"
+    return "language"
+
+
+def in_parts(name: str, parts: str) -> bool:
+    """Whether a module or parameter is in the "+"-joined `parts` (a target_modules value)."""
+    return part_of(name) in parts.split("+")
+
+
 def is_attention(name: str) -> bool:
     """Whether a layer is an attention projection: a path component naming attention (attn,
     self_attn, attention, self_attention, crossattention, ...) or an attention leaf name."""
@@ -133,16 +161,20 @@ def in_block(name: str) -> bool:
 
 
 def resolve_targets(model: nn.Module, targets: str) -> list[str]:
-    """Module names for a preset or comma-joined names.
+    """Module names for a preset, parts, or comma-joined names.
 
     `all-linear`: as PEFT's (see all_linear). `attention` / `mlp`: the layers of the numbered
-    blocks that are / are not attention projections. Names match a layer's full name or its last
-    components (`c_attn`, `attn.c_proj`), as PEFT matches a list, among every nn.Linear and Conv1D
-    outside the task head; a name that reaches another kind of module, or the task head, is
-    refused with that module's name.
+    blocks that are / are not attention projections. Parts (`language+projector`): all-linear's
+    layers in those parts of a vision-language model (part_of). Names match a layer's full name
+    or its last components (`c_attn`, `attn.c_proj`), as PEFT matches a list, and a `re:`
+    pattern full-matches a layer's full name, as PEFT matches a string, among every nn.Linear
+    and Conv1D outside the task head; a name that reaches another kind of module, or the task
+    head, is refused with that module's name.
     """
     if targets == "all-linear":
         chosen = all_linear(model)
+    elif is_parts(targets):
+        chosen = [name for name in all_linear(model) if in_parts(name, targets)]
     elif targets in ("attention", "mlp"):
         chosen = [name for name in adaptable_layers(model)
                   if in_block(name) and is_attention(name) == (targets == "attention")]
@@ -159,8 +191,11 @@ def _named(model: nn.Module, names: list[str]) -> list[str]:
     error that names its type."""
     heads = head_module_names(model)
     chosen = []
+    patterns = [re.compile(n[len(REGEX_PREFIX):]) for n in names if n.startswith(REGEX_PREFIX)]
+    plain = [n for n in names if not n.startswith(REGEX_PREFIX)]
     for name, module in model.named_modules():
-        if not any(name == n or name.endswith("." + n) for n in names):
+        if not (any(name == n or name.endswith("." + n) for n in plain)
+                or any(p.fullmatch(name) for p in patterns)):
             continue
         if _in_head(name, heads):
             raise StudyError(f"search.target_modules: {name} is part of the task head, which "

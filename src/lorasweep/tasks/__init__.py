@@ -23,7 +23,12 @@ Builder = Callable[[Study, RawSplits, Preprocessor, int], Task]
 def builder_of(kind: Kind) -> Builder:
     """The function `kind.builder` names ("module:function"), imported when first needed."""
     assert kind.builder is not None, f"task.kind {kind.name} is trained by its trainer command"
-    module, _, name = kind.builder.partition(":")
+    return _named(kind.builder)
+
+
+def _named(path: str) -> Callable:
+    """The function a kind's row names as "module:function"."""
+    module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
@@ -33,7 +38,8 @@ def build_task(study: Study, preprocessor: Preprocessor, seq_len: int | None = N
     spec = study.task
     kind = kind_of(spec.kind)
     # chat data (messages_field) is text: config/task.py refuses it for kinds that read none
-    check = None if spec.messages_field is None else chat.row_checker(spec, preprocessor)
+    rows = chat.row_checker if kind.rows is None else _named(kind.rows)
+    check = None if spec.messages_field is None else rows(spec, preprocessor)
     raw = load_splits(spec, study.seed, check)
     if spec.messages_field is not None and kind.messages == "pair":
         spec, raw = chat.as_pairs(spec, raw)

@@ -228,14 +228,15 @@ class Task(ABC):
     @abstractmethod
     def eval_terms(self, logits: torch.Tensor, labels: torch.Tensor, k: int
                    ) -> tuple[torch.Tensor, int, torch.Tensor]:
-        """Summed loss (K,), items scored, correct predictions (K,) for one eval batch."""
+        """Summed loss (K,), items scored, correct predictions (K,) for one eval batch (or
+        (K, n): counts of n kinds, which `summarize` reads)."""
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: Split, k: int, batch_size: int,
                  device: torch.device) -> list[dict]:
         """Metrics of each of the K trials on a split: eval_loss and the task's metric."""
         loss_sum = torch.zeros(k, dtype=torch.float64)
-        correct = torch.zeros(k, dtype=torch.float64)
+        correct: torch.Tensor | None = None  # (K,), or (K, n): hits of n kinds
         count = 0
         for start in range(0, len(split), batch_size):
             index = torch.arange(start, min(start + batch_size, len(split)))
@@ -243,8 +244,10 @@ class Task(ABC):
             logits = logits_of(model, batch)
             batch_loss, batch_count, batch_correct = self.eval_terms(logits, batch["labels"], k)
             loss_sum += batch_loss.double().cpu()
-            correct += batch_correct.double().cpu()
+            hits = batch_correct.double().cpu()
+            correct = hits if correct is None else correct + hits
             count += batch_count
+        assert correct is not None, "a split has examples"
         return self.summarize(loss_sum, count, correct)
 
 

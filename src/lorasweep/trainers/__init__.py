@@ -69,8 +69,9 @@ class Trainer(Protocol):
 
 def describe_cell(cell: Cell) -> str:
     """A cell in a line of the dry run: its method, and an adapter's rank, scale and layers."""
-    if not cell.is_adapter:
-        return cell.label
     recipe = f" {cell.recipe}" if cell.recipe else ""
+    if not cell.is_adapter:  # full fine-tuning: of every weight, or of the parts it names
+        parts = "" if cell.target_modules is None else f" {cell.target_modules}"
+        return f"{cell.label}{parts}{recipe}"
     return (f"{cell.label} r={cell.rank} lora_alpha={cell.alpha:g} {cell.init} "
             f"{cell.target_modules}{recipe}")
