@@ -281,3 +281,64 @@ def test_the_gpu_example_loads_expands_and_its_dry_run_predicts_memory(tmp_path,
         assert f"lora r=4 lora_alpha=8 kaiming {part} seed 0: K=2" in shown
         assert f"full {part} seed 0: K=1" in shown
     assert shown.count("predicted peak") == 3 * 2 * 4 + 3 * 5
+
+
+@functools.cache
+def parts_of_every_model() -> dict[str, tuple[int, int, int] | str]:
+    """Each image-text-to-text model type transformers builds, from its default config on the
+    meta device (no memory): the linear layers LoRA's `all-linear` would adapt in its language
+    model, projector and vision tower, or why it is not built from its default config."""
+    import collections
+    import warnings
+
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    from lorasweep.methods.targets import all_linear
+
+    out: dict[str, tuple[int, int, int] | str] = {}
+    for model_type in sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES):
+        try:
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")
+                model = AutoModelForImageTextToText.from_config(
+                    AutoConfig.for_model(model_type))
+        except ImportError:
+            out[model_type] = "needs a package lorasweep does not install (timm)"
+            continue
+        except Exception as exc:  # a default config some releases cannot build from
+            out[model_type] = f"not built from its default config ({type(exc).__name__})"
+            continue
+        counts = collections.Counter(part_of(name) for name in all_linear(model))
+        out[model_type] = (counts["language"], counts["projector"], counts["vision"])
+    return out
+
+
+def parts_table() -> str:
+    rows = ["| model type | language | projector | vision |", "|---|---|---|---|"]
+    for model_type, found in parts_of_every_model().items():
+        cells = " | ".join(map(str, found)) if isinstance(found, tuple) else f"{found} | | "
+        rows.append(f"| `{model_type}` | {cells} |")
+    return "\n".join(rows) + "\n"
+
+
+BEGIN, END = "<!-- vlm-parts: begin -->\n", "<!-- vlm-parts: end -->"
+WRITTEN = {"docs/vision-language.md": parts_table}
+
+
+def test_the_parts_of_every_image_text_to_text_model_are_the_docs_table():
+    """Every model type transformers maps to AutoModelForImageTextToText, enumerated, not
+    picked: the layers found in each part are docs/vision-language.md's table, and most find
+    all three (those that do not are shown there with zeros)."""
+    root = Path(__file__).resolve().parents[1]
+    found = parts_of_every_model()
+    built = [f for f in found.values() if isinstance(f, tuple)]
+    assert all(language > 0 for language, _, _ in built)
+    assert sum(all(f) for f in built) >= 0.75 * len(built)
+    for family in ("llava", "qwen2_vl", "idefics3", "smolvlm", "qwen3_vl", "mllama"):
+        assert all(found[family]), family
+    text = (root / "docs/vision-language.md").read_text()
+    assert text[text.index(BEGIN) + len(BEGIN):text.index(END)] == parts_table(), \
+        "run .venv/bin/python scripts/zoo_tables.py"

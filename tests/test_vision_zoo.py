@@ -7,7 +7,7 @@ modules_to_save, norms included) in losses, step-0 gradients and 5 AdamW steps, 
 against its own PEFT run (test_peft_equivalence.check_dropout_against_peft). A model lorasweep
 refuses gets the one line its checks give (workbench.check_base, the task's check_model); one
 refused only for its BatchNorm layers is exact with `train.dropout: off`, and is checked so.
-docs/images.md's table and README.md's list are this file's verdicts (scripts/vision_zoo_table.py
+docs/images.md's table and README.md's list are this file's verdicts (scripts/zoo_tables.py
 writes them; test_the_docs_table_and_readme_list_are_these_verdicts fails where they part).
 """
 
@@ -190,7 +190,7 @@ def test_the_docs_table_and_readme_list_are_these_verdicts():
     for name, write in WRITTEN.items():
         text = (ROOT / name).read_text()
         assert text[text.index(BEGIN) + len(BEGIN):text.index(END)] == write(), \
-            f"{name}: run .venv/bin/python scripts/vision_zoo_table.py"
+            f"{name}: run .venv/bin/python scripts/zoo_tables.py"
 
 
 @pytest.fixture(scope="module")

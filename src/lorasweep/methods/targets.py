@@ -29,13 +29,17 @@ ATTENTION_LEAVES = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "o_pr
                     "c_attn", "query_key_value", "wqkv"}
 # Module names that place a vision-language model's layer in its projector (LLaVA's
 # multi_modal_projector, Qwen2-VL's visual.merger and Qwen3-VL's deepstack mergers, Idefics3's
-# and SmolVLM's connector) or vision tower (vision_tower, Qwen's visual, Idefics3's
-# vision_model); every other layer is the language model's (lm_head and embeddings included).
-# The projector is checked first: Qwen's merger sits inside its visual tower.
+# and SmolVLM's connector, BLIP-2's Q-Former and language_projection, Fuyu's linear patch
+# embedding) or vision tower (vision_tower, Qwen's visual, Idefics3's vision_model); every other
+# layer is the language model's (lm_head and embeddings included). The projector is checked
+# first: Qwen's merger sits inside its visual tower. docs/vision-language.md's table shows what
+# they find in every model transformers builds for image-text-to-text.
 PROJECTOR_NAMES = {"multi_modal_projector", "merger", "deepstack_merger_list", "connector",
-                   "mm_projector", "projector", "vision_projection", "aligner"}
+                   "mm_projector", "projector", "vision_projection", "aligner",
+                   "language_projection", "qformer", "visual_projection",
+                   "image_to_text_projection", "resampler_model", "vision_embed_tokens"}
 VISION_NAMES = {"vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder",
-                "vision_backbone", "vision"}
+                "vision_backbone", "vision", "image_tower", "video_tower"}
 # Attribute names transformers uses for a freshly initialized classification head (PEFT's
 # SEQ_CLS_HEAD_NAMES).
 HEAD_NAMES = ("classifier", "score")
