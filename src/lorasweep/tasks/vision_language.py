@@ -9,14 +9,16 @@ expands every image entry into the image tokens the model expects.
 
 The assistant turns are located as tasks/chat.py locates them, by rendering prefixes of the
 conversation; each piece is processed on its own, with the images its text holds, so the mask
-is exact for the ids that train. The processor is then run once on the whole row, for its image
-inputs and to check that the pieces' ids are the whole's. A batch's image inputs are each row's
-laid end to end (VisionLanguageSplit), so a fused group's K copies stay K blocks of rows.
+is exact for the ids that train. The processor is then run once on the whole row, to check that
+the pieces' ids are the whole's. A row's image inputs are made again when a batch takes it (a
+split keeps the images as stored), and a batch's are each row's laid end to end
+(VisionLanguageSplit), so a fused group's K copies stay K blocks of rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,29 +39,57 @@ Turns = list[dict]
 Inputs = dict[str, torch.Tensor]
 
 
-class VisionLanguageSplit(TokenSplit):
-    """Tokenized conversations, and each row's image inputs kept apart: their first dimension is
-    images or patches, not rows, so a batch lays its rows' inputs end to end (pixel values of
-    rows with fewer images or patches padded with zeros, which the models skip)."""
+@dataclass(frozen=True)
+class Row:
+    """What a row's image inputs are made from when a batch takes it: its rendered text, its
+    images as the data stores them (encoded: a split of decoded pixel values would hold gigabytes
+    for a real dataset), and its place, for errors."""
 
-    def __init__(self, tokens: Inputs, labels: torch.Tensor, images: list[Inputs]) -> None:
+    text: str
+    images: list
+    where: str
+
+
+class VisionLanguageSplit(TokenSplit):
+    """Tokenized conversations, and each row's images, turned into the model's image inputs by
+    its processor when a batch takes the row (as TRL's collator does). Their first dimension is
+    images or patches, not rows, so a batch lays its rows' inputs end to end (pixel values of
+    rows with fewer images or tiles padded with zeros, which the models skip)."""
+
+    def __init__(self, tokens: Inputs, labels: torch.Tensor, rows: list[Row],
+                 processor: ProcessorMixin) -> None:
         super().__init__(tokens["input_ids"], tokens["attention_mask"], labels)
         self.inputs.update(tokens)  # token-aligned extras (Qwen's mm_token_type_ids)
-        self.images = images
+        self.rows = rows
+        self.processor = processor
 
     def head(self, n: int) -> VisionLanguageSplit:
         part = super().head(n)
         assert isinstance(part, VisionLanguageSplit)
-        part.images = self.images[:n]
+        part.rows = self.rows[:n]
         return part
 
     def batch(self, index: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
         batch = super().batch(index, k)
-        rows = [self.images[int(i)] for i in index]
-        for name in dict.fromkeys(key for row in rows for key in row):
-            joined = _end_to_end([row[name] for row in rows if name in row])
+        images = [image_inputs(self.processor, self.rows[int(i)]) for i in index]
+        for name in dict.fromkeys(key for row in images for key in row):
+            joined = _end_to_end([row[name] for row in images if name in row])
             batch[name] = joined if k == 1 else joined.repeat(k, *(1,) * (joined.ndim - 1))
         return batch
+
+
+def image_inputs(processor: ProcessorMixin, row: Row) -> Inputs:
+    """A row's image inputs as its processor makes them with the row's text: everything it
+    gives but the token-aligned inputs (ids, masks, token types)."""
+    if not row.images:
+        return {}
+    decoded = [read_rgb(v, f"{row.where}, image {i}") for i, v in enumerate(row.images)]
+    whole = _processed(processor, row.text, decoded, row.where)
+    return {name: t for name, t in whole.items() if not _token_aligned(t, whole)}
+
+
+def _token_aligned(tensor: torch.Tensor, whole: Inputs) -> bool:
+    return tensor.ndim == 2 and tensor.shape == whole["input_ids"].shape
 
 
 def _end_to_end(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -97,7 +127,8 @@ class VisionLanguageTask(CausalLMTask):
 
     def _probe_batch(self, rows: int) -> dict[str, torch.Tensor]:
         """`rows` copies of the first validation row that has images (else row 0)."""
-        first = next((i for i, row in enumerate(self.validation.images) if row), 0)
+        assert isinstance(self.validation, VisionLanguageSplit)
+        first = next((i for i, row in enumerate(self.validation.rows) if row.images), 0)
         return self.validation.batch(torch.full((rows,), first, dtype=torch.long), 1)
 
     @torch.no_grad()
@@ -210,7 +241,7 @@ def tokenize_rows(processor: ProcessorMixin, records: Records, spec: TaskSpec, s
     tokenizer = processor.tokenizer
     image_ids = _image_token_ids(processor)
     image_token = getattr(processor, "image_token", None) or "<image>"
-    rows, labels, images = [], [], []
+    tokens, labels, rows = [], [], []
     for number, record in enumerate(records):
         where = raw.where(split, number)
         turns, values = conversation(record, spec, where)
@@ -230,7 +261,8 @@ def tokenize_rows(processor: ProcessorMixin, records: Records, spec: TaskSpec, s
             raise StudyError(f"task.image_field: {where}: the chat template writes {used} image "
                              f"placeholder{'s' * (used != 1)} ('{image_token}') for its "
                              f"{len(decoded)} image{'s' * (len(decoded) != 1)}")
-        whole = _processed(processor, "".join(t for t, _ in parts), decoded, where)
+        row = Row("".join(t for t, _ in parts), values, where)
+        whole = _processed(processor, row.text, decoded, where)
         joined = torch.cat(ids)
         if not torch.equal(whole["input_ids"][0], joined):
             raise StudyError(f"{SETTING}: {where}: the model's processor tokenizes the turns "
@@ -239,14 +271,13 @@ def tokenize_rows(processor: ProcessorMixin, records: Records, spec: TaskSpec, s
         if image_end > seq_len:
             raise StudyError(f"train.seq_len: {where} has image tokens up to position "
                              f"{image_end}, past seq_len {seq_len}; raise train.seq_len")
-        length = joined.shape[0]
-        rows.append({name: t[0, :seq_len] for name, t in whole.items()
-                     if t.ndim == 2 and t.shape == (1, length)})
+        tokens.append({name: t[0, :seq_len] for name, t in whole.items()
+                       if _token_aligned(t, whole)})
         labels.append(torch.cat(target)[:seq_len])
-        images.append({name: t for name, t in whole.items() if name not in rows[-1]})
-    return VisionLanguageSplit(_padded(rows, seq_len, tokenizer.pad_token_id),
+        rows.append(row)
+    return VisionLanguageSplit(_padded(tokens, seq_len, tokenizer.pad_token_id),
                                _padded([{"labels": t} for t in labels], seq_len, IGNORE)["labels"],
-                               images)
+                               rows, processor)
 
 
 def _padded(rows: list[dict[str, torch.Tensor]], seq_len: int, pad: int) -> Inputs:
