@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import io
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -32,11 +33,13 @@ CHECKED = [f for f in ("llava", "qwen2_vl", "idefics3", "smolvlm", "qwen2_5_vl",
                        "llava_next") if f in FAMILIES]
 
 
+# the tiny models and their data, built once per test process, removed when it ends
+SCRATCH = tempfile.TemporaryDirectory(prefix="lorasweep-vlm-")
+
+
 @functools.cache
 def folder(family: str) -> Path:
-    import tempfile
-
-    return build(family, Path(tempfile.mkdtemp(prefix=f"vlm-{family}-")))
+    return build(family, Path(SCRATCH.name) / family)
 
 
 def parquet(rows: list[dict], path: Path) -> Path:
@@ -61,9 +64,7 @@ def study(family: str, data: Path, **task) -> Study:
 
 @functools.cache
 def task_of(family: str) -> VisionLanguageTask:
-    import tempfile
-
-    data = parquet(records(12), Path(tempfile.mkdtemp()) / "rows.parquet")
+    data = parquet(records(12), Path(SCRATCH.name) / f"{family}-rows.parquet")
     spec = study(family, data)
     task = build_task(spec, load_processor(spec.model))
     assert isinstance(task, VisionLanguageTask)
