@@ -26,7 +26,6 @@ from lorasweep.tasks.vision_language import VisionLanguageTask
 from .test_peft_equivalence import check_dropout_against_peft
 from .vlm_zoo import FAMILIES, build, records
 
-pytestmark = pytest.mark.numerics
 KIND = "vision_language"
 # PEFT equivalence on these (the three families, and Qwen's later releases)
 CHECKED = [f for f in ("llava", "qwen2_vl", "idefics3", "smolvlm", "qwen2_5_vl", "qwen3_vl",
@@ -91,6 +90,7 @@ def data_of(family: str):
     return data
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("k", [1, 2], ids=["alone", "fused"])
 @pytest.mark.parametrize("family", CHECKED)
 def test_lora_on_every_linear_layer_matches_peft(family, k):
@@ -100,6 +100,7 @@ def test_lora_on_every_linear_layer_matches_peft(family, k):
                                data=data_of(family))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", CHECKED[:3])
 def test_lora_on_the_language_model_only_matches_peft(family):
     check_dropout_against_peft(family, KIND, "lora", 2, "eager", base=base_of(family),

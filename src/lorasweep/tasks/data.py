@@ -30,6 +30,8 @@ BUILTIN_DATASETS = {"builtin:shakespeare-genre": "shakespeare_genre",
                     "builtin:shakespeare-plays": "shakespeare_plays",
                     "builtin:digits-0-4": "digits/0-4",
                     "builtin:digits-5-9": "digits/5-9",
+                    "builtin:digits-vqa-0-4": "digits_vqa/0-4",
+                    "builtin:digits-vqa-5-9": "digits_vqa/5-9",
                     "builtin:arithmetic": "arithmetic"}
 # Built-in datasets read from pip packages: (train, test) records.
 PACKAGED_DATASETS = {"builtin:gsm8k": packaged_data.gsm8k,
